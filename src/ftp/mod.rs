@@ -1,0 +1,14 @@
+//! Pure FTP wire handling: line framing, command and reply parsing, and the
+//! formatting used when the gateway rewrites PORT/EPRT/227/229.
+//!
+//! Nothing here does I/O or panics on wire data. Addresses and ports are
+//! checked inside the parsers (octets ≤ 255, ports 1–65535).
+
+pub mod command;
+pub mod framer;
+pub mod reply;
+pub mod rewrite;
+
+pub use command::{parse_command, Command, CommandError, EpsvParam, ParsedCommand};
+pub use framer::{FrameError, Framer, Line, MAX_LINE};
+pub use reply::{parse_227, parse_229, parse_reply_line, ReplyLine, ReplyPos, ReplyTracker};

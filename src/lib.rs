@@ -1,0 +1,29 @@
+//! ftpgate: an FTP-aware gateway for the network edge.
+//!
+//! It reads every FTP control stream that passes (RFC 959, RFC 2428), opens a
+//! data pinhole for exactly the expected peer, and rewrites PORT/EPRT/227/229
+//! so that active and passive FTP both work through firewalls and NAT.
+//!
+//! # Layout
+//!
+//! - [`ftp`]: pure wire handling — line framer, command and reply parsers,
+//!   and the formatting of rewritten lines.
+//! - [`config`]: the YAML rule file → validated [`config::Config`], with
+//!   errors located at `file:line:column`.
+//! - [`rules`]: (client, server) → [`rules::Decision`], once per session.
+//! - [`session`]: the sans-IO session core. Events in (lines, data events,
+//!   timers), actions out (bytes, pinholes, local replies, log events). All
+//!   protocol logic and policy lives here.
+//! - [`pinhole`]: port pools and the backends that carry out a data plan
+//!   (relay; the gateway's nftables table).
+//! - [`proxy`]: the tokio shell — listeners, the control task per session,
+//!   original-destination lookup, shutdown.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod ftp;
+pub mod pinhole;
+pub mod proxy;
+pub mod rules;
+pub mod session;

@@ -1,0 +1,172 @@
+//! Data connections: port pools, and the backends that carry out a data plan.
+//!
+//! The session core decides a [`DataPlan`]; a [`Backend`] opens it and
+//! reports back through [`DataEvent`]s. Dropping the returned [`Pinhole`]
+//! closes whatever is still open (listeners, relays, nftables elements), so a
+//! session that ends cannot leak a pinhole.
+
+pub mod nft;
+pub mod pool;
+pub mod relay;
+
+pub use pool::{PortLease, PortPool};
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Identifies a plan inside its session.
+pub type PlanId = u64;
+
+/// One leg of a data plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leg {
+    /// The gateway listens on `bind` (port from the leg's pool) and admits one
+    /// connection, from `peer` only.
+    Listen {
+        /// Local address to bind.
+        bind: IpAddr,
+        /// The only address allowed to connect.
+        peer: IpAddr,
+    },
+    /// The gateway connects to `target`, from `bind` (any port).
+    Connect {
+        /// Where to connect.
+        target: SocketAddr,
+        /// Local source address.
+        bind: IpAddr,
+    },
+}
+
+/// What the core asks the shell to open for one transfer.
+///
+/// Listen legs are waited for first (both at once when there are two);
+/// connect legs are made once every listen leg has its connection. So in a
+/// passive plan the server is dialled only after the client arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataPlan {
+    /// Unique within the session.
+    pub id: PlanId,
+    /// The gateway↔client leg.
+    pub client: Leg,
+    /// The gateway↔server leg.
+    pub server: Leg,
+    /// Transparent mode only: the address the client believes is the server.
+    /// A client listen leg is then reached at (this, port) and a client
+    /// connect leg must appear to come from this address; the backend makes
+    /// that so with elements in its nftables table.
+    pub client_view: Option<IpAddr>,
+}
+
+/// Session context a backend needs for logs and for nftables keys.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// Session id, carried by every log line.
+    pub id: u64,
+    /// The client's control-connection peer.
+    pub client: SocketAddr,
+    /// The server's control-connection address.
+    pub server: SocketAddr,
+}
+
+/// What a backend opened: the ports that must be announced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// Where the client listen leg listens (`None` for a connect leg).
+    pub client_listen: Option<SocketAddr>,
+    /// Where the server listen leg listens (`None` for a connect leg).
+    pub server_listen: Option<SocketAddr>,
+}
+
+/// Why a plan could not be opened; the client gets 425.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Every port of a pool is taken.
+    #[error("no free port in {0} pool")]
+    PoolExhausted(&'static str),
+    /// A socket or nftables call failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How a data connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataOutcome {
+    /// Both legs connected and the relay finished.
+    Completed,
+    /// Nobody (or only wrong peers) connected within `pinhole_timeout`.
+    Expired,
+    /// A connect leg failed, or a leg broke mid-transfer.
+    Failed(String),
+}
+
+/// Reports from a plan's task to its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataEvent {
+    /// Every leg is connected; bytes flow.
+    Connected {
+        /// The plan.
+        id: PlanId,
+    },
+    /// A connection to a listen leg came from the wrong address; it was closed.
+    Rejected {
+        /// The plan.
+        id: PlanId,
+        /// Who tried.
+        from: SocketAddr,
+        /// Who was expected.
+        expected: IpAddr,
+    },
+    /// The plan is over; its ports are free again.
+    Closed {
+        /// The plan.
+        id: PlanId,
+        /// Bytes written to the client.
+        to_client: u64,
+        /// Bytes written to the server.
+        to_server: u64,
+        /// How it ended.
+        outcome: DataOutcome,
+    },
+}
+
+/// An open plan. Dropping it closes everything that is still open.
+pub struct Pinhole {
+    /// The plan's id.
+    pub id: PlanId,
+    /// Closes the plan when dropped.
+    pub guard: Box<dyn Send + Sync>,
+}
+
+impl std::fmt::Debug for Pinhole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pinhole").field("id", &self.id).finish()
+    }
+}
+
+/// Future returned by [`Backend::open`].
+pub type OpenFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<(Opened, Pinhole), OpenError>> + Send + 'a>>;
+
+/// Carries out data plans. One instance serves every session.
+pub trait Backend: Send + Sync + 'static {
+    /// Opens `plan` and returns at once (after binding / installing
+    /// elements); progress comes on `events`.
+    fn open<'a>(
+        &'a self,
+        session: &'a SessionInfo,
+        plan: DataPlan,
+        events: mpsc::UnboundedSender<DataEvent>,
+    ) -> OpenFuture<'a>;
+}
+
+/// Settings every backend shares.
+#[derive(Debug, Clone)]
+pub struct DataSettings {
+    /// An unused pinhole closes after this.
+    pub pinhole_timeout: Duration,
+    /// Limit on each connect leg.
+    pub connect_timeout: Duration,
+}
