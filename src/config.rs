@@ -5,6 +5,8 @@
 //! parses configuration text again.
 
 use ipnet::IpNet;
+use serde::de;
+use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -193,7 +195,14 @@ pub struct ConfigError {
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
     }
 }
 
@@ -215,20 +224,1316 @@ impl std::fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            backend: BackendKind::Relay,
+            client_ports: PortRange {
+                lo: 40000,
+                hi: 40999,
+            },
+            server_ports: PortRange {
+                lo: 41000,
+                hi: 41999,
+            },
+            pinhole_timeout: Duration::from_secs(30),
+            nftables_table: "ftpgate".to_string(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sessions: 10_000,
+            max_sessions_per_client: 64,
+            idle_timeout: Duration::from_secs(15 * 60),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Rule {
+    /// A rule with every default: allow any client to any server, both data
+    /// modes, `server_mode: same`, data ports 1024-65535, TLS refused, no
+    /// denied commands.
+    pub fn new(name: impl Into<String>) -> Rule {
+        Rule {
+            name: name.into(),
+            clients: any_address(),
+            servers: any_address(),
+            action: Action::Allow,
+            modes: vec![DataMode::Passive, DataMode::Active],
+            server_mode: ServerMode::Same,
+            data_ports: PortRange {
+                lo: 1024,
+                hi: 65535,
+            },
+            tls: TlsPolicy::Refuse,
+            deny_commands: Vec::new(),
+        }
+    }
+}
+
+/// `0.0.0.0/0` and `::/0`: what an omitted `clients`/`servers` means.
+fn any_address() -> Vec<IpNet> {
+    vec![
+        IpNet::V4(ipnet::Ipv4Net::default()),
+        IpNet::V6(ipnet::Ipv6Net::default()),
+    ]
+}
+
+/// A rule file is written by hand; anything bigger is a mistake, and the
+/// limit keeps a hostile file from costing much memory before validation.
+pub const MAX_FILE_BYTES: usize = 1 << 20;
+
+/// Errors located beyond this many cost one extra parse each, so a file full
+/// of mistakes reports the first ones and a count.
+const MAX_LOCATED_ERRORS: usize = 50;
+
 impl Config {
     /// Reads and validates a rule file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let _ = path;
-        unimplemented!()
+        use std::io::Read;
+        let whole_file = |message: String| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                message,
+            }])
+        };
+        let file =
+            std::fs::File::open(path).map_err(|e| whole_file(format!("cannot open: {e}")))?;
+        let mut bytes = Vec::new();
+        // Read one byte past the limit so an oversized file is detected
+        // without reading all of it.
+        file.take(MAX_FILE_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| whole_file(format!("cannot read: {e}")))?;
+        if bytes.len() > MAX_FILE_BYTES {
+            return Err(whole_file(too_large()));
+        }
+        let text = match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(e) => {
+                let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+                let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+                let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                let column = String::from_utf8_lossy(&valid[line_start..])
+                    .chars()
+                    .count()
+                    + 1;
+                return Err(ConfigErrors(vec![ConfigError {
+                    file: path.to_path_buf(),
+                    line,
+                    column,
+                    message: "the file is not valid UTF-8".to_string(),
+                }]));
+            }
+        };
+        Config::parse(&text, path)
     }
+
     /// Validates YAML text; `path` is used in messages only.
+    ///
+    /// Structural problems (YAML syntax, an unknown key, a list where a
+    /// value belongs) stop at the first one, located by the YAML parser.
+    /// Every other mistake is collected, so one run of `ftpgate check`
+    /// lists them all.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
-        let _ = (text, path);
-        unimplemented!()
+        let error = |line, column, message| ConfigError {
+            file: path.to_path_buf(),
+            line,
+            column,
+            message,
+        };
+        if text.len() > MAX_FILE_BYTES {
+            return Err(ConfigErrors(vec![error(0, 0, too_large())]));
+        }
+        let raw = match serde_yaml::from_str::<Option<RawConfig>>(text) {
+            Ok(Some(raw)) => raw,
+            Ok(None) => {
+                return Err(ConfigErrors(vec![error(
+                    1,
+                    1,
+                    "the file is empty: a rule file needs `listeners` and `rules`".to_string(),
+                )]))
+            }
+            Err(e) => {
+                let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+                return Err(ConfigErrors(vec![error(line, column, yaml_message(&e))]));
+            }
+        };
+        let mut check = Check::default();
+        let config = check.config(&raw, path);
+        if check.errors.is_empty() {
+            return Ok(config);
+        }
+        let total = check.errors.len();
+        let mut errors: Vec<ConfigError> = check
+            .errors
+            .into_iter()
+            .take(MAX_LOCATED_ERRORS)
+            .map(|(at, message)| {
+                let (line, column) = locate(text, &at);
+                error(line, column, message)
+            })
+            .collect();
+        errors.sort_by_key(|e| (e.line, e.column));
+        if total > MAX_LOCATED_ERRORS {
+            errors.push(error(
+                0,
+                0,
+                format!("{} more errors not shown", total - MAX_LOCATED_ERRORS),
+            ));
+        }
+        Err(ConfigErrors(errors))
     }
+
     /// The effective configuration, defaults filled in, as YAML in the
     /// rule-file schema (what `ftpgate check` prints).
+    ///
+    /// `Config::parse` of the result gives back an equal `Config` (durations
+    /// below a millisecond, which no rule file can express, are rounded up).
     pub fn to_yaml(&self) -> String {
-        unimplemented!()
+        let out = OutConfig {
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| {
+                    let (mode, upstream, announce) = match &l.mode {
+                        ListenerMode::Reverse { upstream, announce } => (
+                            "reverse",
+                            Some(upstream.to_string()),
+                            announce.map(|a| a.to_string()),
+                        ),
+                        ListenerMode::Transparent => ("transparent", None, None),
+                    };
+                    OutListener {
+                        name: l.name.clone(),
+                        listen: l.listen.to_string(),
+                        mode,
+                        upstream,
+                        announce,
+                    }
+                })
+                .collect(),
+            data: OutData {
+                backend: match self.data.backend {
+                    BackendKind::Relay => "relay",
+                    BackendKind::Nftables => "nftables",
+                },
+                client_ports: self.data.client_ports.to_string(),
+                server_ports: self.data.server_ports.to_string(),
+                pinhole_timeout: format_duration(self.data.pinhole_timeout),
+                nftables_table: self.data.nftables_table.clone(),
+            },
+            limits: OutLimits {
+                max_sessions: self.limits.max_sessions,
+                max_sessions_per_client: self.limits.max_sessions_per_client,
+                idle_timeout: format_duration(self.limits.idle_timeout),
+                connect_timeout: format_duration(self.limits.connect_timeout),
+            },
+            rules: self
+                .rules
+                .iter()
+                .map(|r| OutRule {
+                    name: r.name.clone(),
+                    clients: r.clients.iter().map(ToString::to_string).collect(),
+                    servers: r.servers.iter().map(ToString::to_string).collect(),
+                    action: match r.action {
+                        Action::Allow => "allow",
+                        Action::Deny => "deny",
+                    },
+                    modes: r
+                        .modes
+                        .iter()
+                        .map(|m| match m {
+                            DataMode::Passive => "passive",
+                            DataMode::Active => "active",
+                        })
+                        .collect(),
+                    server_mode: match r.server_mode {
+                        ServerMode::Same => "same",
+                        ServerMode::Passive => "passive",
+                        ServerMode::Active => "active",
+                    },
+                    data_ports: r.data_ports.to_string(),
+                    tls: match r.tls {
+                        TlsPolicy::Refuse => "refuse",
+                        TlsPolicy::Passthrough => "passthrough",
+                    },
+                    deny_commands: r.deny_commands.clone(),
+                })
+                .collect(),
+        };
+        // Plain strings, numbers and lists cannot fail to serialise; the
+        // fallback keeps this total anyway.
+        serde_yaml::to_string(&out).unwrap_or_else(|e| format!("# cannot serialise: {e}\n"))
+    }
+}
+
+fn too_large() -> String {
+    format!(
+        "the file is larger than {} KiB; a rule file is never that big",
+        MAX_FILE_BYTES / 1024
+    )
+}
+
+/// serde_yaml's message without its trailing " at line L column C", which
+/// `ConfigError` already carries.
+fn yaml_message(e: &serde_yaml::Error) -> String {
+    let text = e.to_string();
+    match e.location() {
+        Some(l) => text.replacen(
+            &format!(" at line {} column {}", l.line(), l.column()),
+            "",
+            1,
+        ),
+        None => text,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw file shape: what serde reads. Leaves are kept as text so that every
+// bad value can be reported, not only the first one serde would stop at.
+
+/// A key that may be absent, present with no value (`key:`), or set. An empty
+/// value is an error rather than the default: `clients:` with the list
+/// forgotten must not mean "any client".
+#[derive(Debug)]
+enum Field<T> {
+    Absent,
+    Null,
+    Set(T),
+}
+
+impl<T> Default for Field<T> {
+    fn default() -> Self {
+        Field::Absent
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Field<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match Option::<T>::deserialize(d)? {
+            None => Field::Null,
+            Some(v) => Field::Set(v),
+        })
+    }
+}
+
+/// A scalar as written. YAML may resolve `21` to a number and `yes` to a
+/// string; validation parses the text either way.
+#[derive(Debug)]
+struct Text(String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a single value (text or number)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `listeners`, `data`, `limits` and `rules`"
+)]
+struct RawConfig {
+    #[serde(default)]
+    listeners: Field<Vec<RawListener>>,
+    #[serde(default)]
+    data: Field<RawData>,
+    #[serde(default)]
+    limits: Field<RawLimits>,
+    #[serde(default)]
+    rules: Field<Vec<RawRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a listener: a mapping with `name`, `listen`, `mode`, ..."
+)]
+struct RawListener {
+    #[serde(default)]
+    name: Field<Text>,
+    #[serde(default)]
+    listen: Field<Text>,
+    #[serde(default)]
+    mode: Field<Text>,
+    #[serde(default)]
+    upstream: Field<Text>,
+    #[serde(default)]
+    announce: Field<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping (the `data` section)")]
+struct RawData {
+    #[serde(default)]
+    backend: Field<Text>,
+    #[serde(default)]
+    client_ports: Field<Text>,
+    #[serde(default)]
+    server_ports: Field<Text>,
+    #[serde(default)]
+    pinhole_timeout: Field<Text>,
+    #[serde(default)]
+    nftables_table: Field<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping (the `limits` section)")]
+struct RawLimits {
+    #[serde(default)]
+    max_sessions: Field<Text>,
+    #[serde(default)]
+    max_sessions_per_client: Field<Text>,
+    #[serde(default)]
+    idle_timeout: Field<Text>,
+    #[serde(default)]
+    connect_timeout: Field<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a rule: a mapping with `name`, `clients`, `servers`, `action`, ..."
+)]
+struct RawRule {
+    #[serde(default)]
+    name: Field<Text>,
+    #[serde(default)]
+    clients: Field<Vec<Text>>,
+    #[serde(default)]
+    servers: Field<Vec<Text>>,
+    #[serde(default)]
+    action: Field<Text>,
+    #[serde(default)]
+    modes: Field<Vec<Text>>,
+    #[serde(default)]
+    server_mode: Field<Text>,
+    #[serde(default)]
+    data_ports: Field<Text>,
+    #[serde(default)]
+    tls: Field<Text>,
+    #[serde(default)]
+    deny_commands: Field<Vec<Text>>,
+}
+
+// The effective configuration as printed: every key present.
+
+#[derive(Serialize)]
+struct OutConfig {
+    listeners: Vec<OutListener>,
+    data: OutData,
+    limits: OutLimits,
+    rules: Vec<OutRule>,
+}
+
+#[derive(Serialize)]
+struct OutListener {
+    name: String,
+    listen: String,
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    announce: Option<String>,
+}
+
+#[derive(Serialize)]
+struct OutData {
+    backend: &'static str,
+    client_ports: String,
+    server_ports: String,
+    pinhole_timeout: String,
+    nftables_table: String,
+}
+
+#[derive(Serialize)]
+struct OutLimits {
+    max_sessions: usize,
+    max_sessions_per_client: usize,
+    idle_timeout: String,
+    connect_timeout: String,
+}
+
+#[derive(Serialize)]
+struct OutRule {
+    name: String,
+    clients: Vec<String>,
+    servers: Vec<String>,
+    action: &'static str,
+    modes: Vec<&'static str>,
+    server_mode: &'static str,
+    data_ports: String,
+    tls: &'static str,
+    deny_commands: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Validation: raw → runtime types, collecting (path, message) pairs. Paths
+// are turned into line:column only when there are errors.
+
+/// One step of a path into the document: a mapping key or a list index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seg {
+    Key(&'static str),
+    Index(usize),
+}
+
+impl From<&'static str> for Seg {
+    fn from(k: &'static str) -> Self {
+        Seg::Key(k)
+    }
+}
+
+impl From<usize> for Seg {
+    fn from(i: usize) -> Self {
+        Seg::Index(i)
+    }
+}
+
+fn at(path: &[Seg], seg: impl Into<Seg>) -> Vec<Seg> {
+    let mut p = path.to_vec();
+    p.push(seg.into());
+    p
+}
+
+#[derive(Default)]
+struct Check {
+    errors: Vec<(Vec<Seg>, String)>,
+}
+
+impl Check {
+    fn err(&mut self, path: &[Seg], message: impl Into<String>) {
+        self.errors.push((path.to_vec(), message.into()));
+    }
+
+    /// The value of an optional key. `Err` after reporting an empty value.
+    fn field<'a, T>(
+        &mut self,
+        f: &'a Field<T>,
+        path: &[Seg],
+        key: &'static str,
+    ) -> Result<Option<&'a T>, ()> {
+        match f {
+            Field::Absent => Ok(None),
+            Field::Null => {
+                self.err(
+                    &at(path, key),
+                    format!("`{key}` has no value: give one, or remove the key"),
+                );
+                Err(())
+            }
+            Field::Set(v) => Ok(Some(v)),
+        }
+    }
+
+    /// An optional scalar, parsed. `Err` after reporting why it is unusable.
+    fn optional<T>(
+        &mut self,
+        f: &Field<Text>,
+        path: &[Seg],
+        key: &'static str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ()> {
+        let Some(text) = self.field(f, path, key)? else {
+            return Ok(None);
+        };
+        match parse(&text.0) {
+            Ok(v) => Ok(Some(v)),
+            Err(message) => {
+                self.err(&at(path, key), format!("{key}: {message}"));
+                Err(())
+            }
+        }
+    }
+
+    /// A scalar with a default; `None` after reporting an error.
+    fn value<T>(
+        &mut self,
+        f: &Field<Text>,
+        path: &[Seg],
+        key: &'static str,
+        default: T,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        self.optional(f, path, key, parse)
+            .ok()
+            .map(|v| v.unwrap_or(default))
+    }
+
+    /// A scalar that must be present; `missing` says what it is for.
+    fn required<T>(
+        &mut self,
+        f: &Field<Text>,
+        path: &[Seg],
+        key: &'static str,
+        missing: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        match self.optional(f, path, key, parse) {
+            Ok(Some(v)) => Some(v),
+            Ok(None) => {
+                self.err(path, format!("missing `{key}`: {missing}"));
+                None
+            }
+            Err(()) => None,
+        }
+    }
+
+    /// A list of scalars with a default; an empty list is an error because
+    /// it would match or allow nothing, which is never what was meant.
+    fn list<T>(
+        &mut self,
+        f: &Field<Vec<Text>>,
+        path: &[Seg],
+        key: &'static str,
+        allow_empty: bool,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<Vec<T>>, ()> {
+        let Some(items) = self.field(f, path, key)? else {
+            return Ok(None);
+        };
+        let key_path = at(path, key);
+        if items.is_empty() && !allow_empty {
+            self.err(
+                &key_path,
+                format!("`{key}` is an empty list; remove the key for the default"),
+            );
+            return Err(());
+        }
+        let mut out = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            match parse(&item.0) {
+                Ok(v) => out.push(v),
+                Err(message) => {
+                    self.err(&at(&key_path, i), format!("{key}: {message}"));
+                    ok = false;
+                }
+            }
+        }
+        if ok {
+            Ok(Some(out))
+        } else {
+            Err(())
+        }
+    }
+
+    fn config(&mut self, raw: &RawConfig, path: &Path) -> Config {
+        let root: &[Seg] = &[];
+        let listeners = match self.field(&raw.listeners, root, "listeners") {
+            Ok(Some(list)) if list.is_empty() => {
+                self.err(
+                    &[Seg::Key("listeners")],
+                    "`listeners` is empty: at least one listener is required",
+                );
+                Vec::new()
+            }
+            Ok(Some(list)) => self.listeners(list),
+            Ok(None) => {
+                self.err(
+                    root,
+                    "missing `listeners`: at least one listener is required",
+                );
+                Vec::new()
+            }
+            Err(()) => Vec::new(),
+        };
+        let data = match self.field(&raw.data, root, "data") {
+            Ok(Some(d)) => self.data(d),
+            _ => DataConfig::default(),
+        };
+        let limits = match self.field(&raw.limits, root, "limits") {
+            Ok(Some(l)) => self.limits(l),
+            _ => Limits::default(),
+        };
+        let rules = match self.field(&raw.rules, root, "rules") {
+            Ok(Some(list)) if list.is_empty() => {
+                self.err(
+                    &[Seg::Key("rules")],
+                    "`rules` is empty: with no rule every session is refused",
+                );
+                Vec::new()
+            }
+            Ok(Some(list)) => self.rules(list),
+            Ok(None) => {
+                self.err(
+                    root,
+                    "missing `rules`: with no rule every session is refused",
+                );
+                Vec::new()
+            }
+            Err(()) => Vec::new(),
+        };
+        Config {
+            path: path.to_path_buf(),
+            listeners,
+            data,
+            limits,
+            rules,
+        }
+    }
+
+    fn listeners(&mut self, raw: &[RawListener]) -> Vec<Listener> {
+        let mut out: Vec<Listener> = Vec::with_capacity(raw.len());
+        for (i, r) in raw.iter().enumerate() {
+            let path = [Seg::Key("listeners"), Seg::Index(i)];
+            let name = self.required(
+                &r.name,
+                &path,
+                "name",
+                "a listener needs a name for logs",
+                parse_name,
+            );
+            let listen = self.required(
+                &r.listen,
+                &path,
+                "listen",
+                "the address to bind, e.g. 0.0.0.0:21",
+                |s| parse_socket_addr(s, true),
+            );
+            let kind = self.required(&r.mode, &path, "mode", "reverse or transparent", |s| {
+                parse_enum(s, &[("reverse", true), ("transparent", false)])
+            });
+            let upstream = self.optional(&r.upstream, &path, "upstream", |s| {
+                parse_socket_addr(s, false)
+            });
+            let announce = self.optional(&r.announce, &path, "announce", parse_announce);
+            let mode = match (kind, upstream, announce) {
+                (Some(true), Ok(Some(upstream)), Ok(announce)) => {
+                    Some(ListenerMode::Reverse { upstream, announce })
+                }
+                (Some(true), Ok(None), _) => {
+                    self.err(
+                        &at(&path, "mode"),
+                        "a reverse listener needs `upstream`, the FTP server's address:port",
+                    );
+                    None
+                }
+                (Some(false), upstream, announce) => {
+                    if !matches!(r.upstream, Field::Absent) && upstream.is_ok() {
+                        self.err(
+                            &at(&path, "upstream"),
+                            "a transparent listener takes no `upstream`: its server is the original destination of each intercepted connection",
+                        );
+                    }
+                    if !matches!(r.announce, Field::Absent) && announce.is_ok() {
+                        self.err(
+                            &at(&path, "announce"),
+                            "`announce` applies to reverse listeners only: a transparent listener announces the server's own address",
+                        );
+                    }
+                    Some(ListenerMode::Transparent)
+                }
+                _ => None,
+            };
+            if let Some(name) = &name {
+                if let Some(first) = out.iter().position(|l| &l.name == name) {
+                    self.err(
+                        &at(&path, "name"),
+                        format!(
+                            "listener name `{name}` is already used by listener {}",
+                            first + 1
+                        ),
+                    );
+                }
+            }
+            if let Some(listen) = listen {
+                if let Some(other) = out
+                    .iter()
+                    .find(|l| l.listen == listen && listen.port() != 0)
+                {
+                    self.err(
+                        &at(&path, "listen"),
+                        format!(
+                            "{listen} is already the address of listener `{}`",
+                            other.name
+                        ),
+                    );
+                }
+            }
+            if let (Some(name), Some(listen), Some(mode)) = (name, listen, mode) {
+                out.push(Listener { name, listen, mode });
+            }
+        }
+        out
+    }
+
+    fn data(&mut self, raw: &RawData) -> DataConfig {
+        let path = [Seg::Key("data")];
+        let d = DataConfig::default();
+        let backend = self.value(&raw.backend, &path, "backend", d.backend, |s| {
+            parse_enum(
+                s,
+                &[
+                    ("relay", BackendKind::Relay),
+                    ("nftables", BackendKind::Nftables),
+                ],
+            )
+        });
+        let client_ports = self.value(
+            &raw.client_ports,
+            &path,
+            "client_ports",
+            d.client_ports,
+            parse_range,
+        );
+        let server_ports = self.value(
+            &raw.server_ports,
+            &path,
+            "server_ports",
+            d.server_ports,
+            parse_range,
+        );
+        if let (Some(c), Some(s)) = (client_ports, server_ports) {
+            if c.lo <= s.hi && s.lo <= c.hi {
+                // Point at whichever the operator wrote, the later one if both.
+                let key = if matches!(raw.server_ports, Field::Set(_)) {
+                    "server_ports"
+                } else {
+                    "client_ports"
+                };
+                self.err(
+                    &at(&path, key),
+                    format!("client_ports {c} and server_ports {s} overlap; the two pools must be disjoint"),
+                );
+            }
+        }
+        let pinhole_timeout = self.value(
+            &raw.pinhole_timeout,
+            &path,
+            "pinhole_timeout",
+            d.pinhole_timeout,
+            parse_duration,
+        );
+        let nftables_table = self.value(
+            &raw.nftables_table,
+            &path,
+            "nftables_table",
+            d.nftables_table.clone(),
+            parse_table,
+        );
+        DataConfig {
+            backend: backend.unwrap_or(d.backend),
+            client_ports: client_ports.unwrap_or(d.client_ports),
+            server_ports: server_ports.unwrap_or(d.server_ports),
+            pinhole_timeout: pinhole_timeout.unwrap_or(d.pinhole_timeout),
+            nftables_table: nftables_table.unwrap_or(d.nftables_table),
+        }
+    }
+
+    fn limits(&mut self, raw: &RawLimits) -> Limits {
+        let path = [Seg::Key("limits")];
+        let d = Limits::default();
+        let max = self.value(
+            &raw.max_sessions,
+            &path,
+            "max_sessions",
+            d.max_sessions,
+            parse_count,
+        );
+        let per_client = self.value(
+            &raw.max_sessions_per_client,
+            &path,
+            "max_sessions_per_client",
+            d.max_sessions_per_client,
+            parse_count,
+        );
+        if let (Some(max), Some(per_client)) = (max, per_client) {
+            if per_client > max {
+                if matches!(raw.max_sessions_per_client, Field::Set(_)) {
+                    self.err(
+                        &at(&path, "max_sessions_per_client"),
+                        format!("max_sessions_per_client {per_client} is above max_sessions {max}"),
+                    );
+                } else {
+                    self.err(
+                        &at(&path, "max_sessions"),
+                        format!("max_sessions {max} is below max_sessions_per_client ({per_client}, the default); set that too"),
+                    );
+                }
+            }
+        }
+        let idle = self.value(
+            &raw.idle_timeout,
+            &path,
+            "idle_timeout",
+            d.idle_timeout,
+            parse_duration,
+        );
+        let connect = self.value(
+            &raw.connect_timeout,
+            &path,
+            "connect_timeout",
+            d.connect_timeout,
+            parse_duration,
+        );
+        Limits {
+            max_sessions: max.unwrap_or(d.max_sessions),
+            max_sessions_per_client: per_client.unwrap_or(d.max_sessions_per_client),
+            idle_timeout: idle.unwrap_or(d.idle_timeout),
+            connect_timeout: connect.unwrap_or(d.connect_timeout),
+        }
+    }
+
+    fn rules(&mut self, raw: &[RawRule]) -> Vec<Rule> {
+        let mut out: Vec<Rule> = Vec::with_capacity(raw.len());
+        for (i, r) in raw.iter().enumerate() {
+            let path = [Seg::Key("rules"), Seg::Index(i)];
+            let Some(name) = self.required(
+                &r.name,
+                &path,
+                "name",
+                "a rule needs a name for logs",
+                parse_name,
+            ) else {
+                continue;
+            };
+            if let Some(first) = out.iter().position(|o| o.name == name) {
+                self.err(
+                    &at(&path, "name"),
+                    format!("rule name `{name}` is already used by rule {}", first + 1),
+                );
+            }
+            let d = Rule::new(name);
+            let clients = self.list(&r.clients, &path, "clients", false, parse_cidr);
+            let servers = self.list(&r.servers, &path, "servers", false, parse_cidr);
+            let action = self.value(&r.action, &path, "action", d.action, |s| {
+                parse_enum(s, &[("allow", Action::Allow), ("deny", Action::Deny)])
+            });
+            let modes = self.list(&r.modes, &path, "modes", false, |s| {
+                parse_enum(
+                    s,
+                    &[("passive", DataMode::Passive), ("active", DataMode::Active)],
+                )
+            });
+            if let Ok(Some(modes)) = &modes {
+                if modes.len() > 1 && modes[0] == modes[1] || modes.len() > 2 {
+                    self.err(
+                        &at(&path, "modes"),
+                        "modes: list each of passive and active at most once",
+                    );
+                }
+            }
+            let server_mode =
+                self.value(&r.server_mode, &path, "server_mode", d.server_mode, |s| {
+                    parse_enum(
+                        s,
+                        &[
+                            ("same", ServerMode::Same),
+                            ("passive", ServerMode::Passive),
+                            ("active", ServerMode::Active),
+                        ],
+                    )
+                });
+            let data_ports = self.value(
+                &r.data_ports,
+                &path,
+                "data_ports",
+                d.data_ports,
+                parse_range,
+            );
+            let tls = self.value(&r.tls, &path, "tls", d.tls, |s| {
+                parse_enum(
+                    s,
+                    &[
+                        ("refuse", TlsPolicy::Refuse),
+                        ("passthrough", TlsPolicy::Passthrough),
+                    ],
+                )
+            });
+            let deny_commands =
+                self.list(&r.deny_commands, &path, "deny_commands", true, parse_verb);
+            if let Ok(Some(verbs)) = &deny_commands {
+                for (j, v) in verbs.iter().enumerate() {
+                    if verbs[..j].contains(v) {
+                        self.err(
+                            &at(&at(&path, "deny_commands"), j),
+                            format!("deny_commands: `{v}` is listed twice"),
+                        );
+                    }
+                }
+            }
+            out.push(Rule {
+                clients: clients.ok().flatten().unwrap_or(d.clients),
+                servers: servers.ok().flatten().unwrap_or(d.servers),
+                action: action.unwrap_or(d.action),
+                modes: modes.ok().flatten().unwrap_or(d.modes),
+                server_mode: server_mode.unwrap_or(d.server_mode),
+                data_ports: data_ports.unwrap_or(d.data_ports),
+                tls: tls.unwrap_or(d.tls),
+                deny_commands: deny_commands.ok().flatten().unwrap_or(d.deny_commands),
+                name: d.name,
+            });
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Value parsers: text → typed value, or a message that says how to fix it.
+
+fn parse_enum<T: Copy>(s: &str, table: &[(&str, T)]) -> Result<T, String> {
+    table
+        .iter()
+        .find(|(name, _)| *name == s)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+            format!("unknown value `{s}`, expected one of: {}", names.join(", "))
+        })
+}
+
+/// Names appear in log lines, so control characters (a newline could forge
+/// a log entry) are refused.
+fn parse_name(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        Err("the name is blank".to_string())
+    } else if s.chars().any(char::is_control) {
+        Err("the name contains a control character".to_string())
+    } else {
+        Ok(s.to_string())
+    }
+}
+
+/// `10.0.0.0/24`, `2001:db8::/32`, or one address. IPv4-mapped IPv6
+/// networks become IPv4 ones, because client and server addresses are
+/// matched in their IPv4 form.
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let t = s.trim();
+    let net = match t.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => match t.parse::<IpAddr>() {
+            Ok(addr) => IpNet::from(addr),
+            Err(_) => {
+                return Err(format!(
+                    "`{s}` is not a CIDR such as 10.0.0.0/24 or 2001:db8::/32, nor an address"
+                ))
+            }
+        },
+    };
+    Ok(unmap_net(net))
+}
+
+fn unmap_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, n.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
+/// `192.0.2.1:21` or `[2001:db8::1]:21`. Port 0 is allowed only where the
+/// kernel picks the port (a listen address in tests).
+fn parse_socket_addr(s: &str, port0_ok: bool) -> Result<SocketAddr, String> {
+    let t = s.trim();
+    match t.parse::<SocketAddr>() {
+        Ok(a) if a.port() == 0 && !port0_ok => Err(format!("`{s}` has port 0")),
+        Ok(a) if !port0_ok && a.ip().is_unspecified() => {
+            Err(format!("`{s}` is not a concrete address to connect to"))
+        }
+        Ok(a) => Ok(a),
+        Err(_) => Err(match t.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => format!("`{s}` has no port; write e.g. {ip}:21"),
+            Ok(IpAddr::V6(ip)) => format!("`{s}` has no port; write e.g. [{ip}]:21"),
+            Err(_) if t.matches(':').count() > 1 && !t.starts_with('[') => {
+                format!("`{s}`: an IPv6 address needs brackets, e.g. [2001:db8::1]:21")
+            }
+            Err(_) => format!(
+                "`{s}` is not address:port such as 192.0.2.1:21 or [2001:db8::1]:21 (host names are not resolved)"
+            ),
+        }),
+    }
+}
+
+fn parse_announce(s: &str) -> Result<IpAddr, String> {
+    match s.trim().parse::<IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => Err(format!("`{s}` cannot be announced to clients")),
+        Ok(ip) => Ok(ip),
+        Err(_) => Err(format!(
+            "`{s}` is not an IP address (no port: the data port is chosen per transfer)"
+        )),
+    }
+}
+
+/// `lo-hi` or a single port `n`; 1 ≤ lo ≤ hi ≤ 65535.
+fn parse_range(s: &str) -> Result<PortRange, String> {
+    let t = s.trim();
+    let (lo, hi) = match t.split_once('-') {
+        Some((lo, hi)) => (lo.trim(), hi.trim()),
+        None => (t, t),
+    };
+    let port = |p: &str| -> Result<u16, String> {
+        match p.parse::<u32>() {
+            Ok(0) => Err(format!("`{s}`: port 0 is not a usable port")),
+            Ok(n) => u16::try_from(n).map_err(|_| format!("`{s}`: port {n} is above 65535")),
+            Err(_) => Err(format!(
+                "`{s}` is not a port range such as 40000-40999, or a single port"
+            )),
+        }
+    };
+    let (lo, hi) = (port(lo)?, port(hi)?);
+    if lo > hi {
+        return Err(format!("`{s}` is reversed; write {hi}-{lo}"));
+    }
+    Ok(PortRange { lo, hi })
+}
+
+/// `500ms`, `30s`, `15m`, `1h`; never zero, because every timeout in the
+/// file would then fire at once.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let hint = "a number and a unit: 500ms, 30s, 15m or 1h";
+    if digits.is_empty() {
+        return Err(format!("`{s}` is not a duration; write {hint}"));
+    }
+    if unit.is_empty() {
+        return Err(format!("`{s}` has no unit; write e.g. {digits}s ({hint})"));
+    }
+    let ms_per_unit: u64 = match unit.trim_start() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(format!("`{s}` has an unknown unit; write {hint}")),
+    };
+    let ms = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(ms_per_unit))
+        .ok_or_else(|| format!("`{s}` is too long"))?;
+    if ms == 0 {
+        return Err(format!("`{s}` is zero; a timeout must be longer than that"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// The largest unit that states `d` exactly; sub-millisecond parts, which a
+/// rule file cannot express, round up.
+fn format_duration(d: Duration) -> String {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    if ms != 0 && ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms != 0 && ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1_000 == 0 {
+        format!("{}s", ms / 1_000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("0 would refuse every session; the least is 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
+    }
+}
+
+/// nft accepts more, but these characters need no quoting anywhere the
+/// name is printed or passed on a command line.
+fn parse_table(s: &str) -> Result<String, String> {
+    let ok = (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "`{s}` is not 1-64 characters of A-Z, a-z, 0-9, `_` and `-`"
+        ))
+    }
+}
+
+/// An FTP verb, as it is compared: upper case.
+fn parse_verb(s: &str) -> Result<String, String> {
+    if (1..=16).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphabetic()) {
+        Ok(s.to_ascii_uppercase())
+    } else {
+        Err(format!(
+            "`{s}` is not an FTP command (1-16 letters, e.g. SITE)"
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Locating a path. serde_yaml exposes no spans, but it stamps an error raised
+// while a node is deserialised with that node's position. So to find a node,
+// walk to it through a second parse and raise a marked error there.
+
+const LOCATE_MARK: &str = "ftpgate-locate-mark";
+
+/// 1-based (line, column) of the node at `path`, or of its nearest ancestor
+/// that can be found; (0, 0) if none can.
+fn locate(text: &str, path: &[Seg]) -> (usize, usize) {
+    for len in (0..=path.len()).rev() {
+        let seek = Seek(&path[..len]);
+        if let Err(e) =
+            de::DeserializeSeed::deserialize(seek, serde_yaml::Deserializer::from_str(text))
+        {
+            if e.to_string().contains(LOCATE_MARK) {
+                if let Some(l) = e.location() {
+                    return (l.line(), l.column());
+                }
+            }
+        }
+    }
+    (0, 0)
+}
+
+struct Seek<'p>(&'p [Seg]);
+
+impl<'de> de::DeserializeSeed<'de> for Seek<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        // Raise the error inside the node's own deserialize call, so it is
+        // stamped with the node's position rather than its parent's.
+        d.deserialize_any(self)
+    }
+}
+
+impl Seek<'_> {
+    fn arrived<E: de::Error>(&self) -> Result<(), E> {
+        if self.0.is_empty() {
+            Err(E::custom(LOCATE_MARK))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl<'de> de::Visitor<'de> for Seek<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any YAML node")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.arrived()
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.arrived()
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.arrived()
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.arrived()
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.arrived()
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.arrived()
+    }
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        self.arrived()
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Some((Seg::Index(want), rest)) = self.0.split_first() else {
+            return self.arrived();
+        };
+        let mut i = 0;
+        loop {
+            if i == *want {
+                return seq.next_element_seed(Seek(rest)).map(|_| ());
+            }
+            if seq.next_element::<de::IgnoredAny>()?.is_none() {
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Some((Seg::Key(want), rest)) = self.0.split_first() else {
+            return self.arrived();
+        };
+        while let Some(key) = map.next_key::<KeyName>()? {
+            if key.0.as_deref() == Some(*want) {
+                return map.next_value_seed(Seek(rest));
+            }
+            map.next_value::<de::IgnoredAny>()?;
+        }
+        Ok(())
+    }
+}
+
+/// A mapping key as text, or `None` for a key that is not a plain string.
+struct KeyName(Option<String>);
+
+impl<'de> Deserialize<'de> for KeyName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = KeyName;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a mapping key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<KeyName, E> {
+                Ok(KeyName(Some(v.to_string())))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<KeyName, E> {
+                Ok(KeyName(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<KeyName, E> {
+                Ok(KeyName(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<KeyName, E> {
+                Ok(KeyName(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<KeyName, E> {
+                Ok(KeyName(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<KeyName, E> {
+                Ok(KeyName(None))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<KeyName, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(KeyName(None))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<KeyName, A::Error> {
+                while map
+                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(KeyName(None))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
