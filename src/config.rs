@@ -511,17 +511,12 @@ fn yaml_message(e: &serde_yaml::Error) -> String {
 /// A key that may be absent, present with no value (`key:`), or set. An empty
 /// value is an error rather than the default: `clients:` with the list
 /// forgotten must not mean "any client".
-#[derive(Debug)]
+#[derive(Debug, Default)]
 enum Field<T> {
+    #[default]
     Absent,
     Null,
     Set(T),
-}
-
-impl<T> Default for Field<T> {
-    fn default() -> Self {
-        Field::Absent
-    }
 }
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Field<T> {
@@ -1698,9 +1693,12 @@ rules:
         assert_eq!(c.rules[1].action, Action::Deny);
     }
 
+    /// Input text, and the value or a part of the error message.
+    type Case<T> = (&'static str, Result<T, &'static str>);
+
     #[test]
     fn durations() {
-        let cases: &[(&str, Result<u64, &str>)] = &[
+        let cases: &[Case<u64>] = &[
             ("500ms", Ok(500)),
             ("30s", Ok(30_000)),
             ("15m", Ok(900_000)),
@@ -1749,7 +1747,7 @@ rules:
 
     #[test]
     fn ranges() {
-        let cases: &[(&str, Result<(u16, u16), &str>)] = &[
+        let cases: &[Case<(u16, u16)>] = &[
             ("40000-40999", Ok((40000, 40999))),
             ("21", Ok((21, 21))),
             ("1-65535", Ok((1, 65535))),
@@ -1971,7 +1969,7 @@ rules:
                 "1:12: `listeners` is empty: at least one listener is required",
             ),
             (
-                format!("{rules}"),
+                rules.to_string(),
                 "1:1: missing `listeners`: at least one listener is required",
             ),
             (
@@ -2230,8 +2228,8 @@ rules:
 
     fn arb_ip() -> impl Strategy<Value = IpAddr> {
         prop_oneof![
-            any::<[u8; 4]>().prop_map(|o| IpAddr::from(o)),
-            any::<[u8; 16]>().prop_map(|o| IpAddr::from(o)),
+            any::<[u8; 4]>().prop_map(IpAddr::from),
+            any::<[u8; 16]>().prop_map(IpAddr::from),
         ]
     }
 
