@@ -1140,7 +1140,11 @@ impl Check {
                 )
             });
             if let Ok(Some(modes)) = &modes {
-                if modes.len() > 1 && modes[0] == modes[1] || modes.len() > 2 {
+                if modes
+                    .iter()
+                    .enumerate()
+                    .any(|(i, m)| modes[..i].contains(m))
+                {
                     self.err(
                         &at(&path, "modes"),
                         "modes: list each of passive and active at most once",
