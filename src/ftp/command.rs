@@ -1,6 +1,18 @@
 //! Client commands (RFC 959 §4.1, RFC 2428, RFC 2228).
+//!
+//! Each parser is a small nom function over one line's text. Numbers are
+//! bounded in digits and value inside the parser, so nothing overflows and
+//! every octet and port is checked before it reaches the session core.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+use nom::branch::alt;
+use nom::bytes::complete::{tag, tag_no_case, take_till, take_while_m_n};
+use nom::character::complete::{char, digit1, space0};
+use nom::combinator::{eof, map, value};
+use nom::error::{ErrorKind, ParseError};
+use nom::sequence::terminated;
+use nom::IResult;
 
 /// The protocol argument of EPSV — RFC 2428 §3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,9 +95,539 @@ pub enum CommandError {
     },
 }
 
+/// Longest verb accepted. RFC 959 verbs are 3–4 letters; extensions such as
+/// `XSHA512` are longer, and 16 leaves room without inviting junk.
+const MAX_VERB: usize = 16;
+
 /// Parses one line's text (terminator and Telnet sequences already removed,
 /// see [`crate::ftp::Line::text`]).
+///
+/// `PORT 192,0,2,1,156,64` → verb `PORT`, arg `192,0,2,1,156,64`,
+/// `Command::Port(192.0.2.1:40000)`.
 pub fn parse_command(text: &[u8]) -> Result<ParsedCommand<'_>, CommandError> {
-    let _ = text;
-    unimplemented!()
+    let (verb, arg) = match text.iter().position(|&b| b == b' ') {
+        Some(i) => (&text[..i], &text[i + 1..]),
+        None => (text, &text[text.len()..]),
+    };
+    if verb.is_empty() || verb.len() > MAX_VERB || !verb.iter().all(u8::is_ascii_alphabetic) {
+        return Err(CommandError::Malformed);
+    }
+    // Letters only, so this cannot fail; no panic either way.
+    let verb_str = std::str::from_utf8(verb).map_err(|_| CommandError::Malformed)?;
+    let mut upper = [0u8; MAX_VERB];
+    let upper = &mut upper[..verb.len()];
+    upper.copy_from_slice(verb);
+    upper.make_ascii_uppercase();
+
+    let bad = |verb: &'static str| move |reason| CommandError::BadArgument { verb, reason };
+    let command = match &*upper {
+        b"PORT" => Command::Port(port_arg(arg).map_err(bad("PORT"))?),
+        b"EPRT" => Command::Eprt(eprt_arg(arg).map_err(bad("EPRT"))?),
+        b"PASV" => Command::Pasv,
+        b"EPSV" => Command::Epsv(epsv_arg(arg).map_err(bad("EPSV"))?),
+        b"LPRT" => Command::Lprt,
+        b"LPSV" => Command::Lpsv,
+        b"AUTH" => Command::Auth(String::from_utf8_lossy(arg).trim().to_owned()),
+        b"CCC" => Command::Ccc,
+        b"PBSZ" => Command::Pbsz,
+        b"PROT" => Command::Prot,
+        b"USER" => Command::User(String::from_utf8_lossy(arg).into_owned()),
+        b"ABOR" => Command::Abor,
+        b"QUIT" => Command::Quit,
+        b"REIN" => Command::Rein,
+        b"RETR" | b"STOR" | b"STOU" | b"APPE" | b"LIST" | b"NLST" | b"MLSD" => Command::Transfer,
+        _ => Command::Other,
+    };
+    Ok(ParsedCommand {
+        verb: verb_str,
+        arg,
+        command,
+    })
+}
+
+/// A parse failure that carries the reason shown to the client and the log.
+/// nom's own errors say where, not why; this says why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Why(pub(crate) &'static str);
+
+impl<I> ParseError<I> for Why {
+    fn from_error_kind(_: I, kind: ErrorKind) -> Self {
+        Why(match kind {
+            ErrorKind::Digit => "expected a decimal number",
+            ErrorKind::Eof => "stray bytes after the argument",
+            _ => "malformed argument",
+        })
+    }
+    fn append(_: I, _: ErrorKind, other: Self) -> Self {
+        other
+    }
+}
+
+/// nom result over one line's bytes, failing with a [`Why`].
+pub(crate) type PResult<'a, T> = IResult<&'a [u8], T, Why>;
+
+/// Runs a whole-argument parser and turns its failure into a reason.
+fn finish<'a, T>(
+    input: &'a [u8],
+    mut parser: impl FnMut(&'a [u8]) -> PResult<'a, T>,
+) -> Result<T, &'static str> {
+    match parser(input) {
+        Ok((_, value)) => Ok(value),
+        Err(nom::Err::Error(why) | nom::Err::Failure(why)) => Err(why.0),
+        Err(nom::Err::Incomplete(_)) => Err("incomplete argument"),
+    }
+}
+
+/// Fails unconditionally with `reason` — the leaf of every semantic check.
+pub(crate) fn fail(reason: &'static str) -> nom::Err<Why> {
+    nom::Err::Failure(Why(reason))
+}
+
+/// A decimal number of at most `max_digits` digits and at most `max`.
+/// `overlong` and `too_big` name the violation for the reply text.
+pub(crate) fn bounded_decimal<'a>(
+    max_digits: usize,
+    max: u32,
+    overlong: &'static str,
+    too_big: &'static str,
+) -> impl FnMut(&'a [u8]) -> PResult<'a, u32> {
+    move |input: &'a [u8]| {
+        let (rest, digits) = digit1(input)?;
+        if digits.len() > max_digits {
+            return Err(fail(overlong));
+        }
+        // At most 10 digits are ever allowed, so u64 cannot overflow.
+        let n = digits
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        match u32::try_from(n) {
+            Ok(n) if n <= max => Ok((rest, n)),
+            _ => Err(fail(too_big)),
+        }
+    }
+}
+
+/// One PORT/227 field: 1–3 digits, ≤ 255 — RFC 959 §4.1.2.
+pub(crate) fn octet(input: &[u8]) -> PResult<'_, u8> {
+    let (rest, n) = bounded_decimal(
+        3,
+        255,
+        "number longer than 3 digits",
+        "number greater than 255",
+    )(input)?;
+    // bounded to 255 above
+    Ok((
+        rest,
+        u8::try_from(n).map_err(|_| fail("number greater than 255"))?,
+    ))
+}
+
+/// `h1,h2,h3,h4,p1,p2` → address and port; port 0 is refused. Shared with
+/// the 227 reply, which carries the same six numbers.
+pub(crate) fn host_port(input: &[u8]) -> PResult<'_, SocketAddrV4> {
+    let mut fields = [0u8; 6];
+    let mut rest = input;
+    for (i, field) in fields.iter_mut().enumerate() {
+        if i > 0 {
+            rest = match char::<_, Why>(',')(rest) {
+                Ok((r, _)) => r,
+                Err(_) if rest.is_empty() => return Err(fail("missing field")),
+                Err(_) => return Err(fail("expected ',' between fields")),
+            };
+        }
+        if rest.is_empty() {
+            return Err(fail("missing field"));
+        }
+        let (r, n) = octet(rest)?;
+        *field = n;
+        rest = r;
+    }
+    let [h1, h2, h3, h4, p1, p2] = fields;
+    let port = u16::from_be_bytes([p1, p2]);
+    if port == 0 {
+        return Err(fail("port 0"));
+    }
+    Ok((rest, SocketAddrV4::new(Ipv4Addr::new(h1, h2, h3, h4), port)))
+}
+
+/// `PORT 192,0,2,1,156,64` — RFC 959 §4.1.2: exactly six fields, trailing
+/// spaces tolerated and nothing else.
+fn port_arg(arg: &[u8]) -> Result<SocketAddrV4, &'static str> {
+    finish(arg, |i| {
+        let (rest, addr) = host_port(i)?;
+        if rest.first() == Some(&b',') {
+            return Err(fail("more than six fields"));
+        }
+        let (rest, _) = space0(rest)?;
+        let (rest, _) = eof(rest)?;
+        Ok((rest, addr))
+    })
+}
+
+/// A delimiter of RFC 2428 §2: "any character in the ASCII range 33-126".
+pub(crate) fn delimiter(input: &[u8]) -> PResult<'_, u8> {
+    match input.split_first() {
+        Some((&d, rest)) if (33..=126).contains(&d) => Ok((rest, d)),
+        Some(_) => Err(fail("delimiter outside ASCII 33-126")),
+        None => Err(fail("missing field")),
+    }
+}
+
+/// The field up to the next `d`, and `d` itself.
+pub(crate) fn field(d: u8) -> impl FnMut(&[u8]) -> PResult<'_, &[u8]> {
+    move |input| {
+        terminated(take_till(|b| b == d), take_while_m_n(1, 1, |b| b == d))(input)
+            .map_err(|_: nom::Err<Why>| fail("missing delimiter"))
+    }
+}
+
+/// A TCP port in decimal: 1–5 digits, 1–65535, nothing else in the field.
+pub(crate) fn tcp_port(field: &[u8]) -> Result<u16, nom::Err<Why>> {
+    if field.is_empty() {
+        return Err(fail("missing port"));
+    }
+    let (rest, n) = bounded_decimal(
+        5,
+        65535,
+        "port longer than 5 digits",
+        "port greater than 65535",
+    )(field)?;
+    if !rest.is_empty() {
+        return Err(fail("stray bytes in port"));
+    }
+    match u16::try_from(n) {
+        Ok(0) | Err(_) => Err(fail("port 0")),
+        Ok(port) => Ok(port),
+    }
+}
+
+/// `EPRT |1|132.235.1.2|6275|`, `EPRT |2|1080::8:800:200C:417A|5282|` —
+/// RFC 2428 §2. The same delimiter four times; trailing spaces tolerated.
+fn eprt_arg(arg: &[u8]) -> Result<SocketAddr, &'static str> {
+    finish(arg, |i| {
+        let (rest, d) = delimiter(i)?;
+        let (rest, proto) = field(d)(rest)?;
+        let (rest, addr) = field(d)(rest)?;
+        let (rest, port) = field(d)(rest)?;
+        let (rest, _) = space0(rest)?;
+        let (rest, _) = eof(rest)?;
+        let port = tcp_port(port)?;
+        // std's parsers take no leading zeros, scopes or ports: exactly the
+        // textual forms RFC 2428 names (dotted quad, RFC 4291 text).
+        let text = std::str::from_utf8(addr).map_err(|_| fail("bad network address"))?;
+        let addr = match proto {
+            b"1" => SocketAddr::V4(SocketAddrV4::new(
+                text.parse::<Ipv4Addr>()
+                    .map_err(|_| fail("bad IPv4 address"))?,
+                port,
+            )),
+            b"2" => SocketAddr::V6(SocketAddrV6::new(
+                text.parse::<Ipv6Addr>()
+                    .map_err(|_| fail("bad IPv6 address"))?,
+                port,
+                0,
+                0,
+            )),
+            _ => return Err(fail("unsupported network protocol")),
+        };
+        Ok((rest, addr))
+    })
+}
+
+/// `EPSV`, `EPSV 1`, `EPSV 2`, `EPSV ALL` — RFC 2428 §3; trailing spaces
+/// tolerated.
+fn epsv_arg(arg: &[u8]) -> Result<EpsvParam, &'static str> {
+    finish(arg, |i| {
+        let number = map(
+            bounded_decimal(
+                10,
+                u32::MAX,
+                "protocol number too long",
+                "protocol number too large",
+            ),
+            |n| match n {
+                1 => EpsvParam::V4,
+                2 => EpsvParam::V6,
+                n => EpsvParam::Unknown(n),
+            },
+        );
+        let (rest, param) = alt((
+            value(EpsvParam::All, tag_no_case("ALL")),
+            number,
+            value(EpsvParam::Any, tag("")),
+        ))(i)?;
+        let (rest, _) = space0(rest)?;
+        let (rest, _) = eof(rest)?;
+        Ok((rest, param))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn v4(s: &str) -> SocketAddrV4 {
+        s.parse()
+            .unwrap_or_else(|e| panic!("test address {s}: {e}"))
+    }
+    fn sa(s: &str) -> SocketAddr {
+        s.parse()
+            .unwrap_or_else(|e| panic!("test address {s}: {e}"))
+    }
+    fn bad(verb: &'static str, reason: &'static str) -> Result<Command, CommandError> {
+        Err(CommandError::BadArgument { verb, reason })
+    }
+
+    #[test]
+    fn commands_table() {
+        use Command::*;
+        let cases: Vec<(&[u8], Result<Command, CommandError>)> = vec![
+            // PORT: valid
+            (b"PORT 192,0,2,1,156,64", Ok(Port(v4("192.0.2.1:40000")))),
+            (b"port 10,0,0,1,0,1", Ok(Port(v4("10.0.0.1:1")))),
+            (
+                b"PoRt 255,255,255,255,255,255",
+                Ok(Port(v4("255.255.255.255:65535"))),
+            ),
+            (b"PORT 010,000,2,1,4,0  ", Ok(Port(v4("10.0.2.1:1024")))),
+            // PORT: invalid
+            (
+                b"PORT 256,0,2,1,4,0",
+                bad("PORT", "number greater than 255"),
+            ),
+            (
+                b"PORT 192,0,2,1,4,256",
+                bad("PORT", "number greater than 255"),
+            ),
+            (b"PORT 192,0,2,1,0,0", bad("PORT", "port 0")),
+            (b"PORT 192,0,2,1,4", bad("PORT", "missing field")),
+            (b"PORT 192,0,2,1,4,", bad("PORT", "missing field")),
+            (
+                b"PORT 192,0,,1,4,0",
+                bad("PORT", "expected a decimal number"),
+            ),
+            (b"PORT", bad("PORT", "missing field")),
+            (b"PORT ", bad("PORT", "missing field")),
+            (
+                b"PORT 0192,0,2,1,4,0",
+                bad("PORT", "number longer than 3 digits"),
+            ),
+            (
+                b"PORT 192,0,2,1,4,0000001",
+                bad("PORT", "number longer than 3 digits"),
+            ),
+            (b"PORT 192,0,2,1,4,0,7", bad("PORT", "more than six fields")),
+            (
+                b"PORT 192,0,2,1,4,0x",
+                bad("PORT", "stray bytes after the argument"),
+            ),
+            (
+                b"PORT 192,0,2,1,4,0 x",
+                bad("PORT", "stray bytes after the argument"),
+            ),
+            (
+                b"PORT 192,0,2,1,4,0\0",
+                bad("PORT", "stray bytes after the argument"),
+            ),
+            (
+                b"PORT 192.0.2.1,4,0",
+                bad("PORT", "expected ',' between fields"),
+            ),
+            (
+                b"PORT  192,0,2,1,4,0",
+                bad("PORT", "expected a decimal number"),
+            ),
+            (
+                b"PORT -1,0,2,1,4,0",
+                bad("PORT", "expected a decimal number"),
+            ),
+            (
+                b"PORT 192, 0,2,1,4,0",
+                bad("PORT", "expected a decimal number"),
+            ),
+            // EPRT: valid, any delimiter in 33..=126
+            (
+                b"EPRT |1|132.235.1.2|6275|",
+                Ok(Eprt(sa("132.235.1.2:6275"))),
+            ),
+            (
+                b"eprt !1!132.235.1.2!6275! ",
+                Ok(Eprt(sa("132.235.1.2:6275"))),
+            ),
+            (b"EPRT ~1~10.0.0.1~65535~", Ok(Eprt(sa("10.0.0.1:65535")))),
+            (
+                b"EPRT |2|1080::8:800:200C:417A|5282|",
+                Ok(Eprt(sa("[1080::8:800:200c:417a]:5282"))),
+            ),
+            (
+                b"EPRT |2|::ffff:10.0.0.1|21|",
+                Ok(Eprt(sa("[::ffff:10.0.0.1]:21"))),
+            ),
+            // EPRT: invalid
+            (
+                b"EPRT |3|132.235.1.2|6275|",
+                bad("EPRT", "unsupported network protocol"),
+            ),
+            (
+                b"EPRT ||132.235.1.2|6275|",
+                bad("EPRT", "unsupported network protocol"),
+            ),
+            (b"EPRT |1|::1|6275|", bad("EPRT", "bad IPv4 address")),
+            (
+                b"EPRT |2|132.235.1.2|6275|",
+                bad("EPRT", "bad IPv6 address"),
+            ),
+            (
+                b"EPRT |1|132.235.1.256|6275|",
+                bad("EPRT", "bad IPv4 address"),
+            ),
+            (b"EPRT |1|132.235.1|6275|", bad("EPRT", "bad IPv4 address")),
+            (
+                b"EPRT |2|fe80::1%eth0|6275|",
+                bad("EPRT", "bad IPv6 address"),
+            ),
+            (b"EPRT |1|1.2.3.4|0|", bad("EPRT", "port 0")),
+            (
+                b"EPRT |1|1.2.3.4|65536|",
+                bad("EPRT", "port greater than 65535"),
+            ),
+            (
+                b"EPRT |1|1.2.3.4|000080|",
+                bad("EPRT", "port longer than 5 digits"),
+            ),
+            (b"EPRT |1|1.2.3.4||", bad("EPRT", "missing port")),
+            (b"EPRT |1|1.2.3.4|80a|", bad("EPRT", "stray bytes in port")),
+            (b"EPRT |1|1.2.3.4|80", bad("EPRT", "missing delimiter")),
+            (b"EPRT |1|1.2.3.4!80!", bad("EPRT", "missing delimiter")),
+            (
+                b"EPRT |1|1.2.3.4|80|x",
+                bad("EPRT", "stray bytes after the argument"),
+            ),
+            (
+                b"EPRT  |1|1.2.3.4|80|",
+                bad("EPRT", "delimiter outside ASCII 33-126"),
+            ),
+            (
+                b"EPRT \x7f1\x7f1.2.3.4\x7f80\x7f",
+                bad("EPRT", "delimiter outside ASCII 33-126"),
+            ),
+            (b"EPRT", bad("EPRT", "missing field")),
+            (
+                b"EPRT |1|1.2.3.\xff|80|",
+                bad("EPRT", "bad network address"),
+            ),
+            // PASV ignores its argument; EPSV
+            (b"PASV", Ok(Pasv)),
+            (b"pasv junk", Ok(Pasv)),
+            (b"EPSV", Ok(Epsv(EpsvParam::Any))),
+            (b"EPSV ", Ok(Epsv(EpsvParam::Any))),
+            (b"EPSV 1", Ok(Epsv(EpsvParam::V4))),
+            (b"EPSV 2 ", Ok(Epsv(EpsvParam::V6))),
+            (b"EPSV ALL", Ok(Epsv(EpsvParam::All))),
+            (b"epsv all", Ok(Epsv(EpsvParam::All))),
+            (b"EPSV 99", Ok(Epsv(EpsvParam::Unknown(99)))),
+            (b"EPSV 4294967295", Ok(Epsv(EpsvParam::Unknown(u32::MAX)))),
+            (b"EPSV 4294967296", bad("EPSV", "protocol number too large")),
+            (b"EPSV 12345678901", bad("EPSV", "protocol number too long")),
+            (b"EPSV ALLX", bad("EPSV", "stray bytes after the argument")),
+            (b"EPSV 1x", bad("EPSV", "stray bytes after the argument")),
+            (b"EPSV -1", bad("EPSV", "stray bytes after the argument")),
+            // the rest
+            (b"LPRT 4,4,1,2,3,4,2,0,20", Ok(Lprt)),
+            (b"LPSV", Ok(Lpsv)),
+            (b"AUTH TLS", Ok(Auth("TLS".into()))),
+            (b"auth  tls  ", Ok(Auth("tls".into()))),
+            (b"AUTH \xffSSL", Ok(Auth("\u{fffd}SSL".into()))),
+            (b"CCC", Ok(Ccc)),
+            (b"PBSZ 0", Ok(Pbsz)),
+            (b"PROT P", Ok(Prot)),
+            (b"USER anonymous", Ok(User("anonymous".into()))),
+            (b"user a\0b", Ok(User("a\0b".into()))),
+            (b"ABOR", Ok(Abor)),
+            (b"QUIT", Ok(Quit)),
+            (b"REIN", Ok(Rein)),
+            (b"RETR file.bin", Ok(Transfer)),
+            (b"stor x", Ok(Transfer)),
+            (b"STOU", Ok(Transfer)),
+            (b"APPE x", Ok(Transfer)),
+            (b"LIST", Ok(Transfer)),
+            (b"NLST -a", Ok(Transfer)),
+            (b"MLSD", Ok(Transfer)),
+            (b"MLST x", Ok(Other)),
+            (b"SITE CHMOD 755 x", Ok(Other)),
+            (b"ABCDEFGHIJKLMNOP", Ok(Other)),
+            // malformed verbs
+            (b"", Err(CommandError::Malformed)),
+            (b" USER a", Err(CommandError::Malformed)),
+            (b"ABCDEFGHIJKLMNOPQ", Err(CommandError::Malformed)),
+            (b"US3R a", Err(CommandError::Malformed)),
+            (b"USER\ta", Err(CommandError::Malformed)),
+            (b"US\xffER a", Err(CommandError::Malformed)),
+            (b"US\0ER a", Err(CommandError::Malformed)),
+            (b"PORT\r", Err(CommandError::Malformed)),
+            (b"\xc3\x9cSER a", Err(CommandError::Malformed)),
+        ];
+        for (line, want) in cases {
+            let got = parse_command(line).map(|c| c.command);
+            assert_eq!(got, want, "line {:?}", String::from_utf8_lossy(line));
+        }
+    }
+
+    #[test]
+    fn verb_and_arg_are_slices_of_the_line() {
+        let line = b"retr  dir/a b ";
+        let parsed = parse_command(line).map_err(|e| e.to_string());
+        let Ok(parsed) = parsed else {
+            panic!("{parsed:?}");
+        };
+        assert_eq!(parsed.verb, "retr");
+        assert_eq!(parsed.arg, b" dir/a b ");
+        assert_eq!(parsed.command, Command::Transfer);
+        let parsed = parse_command(b"NOOP").map(|p| p.arg.len());
+        assert_eq!(parsed, Ok(0));
+    }
+
+    #[test]
+    fn telnet_sequences_in_verb_are_stripped_by_the_framer() {
+        use crate::ftp::Line;
+        // IAC IP, IAC DM, then ABOR (RFC 959 §4.1.3); IAC NOP inside a verb
+        for (raw, want) in [
+            (&b"\xff\xf4\xff\xf2ABOR\r\n"[..], Ok(Command::Abor)),
+            (&b"QU\xff\xf1IT\r\n"[..], Ok(Command::Quit)),
+            // IAC IAC is a data byte 0xFF, which is no letter
+            (&b"QU\xff\xffIT\r\n"[..], Err(CommandError::Malformed)),
+        ] {
+            let text = Line { raw: raw.to_vec() }.text();
+            assert_eq!(parse_command(&text).map(|c| c.command), want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn errors_read_well() {
+        let err = parse_command(b"PORT 1,2,3,4,0,0").map(|c| c.command);
+        assert_eq!(
+            err.map_err(|e| e.to_string()),
+            Err("PORT: port 0".to_string())
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_any_bytes(line in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = parse_command(&line);
+        }
+
+        #[test]
+        fn never_panics_on_near_valid_arguments(
+            verb in prop_oneof![Just("PORT"), Just("EPRT"), Just("EPSV"), Just("AUTH"), Just("USER")],
+            arg in "[0-9,|!.:a-fA-F \\x00\\xff]{0,40}",
+        ) {
+            let line = format!("{verb} {arg}");
+            let parsed = parse_command(line.as_bytes());
+            if let Ok(p) = parsed {
+                prop_assert!(p.verb.eq_ignore_ascii_case(verb));
+            }
+        }
+    }
 }

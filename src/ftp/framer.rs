@@ -1,8 +1,22 @@
 //! Splits a control stream into lines.
+//!
+//! RFC 959 §4.1 ends every command and reply with the Telnet end-of-line
+//! `CR LF`; real peers also send a bare `LF`, so a line ends at `LF`. The
+//! control connection is a Telnet NVT (RFC 854), so `IAC` (0xFF) starts a
+//! two- or three-byte sequence that must never be split, and whose second
+//! or third byte may even be an `LF`.
+
+use std::collections::VecDeque;
 
 /// Longest line accepted, terminator included. RFC 959 commands are short;
 /// this leaves room for long paths while bounding memory per session.
 pub const MAX_LINE: usize = 4096;
+
+/// Telnet "interpret as command" — RFC 854.
+const IAC: u8 = 0xFF;
+/// Telnet WILL (0xFB), WONT (0xFC), DO (0xFD), DONT (0xFE) take one option
+/// byte after them — RFC 854.
+const IAC_OPTION_VERBS: std::ops::RangeInclusive<u8> = 0xFB..=0xFE;
 
 /// One framed line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,8 +29,41 @@ pub struct Line {
 impl Line {
     /// The line's text: terminator removed and Telnet IAC sequences stripped
     /// (`IAC IAC` becomes one 0xFF byte). This is what the parsers read.
+    ///
+    /// `RETR a\xff\xffb\r\n` → `RETR a\xffb`; `\xff\xf4\xff\xf2ABOR\r\n`
+    /// (IAC IP, IAC DM — RFC 959 §4.1.3) → `ABOR`.
     pub fn text(&self) -> Vec<u8> {
-        unimplemented!()
+        let raw = self.raw.as_slice();
+        let mut out = Vec::with_capacity(raw.len());
+        // Index just past the last byte copied verbatim, so that only a CR
+        // directly before the terminating LF is taken as part of CRLF.
+        let mut plain_end = usize::MAX;
+        let mut i = 0;
+        while let Some(&b) = raw.get(i) {
+            match b {
+                IAC => match raw.get(i + 1) {
+                    Some(&IAC) => {
+                        out.push(IAC);
+                        i += 2;
+                    }
+                    Some(verb) if IAC_OPTION_VERBS.contains(verb) => i += 3,
+                    // `IAC x` is two bytes; a lone IAC at the end is dropped.
+                    _ => i += 2,
+                },
+                b'\n' => {
+                    if plain_end == i && out.last() == Some(&b'\r') {
+                        out.pop();
+                    }
+                    break;
+                }
+                _ => {
+                    out.push(b);
+                    i += 1;
+                    plain_end = i;
+                }
+            }
+        }
+        out
     }
 }
 
@@ -28,30 +75,350 @@ pub enum FrameError {
     TooLong(usize),
 }
 
+/// Where the scanner stands relative to a Telnet sequence.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Telnet {
+    /// Ordinary data.
+    #[default]
+    Data,
+    /// After `IAC`: the next byte is its command, never a terminator.
+    Command,
+    /// After `IAC WILL/WONT/DO/DONT`: the next byte is the option.
+    Option,
+}
+
 /// Incremental line framer. Feed it any split of the stream; it yields the
 /// same lines. Ends a line at LF (CRLF or bare LF). Keeps Telnet IAC
 /// sequences (`IAC x`, `IAC WILL/WONT/DO/DONT x`) intact and never ends a
 /// line inside one.
+///
+/// Bytes are scanned once, as they are pushed, so byte-at-a-time input costs
+/// O(n). A partial line never holds more than [`MAX_LINE`] bytes: once it
+/// would, the framer reports [`FrameError::TooLong`] after the lines
+/// completed before it, and drops further input.
 #[derive(Debug, Default)]
-pub struct Framer {}
+pub struct Framer {
+    /// Lines already terminated, in order, waiting for `next_line`.
+    ready: VecDeque<Line>,
+    /// The line being received, without its terminator yet.
+    partial: Vec<u8>,
+    /// Telnet state at the end of `partial`.
+    telnet: Telnet,
+    /// Set once a line overflowed; the stream is unusable after that.
+    overflow: bool,
+}
 
 impl Framer {
     /// A framer with an empty buffer.
     pub fn new() -> Self {
-        unimplemented!()
+        Self::default()
     }
+
     /// Appends received bytes.
-    pub fn push(&mut self, bytes: &[u8]) {
-        let _ = bytes;
-        unimplemented!()
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        while !self.overflow {
+            let Some((&first, rest)) = bytes.split_first() else {
+                return;
+            };
+            match self.telnet {
+                Telnet::Command => {
+                    self.telnet = if IAC_OPTION_VERBS.contains(&first) {
+                        Telnet::Option
+                    } else {
+                        Telnet::Data
+                    };
+                    self.append(&bytes[..1], false);
+                    bytes = rest;
+                }
+                Telnet::Option => {
+                    self.telnet = Telnet::Data;
+                    self.append(&bytes[..1], false);
+                    bytes = rest;
+                }
+                Telnet::Data => {
+                    // Copy a run of ordinary bytes at once, up to and
+                    // including the next byte that matters.
+                    let stop = bytes.iter().position(|&b| b == b'\n' || b == IAC);
+                    let take = stop.map_or(bytes.len(), |i| i + 1);
+                    let (run, rest) = bytes.split_at(take);
+                    let ends_line = run.last() == Some(&b'\n');
+                    self.append(run, ends_line);
+                    if ends_line && !self.overflow {
+                        let raw = std::mem::take(&mut self.partial);
+                        self.ready.push_back(Line { raw });
+                    } else if stop.is_some() {
+                        self.telnet = Telnet::Command;
+                    }
+                    bytes = rest;
+                }
+            }
+        }
     }
+
+    /// Adds `run` to the partial line unless that breaks the cap. A line may
+    /// be `MAX_LINE` bytes with its terminator, so an unterminated partial
+    /// line of `MAX_LINE` bytes can never end in time.
+    fn append(&mut self, run: &[u8], ends_line: bool) {
+        let len = self.partial.len() + run.len();
+        if len > MAX_LINE || (!ends_line && len == MAX_LINE) {
+            self.overflow = true;
+            return;
+        }
+        self.partial.extend_from_slice(run);
+    }
+
     /// The next complete line: `Ok(None)` when more bytes are needed.
     pub fn next_line(&mut self) -> Result<Option<Line>, FrameError> {
-        unimplemented!()
+        match self.ready.pop_front() {
+            Some(line) => Ok(Some(line)),
+            None if self.overflow => Err(FrameError::TooLong(MAX_LINE)),
+            None => Ok(None),
+        }
     }
+
     /// Takes the bytes buffered but not yet framed (used when the stream
     /// stops being parsed, e.g. after TLS starts, so nothing is lost).
+    ///
+    /// This includes lines already split off but not yet returned by
+    /// [`Framer::next_line`], in stream order, and leaves the framer empty.
+    /// After an overflow, the bytes dropped past the cap are not included.
     pub fn take_buffered(&mut self) -> Vec<u8> {
-        unimplemented!()
+        let mut out = Vec::new();
+        for line in self.ready.drain(..) {
+            out.extend_from_slice(&line.raw);
+        }
+        out.append(&mut self.partial);
+        self.telnet = Telnet::Data;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Feeds `chunks` one push at a time, draining lines after each push.
+    fn frame(chunks: &[&[u8]]) -> (Vec<Vec<u8>>, Option<FrameError>) {
+        let mut framer = Framer::new();
+        let mut lines = Vec::new();
+        for chunk in chunks {
+            framer.push(chunk);
+            loop {
+                match framer.next_line() {
+                    Ok(Some(line)) => lines.push(line.raw),
+                    Ok(None) => break,
+                    Err(e) => return (lines, Some(e)),
+                }
+            }
+        }
+        (lines, None)
+    }
+
+    /// Input, the raw lines it frames into, and what stays buffered.
+    type LineCase = (&'static [u8], &'static [&'static [u8]], &'static [u8]);
+
+    #[test]
+    fn lines_table() {
+        let cases: &[LineCase] = &[
+            (b"USER a\r\n", &[b"USER a\r\n"], b""),
+            (b"USER a\n", &[b"USER a\n"], b""),
+            (b"USER a", &[], b"USER a"),
+            // a lone CR is not a terminator
+            (b"A\rB\r\n", &[b"A\rB\r\n"], b""),
+            (b"A\r", &[], b"A\r"),
+            // pipelined commands in one segment
+            (
+                b"USER a\r\nPASS b\r\nPASV\r\n",
+                &[b"USER a\r\n", b"PASS b\r\n", b"PASV\r\n"],
+                b"",
+            ),
+            (b"\r\n\n", &[b"\r\n", b"\n"], b""),
+            // NUL is an ordinary byte
+            (b"RETR a\0b\r\n", &[b"RETR a\0b\r\n"], b""),
+            // IAC x never ends a line, even when x is LF
+            (b"A\xff\nB\r\n", &[b"A\xff\nB\r\n"], b""),
+            // IAC DO LF: the option byte is not a terminator either
+            (b"A\xff\xfd\nB\n", &[b"A\xff\xfd\nB\n"], b""),
+            // IAC IAC LF: the escaped 0xFF is done, the LF ends the line
+            (b"A\xff\xff\nB\n", &[b"A\xff\xff\n", b"B\n"], b""),
+            // IAC at the end waits for its command byte
+            (b"A\xff", &[], b"A\xff"),
+            (b"A\xff\xfb", &[], b"A\xff\xfb"),
+        ];
+        for (input, want_lines, want_rest) in cases {
+            let mut framer = Framer::new();
+            framer.push(input);
+            let mut got = Vec::new();
+            while let Ok(Some(line)) = framer.next_line() {
+                got.push(line.raw);
+            }
+            let want: Vec<Vec<u8>> = want_lines.iter().map(|l| l.to_vec()).collect();
+            assert_eq!(got, want, "input {input:?}");
+            assert_eq!(
+                framer.take_buffered(),
+                want_rest.to_vec(),
+                "input {input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn text_table() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"USER a\r\n", b"USER a"),
+            (b"USER a\n", b"USER a"),
+            (b"USER a", b"USER a"),
+            (b"A\rB\r\n", b"A\rB"),
+            (b"A\r\r\n", b"A\r"),
+            (b"RETR a\0b\r\n", b"RETR a\0b"),
+            // IAC IAC is one 0xFF data byte
+            (b"RETR a\xff\xffb\r\n", b"RETR a\xffb"),
+            // IAC IP, IAC DM before ABOR (RFC 959 §4.1.3)
+            (b"\xff\xf4\xff\xf2ABOR\r\n", b"ABOR"),
+            // IAC WILL x is three bytes, whatever x is
+            (b"NO\xff\xfb\nOP\r\n", b"NOOP"),
+            (b"NO\xff\xfe\xffOP\r\n", b"NOOP"),
+            // IAC CR LF: the CR belongs to the Telnet sequence, not to CRLF
+            (b"A\xff\r\n", b"A"),
+            // an incomplete sequence at the end is dropped
+            (b"A\xff", b"A"),
+            (b"A\xff\xfd", b"A"),
+        ];
+        for (raw, want) in cases {
+            let line = Line { raw: raw.to_vec() };
+            assert_eq!(line.text(), want.to_vec(), "raw {raw:?}");
+        }
+    }
+
+    #[test]
+    fn byte_at_a_time_matches_one_push() {
+        let stream: &[u8] = b"USER a\r\n\xff\xf4\xff\xf2ABOR\r\nRETR \xff\xff\n\xff\xfd\nX\r\nPAS";
+        let whole = frame(&[stream]);
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(frame(&bytes), whole);
+        assert_eq!(whole.0.len(), 4);
+    }
+
+    #[test]
+    fn longest_line_accepted_one_more_rejected() {
+        let mut ok = vec![b'a'; MAX_LINE - 2];
+        ok.extend_from_slice(b"\r\n");
+        let (lines, err) = frame(&[&ok]);
+        assert_eq!((lines.len(), err), (1, None));
+
+        let mut long = vec![b'a'; MAX_LINE - 1];
+        long.extend_from_slice(b"\r\n");
+        let (lines, err) = frame(&[&long]);
+        assert_eq!((lines.len(), err), (0, Some(FrameError::TooLong(MAX_LINE))));
+
+        // `MAX_LINE` bytes without a terminator cannot become a valid line
+        let (_, err) = frame(&[&vec![b'a'; MAX_LINE]]);
+        assert_eq!(err, Some(FrameError::TooLong(MAX_LINE)));
+        let (_, err) = frame(&[&vec![b'a'; MAX_LINE - 1]]);
+        assert_eq!(err, None);
+    }
+
+    #[test]
+    fn endless_line_is_rejected_early_with_bounded_memory() {
+        let mut framer = Framer::new();
+        let chunk = [b'x'; 1024];
+        let mut pushed = 0;
+        let err = loop {
+            framer.push(&chunk);
+            pushed += chunk.len();
+            if let Err(e) = framer.next_line() {
+                break e;
+            }
+            assert!(pushed <= 1 << 20, "no error after 1 MiB");
+        };
+        assert_eq!(err, FrameError::TooLong(MAX_LINE));
+        assert!(pushed <= MAX_LINE + chunk.len());
+        // the error sticks and nothing more is buffered
+        framer.push(&[b'x'; 1 << 20]);
+        assert_eq!(framer.next_line(), Err(FrameError::TooLong(MAX_LINE)));
+        assert!(framer.take_buffered().len() < MAX_LINE);
+    }
+
+    #[test]
+    fn one_mib_push_without_lf_is_rejected() {
+        let mut framer = Framer::new();
+        framer.push(b"NOOP\r\n");
+        framer.push(&vec![b'x'; 1 << 20]);
+        assert_eq!(
+            framer.next_line().map(|l| l.map(|l| l.raw)),
+            Ok(Some(b"NOOP\r\n".to_vec()))
+        );
+        assert_eq!(framer.next_line(), Err(FrameError::TooLong(MAX_LINE)));
+        assert!(framer.take_buffered().len() < MAX_LINE);
+    }
+
+    #[test]
+    fn take_buffered_keeps_unread_lines_in_order() {
+        let mut framer = Framer::new();
+        framer.push(b"AUTH TLS\r\n\x16\x03\x01\n\x00\xff");
+        assert_eq!(
+            framer.next_line().map(|l| l.map(|l| l.raw)),
+            Ok(Some(b"AUTH TLS\r\n".to_vec()))
+        );
+        assert_eq!(framer.take_buffered(), b"\x16\x03\x01\n\x00\xff".to_vec());
+        assert_eq!(framer.next_line(), Ok(None));
+        assert_eq!(framer.take_buffered(), Vec::<u8>::new());
+    }
+
+    /// Lines of arbitrary content with Telnet sequences mixed in, each with a
+    /// terminator that the framer must find.
+    fn arb_line() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            // ordinary bytes, no LF and no IAC
+            proptest::collection::vec(any::<u8>(), 0..12).prop_map(|v| v
+                .into_iter()
+                .filter(|&b| b != b'\n' && b != IAC)
+                .collect::<Vec<u8>>()),
+            // `IAC x` with x not an option verb (those take a third byte)
+            any::<u8>()
+                .prop_filter("two-byte sequence", |x| !IAC_OPTION_VERBS.contains(x))
+                .prop_map(|x| vec![IAC, x]),
+            (0xFBu8..=0xFE, any::<u8>()).prop_map(|(v, x)| vec![IAC, v, x]),
+            Just(b"\r".to_vec()),
+        ];
+        (
+            proptest::collection::vec(piece, 0..6),
+            prop_oneof![Just(&b"\r\n"[..]), Just(&b"\n"[..])],
+        )
+            .prop_map(|(pieces, end)| {
+                let mut line = pieces.concat();
+                line.extend_from_slice(end);
+                line
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_gives_the_same_lines(
+            lines in proptest::collection::vec(arb_line(), 0..8),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..10),
+            tail in proptest::collection::vec(any::<u8>(), 0..4),
+        ) {
+            let mut stream = lines.concat();
+            stream.extend(tail.iter().filter(|&&b| b != b'\n' && b != IAC));
+            let mut points: Vec<usize> =
+                cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+            points.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut last = 0;
+            for p in points {
+                chunks.push(&stream[last..p]);
+                last = p;
+            }
+            chunks.push(&stream[last..]);
+
+            let (whole, err) = frame(&[&stream]);
+            prop_assert_eq!(err, None);
+            prop_assert_eq!(&whole, &lines);
+            prop_assert_eq!(frame(&chunks), (lines.clone(), None));
+            let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+            prop_assert_eq!(frame(&bytes), (lines, None));
+        }
     }
 }
