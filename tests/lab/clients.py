@@ -96,6 +96,8 @@ def _lftp(lab, client, v, base, outdir, up_src, up_name):
         "set net:reconnect-interval-base 1",
         "set xfer:clobber on",
         "set ftp:ssl-allow no",
+        # lftp switches passive mode after a failed data connection; a case tests one mode.
+        "set ftp:auto-passive-mode off",
     ] + v.args + [
         f"open -u anonymous,lab@ {base}",
         "cls -1",

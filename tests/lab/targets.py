@@ -164,6 +164,8 @@ class SuseTarget(Target):
             f"LogDestination {path}.log",
             "LogLevel INF",
             "MaxClients 256",
+            # The default of 40 new connections a minute is far below what the lab makes.
+            "ForkLimit 100000",
             f"PidFile {path}.pid",
         ]
         if transparent:
