@@ -119,21 +119,22 @@ def run_target(args, lab, workdir, target, payload_digest, up_src):
         client, addr, port = target.endpoint(scenario, server, family)
         slug = label.replace(" ", "_")
         outdir = os.path.join(workdir, "cases", slug)
-        return label, clients.run_case(lab, client, v, addr, port, outdir, payload_digest, up_src, slug + ".bin")
+        mark = target.log_mark()
+        reason = clients.run_case(lab, client, v, addr, port, outdir, payload_digest, up_src, slug + ".bin")
+        log = target.log_tail(mark) if reason is not None and target.gating else ""
+        return label, reason, log
 
     try:
         cases = list(cases_for(args, target))
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            for label, reason in pool.map(one, cases):
+            for label, reason, log in pool.map(one, cases):
                 results.append((label, reason))
                 if reason is None:
                     print(f"{label}: ok", flush=True)
                 else:
                     print(f"{label}: FAIL {reason}", flush=True)
-                    if target.gating:
-                        log = target.log_tail()
-                        if log:
-                            print("    " + log.replace("\n", "\n    "), flush=True)
+                    if log:
+                        print("    | " + log.replace("\n", "\n    | "), flush=True)
     finally:
         target.teardown()
         lab.flush_target_chains()

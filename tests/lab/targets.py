@@ -46,7 +46,11 @@ class Target:
             return "lanc", host_addr("wans", family), port
         return "wanc", public_addr(family), port
 
-    def log_tail(self):
+    def log_mark(self):
+        """A position in the target's log, so a failed case shows what it caused."""
+        return 0
+
+    def log_tail(self, mark=0):
         return ""
 
 
@@ -216,7 +220,7 @@ add rule inet {FW_TABLE} tgt_input tcp dport {self.SRV[0]}-{self.SRV[1]} accept
         for d in self.daemons:
             d.stop()
 
-    def log_tail(self):
+    def log_tail(self, mark=0):
         return "\n".join(tail(p, 8) for p in self.logs if os.path.exists(p))
 
 
@@ -311,8 +315,20 @@ add rule inet {FW_TABLE} tgt_input iifname "lans" tcp dport {sp} accept
         if self.daemon:
             self.daemon.stop()
 
-    def log_tail(self):
-        return tail(self.log, 15) if self.daemon else ""
+    def log_mark(self):
+        try:
+            return os.path.getsize(self.log)
+        except (AttributeError, OSError):
+            return 0
+
+    def log_tail(self, mark=0):
+        """The last lines ftpgate logged since mark (other cases may interleave with -j)."""
+        if not self.daemon:
+            return ""
+        with open(self.log, "rb") as f:
+            f.seek(mark)
+            lines = f.read().decode(errors="replace").splitlines()
+        return "\n".join(lines[-15:]) or "(ftpgate logged nothing during this case)"
 
 
 TARGETS = {t.name: t for t in (NoneTarget, KernelTarget, SuseTarget, FtpgateTarget)}
