@@ -73,12 +73,23 @@ def _exec(lab, host, argv, step):
         raise CaseFailed(f"{step}: timed out after {CMD_TIMEOUT}s")
     if proc.returncode != 0:
         err = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
-        raise CaseFailed(f"{step}: exit {proc.returncode}: {err[-1] if err else ''}".strip())
+        reason = f"{step}: exit {proc.returncode}: {err[-1] if err else ''}".strip()
+        hint = _curl_hint(err)
+        raise CaseFailed(f"{reason} ({hint})" if hint else reason)
     return proc.stdout
 
 
+def _curl_hint(lines):
+    """From curl -v output, the last FTP error reply or failed data connect: curl's
+    own error message names the control connection even when the data one failed."""
+    for line in reversed(lines):
+        if line.startswith(("< 4", "< 5")) or ("connect to" in line and "failed" in line):
+            return line.lstrip("*< ").strip()
+    return ""
+
+
 def _curl(lab, client, v, base, outdir, up_src, up_name):
-    common = ["curl", "-sS", "--connect-timeout", "5", "-m", str(CMD_TIMEOUT - 2)] + v.args
+    common = ["curl", "-sS", "-v", "--connect-timeout", "5", "-m", str(CMD_TIMEOUT - 2)] + v.args
     listing = _exec(lab, client, common + [base + "/"], "list")
     _exec(lab, client, common + ["-o", os.path.join(outdir, "data.bin"), f"{base}/{DATA_FILE}"], "download")
     if up_name:
