@@ -108,9 +108,13 @@ def run_target(args, lab, workdir, target, payload_digest, up_src):
     try:
         target.setup()
     except Exception as exc:
-        reason = f"setup failed: {exc}"
+        print(f"lab: {target.name}: setup failed: {exc}", flush=True)
+        target.teardown()
+        lab.flush_target_chains()
         for scenario, server, v, family in cases_for(args, target):
-            results.append((f"{target.name} {scenario} {server} {v.name} v{family}", reason))
+            label = f"{target.name} {scenario} {server} {v.name} v{family}"
+            print(f"{label}: FAIL {target.name} setup failed", flush=True)
+            results.append((label, "setup failed"))
         return results
 
     def one(case):

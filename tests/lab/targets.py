@@ -109,7 +109,11 @@ class Daemon:
                 return
             if self.proc.poll() is not None:
                 self.reader.join(1)
-                raise RuntimeError(f"exited with {self.proc.returncode}: {tail(self.log_path)}")
+                log = tail(self.log_path) or "(empty)"
+                raise RuntimeError(
+                    f"exited with {self.proc.returncode} after {self.count}/{self.ready_count} "
+                    f"'{self.ready_word}' lines; log: {log}"
+                )
         raise RuntimeError(f"saw {self.count}/{self.ready_count} '{self.ready_word}' lines in {timeout}s: {tail(self.log_path)}")
 
     def stop(self):
