@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 
+sys.dont_write_bytecode = True  # keep the source tree clean when run from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import clients  # noqa: E402
