@@ -1,0 +1,192 @@
+//! The network-namespace lab (tests/lab): real FTP servers and clients behind a real
+//! nftables edge, with ftpgate in the edge.
+//!
+//! It needs root, `ip`, `nft` and the lab packages (`.ci/install-lab-deps`). Without
+//! them each test prints `lab: skipped (<reason>)` and passes, unless `FTPGATE_LAB=1`
+//! is set, in which case missing prerequisites fail the test.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+fn lab_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/lab/lab.py")
+}
+
+fn ftpgate_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ftpgate")
+}
+
+fn lab_command() -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg(lab_script()).env("FTPGATE_BIN", ftpgate_bin());
+    cmd
+}
+
+/// Why the lab cannot run here, if it cannot.
+fn missing_prerequisites() -> Option<String> {
+    let uid = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Some("not running as root".into());
+    }
+    for tool in ["ip", "nft", "python3"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !found {
+            return Some(format!("{tool} not found"));
+        }
+    }
+    let check = match lab_command()
+        .args(["--check", "--targets", "ftpgate"])
+        .output()
+    {
+        Ok(out) => out,
+        Err(err) => return Some(format!("cannot run lab.py: {err}")),
+    };
+    if check.status.success() {
+        None
+    } else {
+        let text = String::from_utf8_lossy(&check.stdout).trim().to_string();
+        let text = text.strip_prefix("lab: ").unwrap_or(&text).to_string();
+        Some(text + &String::from_utf8_lossy(&check.stderr))
+    }
+}
+
+/// Returns true when the lab can run; otherwise reports the skip (or fails under
+/// FTPGATE_LAB=1, where a silent skip would hide a broken CI machine).
+fn lab_available() -> bool {
+    match missing_prerequisites() {
+        None => true,
+        Some(reason) => {
+            assert!(
+                std::env::var("FTPGATE_LAB").as_deref() != Ok("1"),
+                "lab: FTPGATE_LAB=1 but prerequisites are missing: {reason}"
+            );
+            println!("lab: skipped ({reason})");
+            false
+        }
+    }
+}
+
+fn print_output(out: &Output) {
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The run's namespace prefix, from the line `lab: namespaces PREFIX*, ...`.
+fn prefix_of(line: &str) -> Option<String> {
+    let rest = line.strip_prefix("lab: namespaces ")?;
+    Some(rest.split('*').next()?.to_string())
+}
+
+fn namespaces_with(prefix: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| name.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn lab_ftpgate_passes_every_case() {
+    if !lab_available() {
+        return;
+    }
+    let out = lab_command()
+        .args(["--targets", "ftpgate"])
+        .output()
+        .expect("lab.py runs");
+    print_output(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("ftpgate: "))
+        .unwrap_or_else(|| panic!("no ftpgate summary line"));
+    assert!(out.status.success(), "lab failed: {summary}");
+    assert!(summary.ends_with(" 0 failed"), "{summary}");
+    assert!(!summary.starts_with("ftpgate: 0 passed"), "{summary}");
+}
+
+#[test]
+fn lab_teardown_leaves_no_namespaces() {
+    if !lab_available() {
+        return;
+    }
+    // A complete run: its namespaces are gone afterwards.
+    let out = lab_command()
+        .args([
+            "--targets",
+            "none",
+            "--servers",
+            "pyftpdlib",
+            "--clients",
+            "curl-epsv",
+        ])
+        .output()
+        .expect("lab.py runs");
+    print_output(&out);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("none outbound pyftpdlib curl-epsv v4: ok"));
+    let prefix = stdout
+        .lines()
+        .find_map(prefix_of)
+        .expect("lab prints its namespace prefix");
+    assert_eq!(namespaces_with(&prefix), Vec::<String>::new());
+
+    // A run killed with SIGTERM mid-way: its handler tears everything down.
+    let mut child = lab_command()
+        .args(["--targets", "none,kernel", "--servers", "vsftpd,pyftpdlib"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("lab.py starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let prefix = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| prefix_of(&l))
+        .expect("lab prints its namespace prefix");
+    // Wait for the first case, so the kill lands with servers and clients running.
+    let first_case = lines.by_ref().map_while(Result::ok).next();
+    assert!(first_case.is_some(), "lab printed no case before the kill");
+    assert_eq!(
+        namespaces_with(&prefix).len(),
+        5,
+        "namespaces exist mid-run"
+    );
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let status = child.wait().expect("lab.py exits");
+    assert!(!status.success(), "a killed run reports failure");
+    assert_eq!(namespaces_with(&prefix), Vec::<String>::new());
+
+    // --cleanup removes namespaces left by a run that died without tearing down
+    // (its pid in the prefix is beyond pid_max, so it cannot be alive).
+    let stale = "fgl99999999x0badc0-edge";
+    let added = Command::new("ip")
+        .args(["netns", "add", stale])
+        .status()
+        .expect("ip runs");
+    assert!(added.success());
+    let out = lab_command()
+        .arg("--cleanup")
+        .output()
+        .expect("lab.py runs");
+    print_output(&out);
+    assert!(out.status.success());
+    assert_eq!(namespaces_with(stale), Vec::<String>::new());
+}

@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""ftpgate lab: real FTP servers and clients in network namespaces, behind a real
+nftables edge, comparing targets (none, kernel, suse, ftpgate) case by case.
+
+Run as root. See tests/lab/README.md for the topology and the commands.
+"""
+
+import argparse
+import atexit
+import concurrent.futures
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+sys.dont_write_bytecode = True  # keep the source tree clean when run from a checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import clients  # noqa: E402
+import servers  # noqa: E402
+import targets  # noqa: E402
+import topology  # noqa: E402
+
+SCENARIOS = ("outbound", "inbound")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("--targets", type=csv, default=list(targets.TARGETS))
+    p.add_argument("--scenarios", type=csv, default=list(SCENARIOS))
+    p.add_argument("--servers", type=csv, default=list(servers.SERVERS))
+    p.add_argument("--clients", type=csv, default=[], help="tools (curl,lftp,python) or variants (curl-epsv)")
+    p.add_argument("--ipv6", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--backend", choices=("relay", "nftables"), default="relay")
+    p.add_argument("--ftpgate-bin", default=os.environ.get("FTPGATE_BIN"))
+    p.add_argument("-j", "--jobs", type=int, default=4, help="cases run at once")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--cleanup", action="store_true", help="delete namespaces left by earlier runs, then exit")
+    p.add_argument("--cleanup-all", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--check", action="store_true", help="report missing prerequisites, then exit")
+    args = p.parse_args(argv)
+    for kind, chosen, known in (
+        ("targets", args.targets, targets.TARGETS),
+        ("scenarios", args.scenarios, SCENARIOS),
+        ("servers", args.servers, servers.SERVERS),
+    ):
+        unknown = [x for x in chosen if x not in known]
+        if unknown:
+            p.error(f"unknown {kind}: {', '.join(unknown)}")
+    args.variants = clients.select(args.clients)
+    return args
+
+
+def missing_prerequisites(args):
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root")
+    for tool in ("ip", "nft", "ss", "curl", "lftp"):
+        if not shutil.which(tool):
+            missing.append(tool)
+    missing += servers.missing_prerequisites()
+    missing += targets.missing_prerequisites(args.targets)
+    if "ftpgate" in args.targets and not (args.ftpgate_bin and os.access(args.ftpgate_bin, os.X_OK)):
+        missing.append("ftpgate binary (FTPGATE_BIN)")
+    return missing
+
+
+class Teardown:
+    """Runs once, whichever of finally, atexit or a signal gets there first."""
+
+    def __init__(self):
+        self.actions = []
+        self.done = False
+
+    def __call__(self, *_):
+        if self.done:
+            return
+        self.done = True
+        for action in reversed(self.actions):
+            try:
+                action()
+            except Exception as exc:  # keep tearing down the rest
+                print(f"lab: teardown: {exc}", file=sys.stderr)
+
+
+def on_signal(teardown):
+    def handler(signum, _frame):
+        teardown()
+        print(f"lab: interrupted by signal {signum}", file=sys.stderr)
+        os._exit(128 + signum)
+
+    return handler
+
+
+def cases_for(args, target):
+    for scenario in args.scenarios:
+        for server in args.servers:
+            for v in args.variants:
+                for family in v.families:
+                    if family == 6 and not args.ipv6:
+                        continue
+                    yield scenario, server, v, family
+
+
+def run_target(args, lab, workdir, target, payload_digest, up_src):
+    results = []
+    try:
+        target.setup()
+    except Exception as exc:
+        print(f"lab: {target.name}: setup failed: {exc}", flush=True)
+        target.teardown()
+        lab.flush_target_chains()
+        for scenario, server, v, family in cases_for(args, target):
+            label = f"{target.name} {scenario} {server} {v.name} v{family}"
+            print(f"{label}: FAIL {target.name} setup failed", flush=True)
+            results.append((label, "setup failed"))
+        return results
+
+    def one(case):
+        scenario, server, v, family = case
+        label = f"{target.name} {scenario} {server} {v.name} v{family}"
+        client, addr, port = target.endpoint(scenario, server, family)
+        slug = label.replace(" ", "_")
+        outdir = os.path.join(workdir, "cases", slug)
+        mark = target.log_mark()
+        reason = clients.run_case(lab, client, v, addr, port, outdir, payload_digest, up_src, slug + ".bin")
+        log = target.log_tail(mark) if reason is not None and target.gating else ""
+        return label, reason, log
+
+    try:
+        cases = list(cases_for(args, target))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for label, reason, log in pool.map(one, cases):
+                results.append((label, reason))
+                if reason is None:
+                    print(f"{label}: ok", flush=True)
+                else:
+                    print(f"{label}: FAIL {reason}", flush=True)
+                    if log:
+                        print("    | " + log.replace("\n", "\n    | "), flush=True)
+    finally:
+        target.teardown()
+        lab.flush_target_chains()
+    return results
+
+
+def main(argv):
+    args = parse_args(argv)
+    if args.cleanup or args.cleanup_all:
+        removed = topology.cleanup_stale(all_runs=args.cleanup_all)
+        print(f"lab: removed {len(removed)} namespaces" + (f": {' '.join(removed)}" if removed else ""))
+        return 0
+    missing = missing_prerequisites(args)
+    if args.check or missing:
+        if missing:
+            print(f"lab: missing prerequisites: {', '.join(missing)}")
+            return 2
+        print("lab: prerequisites present")
+        return 0
+    if args.ftpgate_bin:
+        args.ftpgate_bin = os.path.abspath(args.ftpgate_bin)
+
+    teardown = Teardown()
+    atexit.register(teardown)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal(teardown))
+
+    workdir = tempfile.mkdtemp(prefix="ftpgate-lab-")
+    os.chmod(workdir, 0o755)  # server processes run as ftp/nobody and need to enter it
+    if not args.keep:
+        teardown.actions.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
+    lab = topology.Lab()
+    teardown.actions.append(lab.down)
+    summaries = []
+    gating_failed = 0
+    try:
+        lab.up()
+        print(f"lab: namespaces {lab.prefix}*, work dir {workdir}", flush=True)
+        payload, digest = servers.new_payload()
+        running = servers.start_all(lab, workdir, args.servers, payload)
+        teardown.actions.append(lambda: [s.stop() for s in running.values()])
+        up_src = os.path.join(workdir, "upload-src.bin")
+        with open(up_src, "wb") as f:
+            f.write(os.urandom(256 * 1024))
+        os.chmod(up_src, 0o644)
+        for name in args.targets:
+            target = targets.TARGETS[name](lab, workdir, args)
+            results = run_target(args, lab, workdir, target, digest, up_src)
+            failed = sum(1 for _, r in results if r is not None)
+            summaries.append(f"{name}: {len(results) - failed} passed, {failed} failed")
+            if target.gating:
+                gating_failed += failed
+    finally:
+        teardown()
+    for line in summaries:
+        print(line)
+    return 1 if gating_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,345 @@
+"""The targets compared side by side: what makes FTP work through the edge.
+
+A target adds rules to the tgt_* chains of the edge's firewall (flushed between
+targets), may run a process in the edge, and tells each case where to connect.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+
+from servers import CONTROL_PORTS, SERVERS
+from topology import LAN_IFS, LINKS, PUBLIC_V4, PUBLIC_V6, WAN_IFS, FW_TABLE, host_addr, nft_set, public_addr
+
+LAN = nft_set(LAN_IFS)
+WAN = nft_set(WAN_IFS)
+CTL = "{ " + ", ".join(str(p) for p in CONTROL_PORTS) + " }"
+
+
+def server_index(name):
+    return list(SERVERS).index(name)
+
+
+class Target:
+    name = "?"
+    gating = False
+
+    def __init__(self, lab, workdir, opts):
+        self.lab = lab
+        self.dir = os.path.join(workdir, "target-" + self.name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.opts = opts
+
+    def setup(self):
+        pass
+
+    def teardown(self):
+        pass
+
+    def endpoint(self, scenario, server, family):
+        """(client host, address, port) a case connects to."""
+        port = SERVERS[server][0]
+        if scenario == "outbound":
+            return "lanc", host_addr("wans", family), port
+        return "wanc", public_addr(family), port
+
+    def log_mark(self):
+        """A position in the target's log, so a failed case shows what it caused."""
+        return 0
+
+    def log_tail(self, mark=0):
+        return ""
+
+
+class NoneTarget(Target):
+    """The firewall alone."""
+
+    name = "none"
+
+
+class KernelTarget(Target):
+    """The kernel's conntrack FTP helper, assigned before DNAT (priority mangle)."""
+
+    name = "kernel"
+
+    def setup(self):
+        self.lab.nft(
+            f"""
+add rule inet {FW_TABLE} tgt_mangle iifname {LAN} tcp dport {CTL} ct state new ct helper set "ftp-standard"
+add rule inet {FW_TABLE} tgt_mangle iifname {WAN} ip daddr {PUBLIC_V4} tcp dport {CTL} ct state new ct helper set "ftp-standard"
+add rule inet {FW_TABLE} tgt_mangle iifname {WAN} ip6 daddr {PUBLIC_V6} tcp dport {CTL} ct state new ct helper set "ftp-standard"
+"""
+        )
+
+
+class Daemon:
+    """A process in the edge namespace whose stderr/stdout go to a log file."""
+
+    def __init__(self, lab, argv, log_path, ready_word=None, ready_count=0):
+        self.log_path = log_path
+        self.ready = threading.Event()
+        self.count = 0
+        self.ready_word = ready_word
+        self.ready_count = ready_count
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            lab.cmd("edge", argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace",
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.log.write(line)
+            self.log.flush()
+            if self.ready_word and re.search(rf"\b{self.ready_word}\b", line):
+                self.count += 1
+                if self.count >= self.ready_count:
+                    self.ready.set()
+        self.log.close()
+
+    def wait_ready(self, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready.wait(0.1):
+                return
+            if self.proc.poll() is not None:
+                self.reader.join(1)
+                log = tail(self.log_path) or "(empty)"
+                raise RuntimeError(
+                    f"exited with {self.proc.returncode} after {self.count}/{self.ready_count} "
+                    f"'{self.ready_word}' lines; log: {log}"
+                )
+        raise RuntimeError(f"saw {self.count}/{self.ready_count} '{self.ready_word}' lines in {timeout}s: {tail(self.log_path)}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, 15)
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+            except ProcessLookupError:
+                pass
+        self.reader.join(2)
+
+
+def tail(path, n=25):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:]).rstrip()
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def wait_listening(lab, port, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if lab.run("edge", ["ss", "-Hltn", f"sport = :{port}"], check=False).stdout.strip():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on edge port {port} after {timeout}s")
+
+
+class SuseTarget(Target):
+    """SuSE's ftp-proxy: one reverse instance per LAN server (inbound) and one
+    transparent instance (outbound). It speaks IPv4 only and has no EPSV."""
+
+    name = "suse"
+    OUT_PORT = 2300
+    IN_BASE = 2320  # + server index
+    PASV = (42000, 42999)
+    SRV = (44000, 44999)  # its own ports toward servers, control and data
+
+    def conf(self, path, listen, port, dest, dest_port, transparent, pasv):
+        lines = [
+            "ServerType standalone",
+            f"Listen {listen}",
+            f"Port {port}",
+            f"DestinationAddress {dest}",
+            f"DestinationPort {dest_port}",
+            "DestinationTransferMode client",
+            f"DestinationMinPort {self.SRV[0]}",
+            f"DestinationMaxPort {self.SRV[1]}",
+            f"PassiveMinDataPort {pasv[0]}",
+            f"PassiveMaxDataPort {pasv[1]}",
+            "SockBindRand yes",
+            f"LogDestination {path}.log",
+            "LogLevel INF",
+            "MaxClients 256",
+            # The default of 40 new connections a minute is far below what the lab makes.
+            "ForkLimit 100000",
+            f"PidFile {path}.pid",
+        ]
+        if transparent:
+            lines.append("AllowTransProxy yes")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return path
+
+    def setup(self):
+        self.daemons = []
+        self.logs = []
+        lan_srv = host_addr("lans", 4)
+        out_conf = self.conf(
+            os.path.join(self.dir, "out.conf"), "0.0.0.0", self.OUT_PORT, host_addr("wans", 4), 21, True,
+            (self.PASV[0], self.PASV[0] + 199),
+        )
+        confs = [(out_conf, self.OUT_PORT)]
+        for name, (ctl, _) in SERVERS.items():
+            i = server_index(name)
+            port = self.IN_BASE + i
+            lo = self.PASV[0] + 200 * (i + 1)
+            confs.append(
+                (self.conf(os.path.join(self.dir, f"in-{name}.conf"), PUBLIC_V4, port, lan_srv, ctl, False, (lo, lo + 199)), port)
+            )
+        for conf, port in confs:
+            self.logs.append(conf + ".log")
+            self.daemons.append(Daemon(self.lab, ["ftp-proxy", "-d", "-n", "-f", conf], conf + ".out"))
+        for _, port in confs:
+            wait_listening(self.lab, port)
+        in_ports = f"{self.IN_BASE}-{self.IN_BASE + len(SERVERS) - 1}"
+        self.lab.nft(
+            f"""
+add rule inet {FW_TABLE} tgt_dnat iifname {LAN} ip daddr {host_addr("wans", 4)} tcp dport {CTL} redirect to :{self.OUT_PORT}
+add rule inet {FW_TABLE} tgt_dnat iifname {LAN} ip6 daddr {host_addr("wans", 6)} tcp dport {CTL} redirect to :{self.OUT_PORT}
+add rule inet {FW_TABLE} tgt_input iifname {LAN} tcp dport {{ {self.OUT_PORT}, {self.PASV[0]}-{self.PASV[1]} }} accept
+add rule inet {FW_TABLE} tgt_input iifname {WAN} tcp dport {{ {in_ports}, {self.PASV[0]}-{self.PASV[1]} }} accept
+add rule inet {FW_TABLE} tgt_input tcp dport {self.SRV[0]}-{self.SRV[1]} accept
+"""
+        )
+
+    def endpoint(self, scenario, server, family):
+        client, addr, port = super().endpoint(scenario, server, family)
+        if scenario == "inbound":
+            port = self.IN_BASE + server_index(server)
+        return client, addr, port
+
+    def teardown(self):
+        for d in self.daemons:
+            d.stop()
+
+    def log_tail(self, mark=0):
+        return "\n".join(tail(p, 8) for p in self.logs if os.path.exists(p))
+
+
+class FtpgateTarget(Target):
+    """ftpgate in the edge: transparent listeners for outbound, reverse for inbound."""
+
+    name = "ftpgate"
+    gating = True
+    OUT_PORT = 2400
+    IN_BASE = 2420
+    CLIENT_PORTS = (40000, 40999)
+    SERVER_PORTS = (41000, 41999)
+
+    def rule_file(self):
+        lan_srv4, lan_srv6 = host_addr("lans", 4), host_addr("lans", 6)
+        listeners = [
+            ("out-v4", f"0.0.0.0:{self.OUT_PORT}", "transparent", None, None),
+            ("out-v6", f"'[::]:{self.OUT_PORT}'", "transparent", None, None),
+        ]
+        for name, (ctl, _) in SERVERS.items():
+            port = self.IN_BASE + server_index(name)
+            listeners.append((f"in-{name}-v4", f"{PUBLIC_V4}:{port}", "reverse", f"{lan_srv4}:{ctl}", PUBLIC_V4))
+            if self.opts.ipv6:
+                listeners.append(
+                    (f"in-{name}-v6", f"'[{PUBLIC_V6}]:{port}'", "reverse", f"'[{lan_srv6}]:{ctl}'", f"'{PUBLIC_V6}'")
+                )
+        out = ["listeners:"]
+        for name, listen, mode, upstream, announce in listeners:
+            out += [f"  - name: {name}", f"    listen: {listen}", f"    mode: {mode}"]
+            if upstream:
+                out += [f"    upstream: {upstream}", f"    announce: {announce}"]
+        self.listeners = len(listeners)
+        out += [
+            "data:",
+            f"  backend: {self.opts.backend}",
+            f"  client_ports: {self.CLIENT_PORTS[0]}-{self.CLIENT_PORTS[1]}",
+            f"  server_ports: {self.SERVER_PORTS[0]}-{self.SERVER_PORTS[1]}",
+            "  pinhole_timeout: 30s",
+            # nft table names take no '-': unique per run so concurrent runs never share one.
+            f"  nftables_table: {self.lab.prefix.rstrip('-').replace('-', '_')}_gw",
+            "limits:",
+            "  max_sessions: 1000",
+            "  max_sessions_per_client: 200",
+            "  idle_timeout: 2m",
+            "  connect_timeout: 5s",
+            "rules:",
+            "  - name: lab",
+            "    action: allow",
+            "    modes: [passive, active]",
+            "    server_mode: same",
+            "    data_ports: 1024-65535",
+            "    tls: refuse",
+        ]
+        path = os.path.join(self.dir, "ftpgate.yaml")
+        with open(path, "w") as f:
+            f.write("\n".join(out) + "\n")
+        return path
+
+    def setup(self):
+        self.daemon = None
+        binary = self.opts.ftpgate_bin
+        if not binary or not os.access(binary, os.X_OK):
+            raise RuntimeError(f"ftpgate binary not found: {binary!r} (set FTPGATE_BIN or --ftpgate-bin)")
+        conf = self.rule_file()
+        self.log = os.path.join(self.dir, "ftpgate.log")
+        env_argv = ["env", "RUST_LOG=" + os.environ.get("RUST_LOG", "info")]
+        self.daemon = Daemon(self.lab, env_argv + [binary, "run", "--config", conf], self.log, "listening", self.listeners)
+        self.daemon.wait_ready(15)
+        cp = f"{self.CLIENT_PORTS[0]}-{self.CLIENT_PORTS[1]}"
+        sp = f"{self.SERVER_PORTS[0]}-{self.SERVER_PORTS[1]}"
+        in_ports = f"{self.IN_BASE}-{self.IN_BASE + len(SERVERS) - 1}"
+        rules = f"""
+add rule inet {FW_TABLE} tgt_dnat iifname {LAN} ip daddr {host_addr("wans", 4)} tcp dport {CTL} redirect to :{self.OUT_PORT}
+add rule inet {FW_TABLE} tgt_dnat iifname {LAN} ip6 daddr {host_addr("wans", 6)} tcp dport {CTL} redirect to :{self.OUT_PORT}
+add rule inet {FW_TABLE} tgt_input iifname "lanc" tcp dport {{ {self.OUT_PORT}, {cp} }} accept
+add rule inet {FW_TABLE} tgt_input iifname "wans" tcp dport {sp} accept
+add rule inet {FW_TABLE} tgt_input iifname "wanc" tcp dport {{ {in_ports}, {cp} }} accept
+add rule inet {FW_TABLE} tgt_input iifname "lans" tcp dport {sp} accept
+"""
+        if self.opts.backend == "nftables":
+            # With the kernel forwarding the data, the gateway's DNAT'd flows cross forward.
+            rules += f"add rule inet {FW_TABLE} tgt_forward ct status dnat accept\n"
+        self.lab.nft(rules)
+
+    def endpoint(self, scenario, server, family):
+        client, addr, port = super().endpoint(scenario, server, family)
+        if scenario == "inbound":
+            port = self.IN_BASE + server_index(server)
+        return client, addr, port
+
+    def teardown(self):
+        if self.daemon:
+            self.daemon.stop()
+
+    def log_mark(self):
+        try:
+            return os.path.getsize(self.log)
+        except (AttributeError, OSError):
+            return 0
+
+    def log_tail(self, mark=0):
+        """The last lines ftpgate logged since mark (other cases may interleave with -j)."""
+        if not self.daemon:
+            return ""
+        with open(self.log, "rb") as f:
+            f.seek(mark)
+            lines = f.read().decode(errors="replace").splitlines()
+        return "\n".join(lines[-15:]) or "(ftpgate logged nothing during this case)"
+
+
+TARGETS = {t.name: t for t in (NoneTarget, KernelTarget, SuseTarget, FtpgateTarget)}
+
+
+def missing_prerequisites(names):
+    missing = []
+    if "suse" in names and not shutil.which("ftp-proxy"):
+        missing.append("ftp-proxy")
+    return missing
