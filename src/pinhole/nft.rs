@@ -151,11 +151,11 @@ impl InterceptTable {
         &self.name
     }
 
-    /// Adds `elements` in one transaction, each expiring after `timeout`.
-    pub async fn add(&self, elements: &[Element], timeout: Duration) -> io::Result<()> {
+    /// Adds `elements` in one transaction, each expiring after its timeout.
+    pub async fn add(&self, elements: &[(Element, Duration)]) -> io::Result<()> {
         let mut script = String::new();
-        for e in elements {
-            script.push_str(&e.add_line(&self.name, timeout)?);
+        for (e, timeout) in elements {
+            script.push_str(&e.add_line(&self.name, *timeout)?);
         }
         if script.is_empty() {
             return Ok(());
@@ -719,7 +719,10 @@ pub(crate) mod tests {
             source: "2001:db8::7".parse().unwrap(),
         };
         table
-            .add(&[pasv, actv], Duration::from_secs(30))
+            .add(&[
+                (pasv, Duration::from_secs(30)),
+                (actv, Duration::from_secs(30)),
+            ])
             .await
             .expect("add");
         let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_t"], None);
@@ -740,7 +743,10 @@ pub(crate) mod tests {
         assert!(!listed.contains("10.0.0.5"), "{listed}");
 
         table
-            .add(&[pasv, actv], Duration::from_secs(30))
+            .add(&[
+                (pasv, Duration::from_secs(30)),
+                (actv, Duration::from_secs(30)),
+            ])
             .await
             .expect("add");
         table.remove(&[pasv]).await.expect("remove");
@@ -770,7 +776,7 @@ pub(crate) mod tests {
             port: 40001,
         };
         table
-            .add(&[pasv], Duration::from_millis(300))
+            .add(&[(pasv, Duration::from_millis(300))])
             .await
             .expect("add");
         let (_, listed) = ns.nft(&["list", "set", "inet", "ftpgate_t", "pasv4"], None);

@@ -79,11 +79,12 @@ impl RelayBackend {
                 let (lease, listener) = self.client_pool.bind(ip)?;
                 if let Some(view) = plan.client_view {
                     // Client → (server, port) is redirected to our port.
-                    elements.push(Element::Passive {
+                    let e = Element::Passive {
                         client: peer,
                         server: view,
                         port: lease.port(),
-                    });
+                    };
+                    elements.push((e, self.settings.pinhole_timeout));
                 }
                 let (listener, addr) = held.listen(lease, listener)?;
                 opened.client_listen = Some(addr);
@@ -93,10 +94,14 @@ impl RelayBackend {
                 if let Some(view) = plan.client_view {
                     // The client must see its data connection come from the
                     // address it believes is the server.
-                    elements.push(Element::Active {
+                    let e = Element::Active {
                         client: target,
                         source: view,
-                    });
+                    };
+                    // Consulted when the dial starts, which can be up to
+                    // pinhole_timeout from now, plus the connect time.
+                    let timeout = self.settings.pinhole_timeout + self.settings.connect_timeout;
+                    elements.push((e, timeout));
                 }
                 Pending::Connect { target, bind }
             }
@@ -117,11 +122,8 @@ impl RelayBackend {
                     "transparent data plan, but no nftables table to intercept with",
                 )));
             };
-            // The SNAT element is consulted when the dial starts, which can
-            // be up to pinhole_timeout after now, plus the connect time.
-            let timeout = self.settings.pinhole_timeout + self.settings.connect_timeout;
-            table.add(&elements, timeout).await?;
-            held.lock().elements = elements;
+            table.add(&elements).await?;
+            held.lock().elements = elements.into_iter().map(|(e, _)| e).collect();
         }
 
         let task = tokio::spawn(run(
@@ -468,6 +470,7 @@ where
 mod tests {
     use super::*;
     use crate::config::PortRange;
+    use crate::pinhole::nft::tests::Netns;
     use std::collections::hash_map::DefaultHasher;
     use std::hash::Hasher;
 
@@ -1009,6 +1012,89 @@ mod tests {
         let err = b.open(&session(), plan, tx).await.unwrap_err();
         assert!(matches!(err, OpenError::PoolExhausted("client")), "{err:?}");
         assert_eq!(s.in_use(), 0);
+    }
+
+    /// Polls `nft list table` in `ns` until `pred` holds, within a bound.
+    async fn until_listed(ns: &Netns, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_r"], None);
+            if pred(&listed) {
+                return listed;
+            }
+            assert!(Instant::now() < deadline, "never reached:\n{listed}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn transparent_plans_install_and_remove_their_elements() {
+        let Some(ns) = Netns::new() else { return };
+        let table = InterceptTable::create_with_prefix("ftpgate_r", ns.prefix())
+            .await
+            .expect("create");
+        let (c, s) = pools();
+        let settings = DataSettings {
+            pinhole_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        };
+        let b = RelayBackend::new(c, s, settings, Some(Arc::new(table)));
+        let view: IpAddr = Ipv4Addr::new(198, 51, 100, 7).into();
+
+        // Passive: the element exists while the pinhole waits, and goes once
+        // the client is in (before Connected is reported).
+        let server = TcpListener::bind((lo(), 0)).await.unwrap();
+        let plan = DataPlan {
+            id: 20,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Connect {
+                target: server.local_addr().unwrap(),
+                bind: lo(),
+            },
+            client_view: Some(view),
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, _pasv) = b.open(&session(), plan, tx).await.unwrap();
+        let addr = opened.client_listen.unwrap();
+        assert!(addr.ip().is_unspecified(), "{addr}");
+        let key = format!("127.0.0.1 . 198.51.100.7 . {} timeout 30s", addr.port());
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_r"], None);
+        assert!(listed.contains(&key), "{listed}");
+        let client = connect_from(lo(), SocketAddr::new(lo(), addr.port()))
+            .await
+            .unwrap();
+        let (server_side, _) = server.accept().await.unwrap();
+        assert_eq!(next(&mut rx).await, DataEvent::Connected { id: 20 });
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_r"], None);
+        assert!(!listed.contains("198.51.100.7 . "), "{listed}");
+        drop((client, server_side));
+
+        // Active: the SNAT element is in place before the dial, and dropping
+        // the pinhole removes it.
+        let client_end = TcpListener::bind((lo(), 0)).await.unwrap();
+        let target = client_end.local_addr().unwrap();
+        let plan = DataPlan {
+            id: 21,
+            client: Leg::Connect { target, bind: lo() },
+            server: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            client_view: Some(view),
+        };
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (_, actv) = b.open(&session(), plan, tx).await.unwrap();
+        let key = format!("127.0.0.1 . {} timeout 35s", target.port());
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_r"], None);
+        assert!(
+            listed.contains(&key) && listed.contains(": 198.51.100.7"),
+            "{listed}"
+        );
+        drop(actv);
+        until_listed(&ns, |l| !l.contains(&key)).await;
     }
 
     #[test]
