@@ -1,1 +1,798 @@
 //! The gateway's nftables table.
+//!
+//! In transparent mode the client believes it talks to the server, so its
+//! data connections must look that way too. Two kinds of per-pinhole
+//! elements, each with a timeout so that the kernel expires them even if the
+//! gateway dies:
+//!
+//! - `pasv4`/`pasv6`: a passive data connection the client aims at
+//!   (server, port) is redirected to the gateway's pinhole on that port.
+//! - `actv4`/`actv6`: the gateway's active data connection to (client, port)
+//!   leaves with the server's address as its source.
+//!
+//! The table is driven through the `nft` binary, one batch (`nft -f -`) per
+//! change, so each change is one kernel transaction.
+
+use crate::config::{Config, ListenerMode};
+use std::fmt::Write as _;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+/// One per-pinhole element of the gateway's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Element {
+    /// Redirect the client's connection to (server, port) to the gateway's
+    /// listener on `port`.
+    Passive {
+        /// The client's address.
+        client: IpAddr,
+        /// The address the client believes is the server.
+        server: IpAddr,
+        /// The pinhole's port.
+        port: u16,
+    },
+    /// Source-NAT the gateway's connection to `client` so that it comes from
+    /// `source`.
+    Active {
+        /// Where the gateway connects (the client's PORT/EPRT address).
+        client: SocketAddr,
+        /// The address the client must see (the server's).
+        source: IpAddr,
+    },
+}
+
+impl Element {
+    /// The set or map this element lives in.
+    fn set(&self) -> io::Result<&'static str> {
+        match *self {
+            Element::Passive { client, server, .. } => match (client, server) {
+                (IpAddr::V4(_), IpAddr::V4(_)) => Ok("pasv4"),
+                (IpAddr::V6(_), IpAddr::V6(_)) => Ok("pasv6"),
+                _ => Err(mixed_families(self)),
+            },
+            Element::Active { client, source } => match (client.ip(), source) {
+                (IpAddr::V4(_), IpAddr::V4(_)) => Ok("actv4"),
+                (IpAddr::V6(_), IpAddr::V6(_)) => Ok("actv6"),
+                _ => Err(mixed_families(self)),
+            },
+        }
+    }
+
+    /// `add element` line for this element in `table`.
+    fn add_line(&self, table: &str, timeout: Duration) -> io::Result<String> {
+        let set = self.set()?;
+        // The kernel takes milliseconds; a zero timeout would mean "none".
+        let ms = timeout.as_millis().max(1);
+        Ok(match *self {
+            // add element inet ftpgate pasv4 { 10.0.0.5 . 198.51.100.7 . 40001 timeout 30000ms }
+            // matched by: ip saddr . ip daddr . tcp dport @pasv4 redirect
+            Element::Passive {
+                client,
+                server,
+                port,
+            } => format!(
+                "add element inet {table} {set} {{ {client} . {server} . {port} timeout {ms}ms }}\n"
+            ),
+            // add element inet ftpgate actv4 { 10.0.0.5 . 50000 timeout 30000ms : 198.51.100.7 }
+            // used by: snat ip to ip daddr . tcp dport map @actv4
+            Element::Active { client, source } => format!(
+                "add element inet {table} {set} {{ {} . {} timeout {ms}ms : {source} }}\n",
+                client.ip(),
+                client.port()
+            ),
+        })
+    }
+
+    /// `delete element` line for this element in `table`.
+    fn delete_line(&self, table: &str) -> io::Result<String> {
+        let set = self.set()?;
+        Ok(match *self {
+            Element::Passive {
+                client,
+                server,
+                port,
+            } => format!("delete element inet {table} {set} {{ {client} . {server} . {port} }}\n"),
+            Element::Active { client, .. } => format!(
+                "delete element inet {table} {set} {{ {} . {} }}\n",
+                client.ip(),
+                client.port()
+            ),
+        })
+    }
+}
+
+fn mixed_families(e: &Element) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("nftables element mixes address families: {e:?}"),
+    )
+}
+
+/// The gateway's own nftables table (family `inet`). Created at start,
+/// removed by [`InterceptTable::destroy`] at a clean exit.
+#[derive(Debug)]
+pub struct InterceptTable {
+    name: String,
+    /// Runs before `nft` (e.g. `ip netns exec NS`); empty in production.
+    prefix: Vec<String>,
+}
+
+impl InterceptTable {
+    /// Creates the table `name`, replacing a stale one left by an earlier run.
+    pub async fn create(name: &str) -> io::Result<Self> {
+        Self::create_with_prefix(name, Vec::new()).await
+    }
+
+    /// Like [`InterceptTable::create`], with every `nft` call run through
+    /// `prefix` (such as `["ip", "netns", "exec", "lab"]`).
+    pub async fn create_with_prefix(name: &str, prefix: Vec<String>) -> io::Result<Self> {
+        check_name(name)?;
+        let table = InterceptTable {
+            name: name.to_owned(),
+            prefix,
+        };
+        // `add` then `delete` makes the deletion succeed whether or not a
+        // stale table exists; the batch is one transaction, so there is no
+        // moment without the table's rules once it exists.
+        let script = format!(
+            "add table inet {name}\ndelete table inet {name}\n{}",
+            table_script(name)
+        );
+        table.run(&script).await?;
+        Ok(table)
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Adds `elements` in one transaction, each expiring after its timeout.
+    pub async fn add(&self, elements: &[(Element, Duration)]) -> io::Result<()> {
+        let mut script = String::new();
+        for (e, timeout) in elements {
+            script.push_str(&e.add_line(&self.name, *timeout)?);
+        }
+        if script.is_empty() {
+            return Ok(());
+        }
+        tracing::debug!(table = %self.name, "nft: {}", script.trim_end());
+        self.run(&script).await
+    }
+
+    /// Removes `elements` in one transaction. Fails if one is already gone
+    /// (expired), in which case none is removed by this call.
+    pub async fn remove(&self, elements: &[Element]) -> io::Result<()> {
+        let mut script = String::new();
+        for e in elements {
+            script.push_str(&e.delete_line(&self.name)?);
+        }
+        if script.is_empty() {
+            return Ok(());
+        }
+        tracing::debug!(table = %self.name, "nft: {}", script.trim_end());
+        self.run(&script).await
+    }
+
+    /// Removes `elements` one at a time, so that one already expired does
+    /// not keep the others in place. Errors are logged, not returned: the
+    /// kernel's timeouts are the backstop.
+    pub async fn remove_each(&self, elements: &[Element]) {
+        if elements.len() > 1 && self.remove(elements).await.is_ok() {
+            return;
+        }
+        for e in elements {
+            if let Err(err) = self.remove(std::slice::from_ref(e)).await {
+                tracing::debug!(table = %self.name, element = ?e, "nft element not removed (expired?): {err}");
+            }
+        }
+    }
+
+    /// Deletes the table and everything in it.
+    pub async fn destroy(&self) -> io::Result<()> {
+        self.run(&format!("delete table inet {}\n", self.name))
+            .await
+    }
+
+    /// Runs `nft -f -` with `script` on stdin.
+    async fn run(&self, script: &str) -> io::Result<()> {
+        let mut cmd = match self.prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg("nft");
+                c
+            }
+            None => Command::new("nft"),
+        };
+        let mut child = cmd
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot run nft: {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(script.as_bytes()).await?;
+            // Dropping stdin closes it, so nft sees the end of the script.
+        }
+        let out = child.wait_with_output().await?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            Err(io::Error::other(format!(
+                "nft failed ({}): {}",
+                out.status,
+                stderr.trim()
+            )))
+        }
+    }
+}
+
+/// Table names go into nft scripts verbatim, so only plain identifiers pass.
+fn check_name(name: &str) -> io::Result<()> {
+    let ok = name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid nftables table name {name:?}"),
+        ))
+    }
+}
+
+/// The gateway's table, without elements.
+fn table_script(name: &str) -> String {
+    format!(
+        "\
+table inet {name} {{
+\t# Passive data connections a client aims at the server's address
+\t# (client . server . port): redirected to the gateway's pinhole on that port.
+\tset pasv4 {{
+\t\ttype ipv4_addr . ipv4_addr . inet_service
+\t\tflags timeout
+\t}}
+\tset pasv6 {{
+\t\ttype ipv6_addr . ipv6_addr . inet_service
+\t\tflags timeout
+\t}}
+\t# Active data connections from the gateway to (client . port): the source
+\t# becomes the address the client believes is the server.
+\tmap actv4 {{
+\t\ttype ipv4_addr . inet_service : ipv4_addr
+\t\tflags timeout
+\t}}
+\tmap actv6 {{
+\t\ttype ipv6_addr . inet_service : ipv6_addr
+\t\tflags timeout
+\t}}
+\t# Just before the usual dstnat rules, so an operator's own DNAT does not
+\t# take these connections elsewhere first.
+\tchain prerouting {{
+\t\ttype nat hook prerouting priority dstnat - 1; policy accept;
+\t\tip saddr . ip daddr . tcp dport @pasv4 redirect
+\t\tip6 saddr . ip6 daddr . tcp dport @pasv6 redirect
+\t}}
+\tchain postrouting {{
+\t\ttype nat hook postrouting priority srcnat - 1; policy accept;
+\t\tsnat ip to ip daddr . tcp dport map @actv4
+\t\tsnat ip6 to ip6 daddr . tcp dport map @actv6
+\t}}
+}}
+"
+    )
+}
+
+/// The nftables ruleset an operator needs, as `ftpgate nft --config F`
+/// prints it: the gateway's own table, the control-port interception for
+/// each transparent listener, and what the filter chains must accept.
+pub fn ruleset(config: &Config) -> String {
+    let d = &config.data;
+    let table = &d.nftables_table;
+    let mut out = String::new();
+    // Writing to a String cannot fail, hence the ignored results.
+    let _ = writeln!(
+        out,
+        "# nftables ruleset for ftpgate ({})",
+        config.path.display()
+    );
+    let _ = writeln!(out, "#");
+    let _ = writeln!(
+        out,
+        "# 1. The gateway's own table. ftpgate creates it at start (replacing a stale"
+    );
+    let _ = writeln!(
+        out,
+        "#    one) and deletes it at exit; it is shown here for review. Each pinhole adds"
+    );
+    let _ = writeln!(
+        out,
+        "#    one element with a timeout of {}ms, so the kernel expires it even if the",
+        d.pinhole_timeout.as_millis()
+    );
+    let _ = writeln!(out, "#    gateway dies.");
+    out.push_str(&table_script(table));
+
+    let transparent: Vec<_> = config
+        .listeners
+        .iter()
+        .filter(|l| l.mode == ListenerMode::Transparent)
+        .collect();
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "# 2. Control-port interception for transparent listeners. Put these rules in"
+    );
+    let _ = writeln!(
+        out,
+        "#    your own table (shown as one here so that it loads as is). Add further"
+    );
+    let _ = writeln!(
+        out,
+        "#    control ports as a set: tcp dport {{ 21, 2121 }}. Connections to the"
+    );
+    let _ = writeln!(
+        out,
+        "#    gateway's own addresses are left alone (fib daddr type local)."
+    );
+    if transparent.is_empty() {
+        let _ = writeln!(out, "#    (No transparent listener: nothing to intercept.)");
+    } else {
+        let _ = writeln!(out, "table inet {table}-edge {{");
+        let _ = writeln!(out, "\tchain prerouting {{");
+        let _ = writeln!(
+            out,
+            "\t\ttype nat hook prerouting priority dstnat; policy accept;"
+        );
+        for l in &transparent {
+            let a = l.listen;
+            let _ = writeln!(out, "\t\t# listener {:?} on {a}", l.name);
+            let (proto, fam) = if a.is_ipv4() {
+                ("ipv4", "ip")
+            } else {
+                ("ipv6", "ip6")
+            };
+            let head = format!("\t\tmeta nfproto {proto} fib daddr type != local tcp dport 21");
+            if a.ip().is_unspecified() {
+                // Any local address will do: the one of the incoming interface.
+                let _ = writeln!(out, "{head} redirect to :{}", a.port());
+            } else {
+                // The listener is bound to one address; `redirect` would pick
+                // the incoming interface's primary address, which may differ.
+                let _ = writeln!(out, "{head} dnat {fam} to {a}");
+            }
+        }
+        let _ = writeln!(out, "\t}}");
+        let _ = writeln!(out, "}}");
+    }
+
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "# 3. Filtering. If your input chain drops by default, it must accept:"
+    );
+    for l in &config.listeners {
+        let how = match l.mode {
+            ListenerMode::Transparent => "control connections, through the redirect above",
+            ListenerMode::Reverse { .. } => "control connections from clients",
+        };
+        let _ = writeln!(
+            out,
+            "#    tcp dport {} (listener {:?}: {how})",
+            l.listen.port(),
+            l.name
+        );
+    }
+    let _ = writeln!(
+        out,
+        "#    tcp dport {} from clients (client_ports: passive data connections,",
+        d.client_ports
+    );
+    let _ = writeln!(
+        out,
+        "#        directly or through the @pasv4/@pasv6 redirect)"
+    );
+    let _ = writeln!(
+        out,
+        "#    tcp dport {} from servers (server_ports: active data connections)",
+        d.server_ports
+    );
+    let _ = writeln!(
+        out,
+        "#    ct state established,related (replies to the gateway's own connections)"
+    );
+    let _ = writeln!(
+        out,
+        "#    The forward chain needs nothing for FTP: the gateway ends both legs of"
+    );
+    let _ = writeln!(
+        out,
+        "#    every control and data connection. Its output chain must let it reach"
+    );
+    let _ = writeln!(
+        out,
+        "#    servers (control, passive data) and clients (active data)."
+    );
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::config::{
+        Action, BackendKind, DataConfig, DataMode, Limits, Listener, PortRange, Rule, ServerMode,
+        TlsPolicy,
+    };
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A network namespace for one test, deleted when dropped.
+    pub(crate) struct Netns {
+        name: String,
+    }
+
+    impl Netns {
+        /// A fresh namespace, or `None` (after saying why) when this host
+        /// cannot make one. With `FTPGATE_LAB=1` that is a failure instead.
+        pub(crate) fn new() -> Option<Netns> {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let name = format!(
+                "ftpgate-t{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            );
+            let nft = std::process::Command::new("nft").arg("--version").output();
+            if !nft.map(|o| o.status.success()).unwrap_or(false) {
+                skip("nft is not installed");
+                return None;
+            }
+            let added = std::process::Command::new("ip")
+                .args(["netns", "add", &name])
+                .output();
+            match added {
+                Ok(o) if o.status.success() => Some(Netns { name }),
+                Ok(o) => {
+                    skip(&format!(
+                        "cannot create a network namespace (not root?): {}",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ));
+                    None
+                }
+                Err(e) => {
+                    skip(&format!("cannot run ip: {e}"));
+                    None
+                }
+            }
+        }
+
+        /// Command prefix that runs a program inside the namespace.
+        pub(crate) fn prefix(&self) -> Vec<String> {
+            ["ip", "netns", "exec", &self.name]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        }
+
+        /// Runs `nft ARGS` inside the namespace; (success, stdout+stderr).
+        pub(crate) fn nft(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+            use std::io::Write;
+            let mut cmd = std::process::Command::new("ip");
+            cmd.args(["netns", "exec", &self.name, "nft"]).args(args);
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let Ok(mut child) = cmd.spawn() else {
+                return (false, "cannot spawn nft".into());
+            };
+            if let (Some(mut w), Some(text)) = (child.stdin.take(), stdin) {
+                let _ = w.write_all(text.as_bytes());
+            }
+            match child.wait_with_output() {
+                Ok(o) => (
+                    o.status.success(),
+                    format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    ),
+                ),
+                Err(e) => (false, e.to_string()),
+            }
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .status();
+        }
+    }
+
+    fn skip(why: &str) {
+        if std::env::var("FTPGATE_LAB").as_deref() == Ok("1") {
+            panic!("FTPGATE_LAB=1 but {why}");
+        }
+        eprintln!("skipped: {why}");
+    }
+
+    fn config(listeners: Vec<Listener>) -> Config {
+        Config {
+            path: PathBuf::from("rules/test.yaml"),
+            listeners,
+            data: DataConfig {
+                backend: BackendKind::Relay,
+                client_ports: PortRange {
+                    lo: 40000,
+                    hi: 40999,
+                },
+                server_ports: PortRange {
+                    lo: 41000,
+                    hi: 41999,
+                },
+                pinhole_timeout: Duration::from_secs(30),
+                nftables_table: "ftpgate".into(),
+            },
+            limits: Limits {
+                max_sessions: 10,
+                max_sessions_per_client: 2,
+                idle_timeout: Duration::from_secs(900),
+                connect_timeout: Duration::from_secs(10),
+            },
+            rules: vec![Rule {
+                name: "all".into(),
+                clients: vec![],
+                servers: vec![],
+                action: Action::Allow,
+                modes: vec![DataMode::Passive, DataMode::Active],
+                server_mode: ServerMode::Same,
+                data_ports: PortRange {
+                    lo: 1024,
+                    hi: 65535,
+                },
+                tls: TlsPolicy::Refuse,
+                deny_commands: vec![],
+            }],
+        }
+    }
+
+    fn listener(name: &str, listen: &str, mode: ListenerMode) -> Listener {
+        Listener {
+            name: name.into(),
+            listen: listen.parse().unwrap(),
+            mode,
+        }
+    }
+
+    fn full_config() -> Config {
+        config(vec![
+            listener("lan-out", "10.0.0.1:8021", ListenerMode::Transparent),
+            listener("any-v4", "0.0.0.0:8022", ListenerMode::Transparent),
+            listener("lan6", "[2001:db8::1]:8021", ListenerMode::Transparent),
+            listener(
+                "public-ftp",
+                "192.0.2.1:21",
+                ListenerMode::Reverse {
+                    upstream: "10.0.0.3:21".parse().unwrap(),
+                    announce: None,
+                },
+            ),
+        ])
+    }
+
+    #[test]
+    fn ruleset_names_every_transparent_listener_and_the_ports() {
+        let text = ruleset(&full_config());
+        for want in [
+            "table inet ftpgate {",
+            "ip saddr . ip daddr . tcp dport @pasv4 redirect",
+            "snat ip6 to ip6 daddr . tcp dport map @actv6",
+            "tcp dport 21 dnat ip to 10.0.0.1:8021",
+            "tcp dport 21 redirect to :8022",
+            "tcp dport 21 dnat ip6 to [2001:db8::1]:8021",
+            "tcp dport 40000-40999 from clients",
+            "tcp dport 41000-41999 from servers",
+            "tcp dport 21 (listener \"public-ftp\": control connections from clients)",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        // A reverse listener is never intercepted.
+        assert!(!text.contains("to 192.0.2.1"), "{text}");
+    }
+
+    #[test]
+    fn ruleset_without_transparent_listener_has_no_interception() {
+        let cfg = config(vec![listener(
+            "public-ftp",
+            "192.0.2.1:21",
+            ListenerMode::Reverse {
+                upstream: "10.0.0.3:21".parse().unwrap(),
+                announce: None,
+            },
+        )]);
+        let text = ruleset(&cfg);
+        assert!(!text.contains("-edge"), "{text}");
+        assert!(text.contains("No transparent listener"), "{text}");
+    }
+
+    #[test]
+    fn ruleset_passes_nft_check() {
+        let Some(ns) = Netns::new() else { return };
+        for cfg in [full_config(), config(vec![])] {
+            let text = ruleset(&cfg);
+            let (ok, msg) = ns.nft(&["-c", "-f", "-"], Some(&text));
+            assert!(ok, "nft -c rejected the ruleset: {msg}\n{text}");
+        }
+        // The check has teeth: a broken line is refused.
+        let (ok, _) = ns.nft(
+            &["-c", "-f", "-"],
+            Some("table inet x { chain c { bogus } }\n"),
+        );
+        assert!(!ok);
+    }
+
+    #[test]
+    fn element_lines() {
+        let t = Duration::from_millis(1500);
+        let cases: [(Element, Option<&str>); 5] = [
+            (
+                Element::Passive {
+                    client: "10.0.0.5".parse().unwrap(),
+                    server: "198.51.100.7".parse().unwrap(),
+                    port: 40001,
+                },
+                Some("add element inet gw pasv4 { 10.0.0.5 . 198.51.100.7 . 40001 timeout 1500ms }\n"),
+            ),
+            (
+                Element::Passive {
+                    client: "2001:db8::5".parse().unwrap(),
+                    server: "2001:db8::7".parse().unwrap(),
+                    port: 40002,
+                },
+                Some("add element inet gw pasv6 { 2001:db8::5 . 2001:db8::7 . 40002 timeout 1500ms }\n"),
+            ),
+            (
+                Element::Active {
+                    client: "10.0.0.5:50000".parse().unwrap(),
+                    source: "198.51.100.7".parse().unwrap(),
+                },
+                Some("add element inet gw actv4 { 10.0.0.5 . 50000 timeout 1500ms : 198.51.100.7 }\n"),
+            ),
+            (
+                Element::Passive {
+                    client: "10.0.0.5".parse().unwrap(),
+                    server: "2001:db8::7".parse().unwrap(),
+                    port: 40001,
+                },
+                None,
+            ),
+            (
+                Element::Active {
+                    client: "[2001:db8::5]:50000".parse().unwrap(),
+                    source: "198.51.100.7".parse().unwrap(),
+                },
+                None,
+            ),
+        ];
+        for (e, want) in cases {
+            let got = e.add_line("gw", t).ok();
+            assert_eq!(got.as_deref(), want, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn table_names_are_checked() {
+        for (name, ok) in [
+            ("ftpgate", true),
+            ("ftp_gate-2", true),
+            ("", false),
+            ("2ftp", false),
+            ("a b", false),
+            ("x;flush ruleset", false),
+        ] {
+            assert_eq!(check_name(name).is_ok(), ok, "{name:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn table_lifecycle_in_the_kernel() {
+        let Some(ns) = Netns::new() else { return };
+        let table = InterceptTable::create_with_prefix("ftpgate_t", ns.prefix())
+            .await
+            .expect("create");
+        let pasv = Element::Passive {
+            client: "10.0.0.5".parse().unwrap(),
+            server: "198.51.100.7".parse().unwrap(),
+            port: 40001,
+        };
+        let actv = Element::Active {
+            client: "[2001:db8::5]:50000".parse().unwrap(),
+            source: "2001:db8::7".parse().unwrap(),
+        };
+        table
+            .add(&[
+                (pasv, Duration::from_secs(30)),
+                (actv, Duration::from_secs(30)),
+            ])
+            .await
+            .expect("add");
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_t"], None);
+        assert!(
+            listed.contains("10.0.0.5 . 198.51.100.7 . 40001 timeout 30s"),
+            "{listed}"
+        );
+        assert!(
+            listed.contains("2001:db8::5 . 50000 timeout 30s"),
+            "{listed}"
+        );
+
+        // A second create replaces the stale table, elements and all.
+        let table = InterceptTable::create_with_prefix("ftpgate_t", ns.prefix())
+            .await
+            .expect("re-create");
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_t"], None);
+        assert!(!listed.contains("10.0.0.5"), "{listed}");
+
+        table
+            .add(&[
+                (pasv, Duration::from_secs(30)),
+                (actv, Duration::from_secs(30)),
+            ])
+            .await
+            .expect("add");
+        table.remove(&[pasv]).await.expect("remove");
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_t"], None);
+        assert!(!listed.contains("10.0.0.5"), "{listed}");
+        assert!(listed.contains("2001:db8::5 . 50000"), "{listed}");
+        // Gone already: the batch fails, remove_each still clears the rest.
+        assert!(table.remove(&[pasv]).await.is_err());
+        table.remove_each(&[pasv, actv]).await;
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_t"], None);
+        assert!(!listed.contains("2001:db8::5 . 50000"), "{listed}");
+
+        table.destroy().await.expect("destroy");
+        let (exists, _) = ns.nft(&["list", "table", "inet", "ftpgate_t"], None);
+        assert!(!exists, "table still there after destroy");
+    }
+
+    #[tokio::test]
+    async fn kernel_expires_elements() {
+        let Some(ns) = Netns::new() else { return };
+        let table = InterceptTable::create_with_prefix("ftpgate_t", ns.prefix())
+            .await
+            .expect("create");
+        let pasv = Element::Passive {
+            client: "10.0.0.5".parse().unwrap(),
+            server: "198.51.100.7".parse().unwrap(),
+            port: 40001,
+        };
+        table
+            .add(&[(pasv, Duration::from_millis(300))])
+            .await
+            .expect("add");
+        let (_, listed) = ns.nft(&["list", "set", "inet", "ftpgate_t", "pasv4"], None);
+        assert!(listed.contains("10.0.0.5"), "{listed}");
+        // Poll for the kernel's expiry (the thing under test), with a bound.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, listed) = ns.nft(&["list", "set", "inet", "ftpgate_t", "pasv4"], None);
+            if !listed.contains("10.0.0.5") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "element never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -1,1 +1,1116 @@
-//! Relay backend.
+//! Relay backend: the gateway ends both legs and copies the bytes.
+//!
+//! One task per plan: wait for every listen leg (wrong peers are turned
+//! away), dial every connect leg, then relay until both directions are done.
+//! Dropping the plan's [`Pinhole`] aborts the task, frees its ports and
+//! removes its nftables elements.
+
+use super::nft::{Element, InterceptTable};
+use super::{
+    Backend, DataEvent, DataOutcome, DataPlan, DataSettings, Leg, OpenError, OpenFuture, Opened,
+    Pinhole, PlanId, PortLease, PortPool, SessionInfo,
+};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+/// Size of each direction's copy buffer: large enough that a bulk transfer
+/// moves in few syscalls, allocated once per plan.
+const BUF_SIZE: usize = 128 * 1024;
+
+/// Carries out data plans by relaying through the gateway.
+#[derive(Debug)]
+pub struct RelayBackend {
+    client_pool: PortPool,
+    server_pool: PortPool,
+    settings: DataSettings,
+    /// The gateway's table, for transparent plans; `None` in reverse-only
+    /// deployments, which then refuse transparent plans.
+    intercept: Option<Arc<InterceptTable>>,
+}
+
+impl RelayBackend {
+    /// A backend drawing client-leg ports from `client_pool` and server-leg
+    /// ports from `server_pool`.
+    pub fn new(
+        client_pool: PortPool,
+        server_pool: PortPool,
+        settings: DataSettings,
+        intercept: Option<Arc<InterceptTable>>,
+    ) -> Self {
+        RelayBackend {
+            client_pool,
+            server_pool,
+            settings,
+            intercept,
+        }
+    }
+
+    async fn open_plan(
+        &self,
+        session: &SessionInfo,
+        plan: DataPlan,
+        events: mpsc::UnboundedSender<DataEvent>,
+    ) -> Result<(Opened, Pinhole), OpenError> {
+        let held = Arc::new(Held {
+            inner: Mutex::new(HeldInner::default()),
+            table: self.intercept.clone(),
+        });
+        let mut opened = Opened {
+            client_listen: None,
+            server_listen: None,
+        };
+        let mut elements = Vec::new();
+
+        let client = match plan.client {
+            Leg::Listen { bind, peer } => {
+                let ip = match plan.client_view {
+                    // Reached through the redirect, whose destination is the
+                    // incoming interface's address: listen on all of them.
+                    Some(_) => unspecified(bind),
+                    None => bind,
+                };
+                let (lease, listener) = self.client_pool.bind(ip)?;
+                if let Some(view) = plan.client_view {
+                    // Client → (server, port) is redirected to our port.
+                    let e = Element::Passive {
+                        client: peer,
+                        server: view,
+                        port: lease.port(),
+                    };
+                    elements.push((e, self.settings.pinhole_timeout));
+                }
+                let (listener, addr) = held.listen(lease, listener)?;
+                opened.client_listen = Some(addr);
+                Pending::Listen { listener, peer }
+            }
+            Leg::Connect { target, bind } => {
+                if let Some(view) = plan.client_view {
+                    // The client must see its data connection come from the
+                    // address it believes is the server.
+                    let e = Element::Active {
+                        client: target,
+                        source: view,
+                    };
+                    // Consulted when the dial starts, which can be up to
+                    // pinhole_timeout from now, plus the connect time.
+                    let timeout = self.settings.pinhole_timeout + self.settings.connect_timeout;
+                    elements.push((e, timeout));
+                }
+                Pending::Connect { target, bind }
+            }
+        };
+        let server = match plan.server {
+            Leg::Listen { bind, peer } => {
+                let (lease, listener) = self.server_pool.bind(bind)?;
+                let (listener, addr) = held.listen(lease, listener)?;
+                opened.server_listen = Some(addr);
+                Pending::Listen { listener, peer }
+            }
+            Leg::Connect { target, bind } => Pending::Connect { target, bind },
+        };
+
+        if !elements.is_empty() {
+            let Some(table) = &self.intercept else {
+                return Err(OpenError::Io(io::Error::other(
+                    "transparent data plan, but no nftables table to intercept with",
+                )));
+            };
+            table.add(&elements).await?;
+            held.lock().elements = elements.into_iter().map(|(e, _)| e).collect();
+        }
+
+        let task = tokio::spawn(run(
+            plan.id,
+            session.id,
+            client,
+            server,
+            self.settings.clone(),
+            Arc::clone(&held),
+            events,
+        ));
+        let guard = PlanGuard {
+            task: task.abort_handle(),
+            held,
+        };
+        Ok((
+            opened,
+            Pinhole {
+                id: plan.id,
+                guard: Box::new(guard),
+            },
+        ))
+    }
+}
+
+impl Backend for RelayBackend {
+    fn open<'a>(
+        &'a self,
+        session: &'a SessionInfo,
+        plan: DataPlan,
+        events: mpsc::UnboundedSender<DataEvent>,
+    ) -> OpenFuture<'a> {
+        Box::pin(self.open_plan(session, plan, events))
+    }
+}
+
+/// The unspecified address of `ip`'s family.
+fn unspecified(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
+/// A leg before it has its connection.
+enum Pending {
+    Listen { listener: TcpListener, peer: IpAddr },
+    Connect { target: SocketAddr, bind: IpAddr },
+}
+
+/// What a plan holds outside its task: shared by the task (which frees it
+/// when the plan ends) and the guard (which frees it when dropped first).
+#[derive(Debug)]
+struct Held {
+    inner: Mutex<HeldInner>,
+    table: Option<Arc<InterceptTable>>,
+}
+
+#[derive(Debug, Default)]
+struct HeldInner {
+    leases: Vec<PortLease>,
+    elements: Vec<Element>,
+}
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HeldInner> {
+        // Plain data, consistent after any panic elsewhere.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `lease` and turns `listener` into a tokio listener.
+    fn listen(
+        &self,
+        lease: PortLease,
+        listener: std::net::TcpListener,
+    ) -> Result<(TcpListener, SocketAddr), OpenError> {
+        self.lock().leases.push(lease);
+        let listener = TcpListener::from_std(listener)?;
+        let addr = listener.local_addr()?;
+        Ok((listener, addr))
+    }
+
+    /// Takes the elements still installed, so that only one caller removes
+    /// them.
+    fn take_elements(&self) -> Vec<Element> {
+        std::mem::take(&mut self.lock().elements)
+    }
+
+    /// Removes the elements still installed, now.
+    async fn remove_elements(&self) {
+        let elements = self.take_elements();
+        if let (Some(table), false) = (&self.table, elements.is_empty()) {
+            table.remove_each(&elements).await;
+        }
+    }
+
+    /// Frees the ports and removes the elements without waiting (for drop).
+    fn release(&self) {
+        drop(std::mem::take(&mut self.lock().leases));
+        let elements = self.take_elements();
+        if let (Some(table), false) = (&self.table, elements.is_empty()) {
+            // Without a runtime (process exit) the kernel's timeouts remain.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let table = Arc::clone(table);
+                rt.spawn(async move { table.remove_each(&elements).await });
+            }
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // Covers an `open` that failed half-way, before any guard existed.
+        self.release();
+    }
+}
+
+/// The boxed guard inside a [`Pinhole`].
+struct PlanGuard {
+    task: AbortHandle,
+    held: Arc<Held>,
+}
+
+impl Drop for PlanGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+        // At once, not when the runtime gets round to dropping the task.
+        self.held.release();
+    }
+}
+
+/// One plan, from waiting to the end of the relay.
+async fn run(
+    id: PlanId,
+    session: u64,
+    client: Pending,
+    server: Pending,
+    settings: DataSettings,
+    held: Arc<Held>,
+    events: mpsc::UnboundedSender<DataEvent>,
+) {
+    let outcome = connect_legs(id, client, server, &settings, &held, &events).await;
+    let (to_client, to_server, outcome) = match outcome {
+        Ok((client, server)) => {
+            let _ = events.send(DataEvent::Connected { id });
+            let mut client = client;
+            let mut server = server;
+            let (counts, result) = relay(&mut client, &mut server).await;
+            let outcome = match result {
+                Ok(()) => DataOutcome::Completed,
+                Err(e) => {
+                    reset(&client);
+                    reset(&server);
+                    DataOutcome::Failed(format!("relay: {e}"))
+                }
+            };
+            (counts.to_client, counts.to_server, outcome)
+        }
+        Err(outcome) => (0, 0, outcome),
+    };
+    tracing::debug!(
+        session,
+        plan = id,
+        to_client,
+        to_server,
+        ?outcome,
+        "data connection closed"
+    );
+    held.remove_elements().await;
+    drop(std::mem::take(&mut held.lock().leases));
+    let _ = events.send(DataEvent::Closed {
+        id,
+        to_client,
+        to_server,
+        outcome,
+    });
+}
+
+/// Waits for the listen legs, then dials the connect legs.
+/// Returns (client stream, server stream) or how the plan ended.
+async fn connect_legs(
+    id: PlanId,
+    client: Pending,
+    server: Pending,
+    settings: &DataSettings,
+    held: &Held,
+    events: &mpsc::UnboundedSender<DataEvent>,
+) -> Result<(TcpStream, TcpStream), DataOutcome> {
+    let deadline = Instant::now() + settings.pinhole_timeout;
+    // Each listener is dropped as soon as its leg has its connection, so a
+    // second connection is refused.
+    let waited = tokio::time::timeout_at(deadline, async {
+        tokio::try_join!(
+            accept_leg(id, client, events),
+            accept_leg(id, server, events)
+        )
+    })
+    .await;
+    let (client, server) = match waited {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => return Err(DataOutcome::Failed(format!("accept: {e}"))),
+        Err(_) => return Err(DataOutcome::Expired),
+    };
+
+    let limit = settings.connect_timeout;
+    let (client, server) = tokio::try_join!(dial_leg(client, limit), dial_leg(server, limit))
+        .map_err(DataOutcome::Failed)?;
+    // Connected: the intercept elements have done their one job.
+    held.remove_elements().await;
+    Ok((client, server))
+}
+
+/// A leg after the waiting phase: connected, or still to dial.
+enum Ready {
+    Stream(TcpStream),
+    Dial { target: SocketAddr, bind: IpAddr },
+}
+
+/// Accepts on a listen leg until the expected peer arrives; a connect leg
+/// passes through untouched.
+async fn accept_leg(
+    id: PlanId,
+    leg: Pending,
+    events: &mpsc::UnboundedSender<DataEvent>,
+) -> io::Result<Ready> {
+    let (listener, peer) = match leg {
+        Pending::Listen { listener, peer } => (listener, peer),
+        Pending::Connect { target, bind } => return Ok(Ready::Dial { target, bind }),
+    };
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(pair) => pair,
+            // The peer gave up before we got to it; keep waiting.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e),
+        };
+        if same_ip(from.ip(), peer) {
+            return Ok(Ready::Stream(stream));
+        }
+        reset(&stream);
+        drop(stream);
+        let _ = events.send(DataEvent::Rejected {
+            id,
+            from,
+            expected: peer,
+        });
+    }
+}
+
+/// Compares addresses, treating an IPv4-mapped IPv6 address as its IPv4 one.
+fn same_ip(a: IpAddr, b: IpAddr) -> bool {
+    a.to_canonical() == b.to_canonical()
+}
+
+async fn dial_leg(leg: Ready, limit: Duration) -> Result<TcpStream, String> {
+    let (target, bind) = match leg {
+        Ready::Stream(s) => return Ok(s),
+        Ready::Dial { target, bind } => (target, bind),
+    };
+    let dial = async {
+        let socket = match target {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(bind, 0))?;
+        socket.connect(target).await
+    };
+    match tokio::time::timeout(limit, dial).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(format!("connect to {target}: {e}")),
+        Err(_) => Err(format!("connect to {target}: timed out after {limit:?}")),
+    }
+}
+
+/// Closes with RST rather than FIN: a peer must not take a broken transfer
+/// (or a refused connection) for a complete one.
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Bytes written to each side.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    to_client: u64,
+    to_server: u64,
+}
+
+/// Copies both directions until both have seen EOF, keeping half-closes: EOF
+/// from one side becomes shutdown(write) toward the other. An error in either
+/// direction ends both. This is the one place that moves data bytes, so a
+/// zero-copy version (splice) replaces just this function.
+async fn relay(client: &mut TcpStream, server: &mut TcpStream) -> (Counts, io::Result<()>) {
+    let mut up_buf = vec![0u8; BUF_SIZE].into_boxed_slice();
+    let mut down_buf = vec![0u8; BUF_SIZE].into_boxed_slice();
+    let mut counts = Counts::default();
+    let (mut client_r, mut client_w) = client.split();
+    let (mut server_r, mut server_w) = server.split();
+    let result = {
+        let up = pump(
+            &mut client_r,
+            &mut server_w,
+            &mut up_buf,
+            &mut counts.to_server,
+        );
+        let down = pump(
+            &mut server_r,
+            &mut client_w,
+            &mut down_buf,
+            &mut counts.to_client,
+        );
+        tokio::try_join!(up, down).map(|_| ())
+    };
+    (counts, result)
+}
+
+/// One direction of [`relay`].
+async fn pump<R, W>(r: &mut R, w: &mut W, buf: &mut [u8], count: &mut u64) -> io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let n = r.read(buf).await?;
+        if n == 0 {
+            return match w.shutdown().await {
+                // The other side is already fully closed; nothing to tell it.
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                other => other,
+            };
+        }
+        w.write_all(&buf[..n]).await?;
+        *count += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PortRange;
+    use crate::pinhole::nft::tests::Netns;
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::Hasher;
+
+    const MIB: usize = 1024 * 1024;
+
+    fn pools() -> (PortPool, PortPool) {
+        // Wide ranges: ports other processes hold are skipped on EADDRINUSE.
+        (
+            PortPool::new(
+                "client",
+                PortRange {
+                    lo: 20000,
+                    hi: 39999,
+                },
+            ),
+            PortPool::new(
+                "server",
+                PortRange {
+                    lo: 40000,
+                    hi: 60000,
+                },
+            ),
+        )
+    }
+
+    fn backend(pinhole: Duration) -> (RelayBackend, PortPool, PortPool) {
+        let (c, s) = pools();
+        let settings = DataSettings {
+            pinhole_timeout: pinhole,
+            connect_timeout: Duration::from_secs(5),
+        };
+        (
+            RelayBackend::new(c.clone(), s.clone(), settings, None),
+            c,
+            s,
+        )
+    }
+
+    fn session() -> SessionInfo {
+        SessionInfo {
+            id: 7,
+            client: "127.0.0.1:1".parse().unwrap(),
+            server: "127.0.0.1:2".parse().unwrap(),
+        }
+    }
+
+    fn lo() -> IpAddr {
+        Ipv4Addr::LOCALHOST.into()
+    }
+
+    /// Deterministic test data, different per `seed`.
+    fn data(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 11) as u8)
+            .collect()
+    }
+
+    fn digest(bytes: &[u8]) -> u64 {
+        let mut h = DefaultHasher::new();
+        h.write(bytes);
+        h.finish()
+    }
+
+    async fn connect_from(bind: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
+        let s = match to {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        s.bind(SocketAddr::new(bind, 0))?;
+        s.connect(to).await
+    }
+
+    /// Sends `out`, then half-closes, while reading everything the peer sends.
+    async fn exchange(mut s: TcpStream, out: Vec<u8>) -> io::Result<Vec<u8>> {
+        let (mut r, mut w) = s.split();
+        let send = async {
+            w.write_all(&out).await?;
+            w.shutdown().await
+        };
+        let mut got = Vec::new();
+        let recv = r.read_to_end(&mut got);
+        tokio::try_join!(send, recv)?;
+        Ok(got)
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<DataEvent>) -> DataEvent {
+        tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("no event in time")
+            .expect("event channel closed")
+    }
+
+    /// Both endpoints exchange 1 MiB each way through the plan's legs.
+    async fn transfer(client: TcpStream, server: TcpStream) -> (Vec<u8>, Vec<u8>) {
+        let up = data(MIB, 1);
+        let down = data(MIB, 2);
+        let (at_server, at_client) =
+            tokio::try_join!(exchange(server, down.clone()), exchange(client, up.clone()))
+                .expect("exchange");
+        assert_eq!(
+            digest(&at_server),
+            digest(&up),
+            "client→server bytes differ"
+        );
+        assert_eq!(
+            digest(&at_client),
+            digest(&down),
+            "server→client bytes differ"
+        );
+        (at_client, at_server)
+    }
+
+    fn closed_counts(ev: DataEvent, id: PlanId) -> (u64, u64, DataOutcome) {
+        match ev {
+            DataEvent::Closed {
+                id: got,
+                to_client,
+                to_server,
+                outcome,
+            } if got == id => (to_client, to_server, outcome),
+            other => panic!("expected Closed for {id}, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn passive_plan_relays_a_mebibyte_each_way() {
+        let (b, cpool, spool) = backend(Duration::from_secs(10));
+        let server = TcpListener::bind((lo(), 0)).await.unwrap();
+        let plan = DataPlan {
+            id: 1,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Connect {
+                target: server.local_addr().unwrap(),
+                bind: lo(),
+            },
+            client_view: None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, pinhole) = b.open(&session(), plan, tx).await.unwrap();
+        assert_eq!(opened.server_listen, None);
+        let addr = opened.client_listen.unwrap();
+        assert!(cpool.range().contains(addr.port()));
+        assert_eq!(cpool.in_use(), 1);
+
+        let client = connect_from(lo(), addr).await.unwrap();
+        // The server is dialled only once the client is in.
+        let (server_side, _) = server.accept().await.unwrap();
+        assert_eq!(next(&mut rx).await, DataEvent::Connected { id: 1 });
+        transfer(client, server_side).await;
+        let (to_client, to_server, outcome) = closed_counts(next(&mut rx).await, 1);
+        assert_eq!((to_client, to_server), (MIB as u64, MIB as u64));
+        assert_eq!(outcome, DataOutcome::Completed);
+        assert_eq!((cpool.in_use(), spool.in_use()), (0, 0));
+        drop(pinhole);
+    }
+
+    #[tokio::test]
+    async fn passive_plan_over_ipv6() {
+        let (b, _, _) = backend(Duration::from_secs(10));
+        let v6: IpAddr = Ipv6Addr::LOCALHOST.into();
+        let Ok(server) = TcpListener::bind((v6, 0)).await else {
+            eprintln!("skipped: no IPv6 loopback");
+            return;
+        };
+        let plan = DataPlan {
+            id: 6,
+            client: Leg::Listen { bind: v6, peer: v6 },
+            server: Leg::Connect {
+                target: server.local_addr().unwrap(),
+                bind: v6,
+            },
+            client_view: None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
+        let addr = opened.client_listen.unwrap();
+        assert!(addr.is_ipv6());
+        let client = connect_from(v6, addr).await.unwrap();
+        let (server_side, _) = server.accept().await.unwrap();
+        assert_eq!(next(&mut rx).await, DataEvent::Connected { id: 6 });
+        transfer(client, server_side).await;
+        let (c, s, outcome) = closed_counts(next(&mut rx).await, 6);
+        assert_eq!(
+            (c, s, outcome),
+            (MIB as u64, MIB as u64, DataOutcome::Completed)
+        );
+    }
+
+    #[tokio::test]
+    async fn two_listen_legs() {
+        let (b, cpool, spool) = backend(Duration::from_secs(10));
+        let plan = DataPlan {
+            id: 2,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            client_view: None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
+        let (c_addr, s_addr) = (opened.client_listen.unwrap(), opened.server_listen.unwrap());
+        assert!(cpool.range().contains(c_addr.port()));
+        assert!(spool.range().contains(s_addr.port()));
+        // The server side arrives first; nothing happens until the client does.
+        let server = connect_from(lo(), s_addr).await.unwrap();
+        let client = connect_from(lo(), c_addr).await.unwrap();
+        assert_eq!(next(&mut rx).await, DataEvent::Connected { id: 2 });
+        transfer(client, server).await;
+        let (c, s, outcome) = closed_counts(next(&mut rx).await, 2);
+        assert_eq!(
+            (c, s, outcome),
+            (MIB as u64, MIB as u64, DataOutcome::Completed)
+        );
+        assert_eq!((cpool.in_use(), spool.in_use()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn two_connect_legs() {
+        let (b, cpool, spool) = backend(Duration::from_secs(10));
+        let client_end = TcpListener::bind((lo(), 0)).await.unwrap();
+        let server_end = TcpListener::bind((lo(), 0)).await.unwrap();
+        let plan = DataPlan {
+            id: 3,
+            client: Leg::Connect {
+                target: client_end.local_addr().unwrap(),
+                bind: lo(),
+            },
+            server: Leg::Connect {
+                target: server_end.local_addr().unwrap(),
+                bind: lo(),
+            },
+            client_view: None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
+        assert_eq!(
+            opened,
+            Opened {
+                client_listen: None,
+                server_listen: None
+            }
+        );
+        assert_eq!((cpool.in_use(), spool.in_use()), (0, 0));
+        let ((client, _), (server, _)) =
+            tokio::try_join!(client_end.accept(), server_end.accept()).unwrap();
+        assert_eq!(next(&mut rx).await, DataEvent::Connected { id: 3 });
+        transfer(client, server).await;
+        let (c, s, outcome) = closed_counts(next(&mut rx).await, 3);
+        assert_eq!(
+            (c, s, outcome),
+            (MIB as u64, MIB as u64, DataOutcome::Completed)
+        );
+    }
+
+    #[tokio::test]
+    async fn wrong_peer_is_rejected_and_the_right_one_still_gets_in() {
+        let (b, _, _) = backend(Duration::from_secs(10));
+        let server = TcpListener::bind((lo(), 0)).await.unwrap();
+        let plan = DataPlan {
+            id: 4,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Connect {
+                target: server.local_addr().unwrap(),
+                bind: lo(),
+            },
+            client_view: None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
+        let addr = opened.client_listen.unwrap();
+
+        let stranger_ip: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+        let mut stranger = connect_from(stranger_ip, addr).await.unwrap();
+        let from = stranger.local_addr().unwrap();
+        assert_eq!(
+            next(&mut rx).await,
+            DataEvent::Rejected {
+                id: 4,
+                from,
+                expected: lo()
+            }
+        );
+        // Closed at once: the stranger reads EOF or a reset, never data.
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), stranger.read(&mut byte))
+            .await
+            .expect("rejected connection left open");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+        let client = connect_from(lo(), addr).await.unwrap();
+        let (server_side, _) = server.accept().await.unwrap();
+        assert_eq!(next(&mut rx).await, DataEvent::Connected { id: 4 });
+        transfer(client, server_side).await;
+        let (_, _, outcome) = closed_counts(next(&mut rx).await, 4);
+        assert_eq!(outcome, DataOutcome::Completed);
+    }
+
+    #[tokio::test]
+    async fn unused_pinhole_expires_and_frees_its_port() {
+        let (b, cpool, _) = backend(Duration::from_millis(200));
+        let plan = DataPlan {
+            id: 5,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Connect {
+                target: "127.0.0.1:9".parse().unwrap(),
+                bind: lo(),
+            },
+            client_view: None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
+        assert_eq!(cpool.in_use(), 1);
+        let (c, s, outcome) = closed_counts(next(&mut rx).await, 5);
+        assert_eq!((c, s, outcome), (0, 0, DataOutcome::Expired));
+        assert_eq!(cpool.in_use(), 0);
+        // The listener is gone too.
+        assert!(connect_from(lo(), opened.client_listen.unwrap())
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn failed_connect_leg_is_reported() {
+        let (b, cpool, _) = backend(Duration::from_secs(10));
+        // A port nobody listens on: learn one, then close it.
+        let dead = TcpListener::bind((lo(), 0))
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let plan = DataPlan {
+            id: 8,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Connect {
+                target: dead,
+                bind: lo(),
+            },
+            client_view: None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
+        let mut client = connect_from(lo(), opened.client_listen.unwrap())
+            .await
+            .unwrap();
+        let (c, s, outcome) = closed_counts(next(&mut rx).await, 8);
+        assert_eq!((c, s), (0, 0));
+        assert!(
+            matches!(&outcome, DataOutcome::Failed(why) if why.contains(&dead.to_string())),
+            "{outcome:?}"
+        );
+        assert_eq!(cpool.in_use(), 0);
+        let mut byte = [0u8; 1];
+        assert!(matches!(client.read(&mut byte).await, Ok(0) | Err(_)));
+    }
+
+    #[tokio::test]
+    async fn half_close_lets_the_server_answer_after_client_eof() {
+        let (b, _, _) = backend(Duration::from_secs(10));
+        let server = TcpListener::bind((lo(), 0)).await.unwrap();
+        let plan = DataPlan {
+            id: 9,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Connect {
+                target: server.local_addr().unwrap(),
+                bind: lo(),
+            },
+            client_view: None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
+        let mut client = connect_from(lo(), opened.client_listen.unwrap())
+            .await
+            .unwrap();
+        let (mut server_side, _) = server.accept().await.unwrap();
+        assert_eq!(next(&mut rx).await, DataEvent::Connected { id: 9 });
+
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        // The server reads to EOF first, and only then replies.
+        let mut req = Vec::new();
+        server_side.read_to_end(&mut req).await.unwrap();
+        assert_eq!(req, b"request");
+        server_side.write_all(b"reply after eof").await.unwrap();
+        server_side.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"reply after eof");
+
+        let (c, s, outcome) = closed_counts(next(&mut rx).await, 9);
+        assert_eq!((c, s, outcome), (15, 7, DataOutcome::Completed));
+    }
+
+    #[tokio::test]
+    async fn reset_mid_transfer_fails_and_resets_the_other_side() {
+        let (b, _, _) = backend(Duration::from_secs(10));
+        let server = TcpListener::bind((lo(), 0)).await.unwrap();
+        let plan = DataPlan {
+            id: 10,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Connect {
+                target: server.local_addr().unwrap(),
+                bind: lo(),
+            },
+            client_view: None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
+        let mut client = connect_from(lo(), opened.client_listen.unwrap())
+            .await
+            .unwrap();
+        let (mut server_side, _) = server.accept().await.unwrap();
+        assert_eq!(next(&mut rx).await, DataEvent::Connected { id: 10 });
+        server_side.write_all(b"partial").await.unwrap();
+        let mut got = [0u8; 7];
+        client.read_exact(&mut got).await.unwrap();
+        reset(&server_side);
+        drop(server_side);
+
+        let (c, _, outcome) = closed_counts(next(&mut rx).await, 10);
+        assert_eq!(c, 7);
+        assert!(matches!(outcome, DataOutcome::Failed(_)), "{outcome:?}");
+        // The client sees a reset, not an EOF that would pass for a complete file.
+        let mut rest = Vec::new();
+        assert!(client.read_to_end(&mut rest).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_pinhole_frees_ports_and_closes_listeners() {
+        let (b, cpool, spool) = backend(Duration::from_secs(30));
+        let plan = DataPlan {
+            id: 11,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            client_view: None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, pinhole) = b.open(&session(), plan, tx).await.unwrap();
+        assert_eq!((cpool.in_use(), spool.in_use()), (1, 1));
+        drop(pinhole);
+        assert_eq!((cpool.in_use(), spool.in_use()), (0, 0));
+        // The aborted task ends without a Closed event: the channel closes.
+        let ended = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("task not aborted");
+        assert_eq!(ended, None);
+        assert!(connect_from(lo(), opened.client_listen.unwrap())
+            .await
+            .is_err());
+        assert!(connect_from(lo(), opened.server_listen.unwrap())
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn transparent_plan_without_table_is_refused_and_leaks_nothing() {
+        let (b, cpool, _) = backend(Duration::from_secs(10));
+        let plan = DataPlan {
+            id: 12,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Connect {
+                target: "127.0.0.1:9".parse().unwrap(),
+                bind: lo(),
+            },
+            client_view: Some(Ipv4Addr::new(198, 51, 100, 7).into()),
+        };
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let err = b.open(&session(), plan, tx).await.unwrap_err();
+        assert!(matches!(err, OpenError::Io(_)), "{err:?}");
+        assert_eq!(cpool.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn exhausted_pool_refuses_the_plan() {
+        let c = PortPool::new(
+            "client",
+            PortRange {
+                lo: 20000,
+                hi: 20000,
+            },
+        );
+        let s = PortPool::new(
+            "server",
+            PortRange {
+                lo: 40000,
+                hi: 60000,
+            },
+        );
+        let _only = c.lease();
+        let settings = DataSettings {
+            pinhole_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+        };
+        let b = RelayBackend::new(c, s.clone(), settings, None);
+        let plan = DataPlan {
+            id: 13,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            client_view: None,
+        };
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let err = b.open(&session(), plan, tx).await.unwrap_err();
+        assert!(matches!(err, OpenError::PoolExhausted("client")), "{err:?}");
+        assert_eq!(s.in_use(), 0);
+    }
+
+    /// Polls `nft list table` in `ns` until `pred` holds, within a bound.
+    async fn until_listed(ns: &Netns, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_r"], None);
+            if pred(&listed) {
+                return listed;
+            }
+            assert!(Instant::now() < deadline, "never reached:\n{listed}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn transparent_plans_install_and_remove_their_elements() {
+        let Some(ns) = Netns::new() else { return };
+        let table = InterceptTable::create_with_prefix("ftpgate_r", ns.prefix())
+            .await
+            .expect("create");
+        let (c, s) = pools();
+        let settings = DataSettings {
+            pinhole_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        };
+        let b = RelayBackend::new(c, s, settings, Some(Arc::new(table)));
+        let view: IpAddr = Ipv4Addr::new(198, 51, 100, 7).into();
+
+        // Passive: the element exists while the pinhole waits, and goes once
+        // the client is in (before Connected is reported).
+        let server = TcpListener::bind((lo(), 0)).await.unwrap();
+        let plan = DataPlan {
+            id: 20,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Connect {
+                target: server.local_addr().unwrap(),
+                bind: lo(),
+            },
+            client_view: Some(view),
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, _pasv) = b.open(&session(), plan, tx).await.unwrap();
+        let addr = opened.client_listen.unwrap();
+        assert!(addr.ip().is_unspecified(), "{addr}");
+        let key = format!("127.0.0.1 . 198.51.100.7 . {} timeout 30s", addr.port());
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_r"], None);
+        assert!(listed.contains(&key), "{listed}");
+        let client = connect_from(lo(), SocketAddr::new(lo(), addr.port()))
+            .await
+            .unwrap();
+        let (server_side, _) = server.accept().await.unwrap();
+        assert_eq!(next(&mut rx).await, DataEvent::Connected { id: 20 });
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_r"], None);
+        assert!(!listed.contains("198.51.100.7 . "), "{listed}");
+        drop((client, server_side));
+
+        // Active: the SNAT element is in place before the dial, and dropping
+        // the pinhole removes it.
+        let client_end = TcpListener::bind((lo(), 0)).await.unwrap();
+        let target = client_end.local_addr().unwrap();
+        let plan = DataPlan {
+            id: 21,
+            client: Leg::Connect { target, bind: lo() },
+            server: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            client_view: Some(view),
+        };
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (_, actv) = b.open(&session(), plan, tx).await.unwrap();
+        let key = format!("127.0.0.1 . {} timeout 35s", target.port());
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_r"], None);
+        assert!(
+            listed.contains(&key) && listed.contains(": 198.51.100.7"),
+            "{listed}"
+        );
+        drop(actv);
+        until_listed(&ns, |l| !l.contains(&key)).await;
+    }
+
+    #[test]
+    fn mapped_v4_counts_as_the_same_peer() {
+        let cases = [
+            ("127.0.0.1", "127.0.0.1", true),
+            ("::ffff:127.0.0.1", "127.0.0.1", true),
+            ("127.0.0.2", "127.0.0.1", false),
+            ("::1", "127.0.0.1", false),
+        ];
+        for (a, b, same) in cases {
+            assert_eq!(
+                same_ip(a.parse().unwrap(), b.parse().unwrap()),
+                same,
+                "{a} {b}"
+            );
+        }
+    }
+}
