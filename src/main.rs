@@ -1,1 +1,146 @@
-fn main(){}
+//! The `ftpgate` command: run, check, nft.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use ftpgate::config::Config;
+use ftpgate::proxy::{serve, Launched};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing_subscriber::EnvFilter;
+
+/// FTP-aware gateway: makes active and passive FTP work through firewalls
+/// and NAT.
+#[derive(Parser, Debug)]
+#[command(name = "ftpgate", version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the gateway.
+    Run {
+        /// The rule file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How long running sessions may go on after SIGTERM/SIGINT.
+        #[arg(long, default_value = "10", value_name = "SECONDS")]
+        grace: u64,
+    },
+    /// Validate a rule file; print the effective configuration or each error.
+    Check {
+        /// The rule file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the nftables ruleset an operator needs for this configuration.
+    Nft {
+        /// The rule file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                print!("{}", c.to_yaml());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Nft { config } => match Config::load(&config) {
+            Ok(c) => {
+                print!("{}", ftpgate::pinhole::nft::ruleset(&c));
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Run { config, grace } => {
+            init_tracing(cli.log_format);
+            let config = match Config::load(&config) {
+                Ok(c) => Arc::new(c),
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::from(2);
+                }
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("ftpgate: tokio runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run(config, Duration::from_secs(grace))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("ftpgate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(config: Arc<Config>, grace: Duration) -> anyhow::Result<()> {
+    let launched = Launched::new(config).await.context("starting")?;
+    let table = launched.table.clone();
+    serve(
+        launched.gateway,
+        launched.listeners,
+        shutdown_signal(),
+        grace,
+    )
+    .await;
+    Launched::cleanup(table).await;
+    Ok(())
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,1 +1,1289 @@
 //! The sans-IO session core.
+//!
+//! A [`Session`] is fed what happened — bytes from either side, the result
+//! of opening a data plan, data events, an idle timer — and answers with
+//! [`Action`]s for the shell to carry out. It owns no socket and no clock,
+//! so every protocol decision and every policy check can be tested by
+//! feeding it lines.
+//!
+//! It keeps the queue of outstanding commands, so it knows which reply
+//! answers which command, and it forwards, rewrites or swallows each reply.
+//! Replies it makes itself wait in the same queue, so the client always
+//! sees replies in the order of its commands, pipelined or not.
+
+use crate::config::{DataMode, ServerMode, TlsPolicy};
+use crate::ftp::{
+    self, parse_227, parse_229, parse_command, rewrite, Command, CommandError, EpsvParam, Framer,
+    Line, ReplyPos, ReplyTracker,
+};
+use crate::pinhole::{DataEvent, DataOutcome, DataPlan, Leg, Opened, PlanId};
+use crate::rules::Policy;
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+
+/// What a session is, fixed at connect.
+#[derive(Debug, Clone)]
+pub struct SessionParams {
+    /// The client's control-connection peer.
+    pub client: SocketAddr,
+    /// The gateway's address on the client control connection.
+    pub client_local: SocketAddr,
+    /// The server's control-connection address.
+    pub server: SocketAddr,
+    /// The gateway's address on the server control connection.
+    pub server_local: SocketAddr,
+    /// Transparent mode: the client believes it talks to `server` directly.
+    pub transparent: bool,
+    /// Reverse mode: the address to announce to clients, if not the local one.
+    pub announce: Option<IpAddr>,
+    /// The matching rule's policy.
+    pub policy: Policy,
+}
+
+/// Something the shell must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write these bytes to the client.
+    ToClient(Vec<u8>),
+    /// Write these bytes to the server.
+    ToServer(Vec<u8>),
+    /// Open this data plan and report back with [`Session::opened`]. The
+    /// session processes no further input until then.
+    Open(DataPlan),
+    /// Close this plan's pinholes and connections, if still open.
+    Close(PlanId),
+    /// TLS started: stop parsing and copy bytes both ways, starting with
+    /// these bytes that were already read.
+    Passthrough {
+        /// Buffered client bytes to send to the server first.
+        to_server: Vec<u8>,
+        /// Buffered server bytes to send to the client first.
+        to_client: Vec<u8>,
+    },
+    /// Something to log in the session's span.
+    Log(LogEvent),
+    /// Close the session after writing what came before.
+    End(EndReason),
+}
+
+/// Events worth a log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogEvent {
+    /// A command, reply or connection was refused.
+    Refusal {
+        /// What was refused (the verb, or "DATA" for a data connection).
+        what: String,
+        /// The reply code the client got (0 when none).
+        code: u16,
+        /// Why.
+        reason: String,
+    },
+    /// A transfer finished.
+    Transfer(TransferRecord),
+    /// The client logged in as this user (USER).
+    User(String),
+    /// TLS started under `tls: passthrough`; parsing stopped.
+    TlsPassthrough,
+    /// A reply was not forwarded as received.
+    IgnoredReply {
+        /// Its code (0 for a line that was not a reply).
+        code: u16,
+        /// Why.
+        reason: String,
+    },
+    /// A pinhole closed without being used.
+    PinholeExpired(PlanId),
+}
+
+/// Which way a transfer's bytes went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// RETR
+    Download,
+    /// STOR, STOU, APPE
+    Upload,
+    /// LIST, NLST, MLSD
+    Listing,
+}
+
+impl std::fmt::Display for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Direction::Download => "download",
+            Direction::Upload => "upload",
+            Direction::Listing => "listing",
+        })
+    }
+}
+
+/// One transfer, for the transfer log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferRecord {
+    /// RETR, STOR, LIST, ...
+    pub command: String,
+    /// The command's argument.
+    pub path: String,
+    /// Download, upload or listing.
+    pub direction: Direction,
+    /// `client/server` data modes, e.g. `passive/active`.
+    pub mode: String,
+    /// Bytes written to the client.
+    pub to_client: u64,
+    /// Bytes written to the server.
+    pub to_server: u64,
+    /// The server's final reply code (0 if none came).
+    pub reply: u16,
+    /// `ok`, or what went wrong.
+    pub result: String,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// The client closed the control connection.
+    ClientClosed,
+    /// The server closed the control connection.
+    ServerClosed,
+    /// No traffic for `idle_timeout`.
+    Idle,
+    /// A line longer than the cap.
+    Framing(&'static str),
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndReason::ClientClosed => f.write_str("client closed"),
+            EndReason::ServerClosed => f.write_str("server closed"),
+            EndReason::Idle => f.write_str("idle timeout"),
+            EndReason::Framing(side) => write!(f, "overlong line from {side}"),
+        }
+    }
+}
+
+/// Totals for the end-of-session log line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Transfers that got a data connection or a final reply.
+    pub transfers: u64,
+    /// Data bytes written to the client.
+    pub data_to_client: u64,
+    /// Data bytes written to the server.
+    pub data_to_server: u64,
+}
+
+/// The data mode of one leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LegMode {
+    Passive,
+    Active,
+}
+
+impl LegMode {
+    fn name(self) -> &'static str {
+        match self {
+            LegMode::Passive => "passive",
+            LegMode::Active => "active",
+        }
+    }
+}
+
+/// How the client asked for its data connection, so the answer uses the
+/// same form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientAsk {
+    Pasv,
+    Epsv,
+    Port,
+    Eprt,
+}
+
+impl ClientAsk {
+    fn verb(self) -> &'static str {
+        match self {
+            ClientAsk::Pasv => "PASV",
+            ClientAsk::Epsv => "EPSV",
+            ClientAsk::Port => "PORT",
+            ClientAsk::Eprt => "EPRT",
+        }
+    }
+}
+
+/// What the reply at the head of the queue answers, and what to do with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pending {
+    /// The server's greeting.
+    Greeting,
+    /// A reply the gateway made itself, waiting for its turn.
+    Local(Vec<u8>),
+    /// An ordinary command: its reply is forwarded.
+    Forward,
+    /// FEAT: its reply is filtered under `tls: refuse`.
+    Feat,
+    /// The gateway forwarded PASV/EPSV for the client's PASV/EPSV.
+    Passive { ask: ClientAsk },
+    /// The gateway sent PASV/EPSV for the client's PORT/EPRT (conversion).
+    ConvPassive { ask: ClientAsk, target: SocketAddr },
+    /// The gateway sent its own PORT/EPRT; the plan is already open.
+    SentPort { ask: ClientAsk, plan: PlanId },
+    /// A transfer command.
+    Transfer,
+    /// AUTH under passthrough.
+    Auth,
+}
+
+/// What to do once an open finishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterOpen {
+    /// Answer the client's PASV/EPSV (same mode): 227/229 now.
+    ReplyPassive(ClientAsk),
+    /// Send our PORT/EPRT to the server; its reply answers `ask`.
+    SendPort(ClientAsk),
+    /// Answer the client's PORT/EPRT with 200 (PORT→PASV conversion).
+    ReplyPortOk(ClientAsk),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PlanState {
+    Open,
+    Connected,
+}
+
+#[derive(Debug, Clone)]
+struct PlanInfo {
+    client_mode: LegMode,
+    server_mode: LegMode,
+    state: PlanState,
+}
+
+#[derive(Debug, Clone)]
+struct Transfer {
+    command: String,
+    path: String,
+    direction: Direction,
+    plan: Option<PlanId>,
+    mode: String,
+    /// The final reply code, once it came.
+    reply: Option<u16>,
+    /// (to_client, to_server, outcome) once the data connection closed.
+    data: Option<(u64, u64, DataOutcome)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Parsing,
+    Passthrough,
+    Ended,
+}
+
+/// The state of one FTP session, between one client and one server.
+#[derive(Debug)]
+pub struct Session {
+    params: SessionParams,
+    client_in: Framer,
+    server_in: Framer,
+    replies: ReplyTracker,
+    /// Outstanding commands, oldest first.
+    queue: VecDeque<Pending>,
+    /// Lines of a reply that is being rewritten, held until its last line.
+    held_reply: Vec<Vec<u8>>,
+    /// While an open is in flight, no input is processed.
+    opening: Option<(PlanId, AfterOpen)>,
+    /// Where each open plan listens, for the announcements.
+    listen_ports: HashMap<PlanId, Opened>,
+    next_plan: PlanId,
+    plans: HashMap<PlanId, PlanInfo>,
+    /// The plan the next transfer command will use.
+    armed: Option<PlanId>,
+    transfers: Vec<Transfer>,
+    epsv_all: bool,
+    phase: Phase,
+    totals: Totals,
+    actions: VecDeque<Action>,
+}
+
+/// Transfers whose log line still waits for the data connection's end are
+/// capped, so a hostile peer cannot grow the list without bound.
+const MAX_OPEN_TRANSFERS: usize = 16;
+
+impl Session {
+    /// A new session; the server's greeting is the first reply expected.
+    pub fn new(params: SessionParams) -> Self {
+        let mut queue = VecDeque::new();
+        queue.push_back(Pending::Greeting);
+        Session {
+            params,
+            client_in: Framer::new(),
+            server_in: Framer::new(),
+            replies: ReplyTracker::default(),
+            queue,
+            held_reply: Vec::new(),
+            opening: None,
+            listen_ports: HashMap::new(),
+            next_plan: 1,
+            plans: HashMap::new(),
+            armed: None,
+            transfers: Vec::new(),
+            epsv_all: false,
+            phase: Phase::Parsing,
+            totals: Totals::default(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The next action to carry out, in order.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Totals so far.
+    pub fn totals(&self) -> Totals {
+        self.totals
+    }
+
+    /// True once TLS passthrough started: the shell copies raw bytes.
+    pub fn is_passthrough(&self) -> bool {
+        self.phase == Phase::Passthrough
+    }
+
+    /// True once the session ended.
+    pub fn is_ended(&self) -> bool {
+        self.phase == Phase::Ended
+    }
+
+    /// Bytes from the client's control connection.
+    pub fn client_bytes(&mut self, bytes: &[u8]) {
+        if self.phase != Phase::Parsing {
+            return;
+        }
+        self.client_in.push(bytes);
+        self.process();
+    }
+
+    /// Bytes from the server's control connection.
+    pub fn server_bytes(&mut self, bytes: &[u8]) {
+        if self.phase != Phase::Parsing {
+            return;
+        }
+        self.server_in.push(bytes);
+        self.process();
+    }
+
+    /// The client closed its control connection.
+    pub fn client_closed(&mut self) {
+        self.end(EndReason::ClientClosed);
+    }
+
+    /// The server closed its control connection.
+    pub fn server_closed(&mut self) {
+        if self.phase == Phase::Parsing {
+            let waiting = self.queue.iter().any(|p| !matches!(p, Pending::Local(_)));
+            if waiting {
+                self.push(Action::ToClient(rewrite::reply(
+                    421,
+                    "Service not available: the server closed the connection",
+                )));
+            }
+        }
+        self.end(EndReason::ServerClosed);
+    }
+
+    /// The control connection was idle for `idle_timeout`.
+    pub fn idle_timeout(&mut self) {
+        if self.phase == Phase::Parsing {
+            self.push(Action::ToClient(rewrite::reply(
+                421,
+                "Idle timeout: closing control connection",
+            )));
+        }
+        self.end(EndReason::Idle);
+    }
+
+    /// The result of an [`Action::Open`].
+    pub fn opened(&mut self, id: PlanId, result: Result<Opened, String>) {
+        let Some((want, after)) = self.opening else {
+            return;
+        };
+        if want != id {
+            return;
+        }
+        self.opening = None;
+        match result {
+            Ok(opened) => self.after_open(id, after, opened),
+            Err(reason) => {
+                self.plans.remove(&id);
+                if self.armed == Some(id) {
+                    self.armed = None;
+                }
+                let why = format!("Can't open data connection: {reason}");
+                match after {
+                    // The client's PORT/EPRT/PASV is not answered yet and may
+                    // have replies ahead of it: queue the refusal.
+                    AfterOpen::SendPort(a) => self.refuse(a.verb(), 425, &why),
+                    // The server's reply was just consumed: answer now.
+                    AfterOpen::ReplyPassive(a) | AfterOpen::ReplyPortOk(a) => {
+                        self.refuse_now(a.verb(), 425, &why)
+                    }
+                }
+            }
+        }
+        self.process();
+    }
+
+    /// A report from a data plan's task.
+    pub fn data_event(&mut self, event: DataEvent) {
+        match event {
+            DataEvent::Connected { id } => {
+                if let Some(p) = self.plans.get_mut(&id) {
+                    p.state = PlanState::Connected;
+                }
+            }
+            DataEvent::Rejected { from, expected, .. } => {
+                self.log(LogEvent::Refusal {
+                    what: "DATA".into(),
+                    code: 0,
+                    reason: format!("data connection from {from} refused: expected {expected}"),
+                });
+            }
+            DataEvent::Closed {
+                id,
+                to_client,
+                to_server,
+                outcome,
+            } => {
+                let was_connected = self
+                    .plans
+                    .remove(&id)
+                    .map(|p| p.state == PlanState::Connected)
+                    .unwrap_or(false);
+                if self.armed == Some(id) {
+                    self.armed = None;
+                }
+                self.totals.data_to_client += to_client;
+                self.totals.data_to_server += to_server;
+                if let Some(t) = self.transfers.iter_mut().find(|t| t.plan == Some(id)) {
+                    t.data = Some((to_client, to_server, outcome));
+                    self.flush_transfers();
+                } else if !was_connected && outcome == DataOutcome::Expired {
+                    self.log(LogEvent::PinholeExpired(id));
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, a: Action) {
+        self.actions.push_back(a);
+    }
+
+    fn log(&mut self, e: LogEvent) {
+        self.push(Action::Log(e));
+    }
+
+    fn end(&mut self, reason: EndReason) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        self.phase = Phase::Ended;
+        for id in self.plans.keys().copied().collect::<Vec<_>>() {
+            self.push(Action::Close(id));
+        }
+        self.push(Action::End(reason));
+    }
+
+    /// Processes framed input until both sides need more bytes, or an open
+    /// is in flight.
+    fn process(&mut self) {
+        while self.phase == Phase::Parsing && self.opening.is_none() {
+            // Server lines first: replies free the queue for local replies.
+            match self.server_in.next_line() {
+                Ok(Some(line)) => {
+                    self.server_line(line);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    self.push(Action::ToClient(rewrite::reply(
+                        421,
+                        "Service not available: the server sent an overlong line",
+                    )));
+                    self.end(EndReason::Framing("server"));
+                    return;
+                }
+            }
+            if self.phase != Phase::Parsing || self.opening.is_some() {
+                return;
+            }
+            match self.client_in.next_line() {
+                Ok(Some(line)) => self.client_line(line),
+                Ok(None) => return,
+                Err(_) => {
+                    self.push(Action::ToClient(rewrite::reply(
+                        500,
+                        &format!("Line too long (limit {} bytes)", ftp::MAX_LINE),
+                    )));
+                    self.end(EndReason::Framing("client"));
+                    return;
+                }
+            }
+        }
+    }
+
+    // ---- client side -------------------------------------------------
+
+    fn client_line(&mut self, line: Line) {
+        let text = line.text();
+        let parsed = match parse_command(&text) {
+            Ok(p) => p,
+            Err(CommandError::Malformed) => {
+                self.refuse("?", 500, "Syntax error, command unrecognized");
+                return;
+            }
+            Err(CommandError::BadArgument { verb, reason }) => {
+                self.refuse(verb, 501, &format!("Syntax error in parameters: {reason}"));
+                return;
+            }
+        };
+        let verb = parsed.verb.to_ascii_uppercase();
+        if self
+            .params
+            .policy
+            .deny_commands
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(&verb))
+        {
+            self.refuse(&verb, 502, &format!("{verb} not allowed by gateway policy"));
+            return;
+        }
+        let arg = String::from_utf8_lossy(parsed.arg).into_owned();
+        match parsed.command {
+            Command::Port(addr) => self.client_active(ClientAsk::Port, SocketAddr::V4(addr)),
+            Command::Eprt(addr) => self.client_active(ClientAsk::Eprt, addr),
+            Command::Pasv => self.client_passive(ClientAsk::Pasv, EpsvParam::Any),
+            Command::Epsv(EpsvParam::All) => {
+                self.epsv_all = true;
+                self.reply_local(200, "EPSV ALL command successful");
+            }
+            Command::Epsv(p) => self.client_passive(ClientAsk::Epsv, p),
+            Command::Lprt => self.refuse("LPRT", 502, "LPRT not supported; use EPRT"),
+            Command::Lpsv => self.refuse("LPSV", 502, "LPSV not supported; use EPSV"),
+            Command::Auth(_) => match self.params.policy.tls {
+                TlsPolicy::Refuse => self.refuse(
+                    "AUTH",
+                    534,
+                    "TLS refused by gateway policy; continue in clear",
+                ),
+                TlsPolicy::Passthrough => self.forward(line, Pending::Auth),
+            },
+            Command::User(name) => {
+                self.log(LogEvent::User(name));
+                self.forward(line, Pending::Forward);
+            }
+            Command::Transfer => {
+                let direction = match verb.as_str() {
+                    "RETR" => Direction::Download,
+                    "STOR" | "STOU" | "APPE" => Direction::Upload,
+                    _ => Direction::Listing,
+                };
+                let plan = self.armed.take();
+                let mode = plan
+                    .and_then(|id| self.plans.get(&id))
+                    .map(|p| format!("{}/{}", p.client_mode.name(), p.server_mode.name()))
+                    .unwrap_or_else(|| "none".into());
+                if self.transfers.len() >= MAX_OPEN_TRANSFERS {
+                    self.transfers.remove(0);
+                }
+                self.transfers.push(Transfer {
+                    command: verb,
+                    path: arg,
+                    direction,
+                    plan,
+                    mode,
+                    reply: None,
+                    data: None,
+                });
+                self.forward(line, Pending::Transfer);
+            }
+            Command::Other if verb == "FEAT" => self.forward(line, Pending::Feat),
+            Command::Ccc
+            | Command::Pbsz
+            | Command::Prot
+            | Command::Abor
+            | Command::Quit
+            | Command::Rein
+            | Command::Other => self.forward(line, Pending::Forward),
+        }
+    }
+
+    fn forward(&mut self, line: Line, pending: Pending) {
+        self.queue.push_back(pending);
+        self.push(Action::ToServer(line.raw));
+    }
+
+    /// PASV or EPSV from the client.
+    fn client_passive(&mut self, ask: ClientAsk, param: EpsvParam) {
+        let verb = ask.verb();
+        if !self.params.policy.modes.contains(&DataMode::Passive) {
+            self.refuse(verb, 502, "passive mode not allowed by gateway policy");
+            return;
+        }
+        if self.epsv_all && ask == ClientAsk::Pasv {
+            self.refuse(verb, 501, "EPSV ALL in effect: only EPSV is accepted");
+            return;
+        }
+        let v6 = self.params.client.is_ipv6();
+        if ask == ClientAsk::Pasv && v6 {
+            self.refuse(verb, 504, "PASV is IPv4 only; use EPSV");
+            return;
+        }
+        match param {
+            EpsvParam::Any | EpsvParam::All => {}
+            EpsvParam::V4 if !v6 => {}
+            EpsvParam::V6 if v6 => {}
+            _ => {
+                let p = if v6 { 2 } else { 1 };
+                self.refuse(
+                    verb,
+                    522,
+                    &format!("Network protocol not supported, use ({p})"),
+                );
+                return;
+            }
+        }
+        self.drop_unused_plan();
+        match self.params.policy.server_mode {
+            ServerMode::Same | ServerMode::Passive => {
+                let cmd = self.server_passive_command(ask == ClientAsk::Epsv);
+                self.queue.push_back(Pending::Passive { ask });
+                self.push(Action::ToServer(cmd));
+            }
+            ServerMode::Active => {
+                let plan = DataPlan {
+                    id: self.plan_id(),
+                    client: Leg::Listen {
+                        bind: self.client_bind(),
+                        peer: self.params.client.ip(),
+                    },
+                    server: Leg::Listen {
+                        bind: self.params.server_local.ip(),
+                        peer: self.params.server.ip(),
+                    },
+                    client_view: self.client_view(),
+                };
+                self.open(
+                    plan,
+                    LegMode::Passive,
+                    LegMode::Active,
+                    AfterOpen::SendPort(ask),
+                );
+            }
+        }
+    }
+
+    /// PORT or EPRT from the client.
+    fn client_active(&mut self, ask: ClientAsk, addr: SocketAddr) {
+        let verb = ask.verb();
+        if !self.params.policy.modes.contains(&DataMode::Active) {
+            self.refuse(verb, 502, "active mode not allowed by gateway policy");
+            return;
+        }
+        if self.epsv_all {
+            self.refuse(verb, 501, "EPSV ALL in effect: only EPSV is accepted");
+            return;
+        }
+        let client_ip = self.params.client.ip();
+        if ask == ClientAsk::Eprt && addr.is_ipv6() != client_ip.is_ipv6() {
+            let p = if client_ip.is_ipv6() { 2 } else { 1 };
+            self.refuse(
+                verb,
+                522,
+                &format!("Network protocol not supported, use ({p})"),
+            );
+            return;
+        }
+        if canonical(addr.ip()) != client_ip {
+            self.refuse(
+                verb,
+                501,
+                &format!(
+                    "{verb} refused: address {} is not the client's own {client_ip} (FTP bounce)",
+                    addr.ip()
+                ),
+            );
+            return;
+        }
+        if let Err(reason) = self.check_port(addr.port()) {
+            self.refuse(verb, 501, &format!("{verb} refused: {reason}"));
+            return;
+        }
+        let target = SocketAddr::new(client_ip, addr.port());
+        self.drop_unused_plan();
+        match self.params.policy.server_mode {
+            ServerMode::Same | ServerMode::Active => {
+                let plan = DataPlan {
+                    id: self.plan_id(),
+                    client: Leg::Connect {
+                        target,
+                        bind: self.client_bind(),
+                    },
+                    server: Leg::Listen {
+                        bind: self.params.server_local.ip(),
+                        peer: self.params.server.ip(),
+                    },
+                    client_view: self.client_view(),
+                };
+                self.open(
+                    plan,
+                    LegMode::Active,
+                    LegMode::Active,
+                    AfterOpen::SendPort(ask),
+                );
+            }
+            ServerMode::Passive => {
+                let cmd = self.server_passive_command(false);
+                self.queue.push_back(Pending::ConvPassive { ask, target });
+                self.push(Action::ToServer(cmd));
+            }
+        }
+    }
+
+    /// PASV toward an IPv4 server unless the client used EPSV; EPSV toward
+    /// an IPv6 server, where PASV cannot express the address.
+    fn server_passive_command(&self, client_used_epsv: bool) -> Vec<u8> {
+        if self.params.server.is_ipv6() || client_used_epsv {
+            b"EPSV\r\n".to_vec()
+        } else {
+            b"PASV\r\n".to_vec()
+        }
+    }
+
+    // ---- server side -------------------------------------------------
+
+    fn server_line(&mut self, line: Line) {
+        let text = line.text();
+        match self.replies.push(&text) {
+            ReplyPos::Garbage => {
+                self.log(LogEvent::IgnoredReply {
+                    code: 0,
+                    reason: "line from server is not a reply".into(),
+                });
+            }
+            ReplyPos::Inside(_) => {
+                if self.head_rewrites() {
+                    if self.held_reply.len() < 64 {
+                        self.held_reply.push(text);
+                    }
+                } else if !self.feat_filtered(&text) {
+                    self.push(Action::ToClient(line.raw));
+                }
+            }
+            ReplyPos::End(code) => {
+                let mut lines = std::mem::take(&mut self.held_reply);
+                lines.push(text);
+                self.server_reply(code, line, lines);
+            }
+        }
+    }
+
+    /// True when the head's reply must be seen whole before anything is sent.
+    fn head_rewrites(&self) -> bool {
+        matches!(
+            self.queue.front(),
+            Some(Pending::Passive { .. } | Pending::ConvPassive { .. } | Pending::SentPort { .. })
+        )
+    }
+
+    /// Under `tls: refuse`, FEAT does not advertise what would be refused.
+    fn feat_filtered(&self, text: &[u8]) -> bool {
+        if self.params.policy.tls != TlsPolicy::Refuse || self.queue.front() != Some(&Pending::Feat)
+        {
+            return false;
+        }
+        let t = String::from_utf8_lossy(text);
+        let word = t
+            .trim_start()
+            .split(' ')
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        matches!(word.as_str(), "AUTH" | "PBSZ" | "PROT" | "CCC")
+    }
+
+    /// A complete reply: `raw` is its last line as received, `lines` the
+    /// text of the lines held for rewriting plus the last one.
+    fn server_reply(&mut self, code: u16, raw: Line, lines: Vec<Vec<u8>>) {
+        if code < 200 {
+            // Preliminary: the command stays outstanding.
+            if matches!(
+                self.queue.front(),
+                Some(Pending::Transfer) | Some(Pending::Greeting)
+            ) {
+                self.push(Action::ToClient(raw.raw));
+            } else {
+                self.log(LogEvent::IgnoredReply {
+                    code,
+                    reason: "preliminary reply to a command that has none".into(),
+                });
+            }
+            return;
+        }
+        self.flush_locals();
+        let Some(head) = self.queue.pop_front() else {
+            if code == 227 || code == 229 {
+                self.log(LogEvent::IgnoredReply {
+                    code,
+                    reason: "passive reply that no PASV/EPSV asked for; dropped".into(),
+                });
+            } else {
+                self.push(Action::ToClient(raw.raw));
+            }
+            return;
+        };
+        match head {
+            // flush_locals() above leaves no local reply at the head.
+            Pending::Local(bytes) => self.push(Action::ToClient(bytes)),
+            Pending::Greeting | Pending::Forward | Pending::Feat => {
+                self.forward_reply(code, raw);
+            }
+            Pending::Transfer => {
+                self.forward_reply(code, raw);
+                self.transfer_reply(code);
+            }
+            Pending::Auth => {
+                self.push(Action::ToClient(raw.raw));
+                if code == 234 {
+                    self.phase = Phase::Passthrough;
+                    let to_server = self.client_in.take_buffered();
+                    let to_client = self.server_in.take_buffered();
+                    self.log(LogEvent::TlsPassthrough);
+                    self.push(Action::Passthrough {
+                        to_server,
+                        to_client,
+                    });
+                    return;
+                }
+            }
+            Pending::Passive { ask } => self.passive_reply(code, &lines, raw, ask, None),
+            Pending::ConvPassive { ask, target } => {
+                self.passive_reply(code, &lines, raw, ask, Some(target))
+            }
+            Pending::SentPort { ask, plan } => {
+                if (200..300).contains(&code) {
+                    match ask {
+                        ClientAsk::Port | ClientAsk::Eprt => self.forward_reply(code, raw),
+                        ClientAsk::Pasv | ClientAsk::Epsv => {
+                            // The plan's client listen port was stored at open.
+                            let reply = self.passive_announcement(ask, plan);
+                            self.push(Action::ToClient(reply));
+                        }
+                    }
+                } else {
+                    self.close_plan(plan);
+                    let text = lossy_tail(&lines);
+                    self.refuse_now(
+                        ask.verb(),
+                        425,
+                        &format!("Can't open data connection: server refused PORT ({code} {text})"),
+                    );
+                }
+            }
+        }
+        self.flush_locals();
+    }
+
+    /// Forwards a final reply; a 227/229 that answers no PASV/EPSV loses its
+    /// address so nothing downstream can act on it.
+    fn forward_reply(&mut self, code: u16, raw: Line) {
+        if code == 227 || code == 229 {
+            self.log(LogEvent::IgnoredReply {
+                code,
+                reason: "passive reply to a command other than PASV/EPSV; address withheld".into(),
+            });
+            self.push(Action::ToClient(rewrite::reply(
+                code,
+                "Reply withheld by gateway (no passive request outstanding)",
+            )));
+            return;
+        }
+        self.push(Action::ToClient(raw.raw));
+    }
+
+    /// The server's reply to a PASV/EPSV the gateway sent, either for the
+    /// client's own PASV/EPSV or for a PORT/EPRT being converted.
+    fn passive_reply(
+        &mut self,
+        code: u16,
+        lines: &[Vec<u8>],
+        raw: Line,
+        ask: ClientAsk,
+        convert_to: Option<SocketAddr>,
+    ) {
+        let port = match code {
+            227 => lines
+                .iter()
+                .rev()
+                .find_map(|l| parse_227(reply_text(l)))
+                .map(|a| {
+                    if IpAddr::V4(*a.ip()) != self.params.server.ip() {
+                        // Third-party address (or the server's private one):
+                        // the gateway only ever connects to the control peer.
+                        self.log(LogEvent::IgnoredReply {
+                            code,
+                            reason: format!(
+                                "server announced {}; connecting to the control peer {} instead",
+                                a.ip(),
+                                self.params.server.ip()
+                            ),
+                        });
+                    }
+                    a.port()
+                }),
+            229 => lines.iter().rev().find_map(|l| parse_229(reply_text(l))),
+            _ => {
+                match convert_to {
+                    None => self.push(Action::ToClient(raw.raw)),
+                    Some(_) => {
+                        let text = lossy_tail(lines);
+                        self.refuse_now(
+                            ask.verb(),
+                            425,
+                            &format!("Can't open data connection: server refused passive mode ({code} {text})"),
+                        );
+                    }
+                }
+                return;
+            }
+        };
+        let Some(port) = port else {
+            self.refuse_now(
+                ask.verb(),
+                425,
+                "Can't open data connection: malformed passive reply from server",
+            );
+            return;
+        };
+        if let Err(reason) = self.check_port(port) {
+            self.refuse_now(
+                ask.verb(),
+                425,
+                &format!("Can't open data connection: server announced {reason}"),
+            );
+            return;
+        }
+        let server_target = SocketAddr::new(self.params.server.ip(), port);
+        let server_leg = Leg::Connect {
+            target: server_target,
+            bind: self.params.server_local.ip(),
+        };
+        let id = self.plan_id();
+        match convert_to {
+            None => {
+                let plan = DataPlan {
+                    id,
+                    client: Leg::Listen {
+                        bind: self.client_bind(),
+                        peer: self.params.client.ip(),
+                    },
+                    server: server_leg,
+                    client_view: self.client_view(),
+                };
+                self.open(
+                    plan,
+                    LegMode::Passive,
+                    LegMode::Passive,
+                    AfterOpen::ReplyPassive(ask),
+                );
+            }
+            Some(target) => {
+                let plan = DataPlan {
+                    id,
+                    client: Leg::Connect {
+                        target,
+                        bind: self.client_bind(),
+                    },
+                    server: server_leg,
+                    client_view: self.client_view(),
+                };
+                self.open(
+                    plan,
+                    LegMode::Active,
+                    LegMode::Passive,
+                    AfterOpen::ReplyPortOk(ask),
+                );
+            }
+        }
+    }
+
+    fn after_open(&mut self, id: PlanId, after: AfterOpen, opened: Opened) {
+        self.listen_ports.insert(id, opened);
+        match after {
+            AfterOpen::ReplyPassive(ask) => {
+                let reply = self.passive_announcement(ask, id);
+                self.reply_now(reply);
+            }
+            AfterOpen::ReplyPortOk(ask) => {
+                self.reply_now(rewrite::reply(
+                    200,
+                    &format!("{} command successful", ask.verb()),
+                ));
+            }
+            AfterOpen::SendPort(ask) => {
+                let Some(addr) = opened.server_listen else {
+                    self.close_plan(id);
+                    self.refuse(
+                        ask.verb(),
+                        425,
+                        "Can't open data connection: no server listener",
+                    );
+                    return;
+                };
+                let cmd = match addr {
+                    SocketAddr::V4(a) => rewrite::port(a),
+                    SocketAddr::V6(_) => rewrite::eprt(addr),
+                };
+                self.queue.push_back(Pending::SentPort { ask, plan: id });
+                self.push(Action::ToServer(cmd));
+            }
+        }
+    }
+
+    /// The 227/229 that tells the client where to connect for plan `id`.
+    fn passive_announcement(&mut self, ask: ClientAsk, id: PlanId) -> Vec<u8> {
+        let Some(port) = self
+            .listen_ports
+            .get(&id)
+            .and_then(|o| o.client_listen)
+            .map(|a| a.port())
+        else {
+            self.close_plan(id);
+            return rewrite::reply(425, "Can't open data connection: no client listener");
+        };
+        match (ask, self.announce_ip()) {
+            (ClientAsk::Pasv, IpAddr::V4(ip)) => rewrite::reply_227(SocketAddrV4::new(ip, port)),
+            (ClientAsk::Pasv, IpAddr::V6(_)) => {
+                self.close_plan(id);
+                rewrite::reply(
+                    425,
+                    "Can't open data connection: no IPv4 address to announce",
+                )
+            }
+            _ => rewrite::reply_229(port),
+        }
+    }
+
+    fn transfer_reply(&mut self, code: u16) {
+        // Replies come in command order: the oldest transfer still waiting
+        // for its final reply is the one answered.
+        let Some(idx) = self.transfers.iter().position(|t| t.reply.is_none()) else {
+            return;
+        };
+        self.transfers[idx].reply = Some(code);
+        match self.transfers[idx].plan {
+            None => {
+                let outcome = if code < 400 {
+                    DataOutcome::Completed
+                } else {
+                    DataOutcome::Failed("no data connection".into())
+                };
+                self.transfers[idx].data.get_or_insert((0, 0, outcome));
+            }
+            Some(id) => {
+                let connected = self.plans.get(&id).map(|p| p.state == PlanState::Connected);
+                if code >= 400 && connected == Some(false) {
+                    // No data connection will carry this transfer: release
+                    // the pinhole now rather than at its timeout.
+                    self.close_plan(id);
+                }
+            }
+        }
+        self.flush_transfers();
+    }
+
+    /// Logs every transfer that has both its final reply and its data end.
+    fn flush_transfers(&mut self) {
+        let mut i = 0;
+        while i < self.transfers.len() {
+            let t = &self.transfers[i];
+            if let (Some(reply), Some((to_client, to_server, outcome))) = (t.reply, &t.data) {
+                let result = match (reply, outcome) {
+                    (200..=299, DataOutcome::Completed) => "ok".to_string(),
+                    (_, DataOutcome::Completed) => format!("server replied {reply}"),
+                    (_, DataOutcome::Expired) => "data connection never made".to_string(),
+                    (_, DataOutcome::Failed(why)) => why.clone(),
+                };
+                let rec = TransferRecord {
+                    command: t.command.clone(),
+                    path: t.path.clone(),
+                    direction: t.direction,
+                    mode: t.mode.clone(),
+                    to_client: *to_client,
+                    to_server: *to_server,
+                    reply,
+                    result,
+                };
+                self.transfers.remove(i);
+                self.totals.transfers += 1;
+                self.log(LogEvent::Transfer(rec));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    // ---- plans -------------------------------------------------------
+
+    fn plan_id(&mut self) -> PlanId {
+        let id = self.next_plan;
+        self.next_plan += 1;
+        id
+    }
+
+    fn open(&mut self, plan: DataPlan, client: LegMode, server: LegMode, after: AfterOpen) {
+        let id = plan.id;
+        self.plans.insert(
+            id,
+            PlanInfo {
+                client_mode: client,
+                server_mode: server,
+                state: PlanState::Open,
+            },
+        );
+        self.armed = Some(id);
+        self.opening = Some((id, after));
+        self.push(Action::Open(plan));
+    }
+
+    fn close_plan(&mut self, id: PlanId) {
+        if self.plans.remove(&id).is_some() {
+            self.push(Action::Close(id));
+        }
+        // A closed plan sends no Closed event: settle its transfer here.
+        if let Some(t) = self.transfers.iter_mut().find(|t| t.plan == Some(id)) {
+            t.data
+                .get_or_insert((0, 0, DataOutcome::Failed("no data connection".into())));
+        }
+        self.listen_ports.remove(&id);
+        if self.armed == Some(id) {
+            self.armed = None;
+        }
+    }
+
+    /// A new PASV/PORT replaces a pinhole that was never used.
+    fn drop_unused_plan(&mut self) {
+        if let Some(id) = self.armed.take() {
+            let unused = self
+                .plans
+                .get(&id)
+                .map(|p| p.state == PlanState::Open)
+                .unwrap_or(false);
+            if unused {
+                self.close_plan(id);
+            }
+        }
+    }
+
+    /// Ports below 1024 are never accepted; others must be in `data_ports`.
+    fn check_port(&self, port: u16) -> Result<(), String> {
+        if port < 1024 {
+            return Err(format!("privileged port {port}"));
+        }
+        let range = self.params.policy.data_ports;
+        if !range.contains(port) {
+            return Err(format!("port {port} outside allowed data ports {range}"));
+        }
+        Ok(())
+    }
+
+    fn client_view(&self) -> Option<IpAddr> {
+        self.params.transparent.then(|| self.params.server.ip())
+    }
+
+    /// In transparent mode the local address may not be ours (tproxy), and
+    /// the backend makes the client see the server's address anyway.
+    fn client_bind(&self) -> IpAddr {
+        if self.params.transparent {
+            match self.params.client {
+                SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            }
+        } else {
+            self.params.client_local.ip()
+        }
+    }
+
+    /// The address the client believes is the server.
+    fn announce_ip(&self) -> IpAddr {
+        if self.params.transparent {
+            return self.params.server.ip();
+        }
+        match self.params.announce {
+            Some(ip) if ip.is_ipv4() == self.params.client.is_ipv4() => ip,
+            _ => self.params.client_local.ip(),
+        }
+    }
+
+    // ---- replies the gateway makes -----------------------------------
+
+    fn reply_local(&mut self, code: u16, text: &str) {
+        let bytes = rewrite::reply(code, text);
+        if self.queue.is_empty() {
+            self.push(Action::ToClient(bytes));
+        } else {
+            self.queue.push_back(Pending::Local(bytes));
+        }
+    }
+
+    /// A reply that answers the command now at the head (already popped).
+    fn reply_now(&mut self, bytes: Vec<u8>) {
+        self.push(Action::ToClient(bytes));
+        self.flush_locals();
+    }
+
+    fn refuse(&mut self, what: &str, code: u16, reason: &str) {
+        self.log(LogEvent::Refusal {
+            what: what.to_string(),
+            code,
+            reason: reason.to_string(),
+        });
+        self.reply_local(code, reason);
+    }
+
+    /// A refusal that answers the command whose reply is due now.
+    fn refuse_now(&mut self, what: &str, code: u16, reason: &str) {
+        self.log(LogEvent::Refusal {
+            what: what.to_string(),
+            code,
+            reason: reason.to_string(),
+        });
+        self.reply_now(rewrite::reply(code, reason));
+    }
+
+    fn flush_locals(&mut self) {
+        while let Some(Pending::Local(_)) = self.queue.front() {
+            if let Some(Pending::Local(bytes)) = self.queue.pop_front() {
+                self.push(Action::ToClient(bytes));
+            }
+        }
+    }
+}
+
+/// The text after a reply code (or the whole line for a middle line).
+fn reply_text(line: &[u8]) -> &[u8] {
+    if line.len() >= 4 && line[..3].iter().all(u8::is_ascii_digit) {
+        &line[4..]
+    } else if line.len() == 3 && line.iter().all(u8::is_ascii_digit) {
+        &[]
+    } else {
+        line
+    }
+}
+
+fn lossy_tail(lines: &[Vec<u8>]) -> String {
+    let last = lines.last().map(|l| reply_text(l)).unwrap_or(&[]);
+    let s = String::from_utf8_lossy(last);
+    s.chars().filter(|c| !c.is_control()).take(120).collect()
+}
+
+/// IPv4-mapped IPv6 addresses compare as the IPv4 address they carry.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}

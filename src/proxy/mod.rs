@@ -1,1 +1,230 @@
-//! The tokio shell.
+//! The tokio shell: listeners, one control task per session, limits and
+//! shutdown. It has no FTP knowledge beyond feeding the session core and
+//! carrying out its actions.
+
+mod control;
+mod limits;
+pub mod origdst;
+
+pub use limits::{SessionLimits, SessionSlot};
+
+use crate::config::{Config, Listener, ListenerMode};
+use crate::pinhole::Backend;
+use anyhow::Context;
+use socket2::{Domain, Socket, Type};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+/// Everything the sessions of one gateway share.
+pub struct Gateway {
+    /// The configuration the sessions run under.
+    pub config: Arc<Config>,
+    /// Opens data plans.
+    pub backend: Arc<dyn Backend>,
+    /// Counts sessions against `limits`.
+    pub limits: SessionLimits,
+    /// Session ids: unique for the process's life, carried by every log line.
+    next_id: AtomicU64,
+}
+
+impl Gateway {
+    /// A gateway over `config`, opening data plans with `backend`.
+    pub fn new(config: Arc<Config>, backend: Arc<dyn Backend>) -> Arc<Self> {
+        let limits = SessionLimits::new(
+            config.limits.max_sessions,
+            config.limits.max_sessions_per_client,
+        );
+        Arc::new(Gateway {
+            config,
+            backend,
+            limits,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    fn session_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Binds a listener's socket. IPv6 sockets are v6-only, so `0.0.0.0:P` and
+/// `[::]:P` can be two listeners. Transparent listeners ask for
+/// IP_TRANSPARENT so that tproxy works; without CAP_NET_ADMIN that is
+/// skipped and `redirect` still works.
+pub fn bind(listener: &Listener) -> anyhow::Result<TcpListener> {
+    let addr = listener.listen;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+        .with_context(|| format!("listener {}: socket", listener.name))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if listener.mode == ListenerMode::Transparent {
+        let r = match addr {
+            SocketAddr::V4(_) => socket.set_ip_transparent_v4(true),
+            SocketAddr::V6(_) => socket.set_ip_transparent_v6(true),
+        };
+        if let Err(e) = r {
+            tracing::debug!(listener = %listener.name, "IP_TRANSPARENT not set ({e}); tproxy unavailable, redirect still works");
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("listener {}: bind {addr}", listener.name))?;
+    socket.listen(1024)?;
+    let std: std::net::TcpListener = socket.into();
+    Ok(TcpListener::from_std(std)?)
+}
+
+/// Accepts sessions on every listener until `shutdown` resolves, then waits
+/// for running sessions up to `grace` before returning.
+///
+/// `listeners` pairs each configured listener with its bound socket, so
+/// tests can bind port 0 and read the address back.
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    listeners: Vec<(Listener, TcpListener)>,
+    shutdown: impl Future<Output = ()>,
+    grace: std::time::Duration,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Each session holds a clone; when every clone is gone, all are done.
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let mut accepts = JoinSet::new();
+    for (listener, socket) in listeners {
+        let addr = socket
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        info!(listener = %listener.name, %addr, mode = mode_name(&listener.mode), "listening");
+        accepts.spawn(accept_loop(
+            gateway.clone(),
+            Arc::new(listener),
+            socket,
+            stop_rx.clone(),
+            done_tx.clone(),
+        ));
+    }
+    drop(done_tx);
+    shutdown.await;
+    info!("shutting down: no new sessions");
+    let _ = stop_tx.send(true);
+    while accepts.join_next().await.is_some() {}
+    if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
+        warn!(
+            open = gateway.limits.open(),
+            "grace period over: closing remaining sessions"
+        );
+    }
+}
+
+fn mode_name(mode: &ListenerMode) -> &'static str {
+    match mode {
+        ListenerMode::Reverse { .. } => "reverse",
+        ListenerMode::Transparent => "transparent",
+    }
+}
+
+/// Accepts until told to stop.
+async fn accept_loop(
+    gateway: Arc<Gateway>,
+    listener: Arc<Listener>,
+    socket: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = socket.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let id = gateway.session_id();
+                    let fut = control::session(gateway.clone(), listener.clone(), stream, peer, id);
+                    let done = done.clone();
+                    tokio::spawn(async move {
+                        fut.await;
+                        drop(done);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!(listener = %listener.name, "accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// A gateway built from a configuration: bound listeners, backend, and the
+/// nftables table when one is needed. Dropping it does not remove the
+/// table; call [`Launched::cleanup`] at exit.
+pub struct Launched {
+    /// Shared state for sessions.
+    pub gateway: Arc<Gateway>,
+    /// Each listener with its bound socket.
+    pub listeners: Vec<(Listener, TcpListener)>,
+    /// The gateway's own nftables table, if the configuration needs one.
+    pub table: Option<Arc<crate::pinhole::nft::InterceptTable>>,
+}
+
+impl Launched {
+    /// Binds every listener and sets up the backend. Fails, and starts
+    /// nothing, when any part cannot be set up: a half-working gateway is
+    /// worse than none.
+    pub async fn new(config: Arc<Config>) -> anyhow::Result<Self> {
+        use crate::pinhole::{nft::InterceptTable, relay::RelayBackend, DataSettings, PortPool};
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            listeners.push((l.clone(), bind(l)?));
+        }
+        let transparent = config
+            .listeners
+            .iter()
+            .any(|l| l.mode == ListenerMode::Transparent);
+        let table = if transparent {
+            let t = InterceptTable::create(&config.data.nftables_table)
+                .await
+                .with_context(|| {
+                    format!(
+                        "transparent listeners need the nftables table '{}' (is nft installed, and do we have CAP_NET_ADMIN?)",
+                        config.data.nftables_table
+                    )
+                })?;
+            Some(Arc::new(t))
+        } else {
+            None
+        };
+        let backend = RelayBackend::new(
+            PortPool::new("client", config.data.client_ports),
+            PortPool::new("server", config.data.server_ports),
+            DataSettings {
+                pinhole_timeout: config.data.pinhole_timeout,
+                connect_timeout: config.limits.connect_timeout,
+            },
+            table.clone(),
+        );
+        let gateway = Gateway::new(config, Arc::new(backend));
+        Ok(Launched {
+            gateway,
+            listeners,
+            table,
+        })
+    }
+
+    /// Removes what the gateway installed outside itself (its table).
+    pub async fn cleanup(table: Option<Arc<crate::pinhole::nft::InterceptTable>>) {
+        if let Some(t) = table {
+            if let Err(e) = t.destroy().await {
+                warn!("removing nftables table {}: {e}", t.name());
+            }
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! One control connection: find the server, apply the rules, connect, then
+//! feed the session core and carry out its actions.
+
+use super::{origdst, Gateway};
+use crate::config::{Listener, ListenerMode};
+use crate::ftp::rewrite;
+use crate::pinhole::{DataEvent, Pinhole, PlanId, SessionInfo};
+use crate::rules::{decide, Decision};
+use crate::session::{Action, EndReason, LogEvent, Session, SessionParams};
+use socket2::SockRef;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{info, info_span, warn, Instrument};
+
+/// Runs one session to its end. Never panics the process; every failure is
+/// logged in the session's span.
+pub(super) async fn session(
+    gateway: Arc<Gateway>,
+    listener: Arc<Listener>,
+    client: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+) {
+    let span = info_span!("session", id, listener = %listener.name);
+    run(gateway, listener, client, peer, id)
+        .instrument(span)
+        .await
+}
+
+async fn run(
+    gateway: Arc<Gateway>,
+    listener: Arc<Listener>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+) {
+    let started = Instant::now();
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    // ABOR arrives with urgent data (ftplib sends the whole line with
+    // MSG_OOB): keep the urgent byte in the stream, or the line loses its LF.
+    let _ = SockRef::from(&client).set_out_of_band_inline(true);
+    let _ = client.set_nodelay(true);
+    let Ok(client_local) = client.local_addr() else {
+        return;
+    };
+    let (server, announce, transparent) = match &listener.mode {
+        ListenerMode::Reverse { upstream, announce } => (*upstream, *announce, false),
+        ListenerMode::Transparent => {
+            match origdst::original_destination(&client, listener.listen) {
+                Ok(dst) => (dst, None, true),
+                Err(e) => {
+                    refuse_session(&mut client, peer, &format!("{e}")).await;
+                    return;
+                }
+            }
+        }
+    };
+    let _slot = match gateway.limits.acquire(peer.ip()) {
+        Ok(slot) => slot,
+        Err(hit) => {
+            let why = match hit {
+                super::limits::LimitHit::Total(n) => {
+                    format!("too many sessions (max_sessions {n})")
+                }
+                super::limits::LimitHit::PerClient(n) => {
+                    format!(
+                        "too many sessions from {} (max_sessions_per_client {n})",
+                        peer.ip()
+                    )
+                }
+            };
+            refuse_session(&mut client, peer, &why).await;
+            return;
+        }
+    };
+    let policy = match decide(&gateway.config, peer.ip(), server) {
+        Decision::Allow(p) => p,
+        Decision::Deny(rule) => {
+            let why = match rule {
+                Some(r) => format!("denied by rule '{r}'"),
+                None => "no rule allows this session".to_string(),
+            };
+            refuse_session(&mut client, peer, &format!("{why} (server {server})")).await;
+            return;
+        }
+    };
+    let limits = &gateway.config.limits;
+    let upstream =
+        match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(server)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                refuse_session(
+                    &mut client,
+                    peer,
+                    &format!("cannot reach server {server}: {e}"),
+                )
+                .await;
+                return;
+            }
+            Err(_) => {
+                refuse_session(
+                    &mut client,
+                    peer,
+                    &format!(
+                        "cannot reach server {server}: no answer within {:?}",
+                        limits.connect_timeout
+                    ),
+                )
+                .await;
+                return;
+            }
+        };
+    let _ = upstream.set_nodelay(true);
+    let Ok(server_local) = upstream.local_addr() else {
+        return;
+    };
+    let server_local = SocketAddr::new(server_local.ip().to_canonical(), server_local.port());
+    let client_local = SocketAddr::new(client_local.ip().to_canonical(), client_local.port());
+    info!(client = %peer, %server, rule = %policy.rule, mode = if transparent { "transparent" } else { "reverse" }, "session start");
+    let core = Session::new(SessionParams {
+        client: peer,
+        client_local,
+        server,
+        server_local,
+        transparent,
+        announce,
+        policy,
+    });
+    let info = SessionInfo {
+        id,
+        client: peer,
+        server,
+    };
+    let mut conn = Conn {
+        gateway: &gateway,
+        info,
+        core,
+        client,
+        upstream,
+        pinholes: HashMap::new(),
+        from_client: 0,
+        from_server: 0,
+    };
+    let reason = conn.drive().await;
+    let totals = conn.core.totals();
+    drop(conn.pinholes);
+    info!(
+        duration_ms = started.elapsed().as_millis() as u64,
+        control_from_client = conn.from_client,
+        control_from_server = conn.from_server,
+        data_to_client = totals.data_to_client,
+        data_to_server = totals.data_to_server,
+        transfers = totals.transfers,
+        %reason,
+        "session end"
+    );
+}
+
+/// Tells the client why with 421, logs it, and closes.
+async fn refuse_session(client: &mut TcpStream, peer: SocketAddr, why: &str) {
+    warn!(client = %peer, what = "SESSION", code = 421u16, reason = %why, "refused");
+    let _ = client
+        .write_all(&rewrite::reply(
+            421,
+            &format!("Service not available: {why}"),
+        ))
+        .await;
+    let _ = client.shutdown().await;
+}
+
+struct Conn<'a> {
+    gateway: &'a Gateway,
+    info: SessionInfo,
+    core: Session,
+    client: TcpStream,
+    upstream: TcpStream,
+    /// Open plans; dropping one closes its pinholes.
+    pinholes: HashMap<PlanId, Pinhole>,
+    from_client: u64,
+    from_server: u64,
+}
+
+/// How the drive loop ended.
+enum Ended {
+    Core(EndReason),
+    Passthrough,
+    Io(String),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Core(r) => write!(f, "{r}"),
+            Ended::Passthrough => f.write_str("TLS passthrough ended"),
+            Ended::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl Conn<'_> {
+    async fn drive(&mut self) -> Ended {
+        let (tx, mut rx) = mpsc::unbounded_channel::<DataEvent>();
+        let idle = self.gateway.config.limits.idle_timeout;
+        let mut cbuf = vec![0u8; 8192];
+        let mut sbuf = vec![0u8; 8192];
+        let mut deadline = tokio::time::Instant::now() + idle;
+        loop {
+            tokio::select! {
+                r = self.client.read(&mut cbuf) => match r {
+                    Ok(0) | Err(_) => self.core.client_closed(),
+                    Ok(n) => {
+                        self.from_client += n as u64;
+                        deadline = tokio::time::Instant::now() + idle;
+                        self.core.client_bytes(&cbuf[..n]);
+                    }
+                },
+                r = self.upstream.read(&mut sbuf) => match r {
+                    Ok(0) | Err(_) => self.core.server_closed(),
+                    Ok(n) => {
+                        self.from_server += n as u64;
+                        deadline = tokio::time::Instant::now() + idle;
+                        self.core.server_bytes(&sbuf[..n]);
+                    }
+                },
+                Some(ev) = rx.recv() => {
+                    // A running transfer is activity: an idle control
+                    // connection during a long download is normal.
+                    deadline = tokio::time::Instant::now() + idle;
+                    self.core.data_event(ev);
+                }
+                _ = tokio::time::sleep_until(deadline) => self.core.idle_timeout(),
+            }
+            if let Some(end) = self.act(&tx).await {
+                return end;
+            }
+        }
+    }
+
+    /// Carries out the core's actions in order.
+    async fn act(&mut self, tx: &mpsc::UnboundedSender<DataEvent>) -> Option<Ended> {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::ToClient(b) => {
+                    if let Err(e) = self.client.write_all(&b).await {
+                        return Some(Ended::Io(format!("write to client: {e}")));
+                    }
+                }
+                Action::ToServer(b) => {
+                    if let Err(e) = self.upstream.write_all(&b).await {
+                        return Some(Ended::Io(format!("write to server: {e}")));
+                    }
+                }
+                Action::Open(plan) => {
+                    let id = plan.id;
+                    let r = self
+                        .gateway
+                        .backend
+                        .open(&self.info, plan, tx.clone())
+                        .await;
+                    match r {
+                        Ok((opened, pinhole)) => {
+                            self.pinholes.insert(id, pinhole);
+                            self.core.opened(id, Ok(opened));
+                        }
+                        Err(e) => self.core.opened(id, Err(e.to_string())),
+                    }
+                }
+                Action::Close(id) => {
+                    self.pinholes.remove(&id);
+                }
+                Action::Passthrough {
+                    to_server,
+                    to_client,
+                } => {
+                    return Some(self.passthrough(to_server, to_client).await);
+                }
+                Action::Log(ev) => log_event(ev),
+                Action::End(reason) => {
+                    let _ = self.client.flush().await;
+                    let _ = self.client.shutdown().await;
+                    return Some(Ended::Core(reason));
+                }
+            }
+        }
+        None
+    }
+
+    /// After AUTH TLS under passthrough: raw bytes both ways until either
+    /// side closes.
+    async fn passthrough(&mut self, to_server: Vec<u8>, to_client: Vec<u8>) -> Ended {
+        if self.upstream.write_all(&to_server).await.is_err()
+            || self.client.write_all(&to_client).await.is_err()
+        {
+            return Ended::Passthrough;
+        }
+        match tokio::io::copy_bidirectional(&mut self.client, &mut self.upstream).await {
+            Ok((c, s)) => {
+                self.from_client += c;
+                self.from_server += s;
+                Ended::Passthrough
+            }
+            Err(e) => Ended::Io(format!("TLS passthrough: {e}")),
+        }
+    }
+}
+
+fn log_event(ev: LogEvent) {
+    match ev {
+        LogEvent::Refusal { what, code, reason } => {
+            warn!(%what, code, %reason, "refused")
+        }
+        LogEvent::Transfer(t) => info!(
+            command = %t.command,
+            path = %t.path,
+            direction = %t.direction,
+            mode = %t.mode,
+            bytes = t.to_client + t.to_server,
+            to_client = t.to_client,
+            to_server = t.to_server,
+            reply = t.reply,
+            result = %t.result,
+            "transfer"
+        ),
+        LogEvent::User(user) => info!(%user, "user"),
+        LogEvent::TlsPassthrough => {
+            info!("TLS started: control stream no longer parsed (tls: passthrough)")
+        }
+        LogEvent::IgnoredReply { code, reason } => {
+            info!(code, %reason, "reply not forwarded as received")
+        }
+        LogEvent::PinholeExpired(id) => info!(plan = id, "pinhole expired unused"),
+    }
+}

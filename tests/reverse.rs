@@ -1,0 +1,391 @@
+//! In-process integration: libunftp behind ftpgate in reverse mode, driven
+//! by suppaftp. Every address is on loopback and every port is chosen by
+//! the kernel (port 0) or drawn from the gateway's own pools.
+
+use ftpgate::config::Config;
+use ftpgate::proxy::{serve, Launched};
+use libunftp::options::ActivePassiveMode;
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use suppaftp::tokio::AsyncFtpStream;
+use suppaftp::types::FileType;
+use suppaftp::{FtpError, Mode, Status};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{oneshot, Notify};
+use unftp_sbe_fs::Filesystem;
+
+/// Log lines written by the gateway, and a way to wait for one.
+#[derive(Clone, Default)]
+struct LogBuf {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    changed: Arc<Notify>,
+}
+
+impl LogBuf {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes.lock().unwrap()).into_owned()
+    }
+    /// Waits until the log contains `needle` (bounded by a generous limit,
+    /// after which the test fails with the log).
+    async fn wait_for(&self, needle: &str) -> String {
+        let limit = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let notified = self.changed.notified();
+            let t = self.text();
+            if t.contains(needle) {
+                return t;
+            }
+            if tokio::time::timeout_at(limit, notified).await.is_err() {
+                panic!("log never contained {needle:?}:\n{t}");
+            }
+        }
+    }
+}
+
+struct LogWriter(LogBuf);
+
+impl Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.bytes.lock().unwrap().extend_from_slice(b);
+        self.0.changed.notify_waiters();
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Env {
+    gateway: SocketAddr,
+    root: tempfile::TempDir,
+    logs: LogBuf,
+    _stop: oneshot::Sender<()>,
+    _log_guard: tracing::subscriber::DefaultGuard,
+}
+
+/// Starts libunftp and ftpgate in front of it, both on 127.0.0.1: libunftp
+/// dials active-mode connections without binding, so its source address is
+/// the one the kernel picks for 127.0.0.1, and the gateway only admits the
+/// server's control-peer address on its server-side pinholes.
+async fn start(server_mode: &str, extra_data: &str) -> Env {
+    let logs = LogBuf::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || LogWriter(writer.clone()))
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+
+    let root = tempfile::tempdir().unwrap();
+    let upstream = start_unftp(root.path()).await;
+    let yaml = format!(
+        "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n\
+         data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n{extra_data}\
+         rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n    server_mode: {server_mode}\n    deny_commands: [SITE]\n"
+    );
+    let config = Config::parse(&yaml, Path::new("test.yaml")).unwrap();
+    let launched = Launched::new(Arc::new(config)).await.unwrap();
+    let gateway = launched.listeners[0].1.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(serve(
+        launched.gateway,
+        launched.listeners,
+        async {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(1),
+    ));
+    Env {
+        gateway,
+        root,
+        logs,
+        _stop: stop,
+        _log_guard: guard,
+    }
+}
+
+async fn start_unftp(root: &Path) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let root: PathBuf = root.to_path_buf();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let root = root.clone();
+            let server = libunftp::ServerBuilder::new(Box::new(move || {
+                Filesystem::new(root.clone()).unwrap()
+            }))
+            .active_passive_mode(ActivePassiveMode::ActiveAndPassive)
+            .build()
+            .unwrap();
+            tokio::spawn(server.service(stream));
+        }
+    });
+    addr
+}
+
+async fn login(env: &Env, mode: Mode) -> AsyncFtpStream {
+    let mut ftp = AsyncFtpStream::connect(env.gateway).await.unwrap();
+    if mode == Mode::Active {
+        ftp = ftp.active_mode(Duration::from_secs(10));
+    } else {
+        ftp.set_mode(mode);
+    }
+    ftp.login("anonymous", "test@").await.unwrap();
+    ftp.transfer_type(FileType::Binary).await.unwrap();
+    ftp
+}
+
+fn payload(len: usize, seed: u64) -> Vec<u8> {
+    // xorshift: incompressible enough, reproducible, no extra crate.
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn digest(b: &[u8]) -> Vec<u8> {
+    Sha256::digest(b).to_vec()
+}
+
+/// Sends a raw command and returns the reply code, whatever it is.
+async fn raw(ftp: &mut AsyncFtpStream, cmd: &str) -> (u32, String) {
+    let body = match ftp.custom_command(cmd, &[Status::CommandOk]).await {
+        Ok(r) => r.body,
+        Err(FtpError::UnexpectedResponse(r)) => r.body,
+        Err(e) => panic!("{cmd}: {e}"),
+    };
+    // Read the code from the wire text: suppaftp maps codes it does not
+    // know (534) to 0.
+    let text = String::from_utf8_lossy(&body).into_owned();
+    (
+        text.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0),
+        text,
+    )
+}
+
+/// Upload, download and LIST through the gateway; digests must match and
+/// the transfer log line must carry the byte count.
+async fn round_trip(server_mode: &str, mode: Mode) {
+    let env = start(server_mode, "").await;
+    let mut ftp = login(&env, mode).await;
+    let name = format!("up-{server_mode}-{mode:?}.bin");
+    let data = payload(1 << 20, 7);
+    let sent = ftp.put_file(&name, &mut data.as_slice()).await.unwrap();
+    assert_eq!(sent, data.len() as u64);
+    let on_disk = std::fs::read(env.root.path().join(&name)).unwrap();
+    assert_eq!(digest(&on_disk), digest(&data), "upload arrived intact");
+
+    let got = ftp
+        .retr(&name, |mut s| {
+            Box::pin(async move {
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf)
+                    .await
+                    .map_err(FtpError::ConnectionError)?;
+                Ok((buf, s))
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(digest(&got), digest(&data), "download arrived intact");
+
+    let list = ftp.list(None).await.unwrap();
+    assert!(
+        list.iter().any(|l| l.contains(&name)),
+        "LIST shows the file: {list:?}"
+    );
+    ftp.quit().await.unwrap();
+
+    let log = env.logs.wait_for("command=RETR").await;
+    let retr = log.lines().find(|l| l.contains("command=RETR")).unwrap();
+    assert!(retr.contains("to_client=1048576"), "{retr}");
+    assert!(retr.contains("result=ok"), "{retr}");
+    let stor = log.lines().find(|l| l.contains("command=STOR")).unwrap();
+    assert!(stor.contains("to_server=1048576"), "{stor}");
+    env.logs.wait_for("session end").await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn pasv_same() {
+    round_trip("same", Mode::Passive).await;
+}
+#[tokio::test(flavor = "current_thread")]
+async fn epsv_same() {
+    round_trip("same", Mode::ExtendedPassive).await;
+}
+#[tokio::test(flavor = "current_thread")]
+async fn port_same() {
+    round_trip("same", Mode::Active).await;
+}
+#[tokio::test(flavor = "current_thread")]
+async fn pasv_to_active_server() {
+    round_trip("active", Mode::Passive).await;
+}
+#[tokio::test(flavor = "current_thread")]
+async fn epsv_to_active_server() {
+    round_trip("active", Mode::ExtendedPassive).await;
+}
+#[tokio::test(flavor = "current_thread")]
+async fn port_to_passive_server() {
+    round_trip("passive", Mode::Active).await;
+}
+#[tokio::test(flavor = "current_thread")]
+async fn pasv_to_passive_server() {
+    round_trip("passive", Mode::Passive).await;
+}
+#[tokio::test(flavor = "current_thread")]
+async fn epsv_to_passive_server() {
+    round_trip("passive", Mode::ExtendedPassive).await;
+}
+#[tokio::test(flavor = "current_thread")]
+async fn port_to_active_server() {
+    round_trip("active", Mode::Active).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn bounce_and_privileged_ports_are_refused_and_session_goes_on() {
+    let env = start("same", "").await;
+    let mut ftp = login(&env, Mode::Passive).await;
+    let (code, text) = raw(&mut ftp, "PORT 127,0,0,9,200,1").await;
+    assert_eq!(code, 501, "{text}");
+    let (code, _) = raw(&mut ftp, "EPRT |1|127.0.0.9|51201|").await;
+    assert_eq!(code, 501);
+    let (code, _) = raw(&mut ftp, "PORT 127,0,0,1,0,22").await;
+    assert_eq!(code, 501);
+    let (code, _) = raw(&mut ftp, "SITE CHMOD 777 x").await;
+    assert_eq!(code, 502);
+    let (code, _) = raw(&mut ftp, "AUTH TLS").await;
+    assert_eq!(code, 534);
+    // Still usable.
+    ftp.noop().await.unwrap();
+    let list = ftp.list(None).await.unwrap();
+    assert!(list.is_empty());
+    let log = env.logs.text();
+    assert!(log.contains("FTP bounce"), "{log}");
+    assert!(log.contains("privileged port 22"), "{log}");
+}
+
+/// Asks for a passive pinhole by hand and returns its port.
+async fn pasv_port(ftp: &mut AsyncFtpStream) -> u16 {
+    let r = ftp
+        .custom_command("EPSV", &[Status::ExtendedPassiveMode])
+        .await
+        .unwrap();
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    let inner = body.split("|||").nth(1).unwrap();
+    inner
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn pinhole_refuses_the_wrong_peer_then_admits_the_client() {
+    let env = start("same", "").await;
+    let mut ftp = login(&env, Mode::Passive).await;
+    let port = pasv_port(&mut ftp).await;
+    // 127.0.0.2 is not the client (127.0.0.1).
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut intruder = sock
+        .connect(SocketAddr::new(env.gateway.ip(), port))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let n = intruder.read(&mut buf).await.unwrap_or(0);
+    assert_eq!(n, 0, "the intruder gets nothing");
+    env.logs.wait_for("refused: expected 127.0.0.1").await;
+    // The right peer still gets the listing through the same pinhole.
+    let mut data = TcpStream::connect(SocketAddr::new(env.gateway.ip(), port))
+        .await
+        .unwrap();
+    ftp.custom_command("NLST", &[Status::AboutToSend, Status::AlreadyOpen])
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    data.read_to_end(&mut out).await.unwrap();
+    ftp.read_response_in(&[Status::ClosingDataConnection, Status::RequestedFileActionOk])
+        .await
+        .unwrap();
+    // A second connection to the used pinhole is refused.
+    assert!(TcpStream::connect(SocketAddr::new(env.gateway.ip(), port))
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn unused_pinhole_expires() {
+    let env = start("same", "  pinhole_timeout: 1s\n").await;
+    let mut ftp = login(&env, Mode::Passive).await;
+    let port = pasv_port(&mut ftp).await;
+    env.logs.wait_for("pinhole expired").await;
+    assert!(
+        TcpStream::connect(SocketAddr::new(env.gateway.ip(), port))
+            .await
+            .is_err(),
+        "an expired pinhole accepts nothing"
+    );
+    // The session is still fine.
+    ftp.noop().await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn overlong_line_gets_500_and_close() {
+    let env = start("same", "").await;
+    let mut s = TcpStream::connect(env.gateway).await.unwrap();
+    let mut greet = [0u8; 256];
+    let n = s.read(&mut greet).await.unwrap();
+    assert!(greet[..n].starts_with(b"220"));
+    let big = vec![b'A'; 64 * 1024];
+    let _ = s.write_all(&big).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("500 "),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn upstream_down_gets_421() {
+    // A port that was just free: bind, learn it, close.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let yaml = format!(
+        "listeners:\n  - name: t\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {dead}\nrules:\n  - name: all\n"
+    );
+    let config = Config::parse(&yaml, Path::new("t.yaml")).unwrap();
+    let launched = Launched::new(Arc::new(config)).await.unwrap();
+    let addr = launched.listeners[0].1.local_addr().unwrap();
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(serve(
+        launched.gateway,
+        launched.listeners,
+        async {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(1),
+    ));
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("421 ") && out.contains("cannot reach server"),
+        "{out}"
+    );
+}
