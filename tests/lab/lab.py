@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 
 sys.dont_write_bytecode = True  # keep the source tree clean when run from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -118,14 +119,27 @@ def run_target(args, lab, workdir, target, payload_digest, up_src):
             results.append((label, "setup failed"))
         return results
 
+    # Debian's pyftpdlib (one asyncore loop) stalls for seconds when several
+    # sessions transfer at once, whatever sits in the path (the kernel helper
+    # shows it too), so its cases run one at a time per server instance.
+    serial = {key: threading.Lock() for key in
+              [(sc, "pyftpdlib") for sc in ("inbound", "outbound")]}
+
     def one(case):
         scenario, server, v, family = case
         label = f"{target.name} {scenario} {server} {v.name} v{family}"
         client, addr, port = target.endpoint(scenario, server, family)
         slug = label.replace(" ", "_")
         outdir = os.path.join(workdir, "cases", slug)
-        mark = target.log_mark()
-        reason = clients.run_case(lab, client, v, addr, port, outdir, payload_digest, up_src, slug + ".bin")
+        lock = serial.get((scenario, server))
+        if lock:
+            lock.acquire()
+        try:
+            mark = target.log_mark()
+            reason = clients.run_case(lab, client, v, addr, port, outdir, payload_digest, up_src, slug + ".bin")
+        finally:
+            if lock:
+                lock.release()
         log = target.log_tail(mark) if reason is not None and target.gating else ""
         return label, reason, log
 
