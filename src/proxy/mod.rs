@@ -181,6 +181,12 @@ impl Launched {
     /// worse than none.
     pub async fn new(config: Arc<Config>) -> anyhow::Result<Self> {
         use crate::pinhole::{nft::InterceptTable, relay::RelayBackend, DataSettings, PortPool};
+        if config.data.backend == crate::config::BackendKind::Nftables {
+            anyhow::bail!(
+                "{}: data.backend nftables is not implemented yet; use backend: relay",
+                config.path.display()
+            );
+        }
         let mut listeners = Vec::new();
         for l in &config.listeners {
             listeners.push((l.clone(), bind(l)?));
