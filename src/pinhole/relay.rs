@@ -556,6 +556,13 @@ mod tests {
         Ok(got)
     }
 
+    /// `fut`, or a test failure if it is stuck.
+    async fn bounded<T>(fut: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(20), fut)
+            .await
+            .expect("stuck: no progress in 20s")
+    }
+
     async fn next(rx: &mut mpsc::UnboundedReceiver<DataEvent>) -> DataEvent {
         tokio::time::timeout(Duration::from_secs(20), rx.recv())
             .await
@@ -567,9 +574,11 @@ mod tests {
     async fn transfer(client: TcpStream, server: TcpStream) -> (Vec<u8>, Vec<u8>) {
         let up = data(MIB, 1);
         let down = data(MIB, 2);
-        let (at_server, at_client) =
+        let both = async {
             tokio::try_join!(exchange(server, down.clone()), exchange(client, up.clone()))
-                .expect("exchange");
+        };
+        // A lost half-close would hang both ends: fail instead.
+        let (at_server, at_client) = bounded(both).await.expect("exchange");
         assert_eq!(
             digest(&at_server),
             digest(&up),
@@ -871,12 +880,12 @@ mod tests {
         client.shutdown().await.unwrap();
         // The server reads to EOF first, and only then replies.
         let mut req = Vec::new();
-        server_side.read_to_end(&mut req).await.unwrap();
+        bounded(server_side.read_to_end(&mut req)).await.unwrap();
         assert_eq!(req, b"request");
         server_side.write_all(b"reply after eof").await.unwrap();
         server_side.shutdown().await.unwrap();
         let mut reply = Vec::new();
-        client.read_to_end(&mut reply).await.unwrap();
+        bounded(client.read_to_end(&mut reply)).await.unwrap();
         assert_eq!(reply, b"reply after eof");
 
         let (c, s, outcome) = closed_counts(next(&mut rx).await, 9);
