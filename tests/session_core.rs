@@ -113,6 +113,24 @@ fn the_plan(a: &[Action]) -> DataPlan {
     plans[0].clone()
 }
 
+/// PASV, the server's 227, and the pinhole opened: the usual start of a
+/// passive transfer.
+fn passive_plan(s: &mut Session) -> DataPlan {
+    s.client_bytes(b"PASV\r\n");
+    drain(s);
+    s.server_bytes(b"227 (10,0,0,3,195,80)\r\n");
+    let plan = the_plan(&drain(s));
+    s.opened(
+        plan.id,
+        Ok(Opened {
+            client_listen: Some(sa("192.0.2.1:40000")),
+            server_listen: None,
+        }),
+    );
+    drain(s);
+    plan
+}
+
 #[test]
 fn pasv_same_mode_rewrites_227_to_gateway_and_connects_to_control_peer() {
     let mut s = reverse(ServerMode::Same);
@@ -572,18 +590,7 @@ fn multiline_227_is_scanned_whole() {
 #[test]
 fn transfer_is_logged_with_bytes_when_both_reply_and_data_end_arrive() {
     let mut s = reverse(ServerMode::Same);
-    s.client_bytes(b"PASV\r\n");
-    drain(&mut s);
-    s.server_bytes(b"227 (10,0,0,3,195,80)\r\n");
-    let plan = the_plan(&drain(&mut s));
-    s.opened(
-        plan.id,
-        Ok(Opened {
-            client_listen: Some(sa("192.0.2.1:40000")),
-            server_listen: None,
-        }),
-    );
-    drain(&mut s);
+    let plan = passive_plan(&mut s);
     s.client_bytes(b"RETR dir/file.bin\r\n");
     assert_eq!(to_server(&acts(&mut s)), "RETR dir/file.bin\r\n");
     s.data_event(DataEvent::Connected { id: plan.id });
@@ -621,18 +628,7 @@ fn transfer_is_logged_with_bytes_when_both_reply_and_data_end_arrive() {
 #[test]
 fn failed_transfer_releases_unused_pinhole() {
     let mut s = reverse(ServerMode::Same);
-    s.client_bytes(b"PASV\r\n");
-    drain(&mut s);
-    s.server_bytes(b"227 (10,0,0,3,195,80)\r\n");
-    let plan = the_plan(&drain(&mut s));
-    s.opened(
-        plan.id,
-        Ok(Opened {
-            client_listen: Some(sa("192.0.2.1:40000")),
-            server_listen: None,
-        }),
-    );
-    drain(&mut s);
+    let plan = passive_plan(&mut s);
     s.client_bytes(b"RETR missing\r\n");
     drain(&mut s);
     s.server_bytes(b"550 No such file\r\n");
@@ -692,18 +688,7 @@ fn overlong_line_gets_500_and_ends() {
 #[test]
 fn new_pasv_closes_the_unused_pinhole() {
     let mut s = reverse(ServerMode::Same);
-    s.client_bytes(b"PASV\r\n");
-    drain(&mut s);
-    s.server_bytes(b"227 (10,0,0,3,195,80)\r\n");
-    let plan = the_plan(&drain(&mut s));
-    s.opened(
-        plan.id,
-        Ok(Opened {
-            client_listen: Some(sa("192.0.2.1:40000")),
-            server_listen: None,
-        }),
-    );
-    drain(&mut s);
+    let plan = passive_plan(&mut s);
     s.client_bytes(b"PASV\r\n");
     let a = drain(&mut s);
     assert!(a.contains(&Action::Close(plan.id)));
@@ -766,18 +751,7 @@ fn tls_passthrough_stops_parsing() {
 #[test]
 fn abor_during_transfer_keeps_replies_matched() {
     let mut s = reverse(ServerMode::Same);
-    s.client_bytes(b"PASV\r\n");
-    drain(&mut s);
-    s.server_bytes(b"227 (10,0,0,3,195,80)\r\n");
-    let plan = the_plan(&drain(&mut s));
-    s.opened(
-        plan.id,
-        Ok(Opened {
-            client_listen: Some(sa("192.0.2.1:40000")),
-            server_listen: None,
-        }),
-    );
-    drain(&mut s);
+    let plan = passive_plan(&mut s);
     s.client_bytes(b"RETR big\r\n");
     s.data_event(DataEvent::Connected { id: plan.id });
     s.server_bytes(b"150 go\r\n");
