@@ -560,18 +560,41 @@ pub fn ruleset(config: &Config) -> String {
         out,
         "#    ct state established,related (replies to the gateway's own connections)"
     );
+    if d.backend == crate::config::BackendKind::Nftables {
+        // The kernel forwards same-mode data connections; an accept in the
+        // gateway's table cannot override a drop in the operator's.
+        let _ = writeln!(
+            out,
+            "#    data.backend nftables: same-mode data connections are DNAT'd by the"
+        );
+        let _ = writeln!(
+            out,
+            "#    gateway's table (@dnat4/@dnat6) and cross the forward chain, which"
+        );
+        let _ = writeln!(
+            out,
+            "#    must accept them, e.g.: ct status dnat tcp accept (the gateway's"
+        );
+        let _ = writeln!(
+            out,
+            "#    own forward chain accepts exactly each flow via @fwd4/@fwd6)."
+        );
+        let _ = writeln!(
+            out,
+            "#    Conversion plans are relayed: the input rules above still apply."
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "#    The forward chain needs nothing for FTP: the gateway ends both legs of"
+        );
+        let _ = writeln!(out, "#    every control and data connection.");
+    }
     let _ = writeln!(
         out,
-        "#    The forward chain needs nothing for FTP: the gateway ends both legs of"
+        "#    The output chain must let the gateway reach servers (control, passive"
     );
-    let _ = writeln!(
-        out,
-        "#    every control and data connection. Its output chain must let it reach"
-    );
-    let _ = writeln!(
-        out,
-        "#    servers (control, passive data) and clients (active data)."
-    );
+    let _ = writeln!(out, "#    data) and clients (active data).");
     out
 }
 
@@ -757,6 +780,77 @@ pub(crate) mod tests {
         }
         // A reverse listener is never intercepted.
         assert!(!text.contains("to 192.0.2.1"), "{text}");
+    }
+
+    #[test]
+    fn ruleset_for_the_kernel_backend_names_its_maps_and_forward_needs() {
+        let mut cfg = full_config();
+        let relay = ruleset(&cfg);
+        assert!(relay.contains("forward chain needs nothing"), "{relay}");
+        cfg.data.backend = BackendKind::Nftables;
+        let text = ruleset(&cfg);
+        for want in [
+            "delete @once4 { ip saddr . tcp dport } dnat ip to ip saddr . ip daddr . tcp dport map @dnat4",
+            "snat ip6 to ip6 saddr . ip6 daddr . tcp dport map @ksnat6",
+            "ct state new ip saddr . ip daddr . tcp dport @fwd4 accept",
+            "ct status dnat tcp accept",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert!(!text.contains("forward chain needs nothing"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn kernel_elements_in_the_kernel() {
+        let Some(ns) = Netns::new() else { return };
+        let table = InterceptTable::create_with_prefix("ftpgate_k", ns.prefix())
+            .await
+            .expect("create");
+        let mut all = Vec::new();
+        for (peer, dst, to, source) in [
+            ("198.51.100.2", "192.0.2.1", "10.71.2.2:30000", "10.71.2.1"),
+            (
+                "2001:db8:100::2",
+                "2001:db8::1",
+                "[fd71:2::2]:30000",
+                "fd71:2::1",
+            ),
+        ] {
+            let (peer, dst, to, source) = (
+                peer.parse().unwrap(),
+                dst.parse().unwrap(),
+                to.parse().unwrap(),
+                source.parse().unwrap(),
+            );
+            all.extend([
+                Element::Once { peer, port: 40001 },
+                Element::Dnat {
+                    peer,
+                    dst,
+                    port: 40001,
+                    to,
+                },
+                Element::Snat { peer, to, source },
+                Element::Forward { peer, to },
+            ]);
+        }
+        let timed: Vec<_> = all.iter().map(|e| (*e, Duration::from_secs(30))).collect();
+        table.add(&timed).await.expect("add");
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_k"], None);
+        for want in [
+            "198.51.100.2 . 40001 timeout 30s",
+            "198.51.100.2 . 192.0.2.1 . 40001 timeout 30s expires",
+            ": 10.71.2.2 . 30000",
+            "2001:db8:100::2 . fd71:2::2 . 30000 timeout 30s",
+            ": fd71:2::1",
+        ] {
+            assert!(listed.contains(want), "missing {want:?} in\n{listed}");
+        }
+        table.remove(&all).await.expect("remove");
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_k"], None);
+        assert!(!listed.contains("198.51.100.2"), "{listed}");
+        assert!(!listed.contains("2001:db8:100::2"), "{listed}");
+        table.destroy().await.expect("destroy");
     }
 
     #[test]
