@@ -346,6 +346,18 @@ impl Session {
         self.phase == Phase::Passthrough
     }
 
+    /// True while a transfer that got its final reply still waits for its
+    /// data connection's end. A backend that learns of that end late (the
+    /// kernel one polls conntrack) may report it after the control
+    /// connection closed; the shell waits briefly so the transfer is logged.
+    pub fn awaiting_data(&self) -> bool {
+        self.transfers.iter().any(|t| {
+            t.reply.is_some()
+                && t.data.is_none()
+                && t.plan.is_some_and(|id| self.plans.contains_key(&id))
+        })
+    }
+
     /// True once the session ended.
     pub fn is_ended(&self) -> bool {
         self.phase == Phase::Ended

@@ -43,6 +43,44 @@ pub enum Element {
         /// The address the client must see (the server's).
         source: IpAddr,
     },
+    /// Kernel backend: admits one new connection from `peer` to `port`; the
+    /// packet path deletes it at the first SYN, so the pinhole is one-shot.
+    Once {
+        /// The only address allowed to connect.
+        peer: IpAddr,
+        /// The announced port.
+        port: u16,
+    },
+    /// Kernel backend: a connection from `peer` to (`dst`, `port`) is
+    /// destination-NATed to `to`.
+    Dnat {
+        /// Who connects.
+        peer: IpAddr,
+        /// The address `peer` connects to (the announced one).
+        dst: IpAddr,
+        /// The announced port.
+        port: u16,
+        /// The real endpoint.
+        to: SocketAddr,
+    },
+    /// Kernel backend: the DNATed connection from `peer` to `to` leaves
+    /// with `source` as its source address.
+    Snat {
+        /// Who connects.
+        peer: IpAddr,
+        /// The real endpoint (after DNAT).
+        to: SocketAddr,
+        /// The address the endpoint must see.
+        source: IpAddr,
+    },
+    /// Kernel backend: the forward chain accepts the new connection from
+    /// `peer` to `to` (after DNAT).
+    Forward {
+        /// Who connects.
+        peer: IpAddr,
+        /// The real endpoint (after DNAT).
+        to: SocketAddr,
+    },
 }
 
 impl Element {
@@ -59,6 +97,14 @@ impl Element {
                 (IpAddr::V6(_), IpAddr::V6(_)) => Ok("actv6"),
                 _ => Err(mixed_families(self)),
             },
+            Element::Once { peer, .. } => Ok(if peer.is_ipv4() { "once4" } else { "once6" }),
+            Element::Dnat { peer, dst, to, .. } => {
+                family3(self, peer, dst, to.ip(), "dnat4", "dnat6")
+            }
+            Element::Snat { peer, to, source } => {
+                family3(self, peer, to.ip(), source, "ksnat4", "ksnat6")
+            }
+            Element::Forward { peer, to } => family3(self, peer, peer, to.ip(), "fwd4", "fwd6"),
         }
     }
 
@@ -84,6 +130,32 @@ impl Element {
                 client.ip(),
                 client.port()
             ),
+            // add element inet ftpgate once4 { 198.51.100.2 . 40001 timeout 30000ms }
+            // deleted by the first SYN: ... @once4 delete @once4 { ip saddr . tcp dport }
+            Element::Once { peer, port } => {
+                format!("add element inet {table} {set} {{ {peer} . {port} timeout {ms}ms }}\n")
+            }
+            // add element inet ftpgate dnat4 { 198.51.100.2 . 192.0.2.1 . 40001 timeout 30000ms : 10.71.2.2 . 30000 }
+            // used by: dnat ip to ip saddr . ip daddr . tcp dport map @dnat4
+            Element::Dnat { peer, dst, port, to } => format!(
+                "add element inet {table} {set} {{ {peer} . {dst} . {port} timeout {ms}ms : {} . {} }}\n",
+                to.ip(),
+                to.port()
+            ),
+            // add element inet ftpgate ksnat4 { 198.51.100.2 . 10.71.2.2 . 30000 timeout 30000ms : 10.71.2.1 }
+            // used by: snat ip to ip saddr . ip daddr . tcp dport map @ksnat4
+            Element::Snat { peer, to, source } => format!(
+                "add element inet {table} {set} {{ {peer} . {} . {} timeout {ms}ms : {source} }}\n",
+                to.ip(),
+                to.port()
+            ),
+            // add element inet ftpgate fwd4 { 198.51.100.2 . 10.71.2.2 . 30000 timeout 30000ms }
+            // used by: ct state new ip saddr . ip daddr . tcp dport @fwd4 accept
+            Element::Forward { peer, to } => format!(
+                "add element inet {table} {set} {{ {peer} . {} . {} timeout {ms}ms }}\n",
+                to.ip(),
+                to.port()
+            ),
         })
     }
 
@@ -101,7 +173,36 @@ impl Element {
                 client.ip(),
                 client.port()
             ),
+            Element::Once { peer, port } => {
+                format!("delete element inet {table} {set} {{ {peer} . {port} }}\n")
+            }
+            Element::Dnat {
+                peer, dst, port, ..
+            } => {
+                format!("delete element inet {table} {set} {{ {peer} . {dst} . {port} }}\n")
+            }
+            Element::Snat { peer, to, .. } | Element::Forward { peer, to } => format!(
+                "delete element inet {table} {set} {{ {peer} . {} . {} }}\n",
+                to.ip(),
+                to.port()
+            ),
         })
+    }
+}
+
+/// The v4 or v6 set name when all three addresses share a family.
+fn family3(
+    e: &Element,
+    a: IpAddr,
+    b: IpAddr,
+    c: IpAddr,
+    v4: &'static str,
+    v6: &'static str,
+) -> io::Result<&'static str> {
+    match (a.is_ipv4(), b.is_ipv4(), c.is_ipv4()) {
+        (true, true, true) => Ok(v4),
+        (false, false, false) => Ok(v6),
+        _ => Err(mixed_families(e)),
     }
 }
 
@@ -275,10 +376,49 @@ table inet {name} {{
 \t\ttype ipv6_addr . inet_service : ipv6_addr
 \t\tflags timeout
 \t}}
+\t# Kernel backend (data.backend: nftables). A pinhole admits one new
+\t# connection from (peer . port): the first SYN deletes its element.
+\tset once4 {{
+\t\ttype ipv4_addr . inet_service
+\t\tflags timeout
+\t}}
+\tset once6 {{
+\t\ttype ipv6_addr . inet_service
+\t\tflags timeout
+\t}}
+\t# (peer . announced address . announced port) : real endpoint.
+\tmap dnat4 {{
+\t\ttype ipv4_addr . ipv4_addr . inet_service : ipv4_addr . inet_service
+\t\tflags timeout
+\t}}
+\tmap dnat6 {{
+\t\ttype ipv6_addr . ipv6_addr . inet_service : ipv6_addr . inet_service
+\t\tflags timeout
+\t}}
+\t# (peer . real endpoint) : the source address the endpoint must see.
+\tmap ksnat4 {{
+\t\ttype ipv4_addr . ipv4_addr . inet_service : ipv4_addr
+\t\tflags timeout
+\t}}
+\tmap ksnat6 {{
+\t\ttype ipv6_addr . ipv6_addr . inet_service : ipv6_addr
+\t\tflags timeout
+\t}}
+\t# (peer . real endpoint): the forward chain accepts exactly this flow.
+\tset fwd4 {{
+\t\ttype ipv4_addr . ipv4_addr . inet_service
+\t\tflags timeout
+\t}}
+\tset fwd6 {{
+\t\ttype ipv6_addr . ipv6_addr . inet_service
+\t\tflags timeout
+\t}}
 \t# Just before the usual dstnat rules, so an operator's own DNAT does not
 \t# take these connections elsewhere first.
 \tchain prerouting {{
 \t\ttype nat hook prerouting priority dstnat - 1; policy accept;
+\t\tip saddr . ip daddr . tcp dport @dnat4 ip saddr . tcp dport @once4 delete @once4 {{ ip saddr . tcp dport }} dnat ip to ip saddr . ip daddr . tcp dport map @dnat4
+\t\tip6 saddr . ip6 daddr . tcp dport @dnat6 ip6 saddr . tcp dport @once6 delete @once6 {{ ip6 saddr . tcp dport }} dnat ip6 to ip6 saddr . ip6 daddr . tcp dport map @dnat6
 \t\tip saddr . ip daddr . tcp dport @pasv4 redirect
 \t\tip6 saddr . ip6 daddr . tcp dport @pasv6 redirect
 \t}}
@@ -286,6 +426,16 @@ table inet {name} {{
 \t\ttype nat hook postrouting priority srcnat - 1; policy accept;
 \t\tsnat ip to ip daddr . tcp dport map @actv4
 \t\tsnat ip6 to ip6 daddr . tcp dport map @actv6
+\t\tsnat ip to ip saddr . ip daddr . tcp dport map @ksnat4
+\t\tsnat ip6 to ip6 saddr . ip6 daddr . tcp dport map @ksnat6
+\t}}
+\t# An accept here does not override a drop in another table's forward
+\t# chain: the operator's forward chain must accept these flows too (for
+\t# example `ct status dnat`).
+\tchain forward {{
+\t\ttype filter hook forward priority filter - 1; policy accept;
+\t\tct state new ip saddr . ip daddr . tcp dport @fwd4 accept
+\t\tct state new ip6 saddr . ip6 daddr . tcp dport @fwd6 accept
 \t}}
 }}
 "
@@ -410,18 +560,41 @@ pub fn ruleset(config: &Config) -> String {
         out,
         "#    ct state established,related (replies to the gateway's own connections)"
     );
+    if d.backend == crate::config::BackendKind::Nftables {
+        // The kernel forwards same-mode data connections; an accept in the
+        // gateway's table cannot override a drop in the operator's.
+        let _ = writeln!(
+            out,
+            "#    data.backend nftables: same-mode data connections are DNAT'd by the"
+        );
+        let _ = writeln!(
+            out,
+            "#    gateway's table (@dnat4/@dnat6) and cross the forward chain, which"
+        );
+        let _ = writeln!(
+            out,
+            "#    must accept them, e.g.: ct status dnat tcp accept (the gateway's"
+        );
+        let _ = writeln!(
+            out,
+            "#    own forward chain accepts exactly each flow via @fwd4/@fwd6)."
+        );
+        let _ = writeln!(
+            out,
+            "#    Conversion plans are relayed: the input rules above still apply."
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "#    The forward chain needs nothing for FTP: the gateway ends both legs of"
+        );
+        let _ = writeln!(out, "#    every control and data connection.");
+    }
     let _ = writeln!(
         out,
-        "#    The forward chain needs nothing for FTP: the gateway ends both legs of"
+        "#    The output chain must let the gateway reach servers (control, passive"
     );
-    let _ = writeln!(
-        out,
-        "#    every control and data connection. Its output chain must let it reach"
-    );
-    let _ = writeln!(
-        out,
-        "#    servers (control, passive data) and clients (active data)."
-    );
+    let _ = writeln!(out, "#    data) and clients (active data).");
     out
 }
 
@@ -607,6 +780,77 @@ pub(crate) mod tests {
         }
         // A reverse listener is never intercepted.
         assert!(!text.contains("to 192.0.2.1"), "{text}");
+    }
+
+    #[test]
+    fn ruleset_for_the_kernel_backend_names_its_maps_and_forward_needs() {
+        let mut cfg = full_config();
+        let relay = ruleset(&cfg);
+        assert!(relay.contains("forward chain needs nothing"), "{relay}");
+        cfg.data.backend = BackendKind::Nftables;
+        let text = ruleset(&cfg);
+        for want in [
+            "delete @once4 { ip saddr . tcp dport } dnat ip to ip saddr . ip daddr . tcp dport map @dnat4",
+            "snat ip6 to ip6 saddr . ip6 daddr . tcp dport map @ksnat6",
+            "ct state new ip saddr . ip daddr . tcp dport @fwd4 accept",
+            "ct status dnat tcp accept",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert!(!text.contains("forward chain needs nothing"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn kernel_elements_in_the_kernel() {
+        let Some(ns) = Netns::new() else { return };
+        let table = InterceptTable::create_with_prefix("ftpgate_k", ns.prefix())
+            .await
+            .expect("create");
+        let mut all = Vec::new();
+        for (peer, dst, to, source) in [
+            ("198.51.100.2", "192.0.2.1", "10.71.2.2:30000", "10.71.2.1"),
+            (
+                "2001:db8:100::2",
+                "2001:db8::1",
+                "[fd71:2::2]:30000",
+                "fd71:2::1",
+            ),
+        ] {
+            let (peer, dst, to, source) = (
+                peer.parse().unwrap(),
+                dst.parse().unwrap(),
+                to.parse().unwrap(),
+                source.parse().unwrap(),
+            );
+            all.extend([
+                Element::Once { peer, port: 40001 },
+                Element::Dnat {
+                    peer,
+                    dst,
+                    port: 40001,
+                    to,
+                },
+                Element::Snat { peer, to, source },
+                Element::Forward { peer, to },
+            ]);
+        }
+        let timed: Vec<_> = all.iter().map(|e| (*e, Duration::from_secs(30))).collect();
+        table.add(&timed).await.expect("add");
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_k"], None);
+        for want in [
+            "198.51.100.2 . 40001 timeout 30s",
+            "198.51.100.2 . 192.0.2.1 . 40001 timeout 30s expires",
+            ": 10.71.2.2 . 30000",
+            "2001:db8:100::2 . fd71:2::2 . 30000 timeout 30s",
+            ": fd71:2::1",
+        ] {
+            assert!(listed.contains(want), "missing {want:?} in\n{listed}");
+        }
+        table.remove(&all).await.expect("remove");
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_k"], None);
+        assert!(!listed.contains("198.51.100.2"), "{listed}");
+        assert!(!listed.contains("2001:db8:100::2"), "{listed}");
+        table.destroy().await.expect("destroy");
     }
 
     #[test]

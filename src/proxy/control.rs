@@ -236,7 +236,26 @@ impl Conn<'_> {
                 _ = tokio::time::sleep_until(deadline) => self.core.idle_timeout(),
             }
             if let Some(end) = self.act(&tx).await {
+                self.settle_data(&mut rx).await;
                 return end;
+            }
+        }
+    }
+
+    /// After the end: lets data plans that report late (kernel backend)
+    /// deliver their Closed events, for at most a second, so that their
+    /// transfers are logged.
+    async fn settle_data(&mut self, rx: &mut mpsc::UnboundedReceiver<DataEvent>) {
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while self.core.awaiting_data() {
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(ev)) => self.core.data_event(ev),
+                _ => break,
+            }
+            while let Some(action) = self.core.poll_action() {
+                if let Action::Log(ev) = action {
+                    log_event(ev);
+                }
             }
         }
     }
@@ -271,7 +290,11 @@ impl Conn<'_> {
                     }
                 }
                 Action::Close(id) => {
-                    self.pinholes.remove(&id);
+                    // At the end, every pinhole is dropped after
+                    // settle_data, so late data ends can still be logged.
+                    if !self.core.is_ended() {
+                        self.pinholes.remove(&id);
+                    }
                 }
                 Action::Passthrough {
                     to_server,

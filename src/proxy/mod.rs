@@ -181,12 +181,7 @@ impl Launched {
     /// worse than none.
     pub async fn new(config: Arc<Config>) -> anyhow::Result<Self> {
         use crate::pinhole::{nft::InterceptTable, relay::RelayBackend, DataSettings, PortPool};
-        if config.data.backend == crate::config::BackendKind::Nftables {
-            anyhow::bail!(
-                "{}: data.backend nftables is not implemented yet; use backend: relay",
-                config.path.display()
-            );
-        }
+        let kernel = config.data.backend == crate::config::BackendKind::Nftables;
         let mut listeners = Vec::new();
         for l in &config.listeners {
             listeners.push((l.clone(), bind(l)?));
@@ -195,12 +190,13 @@ impl Launched {
             .listeners
             .iter()
             .any(|l| l.mode == ListenerMode::Transparent);
-        let table = if transparent {
+        let table = if transparent || kernel {
             let t = InterceptTable::create(&config.data.nftables_table)
                 .await
                 .with_context(|| {
                     format!(
-                        "transparent listeners need the nftables table '{}' (is nft installed, and do we have CAP_NET_ADMIN?)",
+                        "{} needs the nftables table '{}' (is nft installed, and do we have CAP_NET_ADMIN?)",
+                        if kernel { "data.backend nftables" } else { "a transparent listener" },
                         config.data.nftables_table
                     )
                 })?;
@@ -208,16 +204,38 @@ impl Launched {
         } else {
             None
         };
-        let backend = RelayBackend::new(
-            PortPool::new("client", config.data.client_ports),
-            PortPool::new("server", config.data.server_ports),
-            DataSettings {
-                pinhole_timeout: config.data.pinhole_timeout,
-                connect_timeout: config.limits.connect_timeout,
-            },
-            table.clone(),
-        );
-        let gateway = Gateway::new(config, Arc::new(backend));
+        let client_pool = PortPool::new("client", config.data.client_ports);
+        let server_pool = PortPool::new("server", config.data.server_ports);
+        let settings = DataSettings {
+            pinhole_timeout: config.data.pinhole_timeout,
+            connect_timeout: config.limits.connect_timeout,
+        };
+        let backend: Arc<dyn Backend> = match (&table, kernel) {
+            (Some(t), true) => {
+                let made = crate::pinhole::kernel::KernelBackend::new(
+                    client_pool,
+                    server_pool,
+                    settings,
+                    t.clone(),
+                )
+                .await;
+                match made {
+                    Ok(b) => Arc::new(b),
+                    Err(e) => {
+                        // Leave nothing behind: the gateway does not start.
+                        Self::cleanup(table).await;
+                        anyhow::bail!("data.backend nftables: {e}");
+                    }
+                }
+            }
+            _ => Arc::new(RelayBackend::new(
+                client_pool,
+                server_pool,
+                settings,
+                table.clone(),
+            )),
+        };
+        let gateway = Gateway::new(config, backend);
         Ok(Launched {
             gateway,
             listeners,

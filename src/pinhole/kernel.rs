@@ -1,0 +1,451 @@
+//! The kernel backend (`data.backend: nftables`): data bytes never enter
+//! user space.
+//!
+//! For a plan whose two legs are one listen and one connect of the same
+//! address family (PASV→PASV, PORT→PORT), the gateway adds four elements to
+//! its table, in one `nft` transaction:
+//!
+//! - `once`: admits one new connection from the expected peer to the
+//!   announced port. The prerouting rule deletes it at the first SYN, so a
+//!   second connection (or one from another host) is not NATed, and reaches
+//!   a pool port on which nothing listens.
+//! - `dnat`: (peer, announced address, port) → the real endpoint.
+//! - `ksnat`: the real endpoint sees the address the invariant asks for (the
+//!   gateway's server-facing address, or the address the client believes is
+//!   the server).
+//! - `fwd`: the forward chain accepts exactly that flow.
+//!
+//! Each element has the pinhole timeout, so the kernel removes it even if
+//! the gateway dies. The gateway follows the connection in the kernel's
+//! connection tracking table (`/proc/net/nf_conntrack`, with
+//! `nf_conntrack_acct` on for byte counts): an entry for the flow means
+//! [`DataEvent::Connected`], the entry reaching a FIN state (or going
+//! away) means [`DataEvent::Closed`], with the entry's byte counters.
+//!
+//! Conversion plans (PORT→PASV, PASV→PORT) need the gateway to originate
+//! both legs or listen on both, which address translation cannot do; so do
+//! plans whose legs differ in address family. Those go to the relay.
+
+use super::nft::{Element, InterceptTable};
+use super::relay::RelayBackend;
+use super::{
+    Backend, DataEvent, DataOutcome, DataPlan, DataSettings, Leg, OpenError, OpenFuture, Opened,
+    Pinhole, PlanId, PortPool, SessionInfo,
+};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+/// Where the kernel lists tracked connections (of the caller's namespace).
+const CONNTRACK: &str = "/proc/net/nf_conntrack";
+/// Turns on per-connection byte counters.
+const ACCT: &str = "/proc/sys/net/netfilter/nf_conntrack_acct";
+/// How often a plan looks at the conntrack table while it waits for its
+/// connection.
+const POLL: Duration = Duration::from_millis(50);
+/// How often once connected: the session may end soon after the transfer,
+/// and its Closed event must come before that to be logged.
+const POLL_CONNECTED: Duration = Duration::from_millis(5);
+
+/// Carries out same-mode plans with kernel NAT, the rest with the relay.
+pub struct KernelBackend {
+    client_pool: PortPool,
+    server_pool: PortPool,
+    settings: DataSettings,
+    table: Arc<InterceptTable>,
+    relay: RelayBackend,
+}
+
+impl KernelBackend {
+    /// Checks that the kernel can do the job (conntrack table readable,
+    /// byte accounting on) and builds the backend. Fails with a plain
+    /// message otherwise, so that the gateway does not start half-working.
+    pub async fn new(
+        client_pool: PortPool,
+        server_pool: PortPool,
+        settings: DataSettings,
+        table: Arc<InterceptTable>,
+    ) -> io::Result<Self> {
+        // Accounting applies to connections created after it is on.
+        tokio::fs::write(ACCT, b"1").await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot enable {ACCT} (needs CAP_NET_ADMIN and nf_conntrack): {e}"),
+            )
+        })?;
+        tokio::fs::read(CONNTRACK)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot read {CONNTRACK}: {e}")))?;
+        let relay = RelayBackend::new(
+            client_pool.clone(),
+            server_pool.clone(),
+            settings.clone(),
+            Some(table.clone()),
+        );
+        Ok(KernelBackend {
+            client_pool,
+            server_pool,
+            settings,
+            table,
+            relay,
+        })
+    }
+
+    /// The NAT-able shape of `plan`, or `None` when the relay must carry it.
+    fn shape(plan: &DataPlan) -> Option<Shape> {
+        let view = plan.client_view;
+        let shape = match (plan.client, plan.server) {
+            // PASV same: the client connects to (announced, P).
+            (
+                Leg::Listen { bind, peer },
+                Leg::Connect {
+                    target,
+                    bind: source,
+                },
+            ) => Shape {
+                passive: true,
+                peer,
+                dst: view.unwrap_or(bind),
+                to: target,
+                source,
+            },
+            // PORT same: the server connects to (gateway, Q).
+            (Leg::Connect { target, bind }, Leg::Listen { bind: dst, peer }) => Shape {
+                passive: false,
+                peer,
+                dst,
+                to: target,
+                source: view.unwrap_or(bind),
+            },
+            _ => return None,
+        };
+        let same = [shape.dst, shape.to.ip(), shape.source]
+            .iter()
+            .all(|a| a.is_ipv4() == shape.peer.is_ipv4());
+        let specific = !shape.dst.is_unspecified() && !shape.source.is_unspecified();
+        (same && specific).then_some(shape)
+    }
+
+    async fn open_plan(
+        &self,
+        session: &SessionInfo,
+        plan: DataPlan,
+        events: mpsc::UnboundedSender<DataEvent>,
+    ) -> Result<(Opened, Pinhole), OpenError> {
+        let Some(shape) = Self::shape(&plan) else {
+            tracing::debug!(
+                session = session.id,
+                plan = plan.id,
+                "data plan needs the relay (conversion or mixed families)"
+            );
+            return self.relay.open(session, plan, events).await;
+        };
+        let pool = if shape.passive {
+            &self.client_pool
+        } else {
+            &self.server_pool
+        };
+        let Some(lease) = pool.lease() else {
+            return Err(OpenError::PoolExhausted(pool.name()));
+        };
+        let port = lease.port();
+        let elements = vec![
+            Element::Once {
+                peer: shape.peer,
+                port,
+            },
+            Element::Dnat {
+                peer: shape.peer,
+                dst: shape.dst,
+                port,
+                to: shape.to,
+            },
+            Element::Snat {
+                peer: shape.peer,
+                to: shape.to,
+                source: shape.source,
+            },
+            Element::Forward {
+                peer: shape.peer,
+                to: shape.to,
+            },
+        ];
+        let timeout = self.settings.pinhole_timeout;
+        let timed: Vec<_> = elements.iter().map(|e| (*e, timeout)).collect();
+        self.table.add(&timed).await?;
+        let announced = SocketAddr::new(shape.dst, port);
+        let opened = Opened {
+            client_listen: shape.passive.then_some(announced),
+            server_listen: (!shape.passive).then_some(announced),
+        };
+        let held = Arc::new(Held {
+            table: self.table.clone(),
+            elements: Mutex::new(elements),
+        });
+        let task = tokio::spawn(follow(
+            plan.id,
+            shape,
+            port,
+            timeout,
+            held.clone(),
+            events,
+            lease,
+        ));
+        let guard = Guard {
+            held,
+            task: task.abort_handle(),
+        };
+        Ok((
+            opened,
+            Pinhole {
+                id: plan.id,
+                guard: Box::new(guard),
+            },
+        ))
+    }
+}
+
+impl Backend for KernelBackend {
+    fn open<'a>(
+        &'a self,
+        session: &'a SessionInfo,
+        plan: DataPlan,
+        events: mpsc::UnboundedSender<DataEvent>,
+    ) -> OpenFuture<'a> {
+        Box::pin(self.open_plan(session, plan, events))
+    }
+}
+
+/// A plan the kernel can carry: `peer` connects to (`dst`, port), which is
+/// translated to `to`, whose side sees `source`.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    /// The client connects (PASV); otherwise the server does (PORT).
+    passive: bool,
+    peer: IpAddr,
+    dst: IpAddr,
+    to: SocketAddr,
+    source: IpAddr,
+}
+
+/// The elements a plan still has in the table.
+struct Held {
+    table: Arc<InterceptTable>,
+    elements: Mutex<Vec<Element>>,
+}
+
+impl Held {
+    fn take(&self) -> Vec<Element> {
+        match self.elements.lock() {
+            Ok(mut e) => std::mem::take(&mut *e),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        }
+    }
+
+    async fn remove(&self) {
+        let elements = self.take();
+        if !elements.is_empty() {
+            self.table.remove_each(&elements).await;
+        }
+    }
+}
+
+/// Dropping it stops following the plan and removes its elements.
+struct Guard {
+    held: Arc<Held>,
+    task: AbortHandle,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.task.abort();
+        let held = self.held.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { held.remove().await });
+        }
+    }
+}
+
+/// Follows the plan's connection in conntrack until it ends or never comes.
+async fn follow(
+    id: PlanId,
+    shape: Shape,
+    port: u16,
+    timeout: Duration,
+    held: Arc<Held>,
+    events: mpsc::UnboundedSender<DataEvent>,
+    lease: super::PortLease,
+) {
+    let deadline = Instant::now() + timeout;
+    let mut seen = false;
+    let mut last = Flow::default();
+    let outcome = loop {
+        let text = tokio::fs::read_to_string(CONNTRACK)
+            .await
+            .unwrap_or_default();
+        match find(&text, &shape, port) {
+            Some(flow) => {
+                if !seen {
+                    seen = true;
+                    // The one connection is in; the rest of the elements
+                    // have done their job (conntrack keeps the NAT).
+                    held.remove().await;
+                    let _ = events.send(DataEvent::Connected { id });
+                }
+                let done = flow.done;
+                last = flow;
+                if done {
+                    break DataOutcome::Completed;
+                }
+            }
+            None if seen => break DataOutcome::Completed,
+            None if Instant::now() >= deadline => break DataOutcome::Expired,
+            None => {}
+        }
+        tokio::time::sleep(if seen { POLL_CONNECTED } else { POLL }).await;
+    };
+    if !seen {
+        held.remove().await;
+    }
+    drop(lease);
+    // The originating side's bytes are the first direction of the entry.
+    let (to_client, to_server) = if shape.passive {
+        (last.reply_bytes, last.orig_bytes)
+    } else {
+        (last.orig_bytes, last.reply_bytes)
+    };
+    let _ = events.send(DataEvent::Closed {
+        id,
+        to_client,
+        to_server,
+        outcome,
+    });
+}
+
+/// One conntrack entry, as far as a plan cares.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Flow {
+    orig_bytes: u64,
+    reply_bytes: u64,
+    /// A FIN or RST was seen: the sending side is done, so every data byte
+    /// has passed (an FTP data connection carries one direction).
+    done: bool,
+}
+
+/// The entry of the plan's connection: from `peer` to `port`, translated to
+/// `to`. Addresses are compared parsed, since the kernel prints IPv6 in
+/// full.
+fn find(text: &str, shape: &Shape, port: u16) -> Option<Flow> {
+    text.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        if words.nth(2) != Some("tcp") {
+            return None;
+        }
+        let state = line.split_whitespace().nth(5)?;
+        let mut src = Vec::new();
+        let mut sport = Vec::new();
+        let mut dport = Vec::new();
+        let mut bytes = Vec::new();
+        for w in line.split_whitespace() {
+            let Some((k, v)) = w.split_once('=') else {
+                continue;
+            };
+            match k {
+                "src" => src.push(v.parse::<IpAddr>().ok()?),
+                "sport" => sport.push(v.parse::<u16>().ok()?),
+                "dport" => dport.push(v.parse::<u16>().ok()?),
+                "bytes" => bytes.push(v.parse::<u64>().ok()?),
+                _ => {}
+            }
+        }
+        let ours = src.first() == Some(&shape.peer)
+            && dport.first() == Some(&port)
+            && src.get(1) == Some(&shape.to.ip())
+            && sport.get(1) == Some(&shape.to.port());
+        ours.then(|| Flow {
+            orig_bytes: bytes.first().copied().unwrap_or(0),
+            reply_bytes: bytes.get(1).copied().unwrap_or(0),
+            done: matches!(
+                state,
+                "FIN_WAIT" | "CLOSE_WAIT" | "LAST_ACK" | "TIME_WAIT" | "CLOSE"
+            ),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passive() -> Shape {
+        Shape {
+            passive: true,
+            peer: "2001:db8:100::2".parse().unwrap(),
+            dst: "2001:db8::1".parse().unwrap(),
+            to: "[fd71:2::2]:30000".parse().unwrap(),
+            source: "fd71:2::1".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn finds_the_plans_entry_in_conntrack_text() {
+        let text = "\
+ipv6     10 tcp      6 431999 ESTABLISHED src=2001:0db8:0100:0000:0000:0000:0000:0002 dst=2001:0db8:0000:0000:0000:0000:0000:0001 sport=50000 dport=40001 packets=3 bytes=180 src=fd71:0002:0000:0000:0000:0000:0000:0002 dst=fd71:0002:0000:0000:0000:0000:0000:0001 sport=30000 dport=50000 packets=9 bytes=9000 [ASSURED] mark=0 zone=0 use=2
+ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002 dst=2001:0db8:0000:0000:0000:0000:0000:0001 sport=50001 dport=40002 packets=3 bytes=200 src=fd71:0002:0000:0000:0000:0000:0000:0002 dst=fd71:0002:0000:0000:0000:0000:0000:0001 sport=30000 dport=50001 packets=9 bytes=7000 [ASSURED] mark=0 zone=0 use=2
+";
+        let got = find(text, &passive(), 40001);
+        assert_eq!(
+            got,
+            Some(Flow {
+                orig_bytes: 180,
+                reply_bytes: 9000,
+                done: false
+            })
+        );
+        let got = find(text, &passive(), 40002);
+        assert_eq!(
+            got,
+            Some(Flow {
+                orig_bytes: 200,
+                reply_bytes: 7000,
+                done: true
+            })
+        );
+        assert_eq!(find(text, &passive(), 40003), None);
+        assert_eq!(find("garbage\nipv4 2 tcp x\n", &passive(), 40001), None);
+    }
+
+    fn plan(client: Leg, server: Leg) -> DataPlan {
+        DataPlan {
+            id: 1,
+            client,
+            server,
+            client_view: None,
+        }
+    }
+
+    #[test]
+    fn conversion_and_mixed_families_go_to_the_relay() {
+        let l4 = Leg::Listen {
+            bind: "192.0.2.1".parse().unwrap(),
+            peer: "198.51.100.2".parse().unwrap(),
+        };
+        let c4 = Leg::Connect {
+            target: "10.71.2.2:30000".parse().unwrap(),
+            bind: "10.71.2.1".parse().unwrap(),
+        };
+        let c6 = Leg::Connect {
+            target: "[fd71:2::2]:30000".parse().unwrap(),
+            bind: "fd71:2::1".parse().unwrap(),
+        };
+        assert!(KernelBackend::shape(&plan(l4, c4)).is_some());
+        assert!(KernelBackend::shape(&plan(c4, l4)).is_some());
+        assert!(KernelBackend::shape(&plan(l4, l4)).is_none());
+        assert!(KernelBackend::shape(&plan(c4, c4)).is_none());
+        assert!(KernelBackend::shape(&plan(l4, c6)).is_none());
+    }
+}
