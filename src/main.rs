@@ -176,38 +176,28 @@ fn main() -> ExitCode {
 async fn run(config: Arc<Config>, grace: Duration) -> anyhow::Result<()> {
     let launched = Launched::new(config).await.context("starting")?;
     let table = launched.table.clone();
+    let shutdown = shutdown_signal()?;
     // Every listener is bound: connections queue from now on.
     ftpgate::systemd::notify_ready();
-    serve(
-        launched.gateway,
-        launched.listeners,
-        shutdown_signal(),
-        grace,
-    )
-    .await;
+    serve(launched.gateway, launched.listeners, shutdown, grace).await;
     Launched::cleanup(table).await;
     Ok(())
 }
 
-/// SIGTERM or SIGINT; tells systemd the gateway is stopping.
-async fn shutdown_signal() {
-    wait_for_shutdown().await;
-    ftpgate::systemd::notify_stopping();
-}
-
-async fn wait_for_shutdown() {
+/// Resolves on SIGTERM or SIGINT and tells systemd the gateway is stopping.
+/// The handlers are installed before this returns, so a signal that comes
+/// right after READY=1 is not lost to the default action.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+        ftpgate::systemd::notify_stopping();
+    })
 }
 
 fn init_tracing(format: LogFormat) {

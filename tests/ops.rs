@@ -47,6 +47,10 @@ struct Env {
 }
 
 async fn start() -> Env {
+    start_with("clients: [127.0.0.0/8]").await
+}
+
+async fn start_with(clients: &str) -> Env {
     let root = tempfile::tempdir().unwrap();
     let audit = root.path().join("audit.jsonl");
     let upstream = start_unftp(root.path()).await;
@@ -55,7 +59,7 @@ async fn start() -> Env {
          data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
          metrics:\n  listen: 127.0.0.1:0\n\
          audit:\n  path: {}\n\
-         rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n    deny_commands: [SITE]\n",
+         rules:\n  - name: loopback\n    {clients}\n    deny_commands: [SITE]\n",
         audit.display()
     );
     let config = Config::parse(&yaml, Path::new("ops.yaml")).unwrap();
@@ -401,4 +405,36 @@ fn ready_is_sent_to_systemd() {
     let next = sock.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
     assert_eq!(&buf[..next], b"STOPPING=1\n");
     assert!(out.status.success(), "{stderr}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn refused_session_is_counted_by_reason() {
+    // The only rule admits a client that is not us: no rule matches.
+    let env = start_with("clients: [192.0.2.1/32]").await;
+    let mut s = TcpStream::connect(env.gateway).await.unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut reply))
+        .await
+        .expect("the gateway answers and closes")
+        .unwrap();
+    assert!(reply.starts_with("421 "), "{reply}");
+    let body = scrape_until(
+        env.metrics,
+        &[
+            ("ftpgate_sessions_total{listener=\"test\"}", 1.0),
+            ("ftpgate_open_sessions{listener=\"test\"}", 0.0),
+            ("ftpgate_refusals_total{reason=\"rule\"}", 1.0),
+        ],
+    )
+    .await;
+    assert_eq!(
+        sample(&body, "ftpgate_session_setup_seconds_count"),
+        Some(0.0),
+        "{body}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&env.audit).unwrap(),
+        "",
+        "no transfer, no audit line"
+    );
 }
