@@ -24,6 +24,34 @@ pub struct Config {
     pub limits: Limits,
     /// Rules in file order; first match wins.
     pub rules: Vec<Rule>,
+    /// The Prometheus endpoint; none when the `metrics` section is absent.
+    pub metrics: Option<MetricsConfig>,
+    /// The transfer audit log; none when the `audit` section is absent.
+    pub audit: Option<AuditConfig>,
+}
+
+/// `metrics:` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Address the HTTP endpoint binds (`/metrics`). Port 0 lets the kernel
+    /// pick, for tests.
+    pub listen: SocketAddr,
+}
+
+/// `audit:` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// Where the JSON lines go.
+    pub path: AuditTarget,
+}
+
+/// Where audit lines are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTarget {
+    /// Standard output (`path: "-"`), e.g. for journald or a container log.
+    Stdout,
+    /// Appended to this file, reopened when it is rotated away.
+    File(PathBuf),
 }
 
 /// How a listener finds the server.
@@ -476,6 +504,15 @@ impl Config {
                     deny_commands: r.deny_commands.clone(),
                 })
                 .collect(),
+            metrics: self.metrics.as_ref().map(|m| OutMetrics {
+                listen: m.listen.to_string(),
+            }),
+            audit: self.audit.as_ref().map(|a| OutAudit {
+                path: match &a.path {
+                    AuditTarget::Stdout => "-".to_string(),
+                    AuditTarget::File(p) => p.display().to_string(),
+                },
+            }),
         };
         // Plain strings, numbers and lists cannot fail to serialise; the
         // fallback keeps this total anyway.
@@ -575,6 +612,24 @@ struct RawConfig {
     limits: Field<RawLimits>,
     #[serde(default)]
     rules: Field<Vec<RawRule>>,
+    #[serde(default)]
+    metrics: Field<RawMetrics>,
+    #[serde(default)]
+    audit: Field<RawAudit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping (the `metrics` section)")]
+struct RawMetrics {
+    #[serde(default)]
+    listen: Field<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping (the `audit` section)")]
+struct RawAudit {
+    #[serde(default)]
+    path: Field<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -657,6 +712,20 @@ struct OutConfig {
     data: OutData,
     limits: OutLimits,
     rules: Vec<OutRule>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics: Option<OutMetrics>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit: Option<OutAudit>,
+}
+
+#[derive(Serialize)]
+struct OutMetrics {
+    listen: String,
+}
+
+#[derive(Serialize)]
+struct OutAudit {
+    path: String,
 }
 
 #[derive(Serialize)]
@@ -897,12 +966,22 @@ impl Check {
             }
             Err(()) => Vec::new(),
         };
+        let metrics = match self.field(&raw.metrics, root, "metrics") {
+            Ok(Some(m)) => self.metrics(m),
+            _ => None,
+        };
+        let audit = match self.field(&raw.audit, root, "audit") {
+            Ok(Some(a)) => self.audit(a),
+            _ => None,
+        };
         Config {
             path: path.to_path_buf(),
             listeners,
             data,
             limits,
             rules,
+            metrics,
+            audit,
         }
     }
 
@@ -1052,6 +1131,28 @@ impl Check {
             pinhole_timeout: pinhole_timeout.unwrap_or(d.pinhole_timeout),
             nftables_table: nftables_table.unwrap_or(d.nftables_table),
         }
+    }
+
+    fn metrics(&mut self, raw: &RawMetrics) -> Option<MetricsConfig> {
+        let listen = self.required(
+            &raw.listen,
+            &[Seg::Key("metrics")],
+            "listen",
+            "the address of the Prometheus endpoint, e.g. 127.0.0.1:9121",
+            |s| parse_socket_addr(s, true),
+        )?;
+        Some(MetricsConfig { listen })
+    }
+
+    fn audit(&mut self, raw: &RawAudit) -> Option<AuditConfig> {
+        let path = self.required(
+            &raw.path,
+            &[Seg::Key("audit")],
+            "path",
+            "a file to append to, or \"-\" for standard output",
+            parse_audit_target,
+        )?;
+        Some(AuditConfig { path })
     }
 
     fn limits(&mut self, raw: &RawLimits) -> Limits {
@@ -1218,6 +1319,19 @@ fn parse_enum<T: Copy>(s: &str, table: &[(&str, T)]) -> Result<T, String> {
             let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
             format!("unknown value `{s}`, expected one of: {}", names.join(", "))
         })
+}
+
+/// `-` is standard output; anything else a file path.
+fn parse_audit_target(s: &str) -> Result<AuditTarget, String> {
+    if s == "-" {
+        Ok(AuditTarget::Stdout)
+    } else if s.trim().is_empty() {
+        Err("the path is blank".to_string())
+    } else if s.chars().any(char::is_control) {
+        Err("the path contains a control character".to_string())
+    } else {
+        Ok(AuditTarget::File(PathBuf::from(s)))
+    }
 }
 
 /// Names appear in log lines, so control characters (a newline could forge
@@ -1891,6 +2005,18 @@ rules:
                 "9:17: client_ports 41500-42000 and server_ports 41000-41999 overlap; the two pools must be disjoint",
             ),
             (
+                format!("{HEAD}{rules}metrics:\n  listen: 127.0.0.1\n"),
+                "9:11: listen: `127.0.0.1` has no port; write e.g. 127.0.0.1:21",
+            ),
+            (
+                format!("{HEAD}{rules}metrics:\n  listen:\n"),
+                "9:10: `listen` has no value: give one, or remove the key",
+            ),
+            (
+                format!("{HEAD}{rules}audit:\n  path: \" \"\n"),
+                "9:9: path: the path is blank",
+            ),
+            (
                 format!("{HEAD}{rules}data:\n  backend: ebpf\n"),
                 "9:12: backend: unknown value `ebpf`, expected one of: relay, nftables",
             ),
@@ -2206,6 +2332,58 @@ rules:
     }
 
     #[test]
+    fn metrics_and_audit_sections() {
+        let c = ok(&format!("{HEAD}rules:\n  - name: all\n"));
+        assert_eq!((c.metrics, c.audit), (None, None));
+        let c = ok(&format!(
+            "{HEAD}rules:\n  - name: all\nmetrics:\n  listen: \"[::1]:9121\"\naudit:\n  path: \"-\"\n"
+        ));
+        assert_eq!(
+            c.metrics,
+            Some(MetricsConfig {
+                listen: "[::1]:9121".parse().unwrap()
+            })
+        );
+        assert_eq!(
+            c.audit,
+            Some(AuditConfig {
+                path: AuditTarget::Stdout
+            })
+        );
+        let yaml = c.to_yaml();
+        assert!(
+            yaml.contains("listen: '[::1]:9121'") || yaml.contains("listen: \"[::1]:9121\""),
+            "{yaml}"
+        );
+        assert_eq!(parse(&yaml), Ok(c));
+        let c = ok(&format!(
+            "{HEAD}rules:\n  - name: all\naudit:\n  path: /var/log/ftpgate/audit.jsonl\n"
+        ));
+        assert_eq!(
+            c.audit.map(|a| a.path),
+            Some(AuditTarget::File(PathBuf::from(
+                "/var/log/ftpgate/audit.jsonl"
+            )))
+        );
+        let errs = errors(&format!(
+            "{HEAD}rules:\n  - name: all\naudit: {{}}\nmetrics:\n  port: 1\n"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("10:3: metrics: unknown field `port`, expected `listen`"),
+            "{errs:?}"
+        );
+        let errs = errors(&format!("{HEAD}rules:\n  - name: all\naudit: {{}}\n"));
+        assert_eq!(
+            errs,
+            vec![
+                "8:8: missing `path`: a file to append to, or \"-\" for standard output"
+                    .to_string()
+            ]
+        );
+    }
+
+    #[test]
     fn to_yaml_prints_defaults_and_round_trips() {
         let c = ok(&format!("{HEAD}rules:\n  - name: all\n"));
         let yaml = c.to_yaml();
@@ -2382,8 +2560,19 @@ rules:
             data,
             limits,
             proptest::collection::vec(arb_rule(), 1..5),
+            proptest::option::of((arb_ip(), any::<u16>())),
+            proptest::option::of(prop_oneof![
+                Just(AuditTarget::Stdout),
+                arb_name().prop_map(|n| AuditTarget::File(PathBuf::from(n))),
+            ]),
         )
-            .prop_map(|(mut listeners, data, limits, mut rules)| {
+            .prop_map(|(mut listeners, data, limits, mut rules, metrics, audit)| {
+                let metrics = metrics.map(|(ip, port)| MetricsConfig {
+                    listen: SocketAddr::new(ip, port),
+                });
+                let audit = audit
+                    .filter(|t| t != &AuditTarget::File(PathBuf::from("-")))
+                    .map(|path| AuditConfig { path });
                 // Names and listen addresses are unique in a valid file.
                 for (i, l) in listeners.iter_mut().enumerate() {
                     l.name = format!("{}#{i}", l.name);
@@ -2400,6 +2589,8 @@ rules:
                     data,
                     limits,
                     rules,
+                    metrics,
+                    audit,
                 }
             })
     }

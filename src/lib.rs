@@ -18,12 +18,20 @@
 //!   (relay; the gateway's nftables table).
 //! - [`proxy`]: the tokio shell — listeners, the control task per session,
 //!   original-destination lookup, shutdown.
+//! - [`metrics`], [`audit`], [`systemd`]: what the shell reports to
+//!   operators — Prometheus metrics, the per-transfer JSON audit log, and
+//!   readiness notifications.
+//! - [`explain`]: which rule a (client, server) pair meets, for the CLI.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod config;
+pub mod explain;
 pub mod ftp;
+pub mod metrics;
 pub mod pinhole;
 pub mod proxy;
 pub mod rules;
 pub mod session;
+pub mod systemd;

@@ -1,9 +1,10 @@
-//! The `ftpgate` command: run, check, nft.
+//! The `ftpgate` command: run, check, nft, explain.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ftpgate::config::Config;
 use ftpgate::proxy::{serve, Launched};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -51,6 +52,37 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show which rule a session from CLIENT to SERVER meets and what it
+    /// allows, or why it is refused. Exits 0 when allowed, 1 when refused.
+    Explain {
+        /// The rule file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The client's address.
+        #[arg(long)]
+        client: IpAddr,
+        /// The FTP server's address:port.
+        #[arg(long)]
+        server: SocketAddr,
+    },
+    /// Write the man page or shell completions to standard output (for
+    /// packagers).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Generate {
+    /// The man page, ftpgate(1), in roff.
+    Man,
+    /// Completions for SHELL.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -76,6 +108,43 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Cmd::Explain {
+            config,
+            client,
+            server,
+        } => match Config::load(&config) {
+            Ok(c) => {
+                let e = ftpgate::explain::explain(&c, client, server);
+                print!("{}", e.text);
+                if e.allowed {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Generate { what } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            let r = match what {
+                Generate::Man => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()),
+                Generate::Completions { shell } => {
+                    clap_complete::generate(shell, &mut cmd, "ftpgate", &mut std::io::stdout());
+                    Ok(())
+                }
+            };
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ftpgate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Run { config, grace } => {
             init_tracing(cli.log_format);
             let config = match Config::load(&config) {
@@ -107,31 +176,28 @@ fn main() -> ExitCode {
 async fn run(config: Arc<Config>, grace: Duration) -> anyhow::Result<()> {
     let launched = Launched::new(config).await.context("starting")?;
     let table = launched.table.clone();
-    serve(
-        launched.gateway,
-        launched.listeners,
-        shutdown_signal(),
-        grace,
-    )
-    .await;
+    let shutdown = shutdown_signal()?;
+    // Every listener is bound: connections queue from now on.
+    ftpgate::systemd::notify_ready();
+    serve(launched.gateway, launched.listeners, shutdown, grace).await;
     Launched::cleanup(table).await;
     Ok(())
 }
 
-/// SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT and tells systemd the gateway is stopping.
+/// The handlers are installed before this returns, so a signal that comes
+/// right after READY=1 is not lost to the default action.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+        ftpgate::systemd::notify_stopping();
+    })
 }
 
 fn init_tracing(format: LogFormat) {

@@ -735,6 +735,8 @@ pub(crate) mod tests {
                 tls: TlsPolicy::Refuse,
                 deny_commands: vec![],
             }],
+            metrics: None,
+            audit: None,
         }
     }
 

@@ -4,6 +4,7 @@
 use super::{origdst, Gateway};
 use crate::config::{Listener, ListenerMode};
 use crate::ftp::rewrite;
+use crate::metrics::{OpenGuard, Refusal};
 use crate::pinhole::{DataEvent, Pinhole, PlanId, SessionInfo};
 use crate::rules::{decide, Decision};
 use crate::session::{Action, EndReason, LogEvent, Session, SessionParams};
@@ -40,6 +41,7 @@ async fn run(
     id: u64,
 ) {
     let started = Instant::now();
+    let _open = gateway.metrics.session_opened(&listener.name);
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     // ABOR arrives with urgent data (ftplib sends the whole line with
     // MSG_OOB): keep the urgent byte in the stream, or the line loses its LF.
@@ -54,7 +56,14 @@ async fn run(
             match origdst::original_destination(&client, listener.listen) {
                 Ok(dst) => (dst, None, true),
                 Err(e) => {
-                    refuse_session(&mut client, peer, &format!("{e}")).await;
+                    refuse_session(
+                        &gateway,
+                        Refusal::no_destination,
+                        &mut client,
+                        peer,
+                        &format!("{e}"),
+                    )
+                    .await;
                     return;
                 }
             }
@@ -74,7 +83,7 @@ async fn run(
                     )
                 }
             };
-            refuse_session(&mut client, peer, &why).await;
+            refuse_session(&gateway, Refusal::limit, &mut client, peer, &why).await;
             return;
         }
     };
@@ -85,7 +94,14 @@ async fn run(
                 Some(r) => format!("denied by rule '{r}'"),
                 None => "no rule allows this session".to_string(),
             };
-            refuse_session(&mut client, peer, &format!("{why} (server {server})")).await;
+            refuse_session(
+                &gateway,
+                Refusal::rule,
+                &mut client,
+                peer,
+                &format!("{why} (server {server})"),
+            )
+            .await;
             return;
         }
     };
@@ -95,6 +111,8 @@ async fn run(
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 refuse_session(
+                    &gateway,
+                    Refusal::unreachable,
                     &mut client,
                     peer,
                     &format!("cannot reach server {server}: {e}"),
@@ -104,6 +122,8 @@ async fn run(
             }
             Err(_) => {
                 refuse_session(
+                    &gateway,
+                    Refusal::unreachable,
                     &mut client,
                     peer,
                     &format!(
@@ -121,6 +141,7 @@ async fn run(
     };
     let server_local = SocketAddr::new(server_local.ip().to_canonical(), server_local.port());
     let client_local = SocketAddr::new(client_local.ip().to_canonical(), client_local.port());
+    gateway.metrics.session_setup(started.elapsed());
     info!(client = %peer, %server, rule = %policy.rule, mode = if transparent { "transparent" } else { "reverse" }, "session start");
     let core = Session::new(SessionParams {
         client: peer,
@@ -138,6 +159,7 @@ async fn run(
     };
     let mut conn = Conn {
         gateway: &gateway,
+        listener: &listener,
         info,
         core,
         client,
@@ -145,6 +167,8 @@ async fn run(
         pinholes: HashMap::new(),
         from_client: 0,
         from_server: 0,
+        user: None,
+        data_connected: None,
     };
     let reason = conn.drive().await;
     let totals = conn.core.totals();
@@ -161,8 +185,15 @@ async fn run(
     );
 }
 
-/// Tells the client why with 421, logs it, and closes.
-async fn refuse_session(client: &mut TcpStream, peer: SocketAddr, why: &str) {
+/// Tells the client why with 421, logs and counts it, and closes.
+async fn refuse_session(
+    gateway: &Gateway,
+    reason: Refusal,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    why: &str,
+) {
+    gateway.metrics.refused(reason);
     warn!(client = %peer, what = "SESSION", code = 421u16, reason = %why, "refused");
     let _ = client
         .write_all(&rewrite::reply(
@@ -175,14 +206,20 @@ async fn refuse_session(client: &mut TcpStream, peer: SocketAddr, why: &str) {
 
 struct Conn<'a> {
     gateway: &'a Gateway,
+    listener: &'a Listener,
     info: SessionInfo,
     core: Session,
     client: TcpStream,
     upstream: TcpStream,
-    /// Open plans; dropping one closes its pinholes.
-    pinholes: HashMap<PlanId, Pinhole>,
+    /// Open plans; dropping one closes its pinholes and lowers the gauge.
+    pinholes: HashMap<PlanId, (Pinhole, OpenGuard)>,
     from_client: u64,
     from_server: u64,
+    /// The USER name, for the audit log.
+    user: Option<String>,
+    /// When the last data connection connected: the core has no clock, so
+    /// a transfer's duration is measured here, up to its log event.
+    data_connected: Option<Instant>,
 }
 
 /// How the drive loop ended.
@@ -231,6 +268,9 @@ impl Conn<'_> {
                     // A running transfer is activity: an idle control
                     // connection during a long download is normal.
                     deadline = tokio::time::Instant::now() + idle;
+                    if matches!(ev, DataEvent::Connected { .. }) {
+                        self.data_connected = Some(Instant::now());
+                    }
                     self.core.data_event(ev);
                 }
                 _ = tokio::time::sleep_until(deadline) => self.core.idle_timeout(),
@@ -254,7 +294,7 @@ impl Conn<'_> {
             }
             while let Some(action) = self.core.poll_action() {
                 if let Action::Log(ev) = action {
-                    log_event(ev);
+                    self.log_event(ev);
                 }
             }
         }
@@ -283,7 +323,8 @@ impl Conn<'_> {
                         .await;
                     match r {
                         Ok((opened, pinhole)) => {
-                            self.pinholes.insert(id, pinhole);
+                            let open = self.gateway.metrics.pinhole_opened(&self.listener.name);
+                            self.pinholes.insert(id, (pinhole, open));
                             self.core.opened(id, Ok(opened));
                         }
                         Err(e) => self.core.opened(id, Err(e.to_string())),
@@ -302,7 +343,7 @@ impl Conn<'_> {
                 } => {
                     return Some(self.passthrough(to_server, to_client).await);
                 }
-                Action::Log(ev) => log_event(ev),
+                Action::Log(ev) => self.log_event(ev),
                 Action::End(reason) => {
                     let _ = self.client.flush().await;
                     let _ = self.client.shutdown().await;
@@ -332,30 +373,74 @@ impl Conn<'_> {
     }
 }
 
-fn log_event(ev: LogEvent) {
-    match ev {
-        LogEvent::Refusal { what, code, reason } => {
-            warn!(%what, code, %reason, "refused")
+impl Conn<'_> {
+    /// Turns a core log event into a log line, metrics and audit lines.
+    fn log_event(&mut self, ev: LogEvent) {
+        let metrics = &self.gateway.metrics;
+        match ev {
+            LogEvent::Refusal { what, code, reason } => {
+                metrics.refused(if what == "DATA" {
+                    Refusal::data_peer
+                } else {
+                    Refusal::command
+                });
+                warn!(%what, code, %reason, "refused")
+            }
+            LogEvent::Transfer(t) => {
+                let took = self
+                    .data_connected
+                    .take()
+                    .map(|at| at.elapsed())
+                    .unwrap_or_default();
+                metrics.transfer(&t.mode, t.to_client, t.to_server, took);
+                info!(
+                    command = %t.command,
+                    path = %t.path,
+                    direction = %t.direction,
+                    mode = %t.mode,
+                    bytes = t.to_client + t.to_server,
+                    to_client = t.to_client,
+                    to_server = t.to_server,
+                    reply = t.reply,
+                    result = %t.result,
+                    duration_ms = took.as_millis() as u64,
+                    "transfer"
+                );
+                if let Some(audit) = &self.gateway.audit {
+                    let record = crate::audit::AuditRecord {
+                        time: crate::audit::rfc3339(std::time::SystemTime::now()),
+                        session: self.info.id,
+                        listener: &self.listener.name,
+                        client: self.info.client.to_string(),
+                        server: self.info.server.to_string(),
+                        user: self.user.as_deref(),
+                        command: &t.command,
+                        path: &t.path,
+                        mode: &t.mode,
+                        direction: t.direction.to_string(),
+                        bytes: t.to_client + t.to_server,
+                        to_client: t.to_client,
+                        to_server: t.to_server,
+                        duration_ms: took.as_millis() as u64,
+                        reply: t.reply,
+                        result: &t.result,
+                    };
+                    if let Err(e) = audit.write(&record) {
+                        warn!("audit log: {e}");
+                    }
+                }
+            }
+            LogEvent::User(user) => {
+                info!(%user, "user");
+                self.user = Some(user);
+            }
+            LogEvent::TlsPassthrough => {
+                info!("TLS started: control stream no longer parsed (tls: passthrough)")
+            }
+            LogEvent::IgnoredReply { code, reason } => {
+                info!(code, %reason, "reply not forwarded as received")
+            }
+            LogEvent::PinholeExpired(id) => info!(plan = id, "pinhole expired unused"),
         }
-        LogEvent::Transfer(t) => info!(
-            command = %t.command,
-            path = %t.path,
-            direction = %t.direction,
-            mode = %t.mode,
-            bytes = t.to_client + t.to_server,
-            to_client = t.to_client,
-            to_server = t.to_server,
-            reply = t.reply,
-            result = %t.result,
-            "transfer"
-        ),
-        LogEvent::User(user) => info!(%user, "user"),
-        LogEvent::TlsPassthrough => {
-            info!("TLS started: control stream no longer parsed (tls: passthrough)")
-        }
-        LogEvent::IgnoredReply { code, reason } => {
-            info!(code, %reason, "reply not forwarded as received")
-        }
-        LogEvent::PinholeExpired(id) => info!(plan = id, "pinhole expired unused"),
     }
 }

@@ -29,13 +29,22 @@ pub struct Gateway {
     pub backend: Arc<dyn Backend>,
     /// Counts sessions against `limits`.
     pub limits: SessionLimits,
+    /// What the metrics endpoint serves; recorded whether or not it is served.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The transfer audit log, when configured.
+    pub audit: Option<crate::audit::AuditLog>,
     /// Session ids: unique for the process's life, carried by every log line.
     next_id: AtomicU64,
 }
 
 impl Gateway {
-    /// A gateway over `config`, opening data plans with `backend`.
-    pub fn new(config: Arc<Config>, backend: Arc<dyn Backend>) -> Arc<Self> {
+    /// A gateway over `config`, opening data plans with `backend`, writing
+    /// transfers to `audit`.
+    pub fn new(
+        config: Arc<Config>,
+        backend: Arc<dyn Backend>,
+        audit: Option<crate::audit::AuditLog>,
+    ) -> Arc<Self> {
         let limits = SessionLimits::new(
             config.limits.max_sessions,
             config.limits.max_sessions_per_client,
@@ -44,6 +53,8 @@ impl Gateway {
             config,
             backend,
             limits,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            audit,
             next_id: AtomicU64::new(1),
         })
     }
@@ -173,6 +184,9 @@ pub struct Launched {
     pub listeners: Vec<(Listener, TcpListener)>,
     /// The gateway's own nftables table, if the configuration needs one.
     pub table: Option<Arc<crate::pinhole::nft::InterceptTable>>,
+    /// Where the metrics endpoint listens, when configured (its task runs
+    /// until the runtime stops).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Launched {
@@ -182,10 +196,26 @@ impl Launched {
     pub async fn new(config: Arc<Config>) -> anyhow::Result<Self> {
         use crate::pinhole::{nft::InterceptTable, relay::RelayBackend, DataSettings, PortPool};
         let kernel = config.data.backend == crate::config::BackendKind::Nftables;
+        let audit = match &config.audit {
+            Some(a) => Some(
+                crate::audit::AuditLog::open(&a.path)
+                    .with_context(|| format!("audit log {:?}", a.path))?,
+            ),
+            None => None,
+        };
         let mut listeners = Vec::new();
         for l in &config.listeners {
             listeners.push((l.clone(), bind(l)?));
         }
+        // Bound before the table exists, so a failure leaves nothing behind.
+        let metrics_socket = match &config.metrics {
+            Some(m) => Some(
+                crate::metrics::bind(m.listen)
+                    .await
+                    .with_context(|| format!("metrics endpoint: bind {}", m.listen))?,
+            ),
+            None => None,
+        };
         let transparent = config
             .listeners
             .iter()
@@ -235,11 +265,21 @@ impl Launched {
                 table.clone(),
             )),
         };
-        let gateway = Gateway::new(config, backend);
+        let gateway = Gateway::new(config, backend, audit);
+        let metrics_addr = match metrics_socket {
+            Some(socket) => {
+                let addr = socket.local_addr()?;
+                info!(%addr, "metrics endpoint listening");
+                tokio::spawn(crate::metrics::serve(socket, gateway.metrics.clone()));
+                Some(addr)
+            }
+            None => None,
+        };
         Ok(Launched {
             gateway,
             listeners,
             table,
+            metrics_addr,
         })
     }
 

@@ -1,0 +1,84 @@
+//! `ftpgate explain`: which rule a (client, server) pair meets, and what the
+//! session may then do, in the words of the rule file.
+
+use crate::config::{Config, DataMode, ServerMode, TlsPolicy};
+use crate::rules::{decide, Decision};
+use std::fmt::Write;
+use std::net::{IpAddr, SocketAddr};
+
+/// The explanation, and whether a session would be allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    /// True when a rule allows the session.
+    pub allowed: bool,
+    /// Lines for a person, ending in a newline.
+    pub text: String,
+}
+
+/// Explains [`decide`] for `client` connecting to `server` under `config`.
+pub fn explain(config: &Config, client: IpAddr, server: SocketAddr) -> Explanation {
+    let mut text = format!("client {client} → server {server}\n");
+    // The rule's position helps to find it in the file; `decide` says
+    // which rule won, and its position is the first with that outcome.
+    let (c, s) = (client.to_canonical(), server.ip().to_canonical());
+    let position = config.rules.iter().position(|r| {
+        r.clients.iter().any(|n| n.contains(&c)) && r.servers.iter().any(|n| n.contains(&s))
+    });
+    let allowed = match (decide(config, client, server), position) {
+        (Decision::Allow(p), Some(i)) => {
+            let _ = writeln!(text, "allowed by rule {} `{}`", i + 1, p.rule);
+            let modes: Vec<&str> = p.modes.iter().map(|m| mode(*m)).collect();
+            let _ = writeln!(text, "  modes: {}", modes.join(", "));
+            let _ = writeln!(text, "  server_mode: {}", server_mode(p.server_mode));
+            let _ = writeln!(text, "  data_ports: {}", p.data_ports);
+            let _ = writeln!(
+                text,
+                "  tls: {}",
+                match p.tls {
+                    TlsPolicy::Refuse => "refuse (AUTH gets 534; the session stays in clear text)",
+                    TlsPolicy::Passthrough =>
+                        "passthrough (after AUTH the gateway copies bytes and stops parsing)",
+                }
+            );
+            let deny = if p.deny_commands.is_empty() {
+                "(none)".to_string()
+            } else {
+                p.deny_commands.join(", ")
+            };
+            let _ = writeln!(text, "  deny_commands: {deny}");
+            true
+        }
+        (Decision::Deny(Some(name)), Some(i)) => {
+            let _ = writeln!(
+                text,
+                "refused by rule {} `{name}` (action: deny): the client gets 421",
+                i + 1
+            );
+            false
+        }
+        _ => {
+            let _ = writeln!(
+                text,
+                "refused: none of the {} rules matches both the client and the server, and no match denies: the client gets 421",
+                config.rules.len()
+            );
+            false
+        }
+    };
+    Explanation { allowed, text }
+}
+
+fn mode(m: DataMode) -> &'static str {
+    match m {
+        DataMode::Passive => "passive",
+        DataMode::Active => "active",
+    }
+}
+
+fn server_mode(m: ServerMode) -> &'static str {
+    match m {
+        ServerMode::Same => "same (the mode the client asks for)",
+        ServerMode::Passive => "passive (PASV/EPSV toward the server)",
+        ServerMode::Active => "active (PORT/EPRT toward the server)",
+    }
+}
