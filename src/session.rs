@@ -291,6 +291,9 @@ pub struct Session {
     opening: Option<(PlanId, AfterOpen)>,
     /// Where each open plan listens, for the announcements.
     listen_ports: HashMap<PlanId, Opened>,
+    /// A transfer's final reply held until the gateway's connection to the
+    /// client exists (see `defer_final`); no input is processed meanwhile.
+    deferred: Option<(PlanId, u16, Line, Vec<Vec<u8>>)>,
     next_plan: PlanId,
     plans: HashMap<PlanId, PlanInfo>,
     /// The plan the next transfer command will use.
@@ -320,6 +323,7 @@ impl Session {
             held_reply: Vec::new(),
             opening: None,
             listen_ports: HashMap::new(),
+            deferred: None,
             next_plan: 1,
             plans: HashMap::new(),
             armed: None,
@@ -449,6 +453,7 @@ impl Session {
                 if let Some(p) = self.plans.get_mut(&id) {
                     p.state = PlanState::Connected;
                 }
+                self.release_deferred(id);
             }
             DataEvent::Rejected { from, expected, .. } => {
                 self.log(LogEvent::Refusal {
@@ -479,6 +484,7 @@ impl Session {
                 } else if !was_connected && outcome == DataOutcome::Expired {
                     self.log(LogEvent::PinholeExpired(id));
                 }
+                self.release_deferred(id);
             }
         }
     }
@@ -505,7 +511,7 @@ impl Session {
     /// Processes framed input until both sides need more bytes, or an open
     /// is in flight.
     fn process(&mut self) {
-        while self.phase == Phase::Parsing && self.opening.is_none() {
+        while self.phase == Phase::Parsing && self.opening.is_none() && self.deferred.is_none() {
             // Server lines first: replies free the queue for local replies.
             match self.server_in.next_line() {
                 Ok(Some(line)) => {
@@ -522,7 +528,7 @@ impl Session {
                     return;
                 }
             }
-            if self.phase != Phase::Parsing || self.opening.is_some() {
+            if self.phase != Phase::Parsing || self.opening.is_some() || self.deferred.is_some() {
                 return;
             }
             match self.client_in.next_line() {
@@ -839,6 +845,9 @@ impl Session {
             return;
         }
         self.flush_locals();
+        if self.defer_final(code, &raw, &lines) {
+            return;
+        }
         let Some(head) = self.queue.pop_front() else {
             if code == 227 || code == 229 {
                 self.log(LogEvent::IgnoredReply {
@@ -900,6 +909,43 @@ impl Session {
             }
         }
         self.flush_locals();
+    }
+
+    /// In an active plan the gateway dials the client only once the server's
+    /// data connection has arrived. A fast server can finish and send 226
+    /// before that dial lands, and a client still waiting to accept treats a
+    /// final reply as an error (curl: "weird server reply"). So a transfer's
+    /// 2xx waits until the client leg is connected, or the plan has ended.
+    fn defer_final(&mut self, code: u16, raw: &Line, lines: &[Vec<u8>]) -> bool {
+        if !(200..300).contains(&code) || self.queue.front() != Some(&Pending::Transfer) {
+            return false;
+        }
+        let Some(plan) = self
+            .transfers
+            .iter()
+            .find(|t| t.reply.is_none())
+            .and_then(|t| t.plan)
+        else {
+            return false;
+        };
+        let waiting = self
+            .plans
+            .get(&plan)
+            .is_some_and(|p| p.client_mode == LegMode::Active && p.state == PlanState::Open);
+        if waiting {
+            self.deferred = Some((plan, code, raw.clone(), lines.to_vec()));
+        }
+        waiting
+    }
+
+    /// Lets a held final reply go once its plan is connected or over.
+    fn release_deferred(&mut self, id: PlanId) {
+        if self.deferred.as_ref().is_some_and(|d| d.0 == id) {
+            if let Some((_, code, raw, lines)) = self.deferred.take() {
+                self.server_reply(code, raw, lines);
+            }
+            self.process();
+        }
     }
 
     /// Forwards a final reply; a 227/229 that answers no PASV/EPSV loses its

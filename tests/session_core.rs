@@ -775,3 +775,67 @@ fn abor_during_transfer_keeps_replies_matched() {
         .iter()
         .any(|l| matches!(l, LogEvent::Transfer(t) if t.reply == 426 && t.to_client == 10)));
 }
+
+#[test]
+fn active_transfer_holds_226_until_the_client_leg_is_connected() {
+    let mut s = reverse(ServerMode::Same);
+    s.client_bytes(b"PORT 198,51,100,7,195,80\r\n");
+    let plan = the_plan(&drain(&mut s));
+    s.opened(
+        plan.id,
+        Ok(Opened {
+            client_listen: None,
+            server_listen: Some(sa("10.0.0.1:41000")),
+        }),
+    );
+    drain(&mut s);
+    s.server_bytes(b"200 PORT ok\r\n");
+    drain(&mut s);
+    s.client_bytes(b"LIST\r\n");
+    drain(&mut s);
+    // A fast server: the listing is sent and done before the gateway's
+    // connection to the client exists.
+    s.server_bytes(b"150 Here it comes\r\n226 Done\r\n");
+    assert_eq!(to_client(&drain(&mut s)), "150 Here it comes\r\n");
+    s.client_bytes(b"NOOP\r\n");
+    assert_eq!(
+        to_server(&drain(&mut s)),
+        "",
+        "input waits behind the held reply"
+    );
+    s.data_event(DataEvent::Connected { id: plan.id });
+    let a = drain(&mut s);
+    assert_eq!(to_client(&a), "226 Done\r\n");
+    assert_eq!(to_server(&a), "NOOP\r\n");
+}
+
+#[test]
+fn held_226_is_released_when_the_plan_fails() {
+    let mut s = reverse(ServerMode::Same);
+    s.client_bytes(b"PORT 198,51,100,7,195,80\r\n");
+    let plan = the_plan(&drain(&mut s));
+    s.opened(
+        plan.id,
+        Ok(Opened {
+            client_listen: None,
+            server_listen: Some(sa("10.0.0.1:41000")),
+        }),
+    );
+    drain(&mut s);
+    s.server_bytes(b"200 PORT ok\r\n");
+    s.client_bytes(b"RETR f\r\n");
+    drain(&mut s);
+    s.server_bytes(b"150 go\r\n226 Done\r\n");
+    drain(&mut s);
+    s.data_event(DataEvent::Closed {
+        id: plan.id,
+        to_client: 0,
+        to_server: 0,
+        outcome: DataOutcome::Failed("connect refused".into()),
+    });
+    let a = drain(&mut s);
+    assert_eq!(to_client(&a), "226 Done\r\n");
+    assert!(logs(&a)
+        .iter()
+        .any(|l| matches!(l, LogEvent::Transfer(t) if t.result == "connect refused")));
+}
