@@ -78,7 +78,8 @@ fn main() -> ExitCode {
         },
         Cmd::Run { config, grace } => {
             init_tracing(cli.log_format);
-            let config = match Config::load(&config) {
+            let path = config;
+            let config = match Config::load(&path) {
                 Ok(c) => Arc::new(c),
                 Err(errors) => {
                     eprintln!("{errors}");
@@ -92,7 +93,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(run(config, Duration::from_secs(grace))) {
+            match rt.block_on(run(config, path, Duration::from_secs(grace))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -104,9 +105,10 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Arc<Config>, grace: Duration) -> anyhow::Result<()> {
+async fn run(config: Arc<Config>, path: PathBuf, grace: Duration) -> anyhow::Result<()> {
     let launched = Launched::new(config).await.context("starting")?;
     let table = launched.table.clone();
+    let reloader = tokio::spawn(reload_on_hangup(launched.gateway.clone(), path));
     serve(
         launched.gateway,
         launched.listeners,
@@ -114,8 +116,38 @@ async fn run(config: Arc<Config>, grace: Duration) -> anyhow::Result<()> {
         grace,
     )
     .await;
+    reloader.abort();
     Launched::cleanup(table).await;
     Ok(())
+}
+
+/// On each SIGHUP, reads the rule file again. A valid file is put in force
+/// for new sessions; a broken one is logged (file:line:column) and the
+/// configuration in force stays.
+async fn reload_on_hangup(gateway: Arc<ftpgate::proxy::Gateway>, path: PathBuf) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("no SIGHUP handler, reload unavailable: {e}");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        match Config::load(&path) {
+            Ok(c) => {
+                for note in gateway.reload(c) {
+                    tracing::warn!(file = %path.display(), "reload: {note}");
+                }
+                tracing::info!(file = %path.display(), "configuration reloaded");
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    tracing::error!("reload failed, configuration unchanged: {e}");
+                }
+            }
+        }
+    }
 }
 
 /// SIGTERM or SIGINT.
