@@ -87,6 +87,16 @@ impl Gw {
         self.gateway.backend.usage()
     }
 
+    /// Waits until every plan and port is released (sessions may go on).
+    async fn wait_released(&self) {
+        let limit = tokio::time::Instant::now() + LIMIT;
+        while self.usage() != Usage::default() {
+            assert!(tokio::time::Instant::now() < limit, "{:?}", self.usage());
+            // Polls a counter that the gateway's tasks lower.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Waits until every plan and port is released and every session is
     /// gone (plans are freed by tasks that run after the session ends).
     async fn wait_idle(&self) {
@@ -643,12 +653,16 @@ async fn third_party_227_connects_only_to_control_peer() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn pinhole_wrong_host_then_reuse_then_timeout() {
-    let (gw, _root) = with_unftp(
-        "  client_ports: 20000-29999\n  server_ports: 30000-39999\n  pinhole_timeout: 1s\n",
-        "",
-        "",
-    )
-    .await;
+    // Ports of its own: parallel tests' gateways share the default pools,
+    // and a port this test released could be another gateway's pinhole.
+    let p = free_port();
+    let q = if p == 65535 { p - 1 } else { p + 1 };
+    let data = format!(
+        "  client_ports: {lo}-{lo}\n  server_ports: {hi}-{hi}\n  pinhole_timeout: 1s\n",
+        lo = p.min(q),
+        hi = p.max(q)
+    );
+    let (gw, _root) = with_unftp(&data, "", "").await;
     let mut c = logged_in(&gw).await;
     let (code, text) = c.cmd("EPSV").await;
     assert_eq!(code, 229);
@@ -673,12 +687,13 @@ async fn pinhole_wrong_host_then_reuse_then_timeout() {
     let mut out = Vec::new();
     bounded("listing", d.read_to_end(&mut out)).await.unwrap();
     assert_eq!(c.reply().await.0, 226);
-    // Our half-close ends the relay's other direction.
-    drop(d);
-    // A second time: refused, and nothing stays open.
+    // A second time, while the plan still holds the port: refused.
     assert!(TcpStream::connect(SocketAddr::new(gw.addr.ip(), port))
         .await
         .is_err());
+    // Our half-close ends the relay's other direction.
+    drop(d);
+    gw.wait_released().await;
     // After its timeout: a fresh pinhole that nobody uses expires.
     let (_, text) = c.cmd("EPSV").await;
     let port = port_of_229(&text);
@@ -688,11 +703,7 @@ async fn pinhole_wrong_host_then_reuse_then_timeout() {
         .is_err());
     assert_eq!(c.cmd("NOOP").await.0, 200);
     // Both plans are over: nothing stays held while the session goes on.
-    let limit = tokio::time::Instant::now() + LIMIT;
-    while gw.usage() != Usage::default() {
-        assert!(tokio::time::Instant::now() < limit, "{:?}", gw.usage());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    gw.wait_released().await;
     drop(c);
     gw.wait_idle().await;
 }
