@@ -32,7 +32,8 @@ enum LogFormat {
 enum Cmd {
     /// Run the gateway.
     Run {
-        /// The rule file.
+        /// The rule file. SIGHUP reads it again: rules and limits apply to
+        /// new sessions; listeners and the data section need a restart.
         #[arg(long, short)]
         config: PathBuf,
         /// How long running sessions may go on after SIGTERM/SIGINT.

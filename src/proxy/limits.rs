@@ -110,4 +110,18 @@ mod tests {
         assert_eq!(l.open(), 2);
         assert!(l.acquire(a).is_ok());
     }
+
+    #[test]
+    fn new_limits_apply_to_new_sessions_only() {
+        let l = SessionLimits::new(10, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let _s1 = l.acquire(a).unwrap();
+        let _s2 = l.acquire(a).unwrap();
+        // A clone (as each session holds) sees the change too.
+        l.clone().set(10, 1);
+        assert_eq!(l.open(), 2, "open sessions stay");
+        assert_eq!(l.acquire(a).unwrap_err(), LimitHit::PerClient(1));
+        l.set(10, 3);
+        assert!(l.acquire(a).is_ok());
+    }
 }
