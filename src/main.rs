@@ -33,7 +33,8 @@ enum LogFormat {
 enum Cmd {
     /// Run the gateway.
     Run {
-        /// The rule file.
+        /// The rule file. SIGHUP reads it again: rules and limits apply to
+        /// new sessions; listeners and the data section need a restart.
         #[arg(long, short)]
         config: PathBuf,
         /// How long running sessions may go on after SIGTERM/SIGINT.
@@ -147,7 +148,8 @@ fn main() -> ExitCode {
         }
         Cmd::Run { config, grace } => {
             init_tracing(cli.log_format);
-            let config = match Config::load(&config) {
+            let path = config;
+            let config = match Config::load(&path) {
                 Ok(c) => Arc::new(c),
                 Err(errors) => {
                     eprintln!("{errors}");
@@ -161,7 +163,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(run(config, Duration::from_secs(grace))) {
+            match rt.block_on(run(config, path, Duration::from_secs(grace))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -173,15 +175,48 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Arc<Config>, grace: Duration) -> anyhow::Result<()> {
+async fn run(config: Arc<Config>, path: PathBuf, grace: Duration) -> anyhow::Result<()> {
     let launched = Launched::new(config).await.context("starting")?;
     let table = launched.table.clone();
     let shutdown = shutdown_signal()?;
+    // Installed before READY=1, so an early SIGHUP reloads instead of
+    // killing the process with the default action.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("SIGHUP handler")?;
+    let reloader = tokio::spawn(reload_on_hangup(launched.gateway.clone(), path, hangup));
     // Every listener is bound: connections queue from now on.
     ftpgate::systemd::notify_ready();
     serve(launched.gateway, launched.listeners, shutdown, grace).await;
+    reloader.abort();
     Launched::cleanup(table).await;
     Ok(())
+}
+
+/// On each SIGHUP, reads the rule file again. A valid file is put in force
+/// for new sessions; a broken one is logged (file:line:column) and the
+/// configuration in force stays.
+async fn reload_on_hangup(
+    gateway: Arc<ftpgate::proxy::Gateway>,
+    path: PathBuf,
+    mut hup: tokio::signal::unix::Signal,
+) {
+    while hup.recv().await.is_some() {
+        ftpgate::systemd::notify_reloading();
+        match Config::load(&path) {
+            Ok(c) => {
+                for note in gateway.reload(c) {
+                    tracing::warn!(file = %path.display(), "reload: {note}");
+                }
+                tracing::info!(file = %path.display(), "configuration reloaded");
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    tracing::error!("reload failed, configuration unchanged: {e}");
+                }
+            }
+        }
+        ftpgate::systemd::notify_ready();
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT and tells systemd the gateway is stopping.

@@ -161,6 +161,21 @@ pub trait Backend: Send + Sync + 'static {
         plan: DataPlan,
         events: mpsc::UnboundedSender<DataEvent>,
     ) -> OpenFuture<'a>;
+
+    /// What is open now, for health checks and for tests that prove a
+    /// refused command opened nothing. Backends that do not count say zero.
+    fn usage(&self) -> Usage {
+        Usage::default()
+    }
+}
+
+/// What a backend holds open at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Plans not yet fully released (listeners, relays, elements).
+    pub plans: usize,
+    /// Ports leased from the client and server pools together.
+    pub ports: usize,
 }
 
 /// Settings every backend shares.

@@ -8,10 +8,11 @@
 use super::nft::{Element, InterceptTable};
 use super::{
     Backend, DataEvent, DataOutcome, DataPlan, DataSettings, Leg, OpenError, OpenFuture, Opened,
-    Pinhole, PlanId, PortLease, PortPool, SessionInfo,
+    Pinhole, PlanId, PortLease, PortPool, SessionInfo, Usage,
 };
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,6 +34,8 @@ pub struct RelayBackend {
     /// The gateway's table, for transparent plans; `None` in reverse-only
     /// deployments, which then refuse transparent plans.
     intercept: Option<Arc<InterceptTable>>,
+    /// Plans whose [`Held`] still exists: what [`Backend::usage`] reports.
+    live: Arc<AtomicUsize>,
 }
 
 impl RelayBackend {
@@ -49,6 +52,7 @@ impl RelayBackend {
             server_pool,
             settings,
             intercept,
+            live: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -58,9 +62,11 @@ impl RelayBackend {
         plan: DataPlan,
         events: mpsc::UnboundedSender<DataEvent>,
     ) -> Result<(Opened, Pinhole), OpenError> {
+        self.live.fetch_add(1, Ordering::Relaxed);
         let held = Arc::new(Held {
             inner: Mutex::new(HeldInner::default()),
             table: self.intercept.clone(),
+            live: Arc::clone(&self.live),
         });
         let mut opened = Opened {
             client_listen: None,
@@ -158,6 +164,13 @@ impl Backend for RelayBackend {
     ) -> OpenFuture<'a> {
         Box::pin(self.open_plan(session, plan, events))
     }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            plans: self.live.load(Ordering::Relaxed),
+            ports: self.client_pool.in_use() + self.server_pool.in_use(),
+        }
+    }
 }
 
 /// The unspecified address of `ip`'s family.
@@ -180,6 +193,8 @@ enum Pending {
 struct Held {
     inner: Mutex<HeldInner>,
     table: Option<Arc<InterceptTable>>,
+    /// The backend's count of live plans; decremented on drop.
+    live: Arc<AtomicUsize>,
 }
 
 #[derive(Debug, Default)]
@@ -238,6 +253,7 @@ impl Drop for Held {
     fn drop(&mut self) {
         // Covers an `open` that failed half-way, before any guard existed.
         self.release();
+        self.live.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -87,7 +87,9 @@ async fn run(
             return;
         }
     };
-    let policy = match decide(&gateway.config, peer.ip(), server) {
+    // One configuration for the whole session, even across a reload.
+    let config = gateway.config();
+    let policy = match decide(&config, peer.ip(), server) {
         Decision::Allow(p) => p,
         Decision::Deny(rule) => {
             let why = match rule {
@@ -105,7 +107,7 @@ async fn run(
             return;
         }
     };
-    let limits = &gateway.config.limits;
+    let limits = &config.limits;
     let upstream =
         match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(server)).await {
             Ok(Ok(s)) => s,
@@ -165,6 +167,7 @@ async fn run(
         client,
         upstream,
         pinholes: HashMap::new(),
+        idle: limits.idle_timeout,
         from_client: 0,
         from_server: 0,
         user: None,
@@ -213,6 +216,8 @@ struct Conn<'a> {
     upstream: TcpStream,
     /// Open plans; dropping one closes its pinholes and lowers the gauge.
     pinholes: HashMap<PlanId, (Pinhole, OpenGuard)>,
+    /// `idle_timeout` of the session's configuration.
+    idle: std::time::Duration,
     from_client: u64,
     from_server: u64,
     /// The USER name, for the audit log.
@@ -242,7 +247,7 @@ impl std::fmt::Display for Ended {
 impl Conn<'_> {
     async fn drive(&mut self) -> Ended {
         let (tx, mut rx) = mpsc::unbounded_channel::<DataEvent>();
-        let idle = self.gateway.config.limits.idle_timeout;
+        let idle = self.idle;
         let mut cbuf = vec![0u8; 8192];
         let mut sbuf = vec![0u8; 8192];
         let mut deadline = tokio::time::Instant::now() + idle;
@@ -270,6 +275,11 @@ impl Conn<'_> {
                     deadline = tokio::time::Instant::now() + idle;
                     if matches!(ev, DataEvent::Connected { .. }) {
                         self.data_connected = Some(Instant::now());
+                    }
+                    // The plan's task is over: drop its guard now, or a long
+                    // session keeps one per transfer until it ends.
+                    if let DataEvent::Closed { id, .. } = &ev {
+                        self.pinholes.remove(id);
                     }
                     self.core.data_event(ev);
                 }

@@ -15,7 +15,7 @@ use socket2::{Domain, Socket, Type};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -23,8 +23,9 @@ use tracing::{info, warn};
 
 /// Everything the sessions of one gateway share.
 pub struct Gateway {
-    /// The configuration the sessions run under.
-    pub config: Arc<Config>,
+    /// The configuration new sessions run under; replaced by
+    /// [`Gateway::reload`]. A session keeps the one it started with.
+    config: RwLock<Arc<Config>>,
     /// Opens data plans.
     pub backend: Arc<dyn Backend>,
     /// Counts sessions against `limits`.
@@ -50,13 +51,40 @@ impl Gateway {
             config.limits.max_sessions_per_client,
         );
         Arc::new(Gateway {
-            config,
+            config: RwLock::new(config),
             backend,
             limits,
             metrics: Arc::new(crate::metrics::Metrics::new()),
             audit,
             next_id: AtomicU64::new(1),
         })
+    }
+
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts `new` in force for sessions that start from now on: rules,
+    /// `limits` (session counts, timeouts). Listeners and the `data`
+    /// section (port pools, backend, pinhole timeout) are bound at start;
+    /// returns a note for each of those that differs and so needs a restart.
+    pub fn reload(&self, new: Config) -> Vec<String> {
+        let old = self.config();
+        let mut restart = Vec::new();
+        if old.listeners != new.listeners {
+            restart.push("listeners changed; restart to apply".to_string());
+        }
+        if old.data != new.data {
+            restart.push("data section changed; restart to apply".to_string());
+        }
+        self.limits
+            .set(new.limits.max_sessions, new.limits.max_sessions_per_client);
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        restart
     }
 
     fn session_id(&self) -> u64 {

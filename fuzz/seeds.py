@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus (fuzz/seeds/<target>/) from typical session
+transcripts: login, PASV/227, EPSV/229, PORT, RETR/STOR/LIST, multi-line
+FEAT, ABOR, AUTH. Run from fuzz/; the output is committed."""
+import os
+
+C, S, OPEN = "c", "s", "open"  # client line, server line, open answered ok
+
+SESSIONS = {
+    "login_pasv_retr": [
+        (S, "220 ProFTPD ready"), (C, "USER anonymous"), (S, "331 Password required"),
+        (C, "PASS x@"), (S, "230 Logged in"), (C, "TYPE I"), (S, "200 Type set to I"),
+        (C, "PASV"), (S, "227 Entering Passive Mode (10,0,0,3,195,80).", OPEN),
+        (C, "RETR file.bin"), (S, "150 Opening BINARY mode data connection"),
+        (S, "226 Transfer complete"), (C, "QUIT"), (S, "221 Goodbye"),
+    ],
+    "epsv_stor": [
+        (S, "220 vsFTPd 3.0.3"), (C, "USER u"), (S, "331 Please specify the password."),
+        (C, "PASS p"), (S, "230 Login successful."), (C, "EPSV"),
+        (S, "229 Entering Extended Passive Mode (|||50123|)", OPEN),
+        (C, "STOR up.txt"), (S, "150 Ok to send data."), (S, "226 Transfer complete."),
+    ],
+    "port_list": [
+        (S, "220 hi"), (C, "USER a"), (S, "230 ok"),
+        (C, "PORT 198,51,100,7,200,10", OPEN), (S, "200 PORT command successful"),
+        (C, "LIST -la"), (S, "150 Here comes the directory listing."),
+        (S, "226 Directory send OK."),
+        (C, "EPRT |1|198.51.100.7|51211|", OPEN), (S, "200 EPRT command successful"),
+        (C, "NLST"), (S, "125 Data connection already open"), (S, "226 ok"),
+    ],
+    "feat_multiline": [
+        (S, "220-Welcome"), (S, " to the server"), (S, "220 ready"), (C, "FEAT"),
+        (S, "211-Features:"), (S, " EPRT"), (S, " EPSV"), (S, " MDTM"), (S, " PASV"),
+        (S, " AUTH TLS"), (S, " UTF8"), (S, "211 End"), (C, "SYST"), (S, "215 UNIX Type: L8"),
+    ],
+    "abor": [
+        (S, "220 hi"), (C, "USER a"), (S, "230 ok"), (C, "PASV"),
+        (S, "227 Entering Passive Mode (10,0,0,3,200,1)", OPEN), (C, "RETR big"),
+        (S, "150 Opening"), (C, "\xff\xf4\xff\xf2ABOR"), (S, "426 Transfer aborted"),
+        (S, "226 Abort successful"),
+    ],
+    "auth_tls": [
+        (S, "220 hi"), (C, "AUTH TLS"), (S, "234 Proceed with negotiation."),
+        (C, "\x16\x03\x01\x00\x05hello"),
+    ],
+}
+
+def line(t):
+    return t.encode("latin-1") + b"\r\n"
+
+def write(target, name, data):
+    d = os.path.join("seeds", target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+for name, steps in SESSIONS.items():
+    client = b"".join(line(s[1]) for s in steps if s[0] == C)
+    server = b"".join(line(s[1]) for s in steps if s[0] == S)
+    write("command", name, bytes([6]) + client)
+    write("command", name + "_bytewise", bytes([0]) + client)
+    write("reply", name, server)
+    for setup in (0, 1, 2, 4, 8):
+        out = bytearray([setup])
+        for step in steps:
+            b = line(step[1])[:255]
+            out += bytes([0 if step[0] == C else 2, len(b)]) + b
+            if len(step) > 2:
+                out.append(1)
+        # A data connection that completes, then idle.
+        out += bytes([4, 0, 5, 0, 0, 200, 7, 2])
+        write("session", f"{name}_{setup}", bytes(out))

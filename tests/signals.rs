@@ -1,0 +1,275 @@
+//! The `ftpgate` binary under signals: SIGTERM drains, SIGHUP reloads the
+//! rule file. The binary runs as a child process in front of libunftp (in
+//! this process), everything on loopback with kernel-chosen ports.
+
+use libunftp::options::ActivePassiveMode;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::sync::Notify;
+use unftp_sbe_fs::Filesystem;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(LIMIT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out: {what}"),
+    }
+}
+
+/// The child's stderr, collected, and a way to wait for a line.
+#[derive(Clone, Default)]
+struct Stderr {
+    text: Arc<Mutex<String>>,
+    changed: Arc<Notify>,
+}
+
+impl Stderr {
+    fn text(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+    /// Waits until the log holds `needle` at least `count` times.
+    async fn wait_for_n(&self, needle: &str, count: usize) -> String {
+        let limit = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let notified = self.changed.notified();
+            let t = self.text();
+            if t.matches(needle).count() >= count {
+                return t;
+            }
+            if tokio::time::timeout_at(limit, notified).await.is_err() {
+                panic!("stderr never had {count}× {needle:?}:\n{t}");
+            }
+        }
+    }
+}
+
+struct Gate {
+    child: Child,
+    addr: SocketAddr,
+    log: Stderr,
+}
+
+impl Gate {
+    async fn start(config: &Path) -> Gate {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
+            .args(["run", "--grace", "10", "-c"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let log = Stderr::default();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(l)) = lines.next_line().await {
+                let mut t = sink.text.lock().unwrap();
+                t.push_str(&l);
+                t.push('\n');
+                drop(t);
+                sink.changed.notify_waiters();
+            }
+        });
+        let text = log.wait_for_n("listening", 1).await;
+        let line = text.lines().find(|l| l.contains("listening")).unwrap();
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line}"));
+        Gate { child, addr, log }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().unwrap();
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+}
+
+async fn start_unftp(root: &Path) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let root: PathBuf = root.to_path_buf();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let root = root.clone();
+            let server = libunftp::ServerBuilder::new(Box::new(move || {
+                Filesystem::new(root.clone()).unwrap()
+            }))
+            .active_passive_mode(ActivePassiveMode::ActiveAndPassive)
+            .build()
+            .unwrap();
+            tokio::spawn(server.service(stream));
+        }
+    });
+    addr
+}
+
+fn rule_file(upstream: SocketAddr, clients: &str) -> String {
+    format!(
+        "listeners:\n  - name: t\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n\
+         data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
+         rules:\n  - name: r\n    clients: [{clients}]\n"
+    )
+}
+
+/// Reads one whole reply; returns its first line.
+async fn reply(r: &mut BufReader<TcpStream>) -> String {
+    let mut first = String::new();
+    bounded("reply", r.read_line(&mut first)).await.unwrap();
+    if first.as_bytes().get(3) == Some(&b'-') {
+        let end = format!("{} ", &first[..3]);
+        loop {
+            let mut l = String::new();
+            if bounded("reply", r.read_line(&mut l)).await.unwrap() == 0 || l.starts_with(&end) {
+                break;
+            }
+        }
+    }
+    first
+}
+
+async fn cmd(r: &mut BufReader<TcpStream>, c: &str) -> String {
+    r.get_mut()
+        .write_all(format!("{c}\r\n").as_bytes())
+        .await
+        .unwrap();
+    reply(r).await
+}
+
+/// The greeting a new session gets, or what it gets instead.
+async fn greeting(addr: SocketAddr) -> String {
+    match TcpStream::connect(addr).await {
+        Ok(s) => {
+            let mut r = BufReader::new(s);
+            let mut l = String::new();
+            let _ = bounded("greeting", r.read_line(&mut l)).await;
+            l
+        }
+        Err(e) => format!("connect failed: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_and_finishes_transfers() {
+    let root = tempfile::tempdir().unwrap();
+    let size = 64usize << 20;
+    std::fs::write(root.path().join("big"), vec![5u8; size]).unwrap();
+    let upstream = start_unftp(root.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gate.yaml");
+    std::fs::write(&file, rule_file(upstream, "127.0.0.0/8")).unwrap();
+    let mut gate = Gate::start(&file).await;
+
+    let mut c = BufReader::new(TcpStream::connect(gate.addr).await.unwrap());
+    assert!(reply(&mut c).await.starts_with("220"));
+    assert!(cmd(&mut c, "USER anonymous").await.starts_with("331"));
+    assert!(cmd(&mut c, "PASS x@").await.starts_with("230"));
+    assert!(cmd(&mut c, "TYPE I").await.starts_with("200"));
+    let epsv = cmd(&mut c, "EPSV").await;
+    let port: u16 = epsv
+        .split("|||")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(|ch: char| !ch.is_ascii_digit())
+        .parse()
+        .unwrap();
+    let mut d = TcpStream::connect((gate.addr.ip(), port)).await.unwrap();
+    assert!(cmd(&mut c, "RETR big").await.starts_with("150"));
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = bounded("first bytes", d.read(&mut buf)).await.unwrap();
+    assert!(got > 0);
+
+    gate.signal("-TERM");
+    gate.log.wait_for_n("shutting down", 1).await;
+    let refused = greeting(gate.addr).await;
+    assert!(
+        !refused.starts_with("220"),
+        "accepting stopped: {refused:?}"
+    );
+
+    // The running transfer completes.
+    loop {
+        let n = bounded("transfer", d.read(&mut buf)).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert_eq!(got, size);
+    assert!(reply(&mut c).await.starts_with("226"));
+    let _ = cmd(&mut c, "QUIT").await;
+    let status = bounded("exit", gate.child.wait()).await.unwrap();
+    assert!(status.success(), "{status}\n{}", gate.log.text());
+    let log = gate.log.text();
+    assert!(!log.contains("grace period over"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_rules_and_keeps_them_on_a_bad_file() {
+    let root = tempfile::tempdir().unwrap();
+    let upstream = start_unftp(root.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gate.yaml");
+    std::fs::write(&file, rule_file(upstream, "127.0.0.0/8")).unwrap();
+    let gate = Gate::start(&file).await;
+    assert!(greeting(gate.addr).await.starts_with("220"));
+
+    // Rule changed: loopback no longer allowed.
+    std::fs::write(&file, rule_file(upstream, "192.0.2.0/24")).unwrap();
+    gate.signal("-HUP");
+    gate.log.wait_for_n("configuration reloaded", 1).await;
+    let g = greeting(gate.addr).await;
+    assert!(g.starts_with("421") && g.contains("no rule allows"), "{g}");
+
+    // A broken file: the error is logged with file:line:column and the
+    // rules in force stay.
+    let broken = rule_file(upstream, "127.0.0.0/8")
+        .replace("clients: [127.0.0.0/8]", "clients: [not-a-net]");
+    std::fs::write(&file, broken).unwrap();
+    gate.signal("-HUP");
+    let log = gate.log.wait_for_n("reload failed", 1).await;
+    let line = log.lines().find(|l| l.contains("reload failed")).unwrap();
+    let at = format!("{}:", file.display());
+    let rest = line.split(&at).nth(1).unwrap_or_else(|| panic!("{line}"));
+    let mut parts = rest.splitn(3, ':');
+    let l: u32 = parts
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{line}"));
+    let col: u32 = parts
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{line}"));
+    assert_eq!(l, 11, "{line}");
+    assert!(col > 0);
+    let g = greeting(gate.addr).await;
+    assert!(
+        g.starts_with("421"),
+        "old (reloaded) rules still in force: {g}"
+    );
+
+    // And back: allowed again.
+    std::fs::write(&file, rule_file(upstream, "127.0.0.0/8")).unwrap();
+    gate.signal("-HUP");
+    gate.log.wait_for_n("configuration reloaded", 2).await;
+    assert!(greeting(gate.addr).await.starts_with("220"));
+}
