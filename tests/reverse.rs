@@ -84,9 +84,15 @@ async fn start(server_mode: &str, extra_data: &str) -> Env {
 
     let root = tempfile::tempdir().unwrap();
     let upstream = start_unftp(root.path()).await;
+    // Each gateway in this process gets pools of its own, so a pinhole that
+    // expires in one test cannot be re-bound by another test's pinhole.
+    static NEXT_BLOCK: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let block = NEXT_BLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 20;
+    let (c_lo, s_lo) = (20000 + block * 500, 30000 + block * 500);
+    let (c_hi, s_hi) = (c_lo + 499, s_lo + 499);
     let yaml = format!(
         "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n\
-         data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n{extra_data}\
+         data:\n  client_ports: {c_lo}-{c_hi}\n  server_ports: {s_lo}-{s_hi}\n{extra_data}\
          rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n    server_mode: {server_mode}\n    deny_commands: [SITE]\n"
     );
     let config = Config::parse(&yaml, Path::new("test.yaml")).unwrap();
