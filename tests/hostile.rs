@@ -4,20 +4,21 @@
 //! the attacker. Each case checks the reply the client gets and, through
 //! `Backend::usage`, that nothing was left open.
 
+mod common;
+
+use common::{start_unftp, LogBuf};
+
 use ftpgate::config::Config;
 use ftpgate::pinhole::Usage;
 use ftpgate::proxy::{serve, Gateway, Launched};
-use libunftp::options::ActivePassiveMode;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{oneshot, Notify};
-use unftp_sbe_fs::Filesystem;
+use tokio::sync::oneshot;
 
 /// Every wait in this file is bounded by this; past it the test fails.
 const LIMIT: Duration = Duration::from_secs(20);
@@ -26,49 +27,6 @@ async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T 
     match tokio::time::timeout(LIMIT, fut).await {
         Ok(v) => v,
         Err(_) => panic!("timed out: {what}"),
-    }
-}
-
-// ---- logs --------------------------------------------------------------
-
-#[derive(Clone, Default)]
-struct LogBuf {
-    bytes: Arc<Mutex<Vec<u8>>>,
-    changed: Arc<Notify>,
-}
-
-impl LogBuf {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.bytes.lock().unwrap()).into_owned()
-    }
-    async fn wait_for(&self, needle: &str) -> String {
-        self.wait_for_n(needle, 1).await
-    }
-    async fn wait_for_n(&self, needle: &str, n: usize) -> String {
-        let limit = tokio::time::Instant::now() + LIMIT;
-        loop {
-            let notified = self.changed.notified();
-            let t = self.text();
-            if t.matches(needle).count() >= n {
-                return t;
-            }
-            if tokio::time::timeout_at(limit, notified).await.is_err() {
-                panic!("log never contained {needle:?}:\n{t}");
-            }
-        }
-    }
-}
-
-struct LogWriter(LogBuf);
-
-impl Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.bytes.lock().unwrap().extend_from_slice(b);
-        self.0.changed.notify_waiters();
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -120,14 +78,7 @@ impl Gw {
 /// Starts the gateway in front of `upstream`. `data` and `limits` are
 /// extra YAML lines under those keys; `rule` extra lines of the one rule.
 async fn gateway(upstream: SocketAddr, data: &str, limits: &str, rule: &str) -> Gw {
-    let logs = LogBuf::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || LogWriter(writer.clone()))
-        .finish();
-    let guard = tracing::subscriber::set_default(subscriber);
+    let (logs, guard) = LogBuf::capture();
     let data = if data.is_empty() {
         "  client_ports: 20000-29999\n  server_ports: 30000-39999\n".to_string()
     } else {
@@ -163,25 +114,6 @@ async fn gateway(upstream: SocketAddr, data: &str, limits: &str, rule: &str) -> 
         _stop: stop,
         _log_guard: guard,
     }
-}
-
-async fn start_unftp(root: &Path) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let root: PathBuf = root.to_path_buf();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let root = root.clone();
-            let server = libunftp::ServerBuilder::new(Box::new(move || {
-                Filesystem::new(root.clone()).unwrap()
-            }))
-            .active_passive_mode(ActivePassiveMode::ActiveAndPassive)
-            .build()
-            .unwrap();
-            tokio::spawn(server.service(stream));
-        }
-    });
-    addr
 }
 
 /// Gateway in front of libunftp serving a fresh directory.

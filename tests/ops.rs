@@ -2,9 +2,12 @@
 //! (libunftp behind the gateway, suppaftp in front), `ftpgate explain`, the
 //! generated man page and completions, and READY=1 to systemd.
 
+mod common;
+
+use common::start_unftp;
+
 use ftpgate::config::Config;
 use ftpgate::proxy::{serve, Launched};
-use libunftp::options::ActivePassiveMode;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,28 +17,8 @@ use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
 use suppaftp::{FtpError, Mode, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use unftp_sbe_fs::Filesystem;
-
-async fn start_unftp(root: &Path) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let root: PathBuf = root.to_path_buf();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let root = root.clone();
-            let server = libunftp::ServerBuilder::new(Box::new(move || {
-                Filesystem::new(root.clone()).unwrap()
-            }))
-            .active_passive_mode(ActivePassiveMode::ActiveAndPassive)
-            .build()
-            .unwrap();
-            tokio::spawn(server.service(stream));
-        }
-    });
-    addr
-}
 
 struct Env {
     gateway: SocketAddr,

@@ -2,63 +2,23 @@
 //! by suppaftp. Every address is on loopback and every port is chosen by
 //! the kernel (port 0) or drawn from the gateway's own pools.
 
+mod common;
+
+use common::{start_unftp, LogBuf};
+
 use ftpgate::config::Config;
 use ftpgate::proxy::{serve, Launched};
-use libunftp::options::ActivePassiveMode;
 use sha2::{Digest, Sha256};
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
 use suppaftp::{FtpError, Mode, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{oneshot, Notify};
-use unftp_sbe_fs::Filesystem;
-
-/// Log lines written by the gateway, and a way to wait for one.
-#[derive(Clone, Default)]
-struct LogBuf {
-    bytes: Arc<Mutex<Vec<u8>>>,
-    changed: Arc<Notify>,
-}
-
-impl LogBuf {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.bytes.lock().unwrap()).into_owned()
-    }
-    /// Waits until the log contains `needle` (bounded by a generous limit,
-    /// after which the test fails with the log).
-    async fn wait_for(&self, needle: &str) -> String {
-        let limit = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let notified = self.changed.notified();
-            let t = self.text();
-            if t.contains(needle) {
-                return t;
-            }
-            if tokio::time::timeout_at(limit, notified).await.is_err() {
-                panic!("log never contained {needle:?}:\n{t}");
-            }
-        }
-    }
-}
-
-struct LogWriter(LogBuf);
-
-impl Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.bytes.lock().unwrap().extend_from_slice(b);
-        self.0.changed.notify_waiters();
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::oneshot;
 
 struct Env {
     gateway: SocketAddr,
@@ -73,14 +33,7 @@ struct Env {
 /// the one the kernel picks for 127.0.0.1, and the gateway only admits the
 /// server's control-peer address on its server-side pinholes.
 async fn start(server_mode: &str, extra_data: &str) -> Env {
-    let logs = LogBuf::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || LogWriter(writer.clone()))
-        .finish();
-    let guard = tracing::subscriber::set_default(subscriber);
+    let (logs, guard) = LogBuf::capture();
 
     let root = tempfile::tempdir().unwrap();
     let upstream = start_unftp(root.path()).await;
@@ -114,25 +67,6 @@ async fn start(server_mode: &str, extra_data: &str) -> Env {
         _stop: stop,
         _log_guard: guard,
     }
-}
-
-async fn start_unftp(root: &Path) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let root: PathBuf = root.to_path_buf();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let root = root.clone();
-            let server = libunftp::ServerBuilder::new(Box::new(move || {
-                Filesystem::new(root.clone()).unwrap()
-            }))
-            .active_passive_mode(ActivePassiveMode::ActiveAndPassive)
-            .build()
-            .unwrap();
-            tokio::spawn(server.service(stream));
-        }
-    });
-    addr
 }
 
 async fn login(env: &Env, mode: Mode) -> AsyncFtpStream {

@@ -2,17 +2,17 @@
 //! rule file. The binary runs as a child process in front of libunftp (in
 //! this process), everything on loopback with kernel-chosen ports.
 
-use libunftp::options::ActivePassiveMode;
+mod common;
+
+use common::{start_unftp, LogBuf};
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use tokio::sync::Notify;
-use unftp_sbe_fs::Filesystem;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -23,37 +23,10 @@ async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T 
     }
 }
 
-/// The child's stderr, collected, and a way to wait for a line.
-#[derive(Clone, Default)]
-struct Stderr {
-    text: Arc<Mutex<String>>,
-    changed: Arc<Notify>,
-}
-
-impl Stderr {
-    fn text(&self) -> String {
-        self.text.lock().unwrap().clone()
-    }
-    /// Waits until the log holds `needle` at least `count` times.
-    async fn wait_for_n(&self, needle: &str, count: usize) -> String {
-        let limit = tokio::time::Instant::now() + LIMIT;
-        loop {
-            let notified = self.changed.notified();
-            let t = self.text();
-            if t.matches(needle).count() >= count {
-                return t;
-            }
-            if tokio::time::timeout_at(limit, notified).await.is_err() {
-                panic!("stderr never had {count}× {needle:?}:\n{t}");
-            }
-        }
-    }
-}
-
 struct Gate {
     child: Child,
     addr: SocketAddr,
-    log: Stderr,
+    log: LogBuf,
 }
 
 impl Gate {
@@ -68,16 +41,12 @@ impl Gate {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let log = Stderr::default();
+        let log = LogBuf::with_limit(LIMIT);
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let sink = log.clone();
         tokio::spawn(async move {
             while let Ok(Some(l)) = lines.next_line().await {
-                let mut t = sink.text.lock().unwrap();
-                t.push_str(&l);
-                t.push('\n');
-                drop(t);
-                sink.changed.notify_waiters();
+                sink.append(format!("{l}\n").as_bytes());
             }
         });
         let text = log.wait_for_n("listening", 1).await;
@@ -100,25 +69,6 @@ impl Gate {
             .success();
         assert!(ok, "kill {sig} {pid}");
     }
-}
-
-async fn start_unftp(root: &Path) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let root: PathBuf = root.to_path_buf();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let root = root.clone();
-            let server = libunftp::ServerBuilder::new(Box::new(move || {
-                Filesystem::new(root.clone()).unwrap()
-            }))
-            .active_passive_mode(ActivePassiveMode::ActiveAndPassive)
-            .build()
-            .unwrap();
-            tokio::spawn(server.service(stream));
-        }
-    });
-    addr
 }
 
 fn rule_file(upstream: SocketAddr, clients: &str) -> String {

@@ -6,12 +6,15 @@
 //! --release --test soak -- --nocapture`. Without the variable it prints
 //! `skipped` and returns.
 
+mod common;
+
+use common::start_unftp;
+
 use ftpgate::config::Config;
 use ftpgate::pinhole::Usage;
 use ftpgate::proxy::{serve, Launched};
-use libunftp::options::ActivePassiveMode;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,9 +22,7 @@ use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
 use suppaftp::Mode;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use unftp_sbe_fs::Filesystem;
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
@@ -35,25 +36,6 @@ fn rss_kib() -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-async fn start_unftp(root: &Path) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let root: PathBuf = root.to_path_buf();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let root = root.clone();
-            let server = libunftp::ServerBuilder::new(Box::new(move || {
-                Filesystem::new(root.clone()).unwrap()
-            }))
-            .active_passive_mode(ActivePassiveMode::ActiveAndPassive)
-            .build()
-            .unwrap();
-            tokio::spawn(server.service(stream));
-        }
-    });
-    addr
 }
 
 /// One client's loop of sessions until `until`; returns transfers done.

@@ -1,0 +1,122 @@
+//! Parts the in-process tests share: a real FTP server (libunftp) on
+//! loopback, and a capture of the gateway's log lines to wait on.
+// Each test crate uses only some of these.
+#![allow(dead_code)]
+
+use libunftp::options::ActivePassiveMode;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use unftp_sbe_fs::Filesystem;
+
+/// How long a wait on the log may take, by default, before the test fails
+/// with the log.
+const LOG_LIMIT: Duration = Duration::from_secs(20);
+
+/// Starts libunftp on 127.0.0.1 (port 0) serving `root`, in active and
+/// passive mode; one server per accepted connection.
+pub async fn start_unftp(root: &Path) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let root: PathBuf = root.to_path_buf();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let root = root.clone();
+            let server = libunftp::ServerBuilder::new(Box::new(move || {
+                Filesystem::new(root.clone()).unwrap()
+            }))
+            .active_passive_mode(ActivePassiveMode::ActiveAndPassive)
+            .build()
+            .unwrap();
+            tokio::spawn(server.service(stream));
+        }
+    });
+    addr
+}
+
+/// Log lines written by the gateway, and a way to wait for them.
+#[derive(Clone)]
+pub struct LogBuf {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    changed: Arc<Notify>,
+    limit: Duration,
+}
+
+impl Default for LogBuf {
+    fn default() -> Self {
+        LogBuf::with_limit(LOG_LIMIT)
+    }
+}
+
+impl LogBuf {
+    /// An empty log whose waits fail the test after `limit`.
+    pub fn with_limit(limit: Duration) -> Self {
+        LogBuf {
+            bytes: Arc::default(),
+            changed: Arc::default(),
+            limit,
+        }
+    }
+
+    /// Adds bytes (e.g. a child process's stderr) and wakes the waiters.
+    pub fn append(&self, b: &[u8]) {
+        self.bytes.lock().unwrap().extend_from_slice(b);
+        self.changed.notify_waiters();
+    }
+
+    /// Captures this thread's tracing output (INFO and up, no colour) until
+    /// the guard is dropped. Tests run on a current-thread runtime, so every
+    /// task of the gateway logs here.
+    pub fn capture() -> (LogBuf, tracing::subscriber::DefaultGuard) {
+        let logs = LogBuf::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || LogWriter(writer.clone()))
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_for(&self, needle: &str) -> String {
+        self.wait_for_n(needle, 1).await
+    }
+
+    /// Waits until the log contains `needle` at least `n` times; fails the
+    /// test with the log after the log's limit.
+    pub async fn wait_for_n(&self, needle: &str, n: usize) -> String {
+        let limit = tokio::time::Instant::now() + self.limit;
+        loop {
+            let notified = self.changed.notified();
+            let t = self.text();
+            if t.matches(needle).count() >= n {
+                return t;
+            }
+            if tokio::time::timeout_at(limit, notified).await.is_err() {
+                panic!("log never contained {needle:?}:\n{t}");
+            }
+        }
+    }
+}
+
+struct LogWriter(LogBuf);
+
+impl Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.append(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
