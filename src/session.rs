@@ -675,24 +675,8 @@ impl Session {
                 self.push(Action::ToServer(cmd));
             }
             ServerMode::Active => {
-                let plan = DataPlan {
-                    id: self.plan_id(),
-                    client: Leg::Listen {
-                        bind: self.client_bind(),
-                        peer: self.params.client.ip(),
-                    },
-                    server: Leg::Listen {
-                        bind: self.params.server_local.ip(),
-                        peer: self.params.server.ip(),
-                    },
-                    client_view: self.client_view(),
-                };
-                self.open(
-                    plan,
-                    LegMode::Passive,
-                    LegMode::Active,
-                    AfterOpen::SendPort(ask),
-                );
+                let (client, server) = (self.client_listen_leg(), self.server_listen_leg());
+                self.open(client, server, AfterOpen::SendPort(ask));
             }
         }
     }
@@ -737,24 +721,8 @@ impl Session {
         self.drop_unused_plan();
         match self.params.policy.server_mode {
             ServerMode::Same | ServerMode::Active => {
-                let plan = DataPlan {
-                    id: self.plan_id(),
-                    client: Leg::Connect {
-                        target,
-                        bind: self.client_bind(),
-                    },
-                    server: Leg::Listen {
-                        bind: self.params.server_local.ip(),
-                        peer: self.params.server.ip(),
-                    },
-                    client_view: self.client_view(),
-                };
-                self.open(
-                    plan,
-                    LegMode::Active,
-                    LegMode::Active,
-                    AfterOpen::SendPort(ask),
-                );
+                let (client, server) = (self.client_connect_leg(target), self.server_listen_leg());
+                self.open(client, server, AfterOpen::SendPort(ask));
             }
             ServerMode::Passive => {
                 let cmd = self.server_passive_command(false);
@@ -1027,46 +995,19 @@ impl Session {
             );
             return;
         }
-        let server_target = SocketAddr::new(self.params.server.ip(), port);
-        let server_leg = Leg::Connect {
-            target: server_target,
+        // The gateway only ever connects to the server's control address.
+        let server = Leg::Connect {
+            target: SocketAddr::new(self.params.server.ip(), port),
             bind: self.params.server_local.ip(),
         };
-        let id = self.plan_id();
         match convert_to {
             None => {
-                let plan = DataPlan {
-                    id,
-                    client: Leg::Listen {
-                        bind: self.client_bind(),
-                        peer: self.params.client.ip(),
-                    },
-                    server: server_leg,
-                    client_view: self.client_view(),
-                };
-                self.open(
-                    plan,
-                    LegMode::Passive,
-                    LegMode::Passive,
-                    AfterOpen::ReplyPassive(ask),
-                );
+                let client = self.client_listen_leg();
+                self.open(client, server, AfterOpen::ReplyPassive(ask));
             }
             Some(target) => {
-                let plan = DataPlan {
-                    id,
-                    client: Leg::Connect {
-                        target,
-                        bind: self.client_bind(),
-                    },
-                    server: server_leg,
-                    client_view: self.client_view(),
-                };
-                self.open(
-                    plan,
-                    LegMode::Active,
-                    LegMode::Passive,
-                    AfterOpen::ReplyPortOk(ask),
-                );
+                let client = self.client_connect_leg(target);
+                self.open(client, server, AfterOpen::ReplyPortOk(ask));
             }
         }
     }
@@ -1189,19 +1130,59 @@ impl Session {
 
     // ---- plans -------------------------------------------------------
 
+    /// The gateway listens for the client, and admits only the client.
+    fn client_listen_leg(&self) -> Leg {
+        Leg::Listen {
+            bind: self.client_bind(),
+            peer: self.params.client.ip(),
+        }
+    }
+
+    /// The gateway connects to the client's (already checked) address.
+    fn client_connect_leg(&self, target: SocketAddr) -> Leg {
+        Leg::Connect {
+            target,
+            bind: self.client_bind(),
+        }
+    }
+
+    /// The gateway listens for the server, and admits only the server.
+    fn server_listen_leg(&self) -> Leg {
+        Leg::Listen {
+            bind: self.params.server_local.ip(),
+            peer: self.params.server.ip(),
+        }
+    }
+
     fn plan_id(&mut self) -> PlanId {
         let id = self.next_plan;
         self.next_plan += 1;
         id
     }
 
-    fn open(&mut self, plan: DataPlan, client: LegMode, server: LegMode, after: AfterOpen) {
-        let id = plan.id;
+    /// Opens a plan of these two legs. A leg where the gateway listens is
+    /// passive on that side; one where it connects is active.
+    fn open(&mut self, client: Leg, server: Leg, after: AfterOpen) {
+        let id = self.plan_id();
+        let client_mode = match client {
+            Leg::Listen { .. } => LegMode::Passive,
+            Leg::Connect { .. } => LegMode::Active,
+        };
+        let server_mode = match server {
+            Leg::Listen { .. } => LegMode::Active,
+            Leg::Connect { .. } => LegMode::Passive,
+        };
+        let plan = DataPlan {
+            id,
+            client,
+            server,
+            client_view: self.client_view(),
+        };
         self.plans.insert(
             id,
             PlanInfo {
-                client_mode: client,
-                server_mode: server,
+                client_mode,
+                server_mode,
                 state: PlanState::Open,
             },
         );
