@@ -702,7 +702,7 @@ impl Session {
             );
             return;
         }
-        if canonical(addr.ip()) != client_ip {
+        if addr.ip().to_canonical() != client_ip {
             self.refuse(
                 verb,
                 501,
@@ -1320,9 +1320,4 @@ fn lossy_tail(lines: &[Vec<u8>]) -> String {
     let last = lines.last().map(|l| reply_text(l)).unwrap_or(&[]);
     let s = String::from_utf8_lossy(last);
     s.chars().filter(|c| !c.is_control()).take(120).collect()
-}
-
-/// IPv4-mapped IPv6 addresses compare as the IPv4 address they carry.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
 }
