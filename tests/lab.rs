@@ -1,5 +1,7 @@
 //! The network-namespace lab (tests/lab): real FTP servers and clients behind a real
-//! nftables edge, with ftpgate in the edge.
+//! nftables edge, with ftpgate in the edge. `lab.py` runs the client/server matrix,
+//! `pinholes.py` checks that a kernel-backend pinhole admits its one connection and
+//! drops every other.
 //!
 //! It needs root, `ip`, `nft` and the lab packages (`.ci/install-lab-deps`). Without
 //! them each test prints `lab: skipped (<reason>)` and passes, unless `FTPGATE_LAB=1`
@@ -120,6 +122,45 @@ fn lab_ftpgate_passes_every_case() {
     assert!(out.status.success(), "lab failed: {summary}");
     assert!(summary.ends_with(" 0 failed"), "{summary}");
     assert!(!summary.starts_with("ftpgate: 0 passed"), "{summary}");
+}
+
+/// Every lab run makes namespaces of its own (`fgl<pid>x<random>-`), and with them
+/// its own nftables table and ports; this test takes its turn all the same, for
+/// the CPU: its drop checks wait for a connect timeout that a starved machine
+/// could mistake.
+#[test]
+fn lab_kernel_pinholes_drop_all_but_the_expected_connection() {
+    let _turn = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !lab_available() {
+        return;
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/lab/pinholes.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--backend", "nftables", "--ftpgate-bin", ftpgate_bin()])
+        .output()
+        .expect("pinholes.py runs");
+    print_output(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("pinholes: "))
+        .unwrap_or_else(|| panic!("no pinholes summary line"));
+    assert!(out.status.success(), "pinholes failed: {summary}");
+    assert!(summary.ends_with(" 0 failed"), "{summary}");
+    // 2 scenarios x 2 families x 2 modes, each with the same checks.
+    for check in ["intruder", "second", "expired"] {
+        let dropped = stdout
+            .lines()
+            .filter(|l| l.ends_with(&format!(" {check}: dropped")))
+            .count();
+        assert_eq!(dropped, 8, "{check}: dropped in {dropped} of 8 cases");
+    }
+    let empty = stdout
+        .lines()
+        .filter(|l| l.ends_with("empty: no elements"))
+        .count();
+    assert_eq!(empty, 16, "sessions that left no element: {empty} of 16");
 }
 
 #[test]

@@ -2,21 +2,27 @@
 //! user space.
 //!
 //! For a plan whose two legs are one listen and one connect of the same
-//! address family (PASV→PASV, PORT→PORT), the gateway adds four elements to
+//! address family (PASV→PASV, PORT→PORT), the gateway adds five elements to
 //! its table, in one `nft` transaction:
 //!
 //! - `once`: admits one new connection from the expected peer to the
-//!   announced port. The prerouting rule deletes it at the first SYN, so a
-//!   second connection (or one from another host) is not NATed, and reaches
-//!   a pool port on which nothing listens.
+//!   announced port. The prerouting rule deletes it at the first SYN.
+//! - `claim`: the announced address and port. A new connection to it that
+//!   `once` did not admit (another host, a second connection, one after the
+//!   timeout) is dropped: no SYN-ACK, no RST, nothing reaches the endpoint.
 //! - `dnat`: (peer, announced address, port) → the real endpoint.
 //! - `ksnat`: the real endpoint sees the address the invariant asks for (the
 //!   gateway's server-facing address, or the address the client believes is
 //!   the server).
 //! - `fwd`: the forward chain accepts exactly that flow.
 //!
-//! Each element has the pinhole timeout, so the kernel removes it even if
-//! the gateway dies. The gateway follows the connection in the kernel's
+//! Each element has a timeout (the pinhole timeout; twice that for the
+//! claim), so the kernel removes it even if the gateway dies.
+//!
+//! The claim outlives the plan: it is refreshed while the connection runs,
+//! and when the plan ends it lingers for `pinhole_timeout` more, until the
+//! session ends, or until the port's next plan (kernel or relay, which
+//! listens on the port) removes it first, whichever comes first. The gateway follows the connection in the kernel's
 //! connection tracking table (`/proc/net/nf_conntrack`, with
 //! `nf_conntrack_acct` on for byte counts): an entry for the flow means
 //! [`DataEvent::Connected`], the entry reaching a FIN state (or going
@@ -32,8 +38,10 @@ use super::{
     Backend, DataEvent, DataOutcome, DataPlan, DataSettings, Leg, OpenError, OpenFuture, Opened,
     Pinhole, PlanId, PortPool, SessionInfo,
 };
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -58,6 +66,7 @@ pub struct KernelBackend {
     settings: DataSettings,
     table: Arc<InterceptTable>,
     relay: RelayBackend,
+    claims: Arc<Claims>,
 }
 
 impl KernelBackend {
@@ -92,6 +101,7 @@ impl KernelBackend {
             settings,
             table,
             relay,
+            claims: Arc::default(),
         })
     }
 
@@ -142,7 +152,16 @@ impl KernelBackend {
                 plan = plan.id,
                 "data plan needs the relay (conversion or mixed families)"
             );
-            return self.relay.open(session, plan, events).await;
+            let (opened, pinhole) = self.relay.open(session, plan, events).await?;
+            // The relay listens on these ports: an earlier plan's claim on
+            // them would drop its connections.
+            for addr in [opened.client_listen, opened.server_listen]
+                .into_iter()
+                .flatten()
+            {
+                self.claims.release(&self.table, addr.port()).await;
+            }
+            return Ok((opened, pinhole));
         };
         let pool = if shape.passive {
             &self.client_pool
@@ -153,6 +172,11 @@ impl KernelBackend {
             return Err(OpenError::PoolExhausted(pool.name()));
         };
         let port = lease.port();
+        self.claims.release(&self.table, port).await;
+        let claim = Element::Claim {
+            dst: shape.dst,
+            port,
+        };
         let elements = vec![
             Element::Once {
                 peer: shape.peer,
@@ -175,7 +199,10 @@ impl KernelBackend {
             },
         ];
         let timeout = self.settings.pinhole_timeout;
-        let timed: Vec<_> = elements.iter().map(|e| (*e, timeout)).collect();
+        let mut timed: Vec<_> = elements.iter().map(|e| (*e, timeout)).collect();
+        // Longer than the rest, so that it is still there when the plan
+        // hands it over to linger at the timeout.
+        timed.push((claim, 2 * timeout));
         self.table.add(&timed).await?;
         let announced = SocketAddr::new(shape.dst, port);
         let opened = Opened {
@@ -184,17 +211,14 @@ impl KernelBackend {
         };
         let held = Arc::new(Held {
             table: self.table.clone(),
+            claims: self.claims.clone(),
             elements: Mutex::new(elements),
-        });
-        let task = tokio::spawn(follow(
-            plan.id,
-            shape,
+            end: Mutex::new(Some((claim, lease))),
             port,
-            timeout,
-            held.clone(),
-            events,
-            lease,
-        ));
+            linger: timeout,
+            session: events.clone(),
+        });
+        let task = tokio::spawn(follow(plan.id, shape, port, timeout, held.clone(), events));
         let guard = Guard {
             held,
             task: task.abort_handle(),
@@ -232,25 +256,124 @@ struct Shape {
     source: IpAddr,
 }
 
-/// The elements a plan still has in the table.
+/// What a plan still holds: elements in the table, its claim, its port.
 struct Held {
     table: Arc<InterceptTable>,
+    claims: Arc<Claims>,
+    /// `once`, `dnat`, `ksnat`, `fwd`: gone once the connection is in.
     elements: Mutex<Vec<Element>>,
+    /// The claim and the port's lease, until the plan ends and hands them
+    /// to [`Claims::linger`].
+    end: Mutex<Option<(Element, super::PortLease)>>,
+    port: u16,
+    linger: Duration,
+    /// The session's event channel: closed when the session ends.
+    session: mpsc::UnboundedSender<DataEvent>,
+}
+
+fn take<T: Default>(m: &Mutex<T>) -> T {
+    match m.lock() {
+        Ok(mut e) => std::mem::take(&mut *e),
+        Err(p) => std::mem::take(&mut *p.into_inner()),
+    }
 }
 
 impl Held {
-    fn take(&self) -> Vec<Element> {
-        match self.elements.lock() {
-            Ok(mut e) => std::mem::take(&mut *e),
-            Err(p) => std::mem::take(&mut *p.into_inner()),
-        }
-    }
-
     async fn remove(&self) {
-        let elements = self.take();
+        let elements = take(&self.elements);
         if !elements.is_empty() {
             self.table.remove_each(&elements).await;
         }
+    }
+
+    /// The plan is over: removes its elements and lets the claim linger.
+    /// Whoever comes first (the plan's task or its guard) does it.
+    async fn end(&self) {
+        self.remove().await;
+        if let Some((claim, lease)) = take(&self.end) {
+            self.claims
+                .linger(
+                    &self.table,
+                    claim,
+                    self.port,
+                    self.linger,
+                    &self.session,
+                    lease,
+                )
+                .await;
+        }
+    }
+
+    /// Keeps the claim alive while the connection runs.
+    async fn refresh_claim(&self, timeout: Duration) {
+        let claim = match self.end.lock() {
+            Ok(e) => e.as_ref().map(|(c, _)| *c),
+            Err(p) => p.into_inner().as_ref().map(|(c, _)| *c),
+        };
+        if let Some(claim) = claim {
+            if let Err(e) = self.table.refresh(claim, timeout).await {
+                tracing::warn!(table = %self.table.name(), "nft: claim not refreshed: {e}");
+            }
+        }
+    }
+}
+
+/// Claims whose plan has ended, by port. A port's next plan removes the
+/// lingering claim before it announces the port.
+#[derive(Default)]
+struct Claims {
+    lingering: tokio::sync::Mutex<HashMap<u16, (u64, Element)>>,
+    next: AtomicU64,
+}
+
+impl Claims {
+    /// Removes the lingering claim on `port`, if any: the port has a new
+    /// plan.
+    async fn release(&self, table: &InterceptTable, port: u16) {
+        let mut lingering = self.lingering.lock().await;
+        if let Some((_, claim)) = lingering.remove(&port) {
+            table.remove_each(&[claim]).await;
+        }
+    }
+
+    /// Keeps `claim` for `linger` more, until `session` ends, or until
+    /// [`Claims::release`], whichever comes first. The port returns to its
+    /// pool only once the claim is registered here, so its next plan finds
+    /// it.
+    async fn linger(
+        self: &Arc<Self>,
+        table: &Arc<InterceptTable>,
+        claim: Element,
+        port: u16,
+        linger: Duration,
+        session: &mpsc::UnboundedSender<DataEvent>,
+        lease: super::PortLease,
+    ) {
+        if session.is_closed() {
+            table.remove_each(&[claim]).await;
+            return;
+        }
+        let generation = self.next.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut lingering = self.lingering.lock().await;
+            if let Err(e) = table.refresh(claim, linger).await {
+                tracing::warn!(table = %table.name(), "nft: claim not refreshed: {e}");
+            }
+            lingering.insert(port, (generation, claim));
+        }
+        drop(lease);
+        let (claims, table, session) = (self.clone(), table.clone(), session.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = session.closed() => {}
+                _ = tokio::time::sleep(linger) => {}
+            }
+            let mut lingering = claims.lingering.lock().await;
+            if lingering.get(&port).map(|(g, _)| *g) == Some(generation) {
+                lingering.remove(&port);
+                table.remove_each(&[claim]).await;
+            }
+        });
     }
 }
 
@@ -265,7 +388,7 @@ impl Drop for Guard {
         self.task.abort();
         let held = self.held.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { held.remove().await });
+            rt.spawn(async move { held.end().await });
         }
     }
 }
@@ -278,9 +401,9 @@ async fn follow(
     timeout: Duration,
     held: Arc<Held>,
     events: mpsc::UnboundedSender<DataEvent>,
-    lease: super::PortLease,
 ) {
     let deadline = Instant::now() + timeout;
+    let mut refresh_at = deadline;
     let mut seen = false;
     let mut last = Flow::default();
     let outcome = loop {
@@ -301,6 +424,10 @@ async fn follow(
                 if done {
                     break DataOutcome::Completed;
                 }
+                if Instant::now() >= refresh_at {
+                    held.refresh_claim(2 * timeout).await;
+                    refresh_at = Instant::now() + timeout;
+                }
             }
             None if seen => break DataOutcome::Completed,
             None if Instant::now() >= deadline => break DataOutcome::Expired,
@@ -308,10 +435,10 @@ async fn follow(
         }
         tokio::time::sleep(if seen { POLL_CONNECTED } else { POLL }).await;
     };
-    if !seen {
-        held.remove().await;
-    }
-    drop(lease);
+    // In a task of its own: the guard may abort this one at any moment,
+    // and a claim taken but not yet registered would be left behind.
+    let ending = held.clone();
+    let _ = tokio::spawn(async move { ending.end().await }).await;
     // The originating side's bytes are the first direction of the entry.
     let (to_client, to_server) = if shape.passive {
         (last.reply_bytes, last.orig_bytes)

@@ -81,6 +81,16 @@ pub enum Element {
         /// The real endpoint (after DNAT).
         to: SocketAddr,
     },
+    /// Kernel backend: (`dst`, `port`) is a pinhole's announced endpoint; a
+    /// new connection to it that `Once` did not admit is dropped. It outlives
+    /// the pinhole's other elements (see `kernel`), so a second connection,
+    /// or one after the timeout, is dropped too.
+    Claim {
+        /// The announced address.
+        dst: IpAddr,
+        /// The announced port.
+        port: u16,
+    },
 }
 
 impl Element {
@@ -105,6 +115,7 @@ impl Element {
                 family3(self, peer, to.ip(), source, "ksnat4", "ksnat6")
             }
             Element::Forward { peer, to } => family3(self, peer, peer, to.ip(), "fwd4", "fwd6"),
+            Element::Claim { dst, .. } => Ok(if dst.is_ipv4() { "claim4" } else { "claim6" }),
         }
     }
 
@@ -156,6 +167,11 @@ impl Element {
                 to.ip(),
                 to.port()
             ),
+            // add element inet ftpgate claim4 { 192.0.2.1 . 40001 timeout 60000ms }
+            // matched after the @once4/@dnat4 rule: ip daddr . tcp dport @claim4 drop
+            Element::Claim { dst, port } => {
+                format!("add element inet {table} {set} {{ {dst} . {port} timeout {ms}ms }}\n")
+            }
         })
     }
 
@@ -173,7 +189,7 @@ impl Element {
                 client.ip(),
                 client.port()
             ),
-            Element::Once { peer, port } => {
+            Element::Once { peer, port } | Element::Claim { dst: peer, port } => {
                 format!("delete element inet {table} {set} {{ {peer} . {port} }}\n")
             }
             Element::Dnat {
@@ -276,6 +292,21 @@ impl InterceptTable {
             return Ok(());
         }
         tracing::debug!(table = %self.name, "nft: {}", script.trim_end());
+        self.run(&script).await
+    }
+
+    /// Sets `element`'s timeout to `timeout` from now, adding it if it is
+    /// gone. `add` of an existing element keeps its old timeout, hence the
+    /// add-delete-add, which is one transaction and cannot fail on a missing
+    /// element.
+    pub async fn refresh(&self, element: Element, timeout: Duration) -> io::Result<()> {
+        let script = format!(
+            "{}{}{}",
+            element.add_line(&self.name, timeout)?,
+            element.delete_line(&self.name)?,
+            element.add_line(&self.name, timeout)?
+        );
+        tracing::debug!(table = %self.name, "nft: refresh {element:?} for {timeout:?}");
         self.run(&script).await
     }
 
@@ -413,12 +444,27 @@ table inet {name} {{
 \t\ttype ipv6_addr . ipv6_addr . inet_service
 \t\tflags timeout
 \t}}
+\t# (announced address . port) of a kernel pinhole, from its opening until
+\t# its session ends (or pinhole_timeout after its end): a new connection
+\t# that @once did not admit (another host, a second connection, one after
+\t# the timeout) is dropped, silently, before it reaches anything.
+\tset claim4 {{
+\t\ttype ipv4_addr . inet_service
+\t\tflags timeout
+\t}}
+\tset claim6 {{
+\t\ttype ipv6_addr . inet_service
+\t\tflags timeout
+\t}}
 \t# Just before the usual dstnat rules, so an operator's own DNAT does not
-\t# take these connections elsewhere first.
+\t# take these connections elsewhere first. A nat chain sees only the first
+\t# packet of a connection, so the drops below never touch an admitted one.
 \tchain prerouting {{
 \t\ttype nat hook prerouting priority dstnat - 1; policy accept;
 \t\tip saddr . ip daddr . tcp dport @dnat4 ip saddr . tcp dport @once4 delete @once4 {{ ip saddr . tcp dport }} dnat ip to ip saddr . ip daddr . tcp dport map @dnat4
 \t\tip6 saddr . ip6 daddr . tcp dport @dnat6 ip6 saddr . tcp dport @once6 delete @once6 {{ ip6 saddr . tcp dport }} dnat ip6 to ip6 saddr . ip6 daddr . tcp dport map @dnat6
+\t\tip daddr . tcp dport @claim4 drop
+\t\tip6 daddr . tcp dport @claim6 drop
 \t\tip saddr . ip daddr . tcp dport @pasv4 redirect
 \t\tip6 saddr . ip6 daddr . tcp dport @pasv6 redirect
 \t}}
@@ -796,6 +842,8 @@ pub(crate) mod tests {
             "snat ip6 to ip6 saddr . ip6 daddr . tcp dport map @ksnat6",
             "ct state new ip saddr . ip daddr . tcp dport @fwd4 accept",
             "ct status dnat tcp accept",
+            "ip daddr . tcp dport @claim4 drop",
+            "ip6 daddr . tcp dport @claim6 drop",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
@@ -834,6 +882,7 @@ pub(crate) mod tests {
                 },
                 Element::Snat { peer, to, source },
                 Element::Forward { peer, to },
+                Element::Claim { dst, port: 40001 },
             ]);
         }
         let timed: Vec<_> = all.iter().map(|e| (*e, Duration::from_secs(30))).collect();
@@ -845,9 +894,37 @@ pub(crate) mod tests {
             ": 10.71.2.2 . 30000",
             "2001:db8:100::2 . fd71:2::2 . 30000 timeout 30s",
             ": fd71:2::1",
+            "192.0.2.1 . 40001 timeout 30s",
+            "2001:db8::1 . 40001 timeout 30s",
         ] {
             assert!(listed.contains(want), "missing {want:?} in\n{listed}");
         }
+        // A refresh sets a new timeout on an element that exists, and adds
+        // one that does not.
+        let claim = Element::Claim {
+            dst: "192.0.2.1".parse().unwrap(),
+            port: 40001,
+        };
+        let fresh = Element::Claim {
+            dst: "192.0.2.1".parse().unwrap(),
+            port: 40002,
+        };
+        for e in [claim, fresh] {
+            table
+                .refresh(e, Duration::from_secs(90))
+                .await
+                .expect("refresh");
+        }
+        let (_, listed) = ns.nft(&["list", "set", "inet", "ftpgate_k", "claim4"], None);
+        assert!(
+            listed.contains("192.0.2.1 . 40001 timeout 1m30s"),
+            "{listed}"
+        );
+        assert!(
+            listed.contains("192.0.2.1 . 40002 timeout 1m30s"),
+            "{listed}"
+        );
+        table.remove(&[fresh]).await.expect("remove");
         table.remove(&all).await.expect("remove");
         let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_k"], None);
         assert!(!listed.contains("198.51.100.2"), "{listed}");

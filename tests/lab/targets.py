@@ -237,6 +237,7 @@ class FtpgateTarget(Target):
     IN_BASE = 2420
     CLIENT_PORTS = (40000, 40999)
     SERVER_PORTS = (41000, 41999)
+    pinhole_timeout = "30s"
 
     def rule_file(self):
         lan_srv4, lan_srv6 = host_addr("lans", 4), host_addr("lans", 6)
@@ -257,14 +258,15 @@ class FtpgateTarget(Target):
             if upstream:
                 out += [f"    upstream: {upstream}", f"    announce: {announce}"]
         self.listeners = len(listeners)
+        # nft table names take no '-': unique per run so concurrent runs never share one.
+        self.table = f"{self.lab.prefix.rstrip('-').replace('-', '_')}_gw"
         out += [
             "data:",
             f"  backend: {self.opts.backend}",
             f"  client_ports: {self.CLIENT_PORTS[0]}-{self.CLIENT_PORTS[1]}",
             f"  server_ports: {self.SERVER_PORTS[0]}-{self.SERVER_PORTS[1]}",
-            "  pinhole_timeout: 30s",
-            # nft table names take no '-': unique per run so concurrent runs never share one.
-            f"  nftables_table: {self.lab.prefix.rstrip('-').replace('-', '_')}_gw",
+            f"  pinhole_timeout: {self.pinhole_timeout}",
+            f"  nftables_table: {self.table}",
             "limits:",
             "  max_sessions: 1000",
             "  max_sessions_per_client: 200",
