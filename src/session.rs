@@ -287,12 +287,15 @@ pub struct Session {
     queue: VecDeque<Pending>,
     /// Lines of a reply that is being rewritten, held until its last line.
     held_reply: Vec<Vec<u8>>,
+    /// Continuation lines, as received, of a transfer's final reply that is
+    /// held with it (see `defer_final`).
+    held_transfer: Vec<Vec<u8>>,
     /// While an open is in flight, no input is processed.
     opening: Option<(PlanId, AfterOpen)>,
     /// Where each open plan listens, for the announcements.
     listen_ports: HashMap<PlanId, Opened>,
-    /// A transfer's final reply held until the gateway's connection to the
-    /// client exists (see `defer_final`); no input is processed meanwhile.
+    /// A transfer's final reply held until its active-mode plan has ended
+    /// (see `defer_final`); no input is processed meanwhile.
     deferred: Option<(PlanId, u16, Line, Vec<Vec<u8>>)>,
     next_plan: PlanId,
     plans: HashMap<PlanId, PlanInfo>,
@@ -321,6 +324,7 @@ impl Session {
             replies: ReplyTracker::default(),
             queue,
             held_reply: Vec::new(),
+            held_transfer: Vec::new(),
             opening: None,
             listen_ports: HashMap::new(),
             deferred: None,
@@ -453,7 +457,6 @@ impl Session {
                 if let Some(p) = self.plans.get_mut(&id) {
                     p.state = PlanState::Connected;
                 }
-                self.release_deferred(id);
             }
             DataEvent::Rejected { from, expected, .. } => {
                 self.log(LogEvent::Refusal {
@@ -753,11 +756,13 @@ impl Session {
                     reason: "line from server is not a reply".into(),
                 });
             }
-            ReplyPos::Inside(_) => {
+            ReplyPos::Inside(code) => {
                 if self.head_rewrites() {
                     if self.held_reply.len() < 64 {
                         self.held_reply.push(text);
                     }
+                } else if self.holds_final(code).is_some() && self.held_transfer.len() < 64 {
+                    self.held_transfer.push(line.raw);
                 } else if !self.feat_filtered(&text) {
                     self.push(Action::ToClient(line.raw));
                 }
@@ -815,6 +820,9 @@ impl Session {
         self.flush_locals();
         if self.defer_final(code, &raw, &lines) {
             return;
+        }
+        for cont in std::mem::take(&mut self.held_transfer) {
+            self.push(Action::ToClient(cont));
         }
         let Some(head) = self.queue.pop_front() else {
             if code == 227 || code == 229 {
@@ -881,32 +889,39 @@ impl Session {
 
     /// In an active plan the gateway dials the client only once the server's
     /// data connection has arrived. A fast server can finish and send 226
-    /// before that dial lands, and a client still waiting to accept treats a
-    /// final reply as an error (curl: "weird server reply"). So a transfer's
-    /// 2xx waits until the client leg is connected, or the plan has ended.
+    /// before that dial lands; and even once the dial has completed, the
+    /// client may not have accepted it yet (the handshake's last ACK and the
+    /// 226 travel separately). A client still waiting to accept treats a final
+    /// reply as an error (curl: "weird server reply"). So a transfer's 2xx
+    /// waits until the plan has ended: the data is delivered and the data
+    /// connection closed before the client reads the completion reply, the
+    /// order a server talking to the client directly keeps.
     fn defer_final(&mut self, code: u16, raw: &Line, lines: &[Vec<u8>]) -> bool {
-        if !(200..300).contains(&code) || self.queue.front() != Some(&Pending::Transfer) {
+        let Some(plan) = self.holds_final(code) else {
             return false;
+        };
+        self.deferred = Some((plan, code, raw.clone(), lines.to_vec()));
+        true
+    }
+
+    /// The plan a transfer's final reply with `code` waits for: a 2xx to
+    /// the transfer at the head, whose plan dials the client and is live.
+    fn holds_final(&self, code: u16) -> Option<PlanId> {
+        if !(200..300).contains(&code) || self.queue.front() != Some(&Pending::Transfer) {
+            return None;
         }
-        let Some(plan) = self
+        let plan = self
             .transfers
             .iter()
             .find(|t| t.reply.is_none())
-            .and_then(|t| t.plan)
-        else {
-            return false;
-        };
-        let waiting = self
-            .plans
+            .and_then(|t| t.plan)?;
+        self.plans
             .get(&plan)
-            .is_some_and(|p| p.client_mode == LegMode::Active && p.state == PlanState::Open);
-        if waiting {
-            self.deferred = Some((plan, code, raw.clone(), lines.to_vec()));
-        }
-        waiting
+            .is_some_and(|p| p.client_mode == LegMode::Active)
+            .then_some(plan)
     }
 
-    /// Lets a held final reply go once its plan is connected or over.
+    /// Lets a held final reply go once its plan is over.
     fn release_deferred(&mut self, id: PlanId) {
         if self.deferred.as_ref().is_some_and(|d| d.0 == id) {
             if let Some((_, code, raw, lines)) = self.deferred.take() {

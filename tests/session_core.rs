@@ -777,7 +777,7 @@ fn abor_during_transfer_keeps_replies_matched() {
 }
 
 #[test]
-fn active_transfer_holds_226_until_the_client_leg_is_connected() {
+fn active_transfer_holds_226_until_the_plan_has_ended() {
     let mut s = reverse(ServerMode::Same);
     s.client_bytes(b"PORT 198,51,100,7,195,80\r\n");
     let plan = the_plan(&drain(&mut s));
@@ -803,10 +803,57 @@ fn active_transfer_holds_226_until_the_client_leg_is_connected() {
         "",
         "input waits behind the held reply"
     );
+    // Connected is not enough: the client may not have accepted yet.
     s.data_event(DataEvent::Connected { id: plan.id });
+    let a = drain(&mut s);
+    assert_eq!(to_client(&a), "", "226 waits for the data to be delivered");
+    assert_eq!(to_server(&a), "");
+    s.data_event(DataEvent::Closed {
+        id: plan.id,
+        to_client: 285,
+        to_server: 0,
+        outcome: DataOutcome::Completed,
+    });
     let a = drain(&mut s);
     assert_eq!(to_client(&a), "226 Done\r\n");
     assert_eq!(to_server(&a), "NOOP\r\n");
+    assert!(logs(&a)
+        .iter()
+        .any(|l| matches!(l, LogEvent::Transfer(t) if t.reply == 226 && t.to_client == 285)));
+}
+
+#[test]
+fn multi_line_226_of_an_active_transfer_is_held_whole() {
+    let mut s = reverse(ServerMode::Same);
+    s.client_bytes(b"PORT 198,51,100,7,195,80\r\n");
+    let plan = the_plan(&drain(&mut s));
+    s.opened(
+        plan.id,
+        Ok(Opened {
+            client_listen: None,
+            server_listen: Some(sa("10.0.0.1:41000")),
+        }),
+    );
+    drain(&mut s);
+    s.server_bytes(b"200 PORT ok\r\n");
+    s.client_bytes(b"LIST\r\n");
+    drain(&mut s);
+    // pure-ftpd's listing reply: its first line alone already makes a
+    // client that is still waiting to accept give up.
+    s.server_bytes(b"150 Connecting\r\n226-Options: -l\r\n226 4 matches total\r\n");
+    assert_eq!(to_client(&drain(&mut s)), "150 Connecting\r\n");
+    s.data_event(DataEvent::Connected { id: plan.id });
+    assert_eq!(to_client(&drain(&mut s)), "");
+    s.data_event(DataEvent::Closed {
+        id: plan.id,
+        to_client: 285,
+        to_server: 0,
+        outcome: DataOutcome::Completed,
+    });
+    assert_eq!(
+        to_client(&drain(&mut s)),
+        "226-Options: -l\r\n226 4 matches total\r\n"
+    );
 }
 
 #[test]
