@@ -86,6 +86,10 @@ BENCH_TARGETS = {
     "ftpgate-relay": FtpgateRelay,
     "ftpgate-nftables": FtpgateNftables,
 }
+# Their sporadic session errors under load are theirs (the kernel helper: a refused
+# data connection about once in 1000-2500 sessions; ftp-proxy: "425 Can't open data
+# connection" about once in 300): counted and shown, but they do not fail the run.
+REFERENCE_TARGETS = ("kernel", "suse")
 RATIOS = (
     ("ftpgate-relay", "kernel"),
     ("ftpgate-relay", "suse"),
@@ -323,7 +327,11 @@ def bench_rate(lab, target, args, rec):
         f" = {out['rate']:.0f}/s (client CPU {out['client_cpu']:.2f} cores)", flush=True,
     )
     if out["errors"]:
-        rec.fail(target.name, f"rate: {out['errors']} session errors, e.g. {'; '.join(out['samples'][:3])}")
+        what = f"rate: {out['errors']} session errors, e.g. {'; '.join(out['samples'][:3])}"
+        if target.name in REFERENCE_TARGETS:
+            print(f"  {target.name}: {what}", flush=True)
+        else:
+            rec.fail(target.name, what)
     if args.rate_sessions and out["sessions"] + out["errors"] != args.rate_sessions:
         rec.fail(target.name, f"rate: {out['sessions'] + out['errors']} sessions run, expected {args.rate_sessions}")
 
@@ -411,14 +419,15 @@ def print_table(args, med, rows, ratios):
         return "-" if v is None else f.format(v)
 
     w = max([len(n) for n in med] + [len(r) for r, _ in ratios] + [6])
-    head = f"{'target':<{w}}" + "".join(f"  {h:>11}" for _, h, _ in COLUMNS) + "  errors"
+    head = f"{'target':<{w}}" + "".join(f"  {h:>11}" for _, h, _ in COLUMNS) + "  sess.errors  failures"
     print()
     print(f"medians over {args.reps} repetition(s); {args.size} bytes per transfer; "
           f"throughput/latency server {args.server}, rate server {args.rate_server}")
     print(head)
     for name in med:
         m = med[name]
-        print(f"{name:<{w}}" + "".join(f"  {fmt(m[k], f):>11}" for k, _, f in COLUMNS) + f"  {rows[name]:>6}")
+        print(f"{name:<{w}}" + "".join(f"  {fmt(m[k], f):>11}" for k, _, f in COLUMNS)
+              + f"  {m['session_errors']:>11}  {rows[name]:>8}")
     if ratios:
         print()
         print(f"{'ratio':<{w}}" + "".join(f"  {h:>11}" for _, h, _ in COLUMNS))
@@ -436,8 +445,9 @@ def checks(args, rec):
             n = len(d["retr"]) + len(d["stor"])
             parts.append(f"transfers {n}/{2 * args.reps} of {args.size} bytes")
         if "rate" in args.tests:
-            parts.append(f"sessions {sum(x['sessions'] for x in d['rate'])}, "
-                         f"session errors {sum(x['errors'] for x in d['rate'])}")
+            errors = sum(x["errors"] for x in d["rate"])
+            note = " (reference target: not gating)" if errors and name in REFERENCE_TARGETS else ""
+            parts.append(f"sessions {sum(x['sessions'] for x in d['rate'])}, session errors {errors}{note}")
         if "latency" in args.tests:
             parts.append(f"noops {sum(x['count'] for x in d['latency'])}/{args.noops * args.reps}")
         ok = not d["failures"]
