@@ -9,6 +9,8 @@ pub mod kernel;
 pub mod nft;
 pub mod pool;
 pub mod relay;
+#[cfg(target_os = "linux")]
+mod splice;
 
 pub use pool::{PortLease, PortPool};
 

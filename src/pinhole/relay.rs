@@ -15,14 +15,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-/// Size of each direction's copy buffer: large enough that a bulk transfer
-/// moves in few syscalls, allocated once per plan.
+/// Size of a direction's buffer when the bytes are copied through user space
+/// (no splice): large enough that a bulk transfer moves in few syscalls.
 const BUF_SIZE: usize = 128 * 1024;
 
 /// Carries out data plans by relaying through the gateway.
@@ -285,9 +284,7 @@ async fn run(
     let (to_client, to_server, outcome) = match outcome {
         Ok((client, server)) => {
             let _ = events.send(DataEvent::Connected { id });
-            let mut client = client;
-            let mut server = server;
-            let (counts, result) = relay(&mut client, &mut server).await;
+            let (counts, result) = relay(&client, &server, DataPath::Splice).await;
             let outcome = match result {
                 Ok(()) => DataOutcome::Completed,
                 Err(e) => {
@@ -427,58 +424,101 @@ fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// Bytes written to each side.
+/// Bytes written to each side by [`relay`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Counts {
-    to_client: u64,
-    to_server: u64,
+pub struct Counts {
+    /// Written to the client leg (downloads, listings).
+    pub to_client: u64,
+    /// Written to the server leg (uploads).
+    pub to_server: u64,
+}
+
+/// How [`relay`] moves the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    /// splice(2) through a pipe per direction on Linux, so the payload never
+    /// enters user space; where splice cannot serve the sockets, and on
+    /// other systems, the same as [`DataPath::Buffered`].
+    Splice,
+    /// read(2) into a buffer per direction, then write(2).
+    Buffered,
 }
 
 /// Copies both directions until both have seen EOF, keeping half-closes: EOF
 /// from one side becomes shutdown(write) toward the other. An error in either
-/// direction ends both. This is the one place that moves data bytes, so a
-/// zero-copy version (splice) replaces just this function.
-async fn relay(client: &mut TcpStream, server: &mut TcpStream) -> (Counts, io::Result<()>) {
-    let mut up_buf = vec![0u8; BUF_SIZE].into_boxed_slice();
-    let mut down_buf = vec![0u8; BUF_SIZE].into_boxed_slice();
+/// direction ends both. A direction's pipe or buffer is made when its first
+/// byte (or its EOF) arrives, and freed when it ends.
+pub async fn relay(
+    client: &TcpStream,
+    server: &TcpStream,
+    path: DataPath,
+) -> (Counts, io::Result<()>) {
     let mut counts = Counts::default();
-    let (mut client_r, mut client_w) = client.split();
-    let (mut server_r, mut server_w) = server.split();
     let result = {
-        let up = pump(
-            &mut client_r,
-            &mut server_w,
-            &mut up_buf,
-            &mut counts.to_server,
-        );
-        let down = pump(
-            &mut server_r,
-            &mut client_w,
-            &mut down_buf,
-            &mut counts.to_client,
-        );
+        let up = pump(client, server, path, &mut counts.to_server);
+        let down = pump(server, client, path, &mut counts.to_client);
         tokio::try_join!(up, down).map(|_| ())
     };
     (counts, result)
 }
 
-/// One direction of [`relay`].
-async fn pump<R, W>(r: &mut R, w: &mut W, buf: &mut [u8], count: &mut u64) -> io::Result<()>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    loop {
-        let n = r.read(buf).await?;
-        if n == 0 {
-            return match w.shutdown().await {
-                // The other side is already fully closed; nothing to tell it.
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-                other => other,
-            };
+/// One direction of [`relay`], then the half-close.
+async fn pump(src: &TcpStream, dst: &TcpStream, path: DataPath, count: &mut u64) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if path == DataPath::Splice {
+        match super::splice::pump(src, dst, count).await? {
+            super::splice::Spliced::Eof => return shutdown_write(dst),
+            super::splice::Spliced::Unsupported(e) => {
+                tracing::debug!(error = %e, "splice unavailable; copying through a buffer");
+            }
         }
-        w.write_all(&buf[..n]).await?;
-        *count += n as u64;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = path;
+    copy(src, dst, count).await?;
+    shutdown_write(dst)
+}
+
+/// The buffered copy, until `src`'s EOF.
+async fn copy(src: &TcpStream, dst: &TcpStream, count: &mut u64) -> io::Result<()> {
+    src.readable().await?;
+    let mut buf = vec![0u8; BUF_SIZE].into_boxed_slice();
+    loop {
+        src.readable().await?;
+        let n = match src.try_read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        write_all(dst, &buf[..n], count).await?;
+    }
+}
+
+/// Writes all of `bytes` to `dst`, adding each byte written to `count`.
+pub(super) async fn write_all(dst: &TcpStream, bytes: &[u8], count: &mut u64) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        dst.writable().await?;
+        match dst.try_write(&bytes[sent..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                sent += n;
+                *count += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Passes an EOF on: FIN toward `dst`, which may still send.
+fn shutdown_write(dst: &TcpStream) -> io::Result<()> {
+    match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
+        // The other side is already fully closed; nothing to tell it.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        other => other,
     }
 }
 
@@ -489,6 +529,7 @@ mod tests {
     use crate::pinhole::nft::tests::Netns;
     use std::collections::hash_map::DefaultHasher;
     use std::hash::Hasher;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const MIB: usize = 1024 * 1024;
 
@@ -1120,6 +1161,129 @@ mod tests {
         );
         drop(actv);
         until_listed(&ns, |l| !l.contains(&key)).await;
+    }
+
+    /// A connected loopback pair: (the end a test drives, the end the relay gets).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind((lo(), 0)).await.unwrap();
+        let (outer, inner) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+        (outer.unwrap(), inner.unwrap().0)
+    }
+
+    const PATHS: [DataPath; 2] = [DataPath::Splice, DataPath::Buffered];
+
+    #[tokio::test]
+    async fn each_path_relays_megabytes_each_way_with_exact_counts() {
+        for path in PATHS {
+            let (client, client_in) = pair().await;
+            let (server, server_in) = pair().await;
+            let relayed = tokio::spawn(async move { relay(&client_in, &server_in, path).await });
+            // Sizes that are no multiple of a page, a pipe or a buffer.
+            let up = data(8 * MIB + 4093, 3);
+            let down = data(12 * MIB + 1, 4);
+            let (at_server, at_client) = bounded(async {
+                tokio::try_join!(exchange(server, down.clone()), exchange(client, up.clone()))
+            })
+            .await
+            .expect("exchange");
+            assert_eq!(digest(&at_server), digest(&up), "{path:?} up");
+            assert_eq!(digest(&at_client), digest(&down), "{path:?} down");
+            let (counts, result) = bounded(relayed).await.unwrap();
+            result.unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            let want = Counts {
+                to_client: down.len() as u64,
+                to_server: up.len() as u64,
+            };
+            assert_eq!(counts, want, "{path:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn each_path_keeps_the_half_close() {
+        for path in PATHS {
+            let (mut client, client_in) = pair().await;
+            let (mut server, server_in) = pair().await;
+            let relayed = tokio::spawn(async move { relay(&client_in, &server_in, path).await });
+            client.write_all(b"request").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut req = Vec::new();
+            bounded(server.read_to_end(&mut req)).await.unwrap();
+            assert_eq!(req, b"request", "{path:?}");
+            server.write_all(b"reply after eof").await.unwrap();
+            server.shutdown().await.unwrap();
+            let mut reply = Vec::new();
+            bounded(client.read_to_end(&mut reply)).await.unwrap();
+            assert_eq!(reply, b"reply after eof", "{path:?}");
+            let (counts, result) = bounded(relayed).await.unwrap();
+            assert!(result.is_ok(), "{path:?}: {result:?}");
+            let want = Counts {
+                to_client: 15,
+                to_server: 7,
+            };
+            assert_eq!(counts, want, "{path:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn each_path_fails_on_a_reset_and_counts_what_was_written() {
+        for path in PATHS {
+            let (mut client, client_in) = pair().await;
+            let (mut server, server_in) = pair().await;
+            let relayed = tokio::spawn(async move { relay(&client_in, &server_in, path).await });
+            server.write_all(b"partial").await.unwrap();
+            let mut got = [0u8; 7];
+            bounded(client.read_exact(&mut got)).await.unwrap();
+            assert_eq!(&got, b"partial", "{path:?}");
+            reset(&server);
+            drop(server);
+            let (counts, result) = bounded(relayed).await.unwrap();
+            assert!(result.is_err(), "{path:?}: a reset passed for an EOF");
+            assert_eq!(counts.to_client, 7, "{path:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_the_pinhole_mid_transfer_ends_the_relay() {
+        let (b, cpool, _) = backend(Duration::from_secs(10));
+        let server = TcpListener::bind((lo(), 0)).await.unwrap();
+        let plan = DataPlan {
+            id: 14,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Connect {
+                target: server.local_addr().unwrap(),
+                bind: lo(),
+            },
+            client_view: None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, pinhole) = b.open(&session(), plan, tx).await.unwrap();
+        let mut client = connect_from(lo(), opened.client_listen.unwrap())
+            .await
+            .unwrap();
+        let (mut server_side, _) = server.accept().await.unwrap();
+        assert_eq!(next(&mut rx).await, DataEvent::Connected { id: 14 });
+        // Data in flight, source still open: the relay is inside its loop.
+        server_side.write_all(&data(MIB, 5)).await.unwrap();
+        let mut first = vec![0u8; 4096];
+        bounded(client.read_exact(&mut first)).await.unwrap();
+        drop(pinhole);
+        assert_eq!(cpool.in_use(), 0);
+        let ended = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("task not aborted");
+        assert_eq!(ended, None);
+        // Both ends see the connection go (EOF or reset), not a stall.
+        let mut rest = Vec::new();
+        let _ = bounded(client.read_to_end(&mut rest)).await;
+        assert!(rest.len() < MIB, "more than was sent arrived");
+        let mut byte = [0u8; 1];
+        assert!(matches!(
+            bounded(server_side.read(&mut byte)).await,
+            Ok(0) | Err(_)
+        ));
     }
 
     #[test]
