@@ -572,7 +572,6 @@ impl Session {
             self.refuse(&verb, 502, &format!("{verb} not allowed by gateway policy"));
             return;
         }
-        let arg = String::from_utf8_lossy(parsed.arg).into_owned();
         match parsed.command {
             Command::Port(addr) => self.client_active(ClientAsk::Port, SocketAddr::V4(addr)),
             Command::Eprt(addr) => self.client_active(ClientAsk::Eprt, addr),
@@ -612,7 +611,7 @@ impl Session {
                 }
                 self.transfers.push(Transfer {
                     command: verb,
-                    path: arg,
+                    path: String::from_utf8_lossy(parsed.arg).into_owned(),
                     direction,
                     plan,
                     mode,
@@ -756,7 +755,7 @@ impl Session {
             ReplyPos::Inside(_) => {
                 if self.head_rewrites() {
                     if self.held_reply.len() < 64 {
-                        self.held_reply.push(text);
+                        self.held_reply.push(text.into_owned());
                     }
                 } else if !self.feat_filtered(&text) {
                     self.push(Action::ToClient(line.raw));
@@ -764,7 +763,7 @@ impl Session {
             }
             ReplyPos::End(code) => {
                 let mut lines = std::mem::take(&mut self.held_reply);
-                lines.push(text);
+                lines.push(text.into_owned());
                 self.server_reply(code, line, lines);
             }
         }

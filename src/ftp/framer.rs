@@ -6,11 +6,16 @@
 //! two- or three-byte sequence that must never be split, and whose second
 //! or third byte may even be an `LF`.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 
 /// Longest line accepted, terminator included. RFC 959 commands are short;
 /// this leaves room for long paths while bounding memory per session.
 pub const MAX_LINE: usize = 4096;
+
+/// Ready lines a framer keeps room for once it is drained; a larger queue
+/// (after a burst of pipelined commands) is freed.
+const SPARE_LINES: usize = 8;
 
 /// Telnet "interpret as command" — RFC 854.
 const IAC: u8 = 0xFF;
@@ -32,39 +37,57 @@ impl Line {
     ///
     /// `RETR a\xff\xffb\r\n` → `RETR a\xffb`; `\xff\xf4\xff\xf2ABOR\r\n`
     /// (IAC IP, IAC DM — RFC 959 §4.1.3) → `ABOR`.
-    pub fn text(&self) -> Vec<u8> {
+    ///
+    /// Borrowed from the line unless it holds a Telnet sequence before its
+    /// end.
+    pub fn text(&self) -> Cow<'_, [u8]> {
         let raw = self.raw.as_slice();
-        let mut out = Vec::with_capacity(raw.len());
-        // Index just past the last byte copied verbatim, so that only a CR
-        // directly before the terminating LF is taken as part of CRLF.
-        let mut plain_end = usize::MAX;
-        let mut i = 0;
-        while let Some(&b) = raw.get(i) {
-            match b {
-                IAC => match raw.get(i + 1) {
-                    Some(&IAC) => {
-                        out.push(IAC);
-                        i += 2;
-                    }
-                    Some(verb) if IAC_OPTION_VERBS.contains(verb) => i += 3,
-                    // `IAC x` is two bytes; a lone IAC at the end is dropped.
-                    _ => i += 2,
-                },
-                b'\n' => {
-                    if plain_end == i && out.last() == Some(&b'\r') {
-                        out.pop();
-                    }
-                    break;
+        // Fast path: no IAC before the first LF, so the text is a slice of
+        // the line (almost every line; no copy).
+        match memchr::memchr2(b'\n', IAC, raw) {
+            None => Cow::Borrowed(raw),
+            Some(lf) if raw[lf] == b'\n' => {
+                let text = &raw[..lf];
+                Cow::Borrowed(text.strip_suffix(b"\r").unwrap_or(text))
+            }
+            Some(_) => Cow::Owned(strip_telnet(raw)),
+        }
+    }
+}
+
+/// [`Line::text`] for a line that holds Telnet sequences: copies the data
+/// bytes up to the terminator.
+fn strip_telnet(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    // Index just past the last byte copied verbatim, so that only a CR
+    // directly before the terminating LF is taken as part of CRLF.
+    let mut plain_end = usize::MAX;
+    let mut i = 0;
+    while let Some(&b) = raw.get(i) {
+        match b {
+            IAC => match raw.get(i + 1) {
+                Some(&IAC) => {
+                    out.push(IAC);
+                    i += 2;
                 }
-                _ => {
-                    out.push(b);
-                    i += 1;
-                    plain_end = i;
+                Some(verb) if IAC_OPTION_VERBS.contains(verb) => i += 3,
+                // `IAC x` is two bytes; a lone IAC at the end is dropped.
+                _ => i += 2,
+            },
+            b'\n' => {
+                if plain_end == i && out.last() == Some(&b'\r') {
+                    out.pop();
                 }
+                break;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+                plain_end = i;
             }
         }
-        out
     }
+    out
 }
 
 /// A framing violation: the session must be closed after a 500.
@@ -138,10 +161,17 @@ impl Framer {
                 Telnet::Data => {
                     // Copy a run of ordinary bytes at once, up to and
                     // including the next byte that matters.
-                    let stop = bytes.iter().position(|&b| b == b'\n' || b == IAC);
+                    let stop = memchr::memchr2(b'\n', IAC, bytes);
                     let take = stop.map_or(bytes.len(), |i| i + 1);
                     let (run, rest) = bytes.split_at(take);
                     let ends_line = run.last() == Some(&b'\n');
+                    if ends_line && self.partial.is_empty() && run.len() <= MAX_LINE {
+                        // The whole line is in this segment: one copy, of
+                        // exactly its size.
+                        self.ready.push_back(Line { raw: run.to_vec() });
+                        bytes = rest;
+                        continue;
+                    }
                     self.append(run, ends_line);
                     if ends_line && !self.overflow {
                         let raw = std::mem::take(&mut self.partial);
@@ -170,7 +200,14 @@ impl Framer {
     /// The next complete line: `Ok(None)` when more bytes are needed.
     pub fn next_line(&mut self) -> Result<Option<Line>, FrameError> {
         match self.ready.pop_front() {
-            Some(line) => Ok(Some(line)),
+            Some(line) => {
+                // A burst of pipelined lines must not keep its queue's
+                // memory for the rest of an idle session.
+                if self.ready.is_empty() && self.ready.capacity() > SPARE_LINES {
+                    self.ready = VecDeque::new();
+                }
+                Ok(Some(line))
+            }
             None if self.overflow => Err(FrameError::TooLong(MAX_LINE)),
             None => Ok(None),
         }
@@ -391,6 +428,75 @@ mod tests {
                 line.extend_from_slice(end);
                 line
             })
+    }
+
+    /// The byte-at-a-time scan the framer used before its memchr and
+    /// single-copy fast paths, as a model: the lines and the error it gives
+    /// for a stream fed in `chunks`.
+    fn reference_frame(chunks: &[&[u8]]) -> (Vec<Vec<u8>>, bool) {
+        let mut lines = Vec::new();
+        let mut partial: Vec<u8> = Vec::new();
+        let mut telnet = Telnet::Data;
+        let mut overflow = false;
+        for chunk in chunks {
+            for &b in *chunk {
+                if overflow {
+                    break;
+                }
+                let ends_line = telnet == Telnet::Data && b == b'\n';
+                telnet = match telnet {
+                    Telnet::Command if IAC_OPTION_VERBS.contains(&b) => Telnet::Option,
+                    Telnet::Data if b == IAC => Telnet::Command,
+                    _ => Telnet::Data,
+                };
+                let len = partial.len() + 1;
+                if len > MAX_LINE || (!ends_line && len == MAX_LINE) {
+                    overflow = true;
+                    break;
+                }
+                partial.push(b);
+                if ends_line {
+                    lines.push(std::mem::take(&mut partial));
+                }
+            }
+        }
+        (lines, overflow)
+    }
+
+    proptest! {
+        #[test]
+        fn text_fast_path_matches_the_telnet_scan(
+            raw in proptest::collection::vec(
+                prop_oneof![any::<u8>(), Just(b'\r'), Just(b'\n'), Just(IAC)],
+                0..24,
+            ),
+        ) {
+            let line = Line { raw: raw.clone() };
+            prop_assert_eq!(line.text().into_owned(), strip_telnet(&raw));
+        }
+
+        #[test]
+        fn framer_matches_the_byte_scan_model(
+            pieces in proptest::collection::vec(
+                prop_oneof![
+                    proptest::collection::vec(
+                        prop_oneof![any::<u8>(), Just(b'\n'), Just(IAC), Just(b'a')],
+                        0..16,
+                    ),
+                    // runs long enough to reach MAX_LINE
+                    (1usize..1400).prop_map(|n| vec![b'x'; n]),
+                ],
+                0..12,
+            ),
+            step in 1usize..3000,
+        ) {
+            let stream = pieces.concat();
+            let chunks: Vec<&[u8]> = stream.chunks(step).collect();
+            let (lines, err) = frame(&chunks);
+            let (want_lines, want_overflow) = reference_frame(&chunks);
+            prop_assert_eq!(lines, want_lines);
+            prop_assert_eq!(err.is_some(), want_overflow);
+        }
     }
 
     proptest! {
