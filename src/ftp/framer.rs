@@ -13,9 +13,11 @@ use std::collections::VecDeque;
 /// this leaves room for long paths while bounding memory per session.
 pub const MAX_LINE: usize = 4096;
 
-/// Ready lines a framer keeps room for once it is drained; a larger queue
-/// (after a burst of pipelined commands) is freed.
-const SPARE_LINES: usize = 8;
+/// Buffer room a drained framer keeps; more (after a burst of pipelined
+/// lines, or a long line) is freed, so an idle session holds little.
+const SPARE_BYTES: usize = 256;
+/// Line ends a drained framer keeps room for.
+const SPARE_LINES: usize = 16;
 
 /// Telnet "interpret as command" — RFC 854.
 const IAC: u8 = 0xFF;
@@ -44,7 +46,7 @@ impl Line {
         let raw = self.raw.as_slice();
         // Fast path: no IAC before the first LF, so the text is a slice of
         // the line (almost every line; no copy).
-        match memchr::memchr2(b'\n', IAC, raw) {
+        match find_lf_or_iac(raw) {
             None => Cow::Borrowed(raw),
             Some(lf) if raw[lf] == b'\n' => {
                 let text = &raw[..lf];
@@ -53,6 +55,41 @@ impl Line {
             Some(_) => Cow::Owned(strip_telnet(raw)),
         }
     }
+}
+
+/// The first LF or IAC in `bytes`. A control line is a few dozen bytes, too
+/// short for memchr's vector set-up to pay: the first 64 bytes are searched
+/// eight at a time in a u64, the rest with memchr.
+fn find_lf_or_iac(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    const LFS: u64 = u64::from_le_bytes([b'\n'; 8]);
+    /// High bit set in each byte of the result at or after the first zero
+    /// byte of `v`, and the lowest one exactly there.
+    fn zero_bytes(v: u64) -> u64 {
+        v.wrapping_sub(ONES) & !v & HIGHS
+    }
+    let head = &bytes[..bytes.len().min(64)];
+    let mut words = head.chunks_exact(8);
+    let mut at = 0;
+    for word in &mut words {
+        let x = u64::from_le_bytes(<[u8; 8]>::try_from(word).unwrap_or_default());
+        // LF bytes become zero in `x ^ LFS`, IAC (0xFF) bytes in `!x`.
+        let hits = zero_bytes(x ^ LFS) | zero_bytes(!x);
+        if hits != 0 {
+            return Some(at + (hits.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    if let Some(i) = words
+        .remainder()
+        .iter()
+        .position(|&b| b == b'\n' || b == IAC)
+    {
+        return Some(at + i);
+    }
+    let tail = bytes.get(head.len()..)?;
+    memchr::memchr2(b'\n', IAC, tail).map(|i| head.len() + i)
 }
 
 /// [`Line::text`] for a line that holds Telnet sequences: copies the data
@@ -121,8 +158,13 @@ enum Telnet {
 /// completed before it, and drops further input.
 #[derive(Debug, Default)]
 pub struct Framer {
-    /// Lines already terminated, in order, waiting for `next_line`.
-    ready: VecDeque<Line>,
+    /// Lines already terminated, back to back, waiting for `next_line`;
+    /// the first one starts at `read`.
+    ready: Vec<u8>,
+    /// Where each line in `ready` ends (exclusive), in order.
+    ends: VecDeque<usize>,
+    /// Start of the first line in `ready` not yet returned.
+    read: usize,
     /// The line being received, without its terminator yet.
     partial: Vec<u8>,
     /// Telnet state at the end of `partial`.
@@ -139,6 +181,10 @@ impl Framer {
 
     /// Appends received bytes.
     pub fn push(&mut self, mut bytes: &[u8]) {
+        if !self.overflow {
+            // Room for every line this segment may complete, at once.
+            self.ready.reserve(bytes.len());
+        }
         while !self.overflow {
             let Some((&first, rest)) = bytes.split_first() else {
                 return;
@@ -161,21 +207,25 @@ impl Framer {
                 Telnet::Data => {
                     // Copy a run of ordinary bytes at once, up to and
                     // including the next byte that matters.
-                    let stop = memchr::memchr2(b'\n', IAC, bytes);
+                    let stop = find_lf_or_iac(bytes);
                     let take = stop.map_or(bytes.len(), |i| i + 1);
                     let (run, rest) = bytes.split_at(take);
                     let ends_line = run.last() == Some(&b'\n');
                     if ends_line && self.partial.is_empty() && run.len() <= MAX_LINE {
-                        // The whole line is in this segment: one copy, of
-                        // exactly its size.
-                        self.ready.push_back(Line { raw: run.to_vec() });
+                        // The whole line is in this segment: straight to
+                        // the ready lines.
+                        self.complete(run);
                         bytes = rest;
                         continue;
                     }
                     self.append(run, ends_line);
                     if ends_line && !self.overflow {
-                        let raw = std::mem::take(&mut self.partial);
-                        self.ready.push_back(Line { raw });
+                        let partial = std::mem::take(&mut self.partial);
+                        self.complete(&partial);
+                        if partial.capacity() <= SPARE_BYTES {
+                            self.partial = partial;
+                            self.partial.clear();
+                        }
                     } else if stop.is_some() {
                         self.telnet = Telnet::Command;
                     }
@@ -183,6 +233,12 @@ impl Framer {
                 }
             }
         }
+    }
+
+    /// Queues one terminated line.
+    fn complete(&mut self, line: &[u8]) {
+        self.ready.extend_from_slice(line);
+        self.ends.push_back(self.ready.len());
     }
 
     /// Adds `run` to the partial line unless that breaks the cap. A line may
@@ -199,17 +255,30 @@ impl Framer {
 
     /// The next complete line: `Ok(None)` when more bytes are needed.
     pub fn next_line(&mut self) -> Result<Option<Line>, FrameError> {
-        match self.ready.pop_front() {
-            Some(line) => {
-                // A burst of pipelined lines must not keep its queue's
-                // memory for the rest of an idle session.
-                if self.ready.is_empty() && self.ready.capacity() > SPARE_LINES {
-                    self.ready = VecDeque::new();
+        match self.ends.pop_front() {
+            Some(end) => {
+                let raw = self.ready[self.read..end].to_vec();
+                self.read = end;
+                if self.ends.is_empty() {
+                    self.drained();
                 }
-                Ok(Some(line))
+                Ok(Some(Line { raw }))
             }
             None if self.overflow => Err(FrameError::TooLong(MAX_LINE)),
             None => Ok(None),
+        }
+    }
+
+    /// Every ready line was taken: empties the buffer, and frees it if a
+    /// burst made it large.
+    fn drained(&mut self) {
+        self.read = 0;
+        self.ready.clear();
+        if self.ready.capacity() > SPARE_BYTES {
+            self.ready = Vec::new();
+        }
+        if self.ends.capacity() > SPARE_LINES {
+            self.ends = VecDeque::new();
         }
     }
 
@@ -220,10 +289,9 @@ impl Framer {
     /// [`Framer::next_line`], in stream order, and leaves the framer empty.
     /// After an overflow, the bytes dropped past the cap are not included.
     pub fn take_buffered(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
-        for line in self.ready.drain(..) {
-            out.extend_from_slice(&line.raw);
-        }
+        let mut out = self.ready.split_off(self.read);
+        self.ends.clear();
+        self.drained();
         out.append(&mut self.partial);
         self.telnet = Telnet::Data;
         out
@@ -325,6 +393,20 @@ mod tests {
         for (raw, want) in cases {
             let line = Line { raw: raw.to_vec() };
             assert_eq!(line.text(), want.to_vec(), "raw {raw:?}");
+        }
+    }
+
+    #[test]
+    fn word_search_at_every_position() {
+        for len in 0..150 {
+            for at in 0..len {
+                for hit in [b'\n', IAC] {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = hit;
+                    assert_eq!(find_lf_or_iac(&bytes), Some(at), "len {len} at {at}");
+                }
+            }
+            assert_eq!(find_lf_or_iac(&vec![0xFE; len]), None, "len {len}");
         }
     }
 
@@ -464,6 +546,17 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn word_search_finds_the_first_lf_or_iac(
+            bytes in proptest::collection::vec(
+                prop_oneof![any::<u8>(), Just(b'\n'), Just(IAC), Just(b'a'), Just(0xFE), Just(0x0B)],
+                0..160,
+            ),
+        ) {
+            let want = bytes.iter().position(|&b| b == b'\n' || b == IAC);
+            prop_assert_eq!(find_lf_or_iac(&bytes), want);
+        }
+
         #[test]
         fn text_fast_path_matches_the_telnet_scan(
             raw in proptest::collection::vec(
