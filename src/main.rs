@@ -176,6 +176,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Arc<Config>, path: PathBuf, grace: Duration) -> anyhow::Result<()> {
+    raise_nofile_limit();
     let launched = Launched::new(config).await.context("starting")?;
     let table = launched.table.clone();
     let shutdown = shutdown_signal()?;
@@ -190,6 +191,33 @@ async fn run(config: Arc<Config>, path: PathBuf, grace: Duration) -> anyhow::Res
     reloader.abort();
     Launched::cleanup(table).await;
     Ok(())
+}
+
+/// Each session holds two descriptors (client and server control
+/// connections), and each transfer up to three more, so the usual soft
+/// limit of 1024 caps a gateway at a few hundred sessions. Raises the soft
+/// RLIMIT_NOFILE to the hard limit (no privilege needed) and logs both.
+fn raise_nofile_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let Some(hard) = limit.maximum else {
+        // No hard limit: leave the soft one as it is.
+        return;
+    };
+    if limit.current.is_some_and(|soft| soft >= hard) {
+        tracing::info!(limit = hard, "open files limit");
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(hard),
+        maximum: Some(hard),
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::info!(limit = hard, "open files limit raised to the hard limit"),
+        Err(e) => {
+            tracing::warn!(soft = ?limit.current, hard, "cannot raise the open files limit: {e}")
+        }
+    }
 }
 
 /// On each SIGHUP, reads the rule file again. A valid file is put in force

@@ -575,7 +575,6 @@ impl Session {
             self.refuse(&verb, 502, &format!("{verb} not allowed by gateway policy"));
             return;
         }
-        let arg = String::from_utf8_lossy(parsed.arg).into_owned();
         match parsed.command {
             Command::Port(addr) => self.client_active(ClientAsk::Port, SocketAddr::V4(addr)),
             Command::Eprt(addr) => self.client_active(ClientAsk::Eprt, addr),
@@ -615,7 +614,7 @@ impl Session {
                 }
                 self.transfers.push(Transfer {
                     command: verb,
-                    path: arg,
+                    path: String::from_utf8_lossy(parsed.arg).into_owned(),
                     direction,
                     plan,
                     mode,
@@ -759,7 +758,7 @@ impl Session {
             ReplyPos::Inside(code) => {
                 if self.head_rewrites() {
                     if self.held_reply.len() < 64 {
-                        self.held_reply.push(text);
+                        self.held_reply.push(text.into_owned());
                     }
                 } else if self.holds_final(code).is_some() && self.held_transfer.len() < 64 {
                     self.held_transfer.push(line.raw);
@@ -769,7 +768,7 @@ impl Session {
             }
             ReplyPos::End(code) => {
                 let mut lines = std::mem::take(&mut self.held_reply);
-                lines.push(text);
+                lines.push(text.into_owned());
                 self.server_reply(code, line, lines);
             }
         }

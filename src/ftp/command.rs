@@ -598,7 +598,8 @@ mod tests {
             // IAC IAC is a data byte 0xFF, which is no letter
             (&b"QU\xff\xffIT\r\n"[..], Err(CommandError::Malformed)),
         ] {
-            let text = Line { raw: raw.to_vec() }.text();
+            let line = Line { raw: raw.to_vec() };
+            let text = line.text();
             assert_eq!(parse_command(&text).map(|c| c.command), want, "{raw:?}");
         }
     }

@@ -6,11 +6,18 @@
 //! two- or three-byte sequence that must never be split, and whose second
 //! or third byte may even be an `LF`.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 
 /// Longest line accepted, terminator included. RFC 959 commands are short;
 /// this leaves room for long paths while bounding memory per session.
 pub const MAX_LINE: usize = 4096;
+
+/// Buffer room a drained framer keeps; more (after a burst of pipelined
+/// lines, or a long line) is freed, so an idle session holds little.
+const SPARE_BYTES: usize = 256;
+/// Line ends a drained framer keeps room for.
+const SPARE_LINES: usize = 16;
 
 /// Telnet "interpret as command" — RFC 854.
 const IAC: u8 = 0xFF;
@@ -32,39 +39,92 @@ impl Line {
     ///
     /// `RETR a\xff\xffb\r\n` → `RETR a\xffb`; `\xff\xf4\xff\xf2ABOR\r\n`
     /// (IAC IP, IAC DM — RFC 959 §4.1.3) → `ABOR`.
-    pub fn text(&self) -> Vec<u8> {
+    ///
+    /// Borrowed from the line unless it holds a Telnet sequence before its
+    /// end.
+    pub fn text(&self) -> Cow<'_, [u8]> {
         let raw = self.raw.as_slice();
-        let mut out = Vec::with_capacity(raw.len());
-        // Index just past the last byte copied verbatim, so that only a CR
-        // directly before the terminating LF is taken as part of CRLF.
-        let mut plain_end = usize::MAX;
-        let mut i = 0;
-        while let Some(&b) = raw.get(i) {
-            match b {
-                IAC => match raw.get(i + 1) {
-                    Some(&IAC) => {
-                        out.push(IAC);
-                        i += 2;
-                    }
-                    Some(verb) if IAC_OPTION_VERBS.contains(verb) => i += 3,
-                    // `IAC x` is two bytes; a lone IAC at the end is dropped.
-                    _ => i += 2,
-                },
-                b'\n' => {
-                    if plain_end == i && out.last() == Some(&b'\r') {
-                        out.pop();
-                    }
-                    break;
+        // Fast path: no IAC before the first LF, so the text is a slice of
+        // the line (almost every line; no copy).
+        match find_lf_or_iac(raw) {
+            None => Cow::Borrowed(raw),
+            Some(lf) if raw[lf] == b'\n' => {
+                let text = &raw[..lf];
+                Cow::Borrowed(text.strip_suffix(b"\r").unwrap_or(text))
+            }
+            Some(_) => Cow::Owned(strip_telnet(raw)),
+        }
+    }
+}
+
+/// The first LF or IAC in `bytes`. A control line is a few dozen bytes, too
+/// short for memchr's vector set-up to pay: the first 64 bytes are searched
+/// eight at a time in a u64, the rest with memchr.
+fn find_lf_or_iac(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    const LFS: u64 = u64::from_le_bytes([b'\n'; 8]);
+    /// High bit set in each byte of the result at or after the first zero
+    /// byte of `v`, and the lowest one exactly there.
+    fn zero_bytes(v: u64) -> u64 {
+        v.wrapping_sub(ONES) & !v & HIGHS
+    }
+    let head = &bytes[..bytes.len().min(64)];
+    let mut words = head.chunks_exact(8);
+    let mut at = 0;
+    for word in &mut words {
+        let x = u64::from_le_bytes(<[u8; 8]>::try_from(word).unwrap_or_default());
+        // LF bytes become zero in `x ^ LFS`, IAC (0xFF) bytes in `!x`.
+        let hits = zero_bytes(x ^ LFS) | zero_bytes(!x);
+        if hits != 0 {
+            return Some(at + (hits.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    if let Some(i) = words
+        .remainder()
+        .iter()
+        .position(|&b| b == b'\n' || b == IAC)
+    {
+        return Some(at + i);
+    }
+    let tail = bytes.get(head.len()..)?;
+    memchr::memchr2(b'\n', IAC, tail).map(|i| head.len() + i)
+}
+
+/// [`Line::text`] for a line that holds Telnet sequences: copies the data
+/// bytes up to the terminator.
+fn strip_telnet(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    // Index just past the last byte copied verbatim, so that only a CR
+    // directly before the terminating LF is taken as part of CRLF.
+    let mut plain_end = usize::MAX;
+    let mut i = 0;
+    while let Some(&b) = raw.get(i) {
+        match b {
+            IAC => match raw.get(i + 1) {
+                Some(&IAC) => {
+                    out.push(IAC);
+                    i += 2;
                 }
-                _ => {
-                    out.push(b);
-                    i += 1;
-                    plain_end = i;
+                Some(verb) if IAC_OPTION_VERBS.contains(verb) => i += 3,
+                // `IAC x` is two bytes; a lone IAC at the end is dropped.
+                _ => i += 2,
+            },
+            b'\n' => {
+                if plain_end == i && out.last() == Some(&b'\r') {
+                    out.pop();
                 }
+                break;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+                plain_end = i;
             }
         }
-        out
     }
+    out
 }
 
 /// A framing violation: the session must be closed after a 500.
@@ -98,8 +158,13 @@ enum Telnet {
 /// completed before it, and drops further input.
 #[derive(Debug, Default)]
 pub struct Framer {
-    /// Lines already terminated, in order, waiting for `next_line`.
-    ready: VecDeque<Line>,
+    /// Lines already terminated, back to back, waiting for `next_line`;
+    /// the first one starts at `read`.
+    ready: Vec<u8>,
+    /// Where each line in `ready` ends (exclusive), in order.
+    ends: VecDeque<usize>,
+    /// Start of the first line in `ready` not yet returned.
+    read: usize,
     /// The line being received, without its terminator yet.
     partial: Vec<u8>,
     /// Telnet state at the end of `partial`.
@@ -116,6 +181,10 @@ impl Framer {
 
     /// Appends received bytes.
     pub fn push(&mut self, mut bytes: &[u8]) {
+        if !self.overflow {
+            // Room for every line this segment may complete, at once.
+            self.ready.reserve(bytes.len());
+        }
         while !self.overflow {
             let Some((&first, rest)) = bytes.split_first() else {
                 return;
@@ -138,14 +207,25 @@ impl Framer {
                 Telnet::Data => {
                     // Copy a run of ordinary bytes at once, up to and
                     // including the next byte that matters.
-                    let stop = bytes.iter().position(|&b| b == b'\n' || b == IAC);
+                    let stop = find_lf_or_iac(bytes);
                     let take = stop.map_or(bytes.len(), |i| i + 1);
                     let (run, rest) = bytes.split_at(take);
                     let ends_line = run.last() == Some(&b'\n');
+                    if ends_line && self.partial.is_empty() && run.len() <= MAX_LINE {
+                        // The whole line is in this segment: straight to
+                        // the ready lines.
+                        self.complete(run);
+                        bytes = rest;
+                        continue;
+                    }
                     self.append(run, ends_line);
                     if ends_line && !self.overflow {
-                        let raw = std::mem::take(&mut self.partial);
-                        self.ready.push_back(Line { raw });
+                        let partial = std::mem::take(&mut self.partial);
+                        self.complete(&partial);
+                        if partial.capacity() <= SPARE_BYTES {
+                            self.partial = partial;
+                            self.partial.clear();
+                        }
                     } else if stop.is_some() {
                         self.telnet = Telnet::Command;
                     }
@@ -153,6 +233,12 @@ impl Framer {
                 }
             }
         }
+    }
+
+    /// Queues one terminated line.
+    fn complete(&mut self, line: &[u8]) {
+        self.ready.extend_from_slice(line);
+        self.ends.push_back(self.ready.len());
     }
 
     /// Adds `run` to the partial line unless that breaks the cap. A line may
@@ -169,10 +255,30 @@ impl Framer {
 
     /// The next complete line: `Ok(None)` when more bytes are needed.
     pub fn next_line(&mut self) -> Result<Option<Line>, FrameError> {
-        match self.ready.pop_front() {
-            Some(line) => Ok(Some(line)),
+        match self.ends.pop_front() {
+            Some(end) => {
+                let raw = self.ready[self.read..end].to_vec();
+                self.read = end;
+                if self.ends.is_empty() {
+                    self.drained();
+                }
+                Ok(Some(Line { raw }))
+            }
             None if self.overflow => Err(FrameError::TooLong(MAX_LINE)),
             None => Ok(None),
+        }
+    }
+
+    /// Every ready line was taken: empties the buffer, and frees it if a
+    /// burst made it large.
+    fn drained(&mut self) {
+        self.read = 0;
+        self.ready.clear();
+        if self.ready.capacity() > SPARE_BYTES {
+            self.ready = Vec::new();
+        }
+        if self.ends.capacity() > SPARE_LINES {
+            self.ends = VecDeque::new();
         }
     }
 
@@ -183,10 +289,9 @@ impl Framer {
     /// [`Framer::next_line`], in stream order, and leaves the framer empty.
     /// After an overflow, the bytes dropped past the cap are not included.
     pub fn take_buffered(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
-        for line in self.ready.drain(..) {
-            out.extend_from_slice(&line.raw);
-        }
+        let mut out = self.ready.split_off(self.read);
+        self.ends.clear();
+        self.drained();
         out.append(&mut self.partial);
         self.telnet = Telnet::Data;
         out
@@ -292,6 +397,20 @@ mod tests {
     }
 
     #[test]
+    fn word_search_at_every_position() {
+        for len in 0..150 {
+            for at in 0..len {
+                for hit in [b'\n', IAC] {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = hit;
+                    assert_eq!(find_lf_or_iac(&bytes), Some(at), "len {len} at {at}");
+                }
+            }
+            assert_eq!(find_lf_or_iac(&vec![0xFE; len]), None, "len {len}");
+        }
+    }
+
+    #[test]
     fn byte_at_a_time_matches_one_push() {
         let stream: &[u8] = b"USER a\r\n\xff\xf4\xff\xf2ABOR\r\nRETR \xff\xff\n\xff\xfd\nX\r\nPAS";
         let whole = frame(&[stream]);
@@ -391,6 +510,86 @@ mod tests {
                 line.extend_from_slice(end);
                 line
             })
+    }
+
+    /// The byte-at-a-time scan the framer used before its memchr and
+    /// single-copy fast paths, as a model: the lines and the error it gives
+    /// for a stream fed in `chunks`.
+    fn reference_frame(chunks: &[&[u8]]) -> (Vec<Vec<u8>>, bool) {
+        let mut lines = Vec::new();
+        let mut partial: Vec<u8> = Vec::new();
+        let mut telnet = Telnet::Data;
+        let mut overflow = false;
+        for chunk in chunks {
+            for &b in *chunk {
+                if overflow {
+                    break;
+                }
+                let ends_line = telnet == Telnet::Data && b == b'\n';
+                telnet = match telnet {
+                    Telnet::Command if IAC_OPTION_VERBS.contains(&b) => Telnet::Option,
+                    Telnet::Data if b == IAC => Telnet::Command,
+                    _ => Telnet::Data,
+                };
+                let len = partial.len() + 1;
+                if len > MAX_LINE || (!ends_line && len == MAX_LINE) {
+                    overflow = true;
+                    break;
+                }
+                partial.push(b);
+                if ends_line {
+                    lines.push(std::mem::take(&mut partial));
+                }
+            }
+        }
+        (lines, overflow)
+    }
+
+    proptest! {
+        #[test]
+        fn word_search_finds_the_first_lf_or_iac(
+            bytes in proptest::collection::vec(
+                prop_oneof![any::<u8>(), Just(b'\n'), Just(IAC), Just(b'a'), Just(0xFE), Just(0x0B)],
+                0..160,
+            ),
+        ) {
+            let want = bytes.iter().position(|&b| b == b'\n' || b == IAC);
+            prop_assert_eq!(find_lf_or_iac(&bytes), want);
+        }
+
+        #[test]
+        fn text_fast_path_matches_the_telnet_scan(
+            raw in proptest::collection::vec(
+                prop_oneof![any::<u8>(), Just(b'\r'), Just(b'\n'), Just(IAC)],
+                0..24,
+            ),
+        ) {
+            let line = Line { raw: raw.clone() };
+            prop_assert_eq!(line.text().into_owned(), strip_telnet(&raw));
+        }
+
+        #[test]
+        fn framer_matches_the_byte_scan_model(
+            pieces in proptest::collection::vec(
+                prop_oneof![
+                    proptest::collection::vec(
+                        prop_oneof![any::<u8>(), Just(b'\n'), Just(IAC), Just(b'a')],
+                        0..16,
+                    ),
+                    // runs long enough to reach MAX_LINE
+                    (1usize..1400).prop_map(|n| vec![b'x'; n]),
+                ],
+                0..12,
+            ),
+            step in 1usize..3000,
+        ) {
+            let stream = pieces.concat();
+            let chunks: Vec<&[u8]> = stream.chunks(step).collect();
+            let (lines, err) = frame(&chunks);
+            let (want_lines, want_overflow) = reference_frame(&chunks);
+            prop_assert_eq!(lines, want_lines);
+            prop_assert_eq!(err.is_some(), want_overflow);
+        }
     }
 
     proptest! {

@@ -6,10 +6,8 @@
 
 use std::net::SocketAddrV4;
 
-use nom::branch::alt;
 use nom::bytes::complete::take_while_m_n;
 use nom::character::complete::char;
-use nom::combinator::{eof, value};
 
 use super::command::{delimiter, field, host_port, tcp_port, PResult};
 
@@ -34,40 +32,24 @@ pub enum ReplyLine<'a> {
     Text(&'a [u8]),
 }
 
-/// Separator after the code: `' '`, `'-'`, or nothing at all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sep {
-    Last,
-    First,
-}
-
-/// `nnn` with the first digit 1–5 (RFC 959 §4.2.1), then the separator.
-fn code_and_sep(input: &[u8]) -> PResult<'_, (u16, Sep)> {
-    let (rest, digits) = take_while_m_n(3, 3, |b: u8| b.is_ascii_digit())(input)?;
-    let (rest, sep) = alt((
-        value(Sep::Last, char(' ')),
-        value(Sep::First, char('-')),
-        value(Sep::Last, eof),
-    ))(rest)?;
-    let code = digits
-        .iter()
-        .fold(0u16, |n, &d| n * 10 + u16::from(d - b'0'));
-    if !(100..600).contains(&code) {
-        return Err(super::command::fail("reply code outside 100-599"));
-    }
-    Ok((rest, (code, sep)))
-}
-
 /// Classifies one line's text (terminator removed).
 ///
 /// `226 Transfer complete` → `Last`, `211-Features:` → `First`,
 /// ` MDTM` → `Text`, `150` → `Last` with empty text.
+///
+/// A reply line is `nnn` with the first digit 1–5 (RFC 959 §4.2.1), then
+/// `' '`, `'-'` or nothing at all.
 pub fn parse_reply_line(text: &[u8]) -> ReplyLine<'_> {
-    match code_and_sep(text) {
-        Ok((rest, (code, Sep::Last))) => ReplyLine::Last { code, text: rest },
-        Ok((rest, (code, Sep::First))) => ReplyLine::First { code, text: rest },
-        Err(_) => ReplyLine::Text(text),
+    if let [a @ b'1'..=b'5', b @ b'0'..=b'9', c @ b'0'..=b'9', rest @ ..] = text {
+        let code = u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0');
+        match rest.split_first() {
+            None => return ReplyLine::Last { code, text: rest },
+            Some((b' ', after)) => return ReplyLine::Last { code, text: after },
+            Some((b'-', after)) => return ReplyLine::First { code, text: after },
+            Some(_) => {}
+        }
     }
+    ReplyLine::Text(text)
 }
 
 /// Follows multi-line replies: a reply that opens with `nnn-` ends only at a
@@ -334,6 +316,50 @@ mod tests {
         ];
         for (text, want) in cases {
             assert_eq!(parse_229(text), *want, "text {text:?}");
+        }
+    }
+
+    /// The nom parser that `parse_reply_line` replaced, kept as the model
+    /// the hand-written one must agree with.
+    fn reference(text: &[u8]) -> ReplyLine<'_> {
+        use nom::branch::alt;
+        use nom::combinator::{eof, value};
+        #[derive(Clone, Copy)]
+        enum Sep {
+            Last,
+            First,
+        }
+        fn code_and_sep(input: &[u8]) -> PResult<'_, (u16, Sep)> {
+            let (rest, digits) = take_while_m_n(3, 3, |b: u8| b.is_ascii_digit())(input)?;
+            let (rest, sep) = alt((
+                value(Sep::Last, char(' ')),
+                value(Sep::First, char('-')),
+                value(Sep::Last, eof),
+            ))(rest)?;
+            let code = digits
+                .iter()
+                .fold(0u16, |n, &d| n * 10 + u16::from(d - b'0'));
+            if !(100..600).contains(&code) {
+                return Err(crate::ftp::command::fail("reply code outside 100-599"));
+            }
+            Ok((rest, (code, sep)))
+        }
+        match code_and_sep(text) {
+            Ok((rest, (code, Sep::Last))) => ReplyLine::Last { code, text: rest },
+            Ok((rest, (code, Sep::First))) => ReplyLine::First { code, text: rest },
+            Err(_) => ReplyLine::Text(text),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn agrees_with_the_nom_parser(
+            text in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..8),
+                "[0-9][0-9]{0,3}[ \\-x0-9]?[a-z ]{0,3}".prop_map(String::into_bytes),
+            ],
+        ) {
+            prop_assert_eq!(parse_reply_line(&text), reference(&text));
         }
     }
 

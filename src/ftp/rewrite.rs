@@ -85,7 +85,7 @@ mod tests {
             "more than one line in {bytes:?}"
         );
         assert_eq!(line.raw, bytes);
-        line.text()
+        line.text().into_owned()
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{info, info_span, warn, Instrument};
@@ -227,6 +227,64 @@ struct Conn<'a> {
     data_connected: Option<Instant>,
 }
 
+/// Largest read from a control connection at once. The buffer is on the
+/// stack of the (synchronous) read, not in the session: an idle session
+/// holds no read buffer at all, only the framers' partial lines.
+const READ_BUF: usize = 8192;
+
+/// What one read from a readable control connection gave.
+enum Read {
+    /// This many bytes, already handed to the core.
+    Data(usize),
+    /// End of stream, or an error.
+    Closed,
+    /// The readiness was stale; nothing to read after all.
+    Spurious,
+}
+
+/// Reads what is waiting on `stream` and hands it to `feed`.
+fn read_now(stream: &TcpStream, feed: impl FnOnce(&[u8])) -> Read {
+    let mut buf = [0u8; READ_BUF];
+    match stream.try_read(&mut buf) {
+        Ok(0) => Read::Closed,
+        Ok(n) => {
+            feed(&buf[..n]);
+            Read::Data(n)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Read::Spurious,
+        Err(_) => Read::Closed,
+    }
+}
+
+/// The channel on which a session's data plans report, made at the first
+/// plan: a session that never transfers does not pay for it.
+#[derive(Default)]
+struct DataEvents {
+    chan: Option<(
+        mpsc::UnboundedSender<DataEvent>,
+        mpsc::UnboundedReceiver<DataEvent>,
+    )>,
+}
+
+impl DataEvents {
+    /// A sender for a new plan.
+    fn sender(&mut self) -> mpsc::UnboundedSender<DataEvent> {
+        self.chan
+            .get_or_insert_with(mpsc::unbounded_channel)
+            .0
+            .clone()
+    }
+
+    /// The next event; pending for ever while no plan was ever opened. The
+    /// session holds a sender itself, so this never ends with `None`.
+    async fn recv(&mut self) -> Option<DataEvent> {
+        match &mut self.chan {
+            Some((_, rx)) => rx.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// How the drive loop ended.
 enum Ended {
     Core(EndReason),
@@ -246,30 +304,34 @@ impl std::fmt::Display for Ended {
 
 impl Conn<'_> {
     async fn drive(&mut self) -> Ended {
-        let (tx, mut rx) = mpsc::unbounded_channel::<DataEvent>();
+        let mut events = DataEvents::default();
         let idle = self.idle;
-        let mut cbuf = vec![0u8; 8192];
-        let mut sbuf = vec![0u8; 8192];
         let mut deadline = tokio::time::Instant::now() + idle;
         loop {
             tokio::select! {
-                r = self.client.read(&mut cbuf) => match r {
-                    Ok(0) | Err(_) => self.core.client_closed(),
-                    Ok(n) => {
-                        self.from_client += n as u64;
-                        deadline = tokio::time::Instant::now() + idle;
-                        self.core.client_bytes(&cbuf[..n]);
+                r = self.client.readable() => {
+                    let core = &mut self.core;
+                    match r.map(|()| read_now(&self.client, |b| core.client_bytes(b))) {
+                        Ok(Read::Spurious) => {}
+                        Ok(Read::Data(n)) => {
+                            self.from_client += n as u64;
+                            deadline = tokio::time::Instant::now() + idle;
+                        }
+                        Ok(Read::Closed) | Err(_) => self.core.client_closed(),
                     }
-                },
-                r = self.upstream.read(&mut sbuf) => match r {
-                    Ok(0) | Err(_) => self.core.server_closed(),
-                    Ok(n) => {
-                        self.from_server += n as u64;
-                        deadline = tokio::time::Instant::now() + idle;
-                        self.core.server_bytes(&sbuf[..n]);
+                }
+                r = self.upstream.readable() => {
+                    let core = &mut self.core;
+                    match r.map(|()| read_now(&self.upstream, |b| core.server_bytes(b))) {
+                        Ok(Read::Spurious) => {}
+                        Ok(Read::Data(n)) => {
+                            self.from_server += n as u64;
+                            deadline = tokio::time::Instant::now() + idle;
+                        }
+                        Ok(Read::Closed) | Err(_) => self.core.server_closed(),
                     }
-                },
-                Some(ev) = rx.recv() => {
+                }
+                Some(ev) = events.recv() => {
                     // A running transfer is activity: an idle control
                     // connection during a long download is normal.
                     deadline = tokio::time::Instant::now() + idle;
@@ -285,8 +347,8 @@ impl Conn<'_> {
                 }
                 _ = tokio::time::sleep_until(deadline) => self.core.idle_timeout(),
             }
-            if let Some(end) = self.act(&tx).await {
-                self.settle_data(&mut rx).await;
+            if let Some(end) = self.act(&mut events).await {
+                self.settle_data(&mut events).await;
                 return end;
             }
         }
@@ -295,10 +357,10 @@ impl Conn<'_> {
     /// After the end: lets data plans that report late (kernel backend)
     /// deliver their Closed events, for at most a second, so that their
     /// transfers are logged.
-    async fn settle_data(&mut self, rx: &mut mpsc::UnboundedReceiver<DataEvent>) {
+    async fn settle_data(&mut self, events: &mut DataEvents) {
         let until = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
         while self.core.awaiting_data() {
-            match tokio::time::timeout_at(until, rx.recv()).await {
+            match tokio::time::timeout_at(until, events.recv()).await {
                 Ok(Some(ev)) => self.core.data_event(ev),
                 _ => break,
             }
@@ -311,7 +373,7 @@ impl Conn<'_> {
     }
 
     /// Carries out the core's actions in order.
-    async fn act(&mut self, tx: &mpsc::UnboundedSender<DataEvent>) -> Option<Ended> {
+    async fn act(&mut self, events: &mut DataEvents) -> Option<Ended> {
         while let Some(action) = self.core.poll_action() {
             match action {
                 Action::ToClient(b) => {
@@ -329,7 +391,7 @@ impl Conn<'_> {
                     let r = self
                         .gateway
                         .backend
-                        .open(&self.info, plan, tx.clone())
+                        .open(&self.info, plan, events.sender())
                         .await;
                     match r {
                         Ok((opened, pinhole)) => {
