@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::start_unftp;
+use common::start_unftp_passive;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -204,7 +204,9 @@ async fn soak_mixed_sessions() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(16);
     let root = tempfile::tempdir().unwrap();
-    let upstream = start_unftp(root.path()).await;
+    // The server's passive ports below the gateway's pools and clear of the
+    // ephemeral range (libunftp's default, 49152-65535, shares most of it).
+    let upstream = start_unftp_passive(root.path(), 1024..=19999).await;
     let yaml = format!(
         "listeners:\n  - name: soak\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n\
          data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\

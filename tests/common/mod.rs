@@ -6,6 +6,7 @@
 use libunftp::options::ActivePassiveMode;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,18 +21,32 @@ const LOG_LIMIT: Duration = Duration::from_secs(20);
 /// Starts libunftp on 127.0.0.1 (port 0) serving `root`, in active and
 /// passive mode; one server per accepted connection.
 pub async fn start_unftp(root: &Path) -> SocketAddr {
+    serve_unftp(root, None).await
+}
+
+/// As `start_unftp`, with passive data ports taken from `ports`. libunftp
+/// tries ten random ports of its range and answers 425 when none binds; a
+/// long run at a high transfer rate wants a range clear of the ephemeral
+/// ports that its own connections take.
+pub async fn start_unftp_passive(root: &Path, ports: RangeInclusive<u16>) -> SocketAddr {
+    serve_unftp(root, Some(ports)).await
+}
+
+async fn serve_unftp(root: &Path, ports: Option<RangeInclusive<u16>>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let root: PathBuf = root.to_path_buf();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let root = root.clone();
-            let server = libunftp::ServerBuilder::new(Box::new(move || {
+            let mut builder = libunftp::ServerBuilder::new(Box::new(move || {
                 Filesystem::new(root.clone()).unwrap()
             }))
-            .active_passive_mode(ActivePassiveMode::ActiveAndPassive)
-            .build()
-            .unwrap();
+            .active_passive_mode(ActivePassiveMode::ActiveAndPassive);
+            if let Some(ports) = &ports {
+                builder = builder.passive_ports(ports.clone());
+            }
+            let server = builder.build().unwrap();
             tokio::spawn(server.service(stream));
         }
     });
