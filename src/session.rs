@@ -371,6 +371,13 @@ impl Session {
         self.phase == Phase::Ended
     }
 
+    /// Complete lines received so far, from both peers: what counts as
+    /// activity on a control connection (a peer trickling bytes that never
+    /// end a line is idle).
+    pub fn lines_received(&self) -> u64 {
+        self.client_in.lines_completed() + self.server_in.lines_completed()
+    }
+
     /// Bytes from the client's control connection.
     pub fn client_bytes(&mut self, bytes: &[u8]) {
         if self.phase != Phase::Parsing {

@@ -402,6 +402,41 @@ async fn slowloris_bounded_by_idle_timeout() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn trickle_of_single_bytes_is_idle_too() {
+    let (gw, _root) = with_unftp("", "  idle_timeout: 1s\n", "").await;
+    let mut c = Peer::connect(gw.addr).await;
+    assert_eq!(c.reply().await.0, 220);
+    let Peer {
+        mut r,
+        w: mut writer,
+    } = c;
+    // One byte every 150 ms of a 40-byte line: the line would take 6 s,
+    // each byte well inside idle_timeout of the one before.
+    let line = b"USER a-long-name-sent-one-byte-at-a-time\r\n";
+    let trickle = tokio::spawn(async move {
+        let mut sent = 0;
+        for b in line {
+            if writer.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        sent
+    });
+    let mut out = Vec::new();
+    let _ = bounded("end of stream", r.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.starts_with("421 "), "{out}");
+    let sent = trickle.await.unwrap();
+    assert!(
+        sent < line.len(),
+        "cut off only after the whole line ({sent} bytes)"
+    );
+    gw.wait_idle().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn auth_tls_refused_under_refuse() {
     let (gw, _root) = with_unftp("", "", "").await;
     let mut c = Peer::connect(gw.addr).await;

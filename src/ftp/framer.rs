@@ -171,6 +171,8 @@ pub struct Framer {
     telnet: Telnet,
     /// Set once a line overflowed; the stream is unusable after that.
     overflow: bool,
+    /// Lines completed so far (terminated, whether taken yet or not).
+    completed: u64,
 }
 
 impl Framer {
@@ -239,6 +241,13 @@ impl Framer {
     fn complete(&mut self, line: &[u8]) {
         self.ready.extend_from_slice(line);
         self.ends.push_back(self.ready.len());
+        self.completed += 1;
+    }
+
+    /// How many lines have been terminated since the framer was made: bytes
+    /// that complete no line (a trickle) leave it unchanged.
+    pub fn lines_completed(&self) -> u64 {
+        self.completed
     }
 
     /// Adds `run` to the partial line unless that breaks the cap. A line may

@@ -307,6 +307,9 @@ impl Conn<'_> {
         let mut events = DataEvents::default();
         let idle = self.idle;
         let mut deadline = tokio::time::Instant::now() + idle;
+        // Only complete lines restart the idle clock: a peer that sends one
+        // byte at a time, never ending a line, is cut off at idle_timeout.
+        let mut lines = self.core.lines_received();
         loop {
             tokio::select! {
                 r = self.client.readable() => {
@@ -315,7 +318,10 @@ impl Conn<'_> {
                         Ok(Read::Spurious) => {}
                         Ok(Read::Data(n)) => {
                             self.from_client += n as u64;
-                            deadline = tokio::time::Instant::now() + idle;
+                            if self.core.lines_received() != lines {
+                                lines = self.core.lines_received();
+                                deadline = tokio::time::Instant::now() + idle;
+                            }
                         }
                         Ok(Read::Closed) | Err(_) => self.core.client_closed(),
                     }
@@ -326,7 +332,10 @@ impl Conn<'_> {
                         Ok(Read::Spurious) => {}
                         Ok(Read::Data(n)) => {
                             self.from_server += n as u64;
-                            deadline = tokio::time::Instant::now() + idle;
+                            if self.core.lines_received() != lines {
+                                lines = self.core.lines_received();
+                                deadline = tokio::time::Instant::now() + idle;
+                            }
                         }
                         Ok(Read::Closed) | Err(_) => self.core.server_closed(),
                     }

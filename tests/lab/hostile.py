@@ -703,7 +703,7 @@ def c_slow_half(env, out):
     c.close()
 
 
-@case("slowloris: one byte a second", {421}, gating=False, kernel_na="no idle timeout in a helper")
+@case("slowloris: one byte a second", {421}, kernel_na="no idle timeout in a helper")
 def c_slow_trickle(env, out):
     c = env.client("outbound")
     c.reply()
