@@ -11,7 +11,7 @@
 //!   leaves with the server's address as its source.
 //!
 //! The table is driven through the `nft` binary: one long-lived `nft -i`
-//! process takes one line per change, and nft makes each line one kernel
+//! process takes the changes as lines, and nft makes each line one kernel
 //! transaction. The table itself is created with `nft -f -`.
 
 use crate::config::{Config, ListenerMode};
@@ -19,7 +19,6 @@ use std::fmt::Write as _;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdin, Command};
@@ -234,17 +233,24 @@ fn mixed_families(e: &Element) -> io::Error {
 /// The gateway's own nftables table (family `inet`). Created at start,
 /// removed by [`InterceptTable::destroy`] at a clean exit.
 ///
-/// Element changes go to one long-lived `nft -i` process, one line per
-/// change: nft runs each line as one transaction, so a change (all the
-/// elements of a pinhole, say) is applied whole or not at all, without a
-/// process spawn per change.
+/// Element changes go to one long-lived `nft -i` process: nft runs each
+/// line as one transaction, so a change (all the elements of a pinhole,
+/// say) is applied whole or not at all, without a process spawn per change.
+/// Changes that queue up while a line runs share the next line (see
+/// [`Shell::spawn`]).
 #[derive(Debug)]
 pub struct InterceptTable {
     name: String,
     /// Runs before `nft` (e.g. `ip netns exec NS`); empty in production.
     prefix: Vec<String>,
     /// The `nft -i` process, started on first use and again after it broke.
-    shell: Arc<tokio::sync::Mutex<Option<Shell>>>,
+    changes: tokio::sync::mpsc::UnboundedSender<Change>,
+}
+
+/// One change for the `nft` process, and where its result goes.
+struct Change {
+    line: String,
+    done: tokio::sync::oneshot::Sender<io::Result<()>>,
 }
 
 /// How long one change may take before the `nft` process is given up.
@@ -262,8 +268,8 @@ impl InterceptTable {
         check_name(name)?;
         let table = InterceptTable {
             name: name.to_owned(),
-            prefix,
-            shell: Arc::default(),
+            prefix: prefix.clone(),
+            changes: Shell::spawn(prefix.clone()),
         };
         // `add` then `delete` makes the deletion succeed whether or not a
         // stale table exists; the batch is one transaction, so there is no
@@ -340,8 +346,6 @@ impl InterceptTable {
 
     /// Deletes the table and everything in it.
     pub async fn destroy(&self) -> io::Result<()> {
-        // The shell's process has nothing more to do.
-        *self.shell.lock().await = None;
         self.run(&format!("delete table inet {}\n", self.name))
             .await
     }
@@ -358,42 +362,19 @@ impl InterceptTable {
             .collect::<Vec<_>>()
             .join("; ");
         let start = std::time::Instant::now();
-        let (shell, prefix, line) = (self.shell.clone(), self.prefix.clone(), joined.clone());
-        // A task of its own: a caller that gives up half-way cannot leave
-        // the process with a half-written line or an unread answer.
-        let (waited, result) = tokio::spawn(async move {
-            let mut shell = shell.lock().await;
-            let waited = start.elapsed();
-            if shell.is_none() {
-                *shell = Some(Shell::start(&prefix)?);
-            }
-            let result = match shell.as_mut() {
-                Some(sh) => match tokio::time::timeout(BATCH_LIMIT, sh.run(&line)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("nft did not answer within {BATCH_LIMIT:?}"),
-                    )),
-                },
-                None => Err(io::Error::other("nft not running")),
-            };
-            if let Err(e) = &result {
-                if e.kind() != io::ErrorKind::InvalidInput {
-                    // The process is broken (gone, or out of step): the
-                    // next change starts a fresh one.
-                    *shell = None;
-                }
-            }
-            Ok::<_, io::Error>((waited, result))
-        })
-        .await
-        .map_err(|e| io::Error::other(format!("nft task failed: {e}")))??;
+        let (done, result) = tokio::sync::oneshot::channel();
+        let change = Change { line: joined, done };
+        if self.changes.send(change).is_err() {
+            return Err(io::Error::other("nft process task is gone"));
+        }
+        let result = result
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("nft process task is gone")));
         tracing::debug!(
             table = %self.name,
-            queued_us = waited.as_micros() as u64,
             us = start.elapsed().as_micros() as u64,
             ok = result.is_ok(),
-            "nft: {joined}"
+            "nft change done"
         );
         result
     }
@@ -451,7 +432,90 @@ struct Shell {
     next: u64,
 }
 
+/// At most this many changes share one line.
+const GROUP: usize = 32;
+
 impl Shell {
+    /// Starts the task that owns the process: it takes changes in order and
+    /// sends those that queued up while the previous line ran together, as
+    /// one line. If that line fails, each of its changes runs again on its
+    /// own, so every change is still one transaction with its own result.
+    /// The task ends when the table is dropped.
+    fn spawn(prefix: Vec<String>) -> tokio::sync::mpsc::UnboundedSender<Change> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Change>();
+        tokio::spawn(async move {
+            let mut shell: Option<Shell> = None;
+            while let Some(first) = rx.recv().await {
+                let mut group = vec![first];
+                while group.len() < GROUP {
+                    match rx.try_recv() {
+                        Ok(c) => group.push(c),
+                        Err(_) => break,
+                    }
+                }
+                if group.len() > 1 {
+                    let line = group
+                        .iter()
+                        .map(|c| c.line.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    let start = std::time::Instant::now();
+                    let r = Shell::run_on(&mut shell, &prefix, &line).await;
+                    tracing::debug!(
+                        changes = group.len(),
+                        us = start.elapsed().as_micros() as u64,
+                        ok = r.is_ok(),
+                        "nft: {line}"
+                    );
+                    if r.is_ok() {
+                        for c in group {
+                            let _ = c.done.send(Ok(()));
+                        }
+                        continue;
+                    }
+                }
+                for c in group {
+                    let start = std::time::Instant::now();
+                    let r = Shell::run_on(&mut shell, &prefix, &c.line).await;
+                    tracing::debug!(
+                        us = start.elapsed().as_micros() as u64,
+                        ok = r.is_ok(),
+                        "nft: {}",
+                        c.line
+                    );
+                    let _ = c.done.send(r);
+                }
+            }
+        });
+        tx
+    }
+
+    /// Runs `line` on the process in `shell`, starting one if needed and
+    /// dropping it if it broke.
+    async fn run_on(shell: &mut Option<Shell>, prefix: &[String], line: &str) -> io::Result<()> {
+        if shell.is_none() {
+            *shell = Some(Shell::start(prefix)?);
+        }
+        let result = match shell.as_mut() {
+            Some(sh) => match tokio::time::timeout(BATCH_LIMIT, sh.run(line)).await {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("nft did not answer within {BATCH_LIMIT:?}"),
+                )),
+            },
+            None => Err(io::Error::other("nft not running")),
+        };
+        if let Err(e) = &result {
+            if e.kind() != io::ErrorKind::InvalidInput {
+                // The process is broken (gone, or out of step): the next
+                // change starts a fresh one.
+                *shell = None;
+            }
+        }
+        result
+    }
+
     fn start(prefix: &[String]) -> io::Result<Shell> {
         let mut child = nft_command(prefix)
             .arg("-i")
