@@ -103,7 +103,7 @@ impl KernelBackend {
             table,
             relay,
             claims: Arc::default(),
-            conntrack: Conntrack::start(),
+            conntrack: Conntrack::start().await,
             shared: Arc::default(),
         })
     }
@@ -479,8 +479,11 @@ async fn follow(
                         "conntrack: connected"
                     );
                     // The one connection is in; the rest of the elements
-                    // have done their job (conntrack keeps the NAT).
-                    held.remove().await;
+                    // have done their job (conntrack keeps the NAT). In a
+                    // task of its own, so that an abort cannot stop it
+                    // half-way (shared keys counted down, not removed).
+                    let h = held.clone();
+                    let _ = tokio::spawn(async move { h.remove().await }).await;
                     let _ = events.send(DataEvent::Connected { id });
                 }
                 let done = flow.done;
@@ -544,6 +547,8 @@ struct Conntrack {
 struct Watched {
     shape: Shape,
     port: u16,
+    /// The source port of the connection this plan follows, once found.
+    sport: Option<u16>,
     tx: tokio::sync::watch::Sender<Option<Flow>>,
 }
 
@@ -567,9 +572,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Conntrack {
     /// The watcher, with its task running.
-    fn start() -> Arc<Conntrack> {
+    async fn start() -> Arc<Conntrack> {
         let conntrack = Arc::new(Conntrack::default());
-        tokio::spawn(watch_conntrack(Arc::downgrade(&conntrack)));
+        // Entries that exist now belong to no plan of this process; nor
+        // does an entry, once one plan took it. Without this, a plan would
+        // take the TIME_WAIT entry of an earlier connection from the same
+        // peer to the same port and endpoint (ports are reused) for its own,
+        // end at once, and its lingering claim would drop the real one.
+        let text = tokio::fs::read_to_string(CONNTRACK)
+            .await
+            .unwrap_or_default();
+        let taken = entries(&text, None).iter().map(Entry::tuple).collect();
+        tokio::spawn(watch_conntrack(Arc::downgrade(&conntrack), taken));
         conntrack
     }
 
@@ -578,7 +592,15 @@ impl Conntrack {
     fn watch(self: &Arc<Self>, shape: Shape, port: u16) -> Watch {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::watch::channel(None);
-        lock(&self.plans).insert(key, Watched { shape, port, tx });
+        lock(&self.plans).insert(
+            key,
+            Watched {
+                shape,
+                port,
+                sport: None,
+                tx,
+            },
+        );
         self.wake.notify_one();
         Watch {
             conntrack: self.clone(),
@@ -590,12 +612,15 @@ impl Conntrack {
 }
 
 /// The watcher's task: ends when the backend is gone.
-async fn watch_conntrack(conntrack: std::sync::Weak<Conntrack>) {
+async fn watch_conntrack(
+    conntrack: std::sync::Weak<Conntrack>,
+    mut taken: std::collections::HashSet<(IpAddr, u16, u16)>,
+) {
     loop {
         let Some(ct) = conntrack.upgrade() else {
             return;
         };
-        if lock(&ct.plans).is_empty() {
+        if lock(&ct.plans).is_empty() && taken.is_empty() {
             // Wakes for a new plan; now and then to see whether the
             // backend is still there.
             let _ = tokio::time::timeout(Duration::from_secs(1), ct.wake.notified()).await;
@@ -606,17 +631,19 @@ async fn watch_conntrack(conntrack: std::sync::Weak<Conntrack>) {
             .await
             .unwrap_or_default();
         let took = started.elapsed();
-        {
-            let plans = lock(&ct.plans);
-            let wanted: std::collections::HashSet<u16> = plans.values().map(|w| w.port).collect();
-            let flows = entries(&text, &wanted);
-            for w in plans.values() {
-                let flow = flows
-                    .iter()
-                    .find(|(peer, port, to, _)| {
-                        *peer == w.shape.peer && *port == w.port && *to == w.shape.to
-                    })
-                    .map(|(_, _, _, f)| f.clone());
+        let live = {
+            let mut plans = lock(&ct.plans);
+            let wanted: std::collections::HashSet<u16> = plans
+                .values()
+                .map(|w| w.port)
+                .chain(taken.iter().map(|t| t.2))
+                .collect();
+            let found = entries(&text, Some(&wanted));
+            // An entry stays taken for as long as it exists.
+            let present: std::collections::HashSet<_> = found.iter().map(Entry::tuple).collect();
+            taken.retain(|t| present.contains(t));
+            for w in plans.values_mut() {
+                let flow = assign(w, &found, &mut taken);
                 w.tx.send_if_modified(|old| {
                     let changed = *old != flow;
                     if changed {
@@ -625,11 +652,62 @@ async fn watch_conntrack(conntrack: std::sync::Weak<Conntrack>) {
                     changed
                 });
             }
-        }
+            !plans.is_empty()
+        };
         drop(ct);
         // On a large table a read takes a while: leave the CPU free at
-        // least twice as long as it took.
-        tokio::time::sleep(TICK.max(2 * took)).await;
+        // least twice as long as it took. With no plan open, only taken
+        // entries are left to age out: no hurry.
+        let tick = if live { TICK } else { Duration::from_secs(1) };
+        tokio::time::sleep(tick.max(2 * took)).await;
+    }
+}
+
+/// The entry of `w`'s connection among `found`: the one it follows, or
+/// else a new one for its flow that no plan took yet (which it then takes).
+fn assign(
+    w: &mut Watched,
+    found: &[Entry],
+    taken: &mut std::collections::HashSet<(IpAddr, u16, u16)>,
+) -> Option<Flow> {
+    match w.sport {
+        Some(sport) => found
+            .iter()
+            .find(|e| e.tuple() == (w.shape.peer, sport, w.port))
+            .map(|e| e.flow.clone()),
+        None => found
+            .iter()
+            .find(|e| {
+                e.peer == w.shape.peer
+                    && e.dport == w.port
+                    && e.to == w.shape.to
+                    && !taken.contains(&e.tuple())
+            })
+            .map(|e| {
+                w.sport = Some(e.sport);
+                taken.insert(e.tuple());
+                e.flow.clone()
+            }),
+    }
+}
+
+/// A TCP entry of the conntrack table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    /// Original source address and port.
+    peer: IpAddr,
+    sport: u16,
+    /// Original destination port.
+    dport: u16,
+    /// Reply source: where the connection was translated to.
+    to: SocketAddr,
+    flow: Flow,
+}
+
+impl Entry {
+    /// What tells entries to the same port apart.
+    fn tuple(&self) -> (IpAddr, u16, u16) {
+        (self.peer, self.sport, self.dport)
     }
 }
 
@@ -643,13 +721,9 @@ struct Flow {
     done: bool,
 }
 
-/// The TCP entries to one of `ports`, as (original source, original
-/// destination port, reply source, flow). Addresses are parsed, since the
-/// kernel prints IPv6 in full.
-fn entries(
-    text: &str,
-    ports: &std::collections::HashSet<u16>,
-) -> Vec<(IpAddr, u16, SocketAddr, Flow)> {
+/// The TCP entries (to one of `ports`, if given). Addresses are parsed,
+/// since the kernel prints IPv6 in full.
+fn entries(text: &str, ports: Option<&std::collections::HashSet<u16>>) -> Vec<Entry> {
     text.lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();
@@ -670,7 +744,7 @@ fn entries(
                     "sport" => sport.push(v.parse::<u16>().ok()?),
                     "dport" => {
                         let port = v.parse::<u16>().ok()?;
-                        if dport.is_empty() && !ports.contains(&port) {
+                        if dport.is_empty() && ports.is_some_and(|p| !p.contains(&port)) {
                             return None;
                         }
                         dport.push(port);
@@ -679,17 +753,20 @@ fn entries(
                     _ => {}
                 }
             }
-            let peer = src.first()?.parse::<IpAddr>().ok()?;
-            let to = SocketAddr::new(src.get(1)?.parse::<IpAddr>().ok()?, *sport.get(1)?);
-            let flow = Flow {
-                orig_bytes: bytes.first().copied().unwrap_or(0),
-                reply_bytes: bytes.get(1).copied().unwrap_or(0),
-                done: matches!(
-                    state,
-                    "FIN_WAIT" | "CLOSE_WAIT" | "LAST_ACK" | "TIME_WAIT" | "CLOSE"
-                ),
-            };
-            Some((peer, *dport.first()?, to, flow))
+            Some(Entry {
+                peer: src.first()?.parse().ok()?,
+                sport: *sport.first()?,
+                dport: *dport.first()?,
+                to: SocketAddr::new(src.get(1)?.parse().ok()?, *sport.get(1)?),
+                flow: Flow {
+                    orig_bytes: bytes.first().copied().unwrap_or(0),
+                    reply_bytes: bytes.get(1).copied().unwrap_or(0),
+                    done: matches!(
+                        state,
+                        "FIN_WAIT" | "CLOSE_WAIT" | "LAST_ACK" | "TIME_WAIT" | "CLOSE"
+                    ),
+                },
+            })
         })
         .collect()
 }
@@ -698,11 +775,10 @@ fn entries(
 /// `to`.
 #[cfg(test)]
 fn find(text: &str, shape: &Shape, port: u16) -> Option<Flow> {
-    let ports = std::iter::once(port).collect();
-    entries(text, &ports)
+    entries(text, None)
         .into_iter()
-        .find(|(peer, p, to, _)| *peer == shape.peer && *p == port && *to == shape.to)
-        .map(|(_, _, _, f)| f)
+        .find(|e| e.peer == shape.peer && e.dport == port && e.to == shape.to)
+        .map(|e| e.flow)
 }
 
 #[cfg(test)]
@@ -745,6 +821,41 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
         );
         assert_eq!(find(text, &passive(), 40003), None);
         assert_eq!(find("garbage\nipv4 2 tcp x\n", &passive(), 40001), None);
+    }
+
+    #[test]
+    fn a_plan_takes_only_an_entry_no_plan_took_before() {
+        let old = "ipv6 10 tcp 6 100 TIME_WAIT src=2001:db8:100::2 dst=2001:db8::1 sport=50000 dport=40001 packets=3 bytes=180 src=fd71:2::2 dst=fd71:2::1 sport=30000 dport=50000 packets=9 bytes=9000 [ASSURED]\n";
+        let new = "ipv6 10 tcp 6 100 ESTABLISHED src=2001:db8:100::2 dst=2001:db8::1 sport=50007 dport=40001 packets=1 bytes=60 src=fd71:2::2 dst=fd71:2::1 sport=30000 dport=50007 packets=1 bytes=60 [ASSURED]\n";
+        // The earlier connection's entry was taken (by its plan, or found
+        // at start): the new plan on the same port and endpoint waits.
+        let mut taken: std::collections::HashSet<_> =
+            entries(old, None).iter().map(Entry::tuple).collect();
+        let (tx, _rx) = tokio::sync::watch::channel(None);
+        let mut w = Watched {
+            shape: passive(),
+            port: 40001,
+            sport: None,
+            tx,
+        };
+        assert_eq!(assign(&mut w, &entries(old, None), &mut taken), None);
+        // Its own connection comes: taken, and followed by source port.
+        let both = format!("{old}{new}");
+        let flow = assign(&mut w, &entries(&both, None), &mut taken).expect("new entry");
+        assert_eq!((flow.orig_bytes, flow.done), (60, false));
+        assert_eq!(w.sport, Some(50007));
+        assert_eq!(taken.len(), 2);
+        // Once taken, it is never another plan's.
+        let (tx, _rx) = tokio::sync::watch::channel(None);
+        let mut other = Watched {
+            shape: passive(),
+            port: 40001,
+            sport: None,
+            tx,
+        };
+        assert_eq!(assign(&mut other, &entries(&both, None), &mut taken), None);
+        // The followed entry going away is seen.
+        assert_eq!(assign(&mut w, &entries(old, None), &mut taken), None);
     }
 
     fn plan(client: Leg, server: Leg) -> DataPlan {
