@@ -654,12 +654,17 @@ async fn watch_conntrack(
             }
             !plans.is_empty()
         };
-        drop(ct);
         // On a large table a read takes a while: leave the CPU free at
         // least twice as long as it took. With no plan open, only taken
-        // entries are left to age out: no hurry.
-        let tick = if live { TICK } else { Duration::from_secs(1) };
-        tokio::time::sleep(tick.max(2 * took)).await;
+        // entries are left to age out: no hurry, but a new plan wakes the
+        // watcher at once.
+        if live {
+            drop(ct);
+            tokio::time::sleep(TICK.max(2 * took)).await;
+        } else {
+            let idle = Duration::from_secs(1).max(2 * took);
+            let _ = tokio::time::timeout(idle, ct.wake.notified()).await;
+        }
     }
 }
 
