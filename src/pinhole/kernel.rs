@@ -52,12 +52,11 @@ use tokio::time::Instant;
 const CONNTRACK: &str = "/proc/net/nf_conntrack";
 /// Turns on per-connection byte counters.
 const ACCT: &str = "/proc/sys/net/netfilter/nf_conntrack_acct";
-/// How often a plan looks at the conntrack table while it waits for its
-/// connection.
-const POLL: Duration = Duration::from_millis(50);
-/// How often once connected: the session may end soon after the transfer,
-/// and its Closed event must come before that to be logged.
-const POLL_CONNECTED: Duration = Duration::from_millis(5);
+/// How often the watcher reads the conntrack table while some plan is
+/// live (waiting for its connection, or connected: an active-mode
+/// transfer's final reply waits for its plan's end). With no live plan it
+/// does not read at all.
+const TICK: Duration = Duration::from_millis(5);
 
 /// Carries out same-mode plans with kernel NAT, the rest with the relay.
 pub struct KernelBackend {
@@ -67,6 +66,8 @@ pub struct KernelBackend {
     table: Arc<InterceptTable>,
     relay: RelayBackend,
     claims: Arc<Claims>,
+    conntrack: Arc<Conntrack>,
+    shared: Arc<Shared>,
 }
 
 impl KernelBackend {
@@ -102,6 +103,8 @@ impl KernelBackend {
             table,
             relay,
             claims: Arc::default(),
+            conntrack: Conntrack::start().await,
+            shared: Arc::default(),
         })
     }
 
@@ -199,11 +202,32 @@ impl KernelBackend {
             },
         ];
         let timeout = self.settings.pinhole_timeout;
-        let mut timed: Vec<_> = elements.iter().map(|e| (*e, timeout)).collect();
+        // Held across the nft changes, so that a plan's adds and another's
+        // removal of a shared key keep their order.
+        let mut shared = self.shared.lock().await;
+        let mut timed = Vec::new();
+        let mut renew = Vec::new();
+        for e in &elements {
+            if !keyed_by_endpoint(e) {
+                timed.push((*e, timeout));
+            } else if shared.get(e).is_some_and(|&n| n > 0) {
+                // Another live plan holds it: give it this plan's timeout.
+                renew.push(*e);
+            } else {
+                timed.push((*e, timeout));
+            }
+        }
         // Longer than the rest, so that it is still there when the plan
         // hands it over to linger at the timeout.
         timed.push((claim, 2 * timeout));
         self.table.add(&timed).await?;
+        for e in renew {
+            self.table.refresh(e, timeout).await?;
+        }
+        for e in elements.iter().filter(|e| keyed_by_endpoint(e)) {
+            *shared.entry(*e).or_insert(0) += 1;
+        }
+        drop(shared);
         let announced = SocketAddr::new(shape.dst, port);
         let opened = Opened {
             client_listen: shape.passive.then_some(announced),
@@ -211,6 +235,7 @@ impl KernelBackend {
         };
         let held = Arc::new(Held {
             table: self.table.clone(),
+            shared: self.shared.clone(),
             claims: self.claims.clone(),
             elements: Mutex::new(elements),
             end: Mutex::new(Some((claim, lease))),
@@ -218,7 +243,8 @@ impl KernelBackend {
             linger: timeout,
             session: events.clone(),
         });
-        let task = tokio::spawn(follow(plan.id, shape, port, timeout, held.clone(), events));
+        let watch = self.conntrack.watch(shape, port);
+        let task = tokio::spawn(follow(plan.id, shape, watch, timeout, held.clone(), events));
         let guard = Guard {
             held,
             task: task.abort_handle(),
@@ -259,6 +285,7 @@ struct Shape {
 /// What a plan still holds: elements in the table, its claim, its port.
 struct Held {
     table: Arc<InterceptTable>,
+    shared: Arc<Shared>,
     claims: Arc<Claims>,
     /// `once`, `dnat`, `ksnat`, `fwd`: gone once the connection is in.
     elements: Mutex<Vec<Element>>,
@@ -281,9 +308,29 @@ fn take<T: Default>(m: &Mutex<T>) -> T {
 impl Held {
     async fn remove(&self) {
         let elements = take(&self.elements);
-        if !elements.is_empty() {
-            self.table.remove_each(&elements).await;
+        if elements.is_empty() {
+            return;
         }
+        let mut shared = self.shared.lock().await;
+        let gone: Vec<_> = elements
+            .into_iter()
+            .filter(|e| {
+                if !keyed_by_endpoint(e) {
+                    return true;
+                }
+                let Some(n) = shared.get_mut(e) else {
+                    return true;
+                };
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    shared.remove(e);
+                    true
+                } else {
+                    false
+                }
+            })
+            .collect();
+        self.table.remove_each(&gone).await;
     }
 
     /// The plan is over: removes its elements and lets the claim linger.
@@ -316,6 +363,17 @@ impl Held {
             }
         }
     }
+}
+
+/// The `ksnat` and `fwd` elements are keyed by (peer, real endpoint), which
+/// two live plans can share (a server reuses its passive port for the same
+/// client). Counts how many live plans hold each, so that one plan's end
+/// does not remove another's.
+type Shared = tokio::sync::Mutex<HashMap<Element, usize>>;
+
+/// Whether `e` is one of the elements [`Shared`] counts.
+fn keyed_by_endpoint(e: &Element) -> bool {
+    matches!(e, Element::Snat { .. } | Element::Forward { .. })
 }
 
 /// Claims whose plan has ended, by port. A port's next plan removes the
@@ -393,35 +451,50 @@ impl Drop for Guard {
     }
 }
 
-/// Follows the plan's connection in conntrack until it ends or never comes.
+/// Follows the plan's connection, as the shared [`Conntrack`] watcher sees
+/// it, until it ends or never comes.
 async fn follow(
     id: PlanId,
     shape: Shape,
-    port: u16,
+    mut watch: Watch,
     timeout: Duration,
     held: Arc<Held>,
     events: mpsc::UnboundedSender<DataEvent>,
 ) {
-    let deadline = Instant::now() + timeout;
+    let start = Instant::now();
+    let deadline = start + timeout;
     let mut refresh_at = deadline;
     let mut seen = false;
     let mut last = Flow::default();
     let outcome = loop {
-        let text = tokio::fs::read_to_string(CONNTRACK)
-            .await
-            .unwrap_or_default();
-        match find(&text, &shape, port) {
+        let current = watch.rx.borrow_and_update().clone();
+        match current {
             Some(flow) => {
                 if !seen {
                     seen = true;
+                    tracing::debug!(
+                        plan = id,
+                        port = watch.port,
+                        after_us = start.elapsed().as_micros() as u64,
+                        "conntrack: connected"
+                    );
                     // The one connection is in; the rest of the elements
-                    // have done their job (conntrack keeps the NAT).
-                    held.remove().await;
+                    // have done their job (conntrack keeps the NAT). In a
+                    // task of its own, so that an abort cannot stop it
+                    // half-way (shared keys counted down, not removed).
+                    let h = held.clone();
+                    let _ = tokio::spawn(async move { h.remove().await }).await;
                     let _ = events.send(DataEvent::Connected { id });
                 }
                 let done = flow.done;
                 last = flow;
                 if done {
+                    tracing::debug!(
+                        plan = id,
+                        port = watch.port,
+                        after_us = start.elapsed().as_micros() as u64,
+                        "conntrack: closed"
+                    );
                     break DataOutcome::Completed;
                 }
                 if Instant::now() >= refresh_at {
@@ -433,8 +506,15 @@ async fn follow(
             None if Instant::now() >= deadline => break DataOutcome::Expired,
             None => {}
         }
-        tokio::time::sleep(if seen { POLL_CONNECTED } else { POLL }).await;
+        let wake_at = if seen { refresh_at } else { deadline };
+        tokio::select! {
+            changed = watch.rx.changed() => if changed.is_err() {
+                break DataOutcome::Failed("conntrack watcher stopped".into());
+            },
+            _ = tokio::time::sleep_until(wake_at) => {}
+        }
     };
+    drop(watch);
     // In a task of its own: the guard may abort this one at any moment,
     // and a claim taken but not yet registered would be left behind.
     let ending = held.clone();
@@ -453,8 +533,191 @@ async fn follow(
     });
 }
 
+/// One task reads the conntrack table for every live plan, once per
+/// [`TICK`], and hands each plan its entry (or `None`) when it changed.
+/// With no live plan it sleeps until one registers.
+#[derive(Default)]
+struct Conntrack {
+    plans: Mutex<HashMap<u64, Watched>>,
+    next: AtomicU64,
+    wake: tokio::sync::Notify,
+}
+
+/// A registered plan, as the watcher sees it.
+struct Watched {
+    shape: Shape,
+    port: u16,
+    /// The source port of the connection this plan follows, once found.
+    sport: Option<u16>,
+    tx: tokio::sync::watch::Sender<Option<Flow>>,
+}
+
+/// A plan's registration; dropping it unregisters.
+struct Watch {
+    conntrack: Arc<Conntrack>,
+    key: u64,
+    port: u16,
+    rx: tokio::sync::watch::Receiver<Option<Flow>>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        lock(&self.conntrack.plans).remove(&self.key);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Conntrack {
+    /// The watcher, with its task running.
+    async fn start() -> Arc<Conntrack> {
+        let conntrack = Arc::new(Conntrack::default());
+        // Entries that exist now belong to no plan of this process; nor
+        // does an entry, once one plan took it. Without this, a plan would
+        // take the TIME_WAIT entry of an earlier connection from the same
+        // peer to the same port and endpoint (ports are reused) for its own,
+        // end at once, and its lingering claim would drop the real one.
+        let text = tokio::fs::read_to_string(CONNTRACK)
+            .await
+            .unwrap_or_default();
+        let taken = entries(&text, None).iter().map(Entry::tuple).collect();
+        tokio::spawn(watch_conntrack(Arc::downgrade(&conntrack), taken));
+        conntrack
+    }
+
+    /// Registers the plan whose connection comes from `shape.peer` to
+    /// `port` and is translated to `shape.to`.
+    fn watch(self: &Arc<Self>, shape: Shape, port: u16) -> Watch {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        lock(&self.plans).insert(
+            key,
+            Watched {
+                shape,
+                port,
+                sport: None,
+                tx,
+            },
+        );
+        self.wake.notify_one();
+        Watch {
+            conntrack: self.clone(),
+            key,
+            port,
+            rx,
+        }
+    }
+}
+
+/// The watcher's task: ends when the backend is gone.
+async fn watch_conntrack(
+    conntrack: std::sync::Weak<Conntrack>,
+    mut taken: std::collections::HashSet<(IpAddr, u16, u16)>,
+) {
+    loop {
+        let Some(ct) = conntrack.upgrade() else {
+            return;
+        };
+        if lock(&ct.plans).is_empty() && taken.is_empty() {
+            // Wakes for a new plan; now and then to see whether the
+            // backend is still there.
+            let _ = tokio::time::timeout(Duration::from_secs(1), ct.wake.notified()).await;
+            continue;
+        }
+        let started = Instant::now();
+        let text = tokio::fs::read_to_string(CONNTRACK)
+            .await
+            .unwrap_or_default();
+        let took = started.elapsed();
+        let live = {
+            let mut plans = lock(&ct.plans);
+            let wanted: std::collections::HashSet<u16> = plans
+                .values()
+                .map(|w| w.port)
+                .chain(taken.iter().map(|t| t.2))
+                .collect();
+            let found = entries(&text, Some(&wanted));
+            // An entry stays taken for as long as it exists.
+            let present: std::collections::HashSet<_> = found.iter().map(Entry::tuple).collect();
+            taken.retain(|t| present.contains(t));
+            for w in plans.values_mut() {
+                let flow = assign(w, &found, &mut taken);
+                w.tx.send_if_modified(|old| {
+                    let changed = *old != flow;
+                    if changed {
+                        old.clone_from(&flow);
+                    }
+                    changed
+                });
+            }
+            !plans.is_empty()
+        };
+        // On a large table a read takes a while: leave the CPU free at
+        // least twice as long as it took. With no plan open, only taken
+        // entries are left to age out: no hurry, but a new plan wakes the
+        // watcher at once.
+        if live {
+            drop(ct);
+            tokio::time::sleep(TICK.max(2 * took)).await;
+        } else {
+            let idle = Duration::from_secs(1).max(2 * took);
+            let _ = tokio::time::timeout(idle, ct.wake.notified()).await;
+        }
+    }
+}
+
+/// The entry of `w`'s connection among `found`: the one it follows, or
+/// else a new one for its flow that no plan took yet (which it then takes).
+fn assign(
+    w: &mut Watched,
+    found: &[Entry],
+    taken: &mut std::collections::HashSet<(IpAddr, u16, u16)>,
+) -> Option<Flow> {
+    match w.sport {
+        Some(sport) => found
+            .iter()
+            .find(|e| e.tuple() == (w.shape.peer, sport, w.port))
+            .map(|e| e.flow.clone()),
+        None => found
+            .iter()
+            .find(|e| {
+                e.peer == w.shape.peer
+                    && e.dport == w.port
+                    && e.to == w.shape.to
+                    && !taken.contains(&e.tuple())
+            })
+            .map(|e| {
+                w.sport = Some(e.sport);
+                taken.insert(e.tuple());
+                e.flow.clone()
+            }),
+    }
+}
+
+/// A TCP entry of the conntrack table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    /// Original source address and port.
+    peer: IpAddr,
+    sport: u16,
+    /// Original destination port.
+    dport: u16,
+    /// Reply source: where the connection was translated to.
+    to: SocketAddr,
+    flow: Flow,
+}
+
+impl Entry {
+    /// What tells entries to the same port apart.
+    fn tuple(&self) -> (IpAddr, u16, u16) {
+        (self.peer, self.sport, self.dport)
+    }
+}
+
 /// One conntrack entry, as far as a plan cares.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Flow {
     orig_bytes: u64,
     reply_bytes: u64,
@@ -463,45 +726,64 @@ struct Flow {
     done: bool,
 }
 
-/// The entry of the plan's connection: from `peer` to `port`, translated to
-/// `to`. Addresses are compared parsed, since the kernel prints IPv6 in
-/// full.
-fn find(text: &str, shape: &Shape, port: u16) -> Option<Flow> {
-    text.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        if words.nth(2) != Some("tcp") {
-            return None;
-        }
-        let state = line.split_whitespace().nth(5)?;
-        let mut src = Vec::new();
-        let mut sport = Vec::new();
-        let mut dport = Vec::new();
-        let mut bytes = Vec::new();
-        for w in line.split_whitespace() {
-            let Some((k, v)) = w.split_once('=') else {
-                continue;
-            };
-            match k {
-                "src" => src.push(v.parse::<IpAddr>().ok()?),
-                "sport" => sport.push(v.parse::<u16>().ok()?),
-                "dport" => dport.push(v.parse::<u16>().ok()?),
-                "bytes" => bytes.push(v.parse::<u64>().ok()?),
-                _ => {}
+/// The TCP entries (to one of `ports`, if given). Addresses are parsed,
+/// since the kernel prints IPv6 in full.
+fn entries(text: &str, ports: Option<&std::collections::HashSet<u16>>) -> Vec<Entry> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            if words.nth(2) != Some("tcp") {
+                return None;
             }
-        }
-        let ours = src.first() == Some(&shape.peer)
-            && dport.first() == Some(&port)
-            && src.get(1) == Some(&shape.to.ip())
-            && sport.get(1) == Some(&shape.to.port());
-        ours.then(|| Flow {
-            orig_bytes: bytes.first().copied().unwrap_or(0),
-            reply_bytes: bytes.get(1).copied().unwrap_or(0),
-            done: matches!(
-                state,
-                "FIN_WAIT" | "CLOSE_WAIT" | "LAST_ACK" | "TIME_WAIT" | "CLOSE"
-            ),
+            let state = words.nth(2)?;
+            let mut src = Vec::new();
+            let mut sport = Vec::new();
+            let mut dport = Vec::new();
+            let mut bytes = Vec::new();
+            for w in words {
+                let Some((k, v)) = w.split_once('=') else {
+                    continue;
+                };
+                match k {
+                    "src" => src.push(v),
+                    "sport" => sport.push(v.parse::<u16>().ok()?),
+                    "dport" => {
+                        let port = v.parse::<u16>().ok()?;
+                        if dport.is_empty() && ports.is_some_and(|p| !p.contains(&port)) {
+                            return None;
+                        }
+                        dport.push(port);
+                    }
+                    "bytes" => bytes.push(v.parse::<u64>().ok()?),
+                    _ => {}
+                }
+            }
+            Some(Entry {
+                peer: src.first()?.parse().ok()?,
+                sport: *sport.first()?,
+                dport: *dport.first()?,
+                to: SocketAddr::new(src.get(1)?.parse().ok()?, *sport.get(1)?),
+                flow: Flow {
+                    orig_bytes: bytes.first().copied().unwrap_or(0),
+                    reply_bytes: bytes.get(1).copied().unwrap_or(0),
+                    done: matches!(
+                        state,
+                        "FIN_WAIT" | "CLOSE_WAIT" | "LAST_ACK" | "TIME_WAIT" | "CLOSE"
+                    ),
+                },
+            })
         })
-    })
+        .collect()
+}
+
+/// The entry of the plan's connection: from `peer` to `port`, translated to
+/// `to`.
+#[cfg(test)]
+fn find(text: &str, shape: &Shape, port: u16) -> Option<Flow> {
+    entries(text, None)
+        .into_iter()
+        .find(|e| e.peer == shape.peer && e.dport == port && e.to == shape.to)
+        .map(|e| e.flow)
 }
 
 #[cfg(test)]
@@ -544,6 +826,41 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
         );
         assert_eq!(find(text, &passive(), 40003), None);
         assert_eq!(find("garbage\nipv4 2 tcp x\n", &passive(), 40001), None);
+    }
+
+    #[test]
+    fn a_plan_takes_only_an_entry_no_plan_took_before() {
+        let old = "ipv6 10 tcp 6 100 TIME_WAIT src=2001:db8:100::2 dst=2001:db8::1 sport=50000 dport=40001 packets=3 bytes=180 src=fd71:2::2 dst=fd71:2::1 sport=30000 dport=50000 packets=9 bytes=9000 [ASSURED]\n";
+        let new = "ipv6 10 tcp 6 100 ESTABLISHED src=2001:db8:100::2 dst=2001:db8::1 sport=50007 dport=40001 packets=1 bytes=60 src=fd71:2::2 dst=fd71:2::1 sport=30000 dport=50007 packets=1 bytes=60 [ASSURED]\n";
+        // The earlier connection's entry was taken (by its plan, or found
+        // at start): the new plan on the same port and endpoint waits.
+        let mut taken: std::collections::HashSet<_> =
+            entries(old, None).iter().map(Entry::tuple).collect();
+        let (tx, _rx) = tokio::sync::watch::channel(None);
+        let mut w = Watched {
+            shape: passive(),
+            port: 40001,
+            sport: None,
+            tx,
+        };
+        assert_eq!(assign(&mut w, &entries(old, None), &mut taken), None);
+        // Its own connection comes: taken, and followed by source port.
+        let both = format!("{old}{new}");
+        let flow = assign(&mut w, &entries(&both, None), &mut taken).expect("new entry");
+        assert_eq!((flow.orig_bytes, flow.done), (60, false));
+        assert_eq!(w.sport, Some(50007));
+        assert_eq!(taken.len(), 2);
+        // Once taken, it is never another plan's.
+        let (tx, _rx) = tokio::sync::watch::channel(None);
+        let mut other = Watched {
+            shape: passive(),
+            port: 40001,
+            sport: None,
+            tx,
+        };
+        assert_eq!(assign(&mut other, &entries(&both, None), &mut taken), None);
+        // The followed entry going away is seen.
+        assert_eq!(assign(&mut w, &entries(old, None), &mut taken), None);
     }
 
     fn plan(client: Leg, server: Leg) -> DataPlan {

@@ -10,8 +10,9 @@
 //! - `actv4`/`actv6`: the gateway's active data connection to (client, port)
 //!   leaves with the server's address as its source.
 //!
-//! The table is driven through the `nft` binary, one batch (`nft -f -`) per
-//! change, so each change is one kernel transaction.
+//! The table is driven through the `nft` binary: one long-lived `nft -i`
+//! process takes the changes as lines, and nft makes each line one kernel
+//! transaction. The table itself is created with `nft -f -`.
 
 use crate::config::{Config, ListenerMode};
 use std::fmt::Write as _;
@@ -19,11 +20,11 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStderr, ChildStdin, Command};
 
 /// One per-pinhole element of the gateway's table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Element {
     /// Redirect the client's connection to (server, port) to the gateway's
     /// listener on `port`.
@@ -231,12 +232,29 @@ fn mixed_families(e: &Element) -> io::Error {
 
 /// The gateway's own nftables table (family `inet`). Created at start,
 /// removed by [`InterceptTable::destroy`] at a clean exit.
+///
+/// Element changes go to one long-lived `nft -i` process: nft runs each
+/// line as one transaction, so a change (all the elements of a pinhole,
+/// say) is applied whole or not at all, without a process spawn per change.
+/// Changes that queue up while a line runs share the next line (see
+/// [`Shell::spawn`]).
 #[derive(Debug)]
 pub struct InterceptTable {
     name: String,
     /// Runs before `nft` (e.g. `ip netns exec NS`); empty in production.
     prefix: Vec<String>,
+    /// The `nft -i` process, started on first use and again after it broke.
+    changes: tokio::sync::mpsc::UnboundedSender<Change>,
 }
+
+/// One change for the `nft` process, and where its result goes.
+struct Change {
+    line: String,
+    done: tokio::sync::oneshot::Sender<io::Result<()>>,
+}
+
+/// How long one change may take before the `nft` process is given up.
+const BATCH_LIMIT: Duration = Duration::from_secs(5);
 
 impl InterceptTable {
     /// Creates the table `name`, replacing a stale one left by an earlier run.
@@ -250,7 +268,8 @@ impl InterceptTable {
         check_name(name)?;
         let table = InterceptTable {
             name: name.to_owned(),
-            prefix,
+            prefix: prefix.clone(),
+            changes: Shell::spawn(prefix.clone()),
         };
         // `add` then `delete` makes the deletion succeed whether or not a
         // stale table exists; the batch is one transaction, so there is no
@@ -270,29 +289,21 @@ impl InterceptTable {
 
     /// Adds `elements` in one transaction, each expiring after its timeout.
     pub async fn add(&self, elements: &[(Element, Duration)]) -> io::Result<()> {
-        let mut script = String::new();
+        let mut lines = Vec::new();
         for (e, timeout) in elements {
-            script.push_str(&e.add_line(&self.name, *timeout)?);
+            lines.push(e.add_line(&self.name, *timeout)?);
         }
-        if script.is_empty() {
-            return Ok(());
-        }
-        tracing::debug!(table = %self.name, "nft: {}", script.trim_end());
-        self.run(&script).await
+        self.batch(&lines).await
     }
 
     /// Removes `elements` in one transaction. Fails if one is already gone
     /// (expired), in which case none is removed by this call.
     pub async fn remove(&self, elements: &[Element]) -> io::Result<()> {
-        let mut script = String::new();
+        let mut lines = Vec::new();
         for e in elements {
-            script.push_str(&e.delete_line(&self.name)?);
+            lines.push(e.delete_line(&self.name)?);
         }
-        if script.is_empty() {
-            return Ok(());
-        }
-        tracing::debug!(table = %self.name, "nft: {}", script.trim_end());
-        self.run(&script).await
+        self.batch(&lines).await
     }
 
     /// Sets `element`'s timeout to `timeout` from now, adding it if it is
@@ -300,27 +311,36 @@ impl InterceptTable {
     /// add-delete-add, which is one transaction and cannot fail on a missing
     /// element.
     pub async fn refresh(&self, element: Element, timeout: Duration) -> io::Result<()> {
-        let script = format!(
-            "{}{}{}",
+        let lines = [
             element.add_line(&self.name, timeout)?,
             element.delete_line(&self.name)?,
-            element.add_line(&self.name, timeout)?
-        );
-        tracing::debug!(table = %self.name, "nft: refresh {element:?} for {timeout:?}");
-        self.run(&script).await
+            element.add_line(&self.name, timeout)?,
+        ];
+        self.batch(&lines).await
     }
 
-    /// Removes `elements` one at a time, so that one already expired does
-    /// not keep the others in place. Errors are logged, not returned: the
-    /// kernel's timeouts are the backstop.
+    /// Removes `elements`, whether or not some are already gone (expired,
+    /// or deleted by the packet path), in one transaction: each is added
+    /// (a no-op if present) and then deleted, so no delete can fail on a
+    /// missing element. Errors are logged, not returned: the kernel's
+    /// timeouts are the backstop.
     pub async fn remove_each(&self, elements: &[Element]) {
-        if elements.len() > 1 && self.remove(elements).await.is_ok() {
-            return;
-        }
+        let mut lines = Vec::new();
         for e in elements {
-            if let Err(err) = self.remove(std::slice::from_ref(e)).await {
-                tracing::debug!(table = %self.name, element = ?e, "nft element not removed (expired?): {err}");
+            // The transaction is atomic: no packet ever sees the re-added
+            // element.
+            match (
+                e.add_line(&self.name, Duration::from_millis(1)),
+                e.delete_line(&self.name),
+            ) {
+                (Ok(add), Ok(delete)) => lines.extend([add, delete]),
+                (Err(err), _) | (_, Err(err)) => {
+                    tracing::debug!(table = %self.name, element = ?e, "nft element not removed: {err}");
+                }
             }
+        }
+        if let Err(err) = self.batch(&lines).await {
+            tracing::warn!(table = %self.name, "nft elements not removed: {err}");
         }
     }
 
@@ -330,16 +350,39 @@ impl InterceptTable {
             .await
     }
 
-    /// Runs `nft -f -` with `script` on stdin.
+    /// Runs `lines` (each one command) as one transaction on the `nft -i`
+    /// process, starting it if needed.
+    async fn batch(&self, lines: &[String]) -> io::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let joined = lines
+            .iter()
+            .map(|l| l.trim_end())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let start = std::time::Instant::now();
+        let (done, result) = tokio::sync::oneshot::channel();
+        let change = Change { line: joined, done };
+        if self.changes.send(change).is_err() {
+            return Err(io::Error::other("nft process task is gone"));
+        }
+        let result = result
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("nft process task is gone")));
+        tracing::debug!(
+            table = %self.name,
+            us = start.elapsed().as_micros() as u64,
+            ok = result.is_ok(),
+            "nft change done"
+        );
+        result
+    }
+
+    /// Runs `nft -f -` with `script` on stdin: for multi-line scripts (the
+    /// table itself).
     async fn run(&self, script: &str) -> io::Result<()> {
-        let mut cmd = match self.prefix.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg("nft");
-                c
-            }
-            None => Command::new("nft"),
-        };
+        let mut cmd = nft_command(&self.prefix);
         let mut child = cmd
             .args(["-f", "-"])
             .stdin(Stdio::piped())
@@ -361,6 +404,182 @@ impl InterceptTable {
                 out.status,
                 stderr.trim()
             )))
+        }
+    }
+}
+
+/// `nft`, run through `prefix` when there is one.
+fn nft_command(prefix: &[String]) -> Command {
+    match prefix.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg("nft");
+            c
+        }
+        None => Command::new("nft"),
+    }
+}
+
+/// A long-lived `nft -i`. Each command line is one transaction; nft says
+/// nothing on success and prints errors on stderr. After each line a marker
+/// line follows that nft cannot parse: its error, which quotes the marker,
+/// ends the line's output, so everything before it is the line's errors.
+#[derive(Debug)]
+struct Shell {
+    child: Child,
+    stdin: ChildStdin,
+    stderr: BufReader<ChildStderr>,
+    next: u64,
+}
+
+/// At most this many changes share one line.
+const GROUP: usize = 32;
+
+impl Shell {
+    /// Starts the task that owns the process: it takes changes in order and
+    /// sends those that queued up while the previous line ran together, as
+    /// one line. If that line fails, each of its changes runs again on its
+    /// own, so every change is still one transaction with its own result.
+    /// The task ends when the table is dropped.
+    fn spawn(prefix: Vec<String>) -> tokio::sync::mpsc::UnboundedSender<Change> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Change>();
+        tokio::spawn(async move {
+            let mut shell: Option<Shell> = None;
+            while let Some(first) = rx.recv().await {
+                let mut group = vec![first];
+                while group.len() < GROUP {
+                    match rx.try_recv() {
+                        Ok(c) => group.push(c),
+                        Err(_) => break,
+                    }
+                }
+                if group.len() > 1 {
+                    let line = group
+                        .iter()
+                        .map(|c| c.line.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    let start = std::time::Instant::now();
+                    let r = Shell::run_on(&mut shell, &prefix, &line).await;
+                    tracing::debug!(
+                        changes = group.len(),
+                        us = start.elapsed().as_micros() as u64,
+                        ok = r.is_ok(),
+                        "nft: {line}"
+                    );
+                    if r.is_ok() {
+                        for c in group {
+                            let _ = c.done.send(Ok(()));
+                        }
+                        continue;
+                    }
+                }
+                for c in group {
+                    let start = std::time::Instant::now();
+                    let r = Shell::run_on(&mut shell, &prefix, &c.line).await;
+                    tracing::debug!(
+                        us = start.elapsed().as_micros() as u64,
+                        ok = r.is_ok(),
+                        "nft: {}",
+                        c.line
+                    );
+                    let _ = c.done.send(r);
+                }
+            }
+        });
+        tx
+    }
+
+    /// Runs `line` on the process in `shell`, starting one if needed and
+    /// dropping it if it broke.
+    async fn run_on(shell: &mut Option<Shell>, prefix: &[String], line: &str) -> io::Result<()> {
+        if shell.is_none() {
+            *shell = Some(Shell::start(prefix)?);
+        }
+        let result = match shell.as_mut() {
+            Some(sh) => match tokio::time::timeout(BATCH_LIMIT, sh.run(line)).await {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("nft did not answer within {BATCH_LIMIT:?}"),
+                )),
+            },
+            None => Err(io::Error::other("nft not running")),
+        };
+        if let Err(e) = &result {
+            if e.kind() != io::ErrorKind::InvalidInput {
+                // The process is broken (gone, or out of step): the next
+                // change starts a fresh one.
+                *shell = None;
+            }
+        }
+        result
+    }
+
+    fn start(prefix: &[String]) -> io::Result<Shell> {
+        let mut child = nft_command(prefix)
+            .arg("-i")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot run nft: {e}")))?;
+        let (Some(stdin), Some(stderr)) = (child.stdin.take(), child.stderr.take()) else {
+            return Err(io::Error::other("nft started without pipes"));
+        };
+        Ok(Shell {
+            child,
+            stdin,
+            stderr: BufReader::new(stderr),
+            next: 0,
+        })
+    }
+
+    /// Runs one command line. `InvalidInput` when nft refused it (the
+    /// process is fine); any other error means the process is not.
+    async fn run(&mut self, line: &str) -> io::Result<()> {
+        self.next += 1;
+        let marker = format!("ftpgate-sync-{}", self.next);
+        self.stdin
+            .write_all(format!("{line}\n{marker}\n").as_bytes())
+            .await?;
+        self.stdin.flush().await?;
+        let mut said = Vec::new();
+        loop {
+            let mut text = String::new();
+            if self.stderr.read_line(&mut text).await? == 0 {
+                let status = self.child.try_wait().ok().flatten();
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    format!("nft exited ({status:?}): {}", said.join(" ")),
+                ));
+            }
+            let text = text.trim_end();
+            if text == marker {
+                break;
+            }
+            if text.starts_with("ftpgate-sync-") {
+                // An earlier line's marker (its caller gave up waiting):
+                // what came before it is not this line's.
+                said.clear();
+                continue;
+            }
+            // The caret line under the previous marker.
+            if !text.is_empty() && text.chars().all(|c| c == '^' || c == ' ') && said.is_empty() {
+                continue;
+            }
+            said.push(text.to_owned());
+        }
+        // The last line before the marker is its own "Error: syntax error".
+        said.pop();
+        if said.iter().any(|l| l.starts_with("Error")) {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("nft failed: {}", said.join("\n")),
+            ))
+        } else {
+            Ok(())
         }
     }
 }
@@ -1076,8 +1295,11 @@ pub(crate) mod tests {
         let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_t"], None);
         assert!(!listed.contains("10.0.0.5"), "{listed}");
         assert!(listed.contains("2001:db8::5 . 50000"), "{listed}");
-        // Gone already: the batch fails, remove_each still clears the rest.
-        assert!(table.remove(&[pasv]).await.is_err());
+        // Gone already: the batch fails as a whole (actv stays), and the
+        // process goes on taking changes; remove_each clears the rest.
+        assert!(table.remove(&[pasv, actv]).await.is_err());
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_t"], None);
+        assert!(listed.contains("2001:db8::5 . 50000"), "{listed}");
         table.remove_each(&[pasv, actv]).await;
         let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_t"], None);
         assert!(!listed.contains("2001:db8::5 . 50000"), "{listed}");
