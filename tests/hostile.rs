@@ -686,11 +686,25 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Two adjacent free loopback ports below the ephemeral range (which starts
+/// at 32768 by default), so that no outgoing connection of a test running
+/// alongside takes one of them once they are released.
+fn free_pair_below_ephemeral() -> (u16, u16) {
+    let seed = u64::from(free_port()) * 7919 + u64::from(std::process::id());
+    (0..2000u64)
+        .map(|i| 10_000 + ((seed + i * 2) % 22_000) as u16)
+        .find(|&p| {
+            let a = std::net::TcpListener::bind(("127.0.0.1", p));
+            let b = std::net::TcpListener::bind(("127.0.0.1", p + 1));
+            a.is_ok() && b.is_ok()
+        })
+        .map(|p| (p, p + 1))
+        .expect("two free ports below 32000")
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn port_pool_exhausted_then_recovers() {
-    let p = free_port();
-    let q = if p == 65535 { p - 1 } else { p + 1 };
-    let (lo, hi) = (p.min(q), p.max(q));
+    let (lo, hi) = free_pair_below_ephemeral();
     // One client port; the server pool elsewhere.
     let data = format!("  client_ports: {lo}-{lo}\n  server_ports: {hi}-{hi}\n");
     let (gw, _root) = with_unftp(&data, "", "").await;

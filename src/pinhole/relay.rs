@@ -555,6 +555,14 @@ mod tests {
 
     fn backend(pinhole: Duration) -> (RelayBackend, PortPool, PortPool) {
         let (c, s) = pools();
+        backend_with(pinhole, c, s)
+    }
+
+    fn backend_with(
+        pinhole: Duration,
+        c: PortPool,
+        s: PortPool,
+    ) -> (RelayBackend, PortPool, PortPool) {
         let settings = DataSettings {
             pinhole_timeout: pinhole,
             connect_timeout: Duration::from_secs(5),
@@ -988,7 +996,25 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_pinhole_frees_ports_and_closes_listeners() {
-        let (b, cpool, spool) = backend(Duration::from_secs(30));
+        // Ranges no other test here uses: once freed, the ports must stay
+        // closed, so another test's pool must not pick them up meanwhile.
+        let (b, cpool, spool) = backend_with(
+            Duration::from_secs(30),
+            PortPool::new(
+                "client",
+                PortRange {
+                    lo: 17000,
+                    hi: 17999,
+                },
+            ),
+            PortPool::new(
+                "server",
+                PortRange {
+                    lo: 18000,
+                    hi: 18999,
+                },
+            ),
+        );
         let plan = DataPlan {
             id: 11,
             client: Leg::Listen {
