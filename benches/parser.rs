@@ -1,5 +1,5 @@
 //! Throughput of the control-stream path as the session core runs it per
-//! line: the framer splits the stream into owned lines, each line's text is
+//! line: the framer splits the stream into lines (lent from its buffer), each line's text is
 //! taken (Telnet sequences stripped), client lines go through the command
 //! parser, server lines through the reply tracker, and the address of a
 //! final 227/229 through its parser. Input is fed in TCP-sized segments.

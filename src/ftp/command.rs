@@ -598,7 +598,7 @@ mod tests {
             // IAC IAC is a data byte 0xFF, which is no letter
             (&b"QU\xff\xffIT\r\n"[..], Err(CommandError::Malformed)),
         ] {
-            let line = Line { raw: raw.to_vec() };
+            let line = Line::new(raw);
             let text = line.text();
             assert_eq!(parse_command(&text).map(|c| c.command), want, "{raw:?}");
         }
