@@ -228,8 +228,11 @@ impl Framer {
             self.drained();
         }
         if !self.overflow {
-            // Room for every line this segment may complete, at once.
+            // Room for every line this segment may complete, at once: its
+            // bytes, and line ends for lines of 16 bytes or more (regrowing
+            // the queue line by line costs more than the spare room).
             self.ready.reserve(bytes.len());
+            self.ends.reserve(bytes.len().min(MAX_LINE) / 16);
         }
         while !self.overflow {
             let Some((&first, rest)) = bytes.split_first() else {
