@@ -1,8 +1,10 @@
 //! Throughput of the control-stream path as the session core runs it per
-//! line: the framer splits the stream into owned lines, each line's text is
-//! taken (Telnet sequences stripped), client lines go through the command
-//! parser, server lines through the reply tracker, and the address of a
-//! final 227/229 through its parser. Input is fed in TCP-sized segments.
+//! line: the framer splits the stream into lines (lent from its buffer),
+//! each line's text is taken (Telnet sequences stripped), client lines go
+//! through the command parser, server lines through the reply tracker, and
+//! the address of a final 227/229 through its parser. Input is fed in
+//! TCP-sized segments. Not included: the copy of each line the session core
+//! makes to forward it.
 //!
 //! The streams are whole sessions back to back, as a real client and server
 //! exchange them: greeting, login, SYST, a multi-line FEAT, PWD/CWD/TYPE,

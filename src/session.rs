@@ -296,7 +296,7 @@ pub struct Session {
     listen_ports: HashMap<PlanId, Opened>,
     /// A transfer's final reply held until its active-mode plan has ended
     /// (see `defer_final`); no input is processed meanwhile.
-    deferred: Option<(PlanId, u16, Line, Vec<Vec<u8>>)>,
+    deferred: Option<Deferred>,
     next_plan: PlanId,
     plans: HashMap<PlanId, PlanInfo>,
     /// The plan the next transfer command will use.
@@ -306,6 +306,17 @@ pub struct Session {
     phase: Phase,
     totals: Totals,
     actions: VecDeque<Action>,
+}
+
+/// A transfer's final reply held until its plan has ended.
+#[derive(Debug)]
+struct Deferred {
+    plan: PlanId,
+    code: u16,
+    /// Its last line, as received.
+    raw: Vec<u8>,
+    /// The text of the lines before it that were held for rewriting.
+    held: Vec<Vec<u8>>,
 }
 
 /// Transfers whose log line still waits for the data connection's end are
@@ -525,7 +536,10 @@ impl Session {
             // Server lines first: replies free the queue for local replies.
             match self.server_in.next_line() {
                 Ok(Some(line)) => {
-                    self.server_line(line);
+                    // Owned: the line is forwarded (or held) after the
+                    // framer has moved on.
+                    let raw = line.raw.to_vec();
+                    self.server_line(raw);
                     continue;
                 }
                 Ok(None) => {}
@@ -542,7 +556,10 @@ impl Session {
                 return;
             }
             match self.client_in.next_line() {
-                Ok(Some(line)) => self.client_line(line),
+                Ok(Some(line)) => {
+                    let raw = line.raw.to_vec();
+                    self.client_line(raw);
+                }
                 Ok(None) => return,
                 Err(_) => {
                     self.push(Action::ToClient(rewrite::reply(
@@ -558,8 +575,9 @@ impl Session {
 
     // ---- client side -------------------------------------------------
 
-    fn client_line(&mut self, line: Line) {
-        let text = line.text();
+    /// One command line, `raw` as received.
+    fn client_line(&mut self, raw: Vec<u8>) {
+        let text = Line::new(&raw).text();
         let parsed = match parse_command(&text) {
             Ok(p) => p,
             Err(CommandError::Malformed) => {
@@ -571,14 +589,15 @@ impl Session {
                 return;
             }
         };
-        let verb = parsed.verb.to_ascii_uppercase();
+        let verb = parsed.verb;
         if self
             .params
             .policy
             .deny_commands
             .iter()
-            .any(|d| d.eq_ignore_ascii_case(&verb))
+            .any(|d| d.eq_ignore_ascii_case(verb))
         {
+            let verb = verb.to_ascii_uppercase();
             self.refuse(&verb, 502, &format!("{verb} not allowed by gateway policy"));
             return;
         }
@@ -599,13 +618,14 @@ impl Session {
                     534,
                     "TLS refused by gateway policy; continue in clear",
                 ),
-                TlsPolicy::Passthrough => self.forward(line, Pending::Auth),
+                TlsPolicy::Passthrough => self.forward(raw, Pending::Auth),
             },
             Command::User(name) => {
                 self.log(LogEvent::User(name));
-                self.forward(line, Pending::Forward);
+                self.forward(raw, Pending::Forward);
             }
             Command::Transfer => {
+                let verb = verb.to_ascii_uppercase();
                 let direction = match verb.as_str() {
                     "RETR" => Direction::Download,
                     "STOR" | "STOU" | "APPE" => Direction::Upload,
@@ -628,22 +648,22 @@ impl Session {
                     reply: None,
                     data: None,
                 });
-                self.forward(line, Pending::Transfer);
+                self.forward(raw, Pending::Transfer);
             }
-            Command::Other if verb == "FEAT" => self.forward(line, Pending::Feat),
+            Command::Other if verb.eq_ignore_ascii_case("FEAT") => self.forward(raw, Pending::Feat),
             Command::Ccc
             | Command::Pbsz
             | Command::Prot
             | Command::Abor
             | Command::Quit
             | Command::Rein
-            | Command::Other => self.forward(line, Pending::Forward),
+            | Command::Other => self.forward(raw, Pending::Forward),
         }
     }
 
-    fn forward(&mut self, line: Line, pending: Pending) {
+    fn forward(&mut self, raw: Vec<u8>, pending: Pending) {
         self.queue.push_back(pending);
-        self.push(Action::ToServer(line.raw));
+        self.push(Action::ToServer(raw));
     }
 
     /// PASV or EPSV from the client.
@@ -753,8 +773,9 @@ impl Session {
 
     // ---- server side -------------------------------------------------
 
-    fn server_line(&mut self, line: Line) {
-        let text = line.text();
+    /// One reply line, `raw` as received.
+    fn server_line(&mut self, raw: Vec<u8>) {
+        let text = Line::new(&raw).text();
         match self.replies.push(&text) {
             ReplyPos::Garbage => {
                 self.log(LogEvent::IgnoredReply {
@@ -768,15 +789,14 @@ impl Session {
                         self.held_reply.push(text.into_owned());
                     }
                 } else if self.holds_final(code).is_some() && self.held_transfer.len() < 64 {
-                    self.held_transfer.push(line.raw);
+                    self.held_transfer.push(raw);
                 } else if !self.feat_filtered(&text) {
-                    self.push(Action::ToClient(line.raw));
+                    self.push(Action::ToClient(raw));
                 }
             }
             ReplyPos::End(code) => {
-                let mut lines = std::mem::take(&mut self.held_reply);
-                lines.push(text.into_owned());
-                self.server_reply(code, line, lines);
+                let held = std::mem::take(&mut self.held_reply);
+                self.server_reply(code, raw, held);
             }
         }
     }
@@ -805,16 +825,16 @@ impl Session {
         matches!(word.as_str(), "AUTH" | "PBSZ" | "PROT" | "CCC")
     }
 
-    /// A complete reply: `raw` is its last line as received, `lines` the
-    /// text of the lines held for rewriting plus the last one.
-    fn server_reply(&mut self, code: u16, raw: Line, lines: Vec<Vec<u8>>) {
+    /// A complete reply: `raw` is its last line as received, `held` the
+    /// text of the lines before it that were held for rewriting.
+    fn server_reply(&mut self, code: u16, raw: Vec<u8>, held: Vec<Vec<u8>>) {
         if code < 200 {
             // Preliminary: the command stays outstanding.
             if matches!(
                 self.queue.front(),
                 Some(Pending::Transfer) | Some(Pending::Greeting)
             ) {
-                self.push(Action::ToClient(raw.raw));
+                self.push(Action::ToClient(raw));
             } else {
                 self.log(LogEvent::IgnoredReply {
                     code,
@@ -824,9 +844,9 @@ impl Session {
             return;
         }
         self.flush_locals();
-        if self.defer_final(code, &raw, &lines) {
+        let Some(raw) = self.defer_final(code, raw, held.as_slice()) else {
             return;
-        }
+        };
         for cont in std::mem::take(&mut self.held_transfer) {
             self.push(Action::ToClient(cont));
         }
@@ -837,7 +857,7 @@ impl Session {
                     reason: "passive reply that no PASV/EPSV asked for; dropped".into(),
                 });
             } else {
-                self.push(Action::ToClient(raw.raw));
+                self.push(Action::ToClient(raw));
             }
             return;
         };
@@ -852,7 +872,7 @@ impl Session {
                 self.transfer_reply(code);
             }
             Pending::Auth => {
-                self.push(Action::ToClient(raw.raw));
+                self.push(Action::ToClient(raw));
                 if code == 234 {
                     self.phase = Phase::Passthrough;
                     let to_server = self.client_in.take_buffered();
@@ -865,9 +885,9 @@ impl Session {
                     return;
                 }
             }
-            Pending::Passive { ask } => self.passive_reply(code, &lines, raw, ask, None),
+            Pending::Passive { ask } => self.passive_reply(code, &held, raw, ask, None),
             Pending::ConvPassive { ask, target } => {
-                self.passive_reply(code, &lines, raw, ask, Some(target))
+                self.passive_reply(code, &held, raw, ask, Some(target))
             }
             Pending::SentPort { ask, plan } => {
                 if (200..300).contains(&code) {
@@ -881,7 +901,7 @@ impl Session {
                     }
                 } else {
                     self.close_plan(plan);
-                    let text = lossy_tail(&lines);
+                    let text = lossy_tail(&raw);
                     self.refuse_now(
                         ask.verb(),
                         425,
@@ -902,12 +922,19 @@ impl Session {
     /// waits until the plan has ended: the data is delivered and the data
     /// connection closed before the client reads the completion reply, the
     /// order a server talking to the client directly keeps.
-    fn defer_final(&mut self, code: u16, raw: &Line, lines: &[Vec<u8>]) -> bool {
+    ///
+    /// Gives the reply back when it is not held.
+    fn defer_final(&mut self, code: u16, raw: Vec<u8>, held: &[Vec<u8>]) -> Option<Vec<u8>> {
         let Some(plan) = self.holds_final(code) else {
-            return false;
+            return Some(raw);
         };
-        self.deferred = Some((plan, code, raw.clone(), lines.to_vec()));
-        true
+        self.deferred = Some(Deferred {
+            plan,
+            code,
+            raw,
+            held: held.to_vec(),
+        });
+        None
     }
 
     /// The plan a transfer's final reply with `code` waits for: a 2xx to
@@ -929,9 +956,12 @@ impl Session {
 
     /// Lets a held final reply go once its plan is over.
     fn release_deferred(&mut self, id: PlanId) {
-        if self.deferred.as_ref().is_some_and(|d| d.0 == id) {
-            if let Some((_, code, raw, lines)) = self.deferred.take() {
-                self.server_reply(code, raw, lines);
+        if self.deferred.as_ref().is_some_and(|d| d.plan == id) {
+            if let Some(Deferred {
+                code, raw, held, ..
+            }) = self.deferred.take()
+            {
+                self.server_reply(code, raw, held);
             }
             self.process();
         }
@@ -939,7 +969,7 @@ impl Session {
 
     /// Forwards a final reply; a 227/229 that answers no PASV/EPSV loses its
     /// address so nothing downstream can act on it.
-    fn forward_reply(&mut self, code: u16, raw: Line) {
+    fn forward_reply(&mut self, code: u16, raw: Vec<u8>) {
         if code == 227 || code == 229 {
             self.log(LogEvent::IgnoredReply {
                 code,
@@ -951,7 +981,7 @@ impl Session {
             )));
             return;
         }
-        self.push(Action::ToClient(raw.raw));
+        self.push(Action::ToClient(raw));
     }
 
     /// The server's reply to a PASV/EPSV the gateway sent, either for the
@@ -959,46 +989,48 @@ impl Session {
     fn passive_reply(
         &mut self,
         code: u16,
-        lines: &[Vec<u8>],
-        raw: Line,
+        held: &[Vec<u8>],
+        raw: Vec<u8>,
         ask: ClientAsk,
         convert_to: Option<SocketAddr>,
     ) {
-        let port = match code {
-            227 => lines
-                .iter()
-                .rev()
-                .find_map(|l| parse_227(reply_text(l)))
-                .map(|a| {
-                    if IpAddr::V4(*a.ip()) != self.params.server.ip() {
-                        // Third-party address (or the server's private one):
-                        // the gateway only ever connects to the control peer.
-                        self.log(LogEvent::IgnoredReply {
-                            code,
-                            reason: format!(
-                                "server announced {}; connecting to the control peer {} instead",
-                                a.ip(),
-                                self.params.server.ip()
-                            ),
-                        });
-                    }
-                    a.port()
-                }),
-            229 => lines.iter().rev().find_map(|l| parse_229(reply_text(l))),
-            _ => {
-                match convert_to {
-                    None => self.push(Action::ToClient(raw.raw)),
-                    Some(_) => {
-                        let text = lossy_tail(lines);
-                        self.refuse_now(
-                            ask.verb(),
-                            425,
-                            &format!("Can't open data connection: server refused passive mode ({code} {text})"),
-                        );
-                    }
+        if code != 227 && code != 229 {
+            match convert_to {
+                None => self.push(Action::ToClient(raw)),
+                Some(_) => {
+                    let text = lossy_tail(&raw);
+                    self.refuse_now(
+                        ask.verb(),
+                        425,
+                        &format!("Can't open data connection: server refused passive mode ({code} {text})"),
+                    );
                 }
-                return;
             }
+            return;
+        }
+        let last = Line::new(&raw).text();
+        // The last line first, then the held ones, newest first.
+        let mut texts = std::iter::once(&*last)
+            .chain(held.iter().rev().map(Vec::as_slice))
+            .map(reply_text);
+        let port = if code == 227 {
+            texts.find_map(parse_227).map(|a| {
+                if IpAddr::V4(*a.ip()) != self.params.server.ip() {
+                    // Third-party address (or the server's private one):
+                    // the gateway only ever connects to the control peer.
+                    self.log(LogEvent::IgnoredReply {
+                        code,
+                        reason: format!(
+                            "server announced {}; connecting to the control peer {} instead",
+                            a.ip(),
+                            self.params.server.ip()
+                        ),
+                    });
+                }
+                a.port()
+            })
+        } else {
+            texts.find_map(parse_229)
         };
         let Some(port) = port else {
             self.refuse_now(
@@ -1337,8 +1369,9 @@ fn reply_text(line: &[u8]) -> &[u8] {
     }
 }
 
-fn lossy_tail(lines: &[Vec<u8>]) -> String {
-    let last = lines.last().map(|l| reply_text(l)).unwrap_or(&[]);
-    let s = String::from_utf8_lossy(last);
+/// The text of reply line `raw`, printable and at most 120 characters.
+fn lossy_tail(raw: &[u8]) -> String {
+    let text = Line::new(raw).text();
+    let s = String::from_utf8_lossy(reply_text(&text));
     s.chars().filter(|c| !c.is_control()).take(120).collect()
 }

@@ -105,37 +105,45 @@ const MAX_VERB: usize = 16;
 /// `PORT 192,0,2,1,156,64` → verb `PORT`, arg `192,0,2,1,156,64`,
 /// `Command::Port(192.0.2.1:40000)`.
 pub fn parse_command(text: &[u8]) -> Result<ParsedCommand<'_>, CommandError> {
-    let (verb, arg) = match text.iter().position(|&b| b == b' ') {
-        Some(i) => (&text[..i], &text[i + 1..]),
-        None => (text, &text[text.len()..]),
+    // The verb is the letters up to the first space or the end of the line.
+    let len = text
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let (verb, arg) = match text.get(len) {
+        None => (text, &text[len..]),
+        Some(b' ') => (&text[..len], &text[len + 1..]),
+        Some(_) => return Err(CommandError::Malformed),
     };
-    if verb.is_empty() || verb.len() > MAX_VERB || !verb.iter().all(u8::is_ascii_alphabetic) {
+    if verb.is_empty() || verb.len() > MAX_VERB {
         return Err(CommandError::Malformed);
     }
     // Letters only, so this cannot fail; no panic either way.
     let verb_str = std::str::from_utf8(verb).map_err(|_| CommandError::Malformed)?;
-    let mut upper = [0u8; MAX_VERB];
-    let upper = &mut upper[..verb.len()];
-    upper.copy_from_slice(verb);
-    upper.make_ascii_uppercase();
 
     let bad = |verb: &'static str| move |reason| CommandError::BadArgument { verb, reason };
-    let command = match &*upper {
-        b"PORT" => Command::Port(port_arg(arg).map_err(bad("PORT"))?),
-        b"EPRT" => Command::Eprt(eprt_arg(arg).map_err(bad("EPRT"))?),
-        b"PASV" => Command::Pasv,
-        b"EPSV" => Command::Epsv(epsv_arg(arg).map_err(bad("EPSV"))?),
-        b"LPRT" => Command::Lprt,
-        b"LPSV" => Command::Lpsv,
-        b"AUTH" => Command::Auth(String::from_utf8_lossy(arg).trim().to_owned()),
-        b"CCC" => Command::Ccc,
-        b"PBSZ" => Command::Pbsz,
-        b"PROT" => Command::Prot,
-        b"USER" => Command::User(String::from_utf8_lossy(arg).into_owned()),
-        b"ABOR" => Command::Abor,
-        b"QUIT" => Command::Quit,
-        b"REIN" => Command::Rein,
-        b"RETR" | b"STOR" | b"STOU" | b"APPE" | b"LIST" | b"NLST" | b"MLSD" => Command::Transfer,
+    let command = match verb_key(verb) {
+        verbs::PORT => Command::Port(port_arg(arg).map_err(bad("PORT"))?),
+        verbs::EPRT => Command::Eprt(eprt_arg(arg).map_err(bad("EPRT"))?),
+        verbs::PASV => Command::Pasv,
+        verbs::EPSV => Command::Epsv(epsv_arg(arg).map_err(bad("EPSV"))?),
+        verbs::LPRT => Command::Lprt,
+        verbs::LPSV => Command::Lpsv,
+        verbs::AUTH => Command::Auth(String::from_utf8_lossy(arg).trim().to_owned()),
+        verbs::CCC => Command::Ccc,
+        verbs::PBSZ => Command::Pbsz,
+        verbs::PROT => Command::Prot,
+        verbs::USER => Command::User(String::from_utf8_lossy(arg).into_owned()),
+        verbs::ABOR => Command::Abor,
+        verbs::QUIT => Command::Quit,
+        verbs::REIN => Command::Rein,
+        verbs::RETR
+        | verbs::STOR
+        | verbs::STOU
+        | verbs::APPE
+        | verbs::LIST
+        | verbs::NLST
+        | verbs::MLSD => Command::Transfer,
         _ => Command::Other,
     };
     Ok(ParsedCommand {
@@ -143,6 +151,51 @@ pub fn parse_command(text: &[u8]) -> Result<ParsedCommand<'_>, CommandError> {
         arg,
         command,
     })
+}
+
+/// A verb of at most four letters as one number, upper-cased, so that the
+/// verb is matched in any case without a copy: `b"Port"` and `b"PORT"` give
+/// the same key. Longer verbs get 0, which no known verb has.
+///
+/// Only for letters: `& 0xDF` upper-cases an ASCII letter.
+const fn verb_key(verb: &[u8]) -> u32 {
+    if verb.len() > 4 {
+        return 0;
+    }
+    let mut key = [0u8; 4];
+    let mut i = 0;
+    while i < verb.len() {
+        key[i] = verb[i] & 0xDF;
+        i += 1;
+    }
+    u32::from_le_bytes(key)
+}
+
+/// The keys of the verbs [`parse_command`] knows (see [`verb_key`]).
+mod verbs {
+    use super::verb_key;
+
+    pub const PORT: u32 = verb_key(b"PORT");
+    pub const EPRT: u32 = verb_key(b"EPRT");
+    pub const PASV: u32 = verb_key(b"PASV");
+    pub const EPSV: u32 = verb_key(b"EPSV");
+    pub const LPRT: u32 = verb_key(b"LPRT");
+    pub const LPSV: u32 = verb_key(b"LPSV");
+    pub const AUTH: u32 = verb_key(b"AUTH");
+    pub const CCC: u32 = verb_key(b"CCC");
+    pub const PBSZ: u32 = verb_key(b"PBSZ");
+    pub const PROT: u32 = verb_key(b"PROT");
+    pub const USER: u32 = verb_key(b"USER");
+    pub const ABOR: u32 = verb_key(b"ABOR");
+    pub const QUIT: u32 = verb_key(b"QUIT");
+    pub const REIN: u32 = verb_key(b"REIN");
+    pub const RETR: u32 = verb_key(b"RETR");
+    pub const STOR: u32 = verb_key(b"STOR");
+    pub const STOU: u32 = verb_key(b"STOU");
+    pub const APPE: u32 = verb_key(b"APPE");
+    pub const LIST: u32 = verb_key(b"LIST");
+    pub const NLST: u32 = verb_key(b"NLST");
+    pub const MLSD: u32 = verb_key(b"MLSD");
 }
 
 /// A parse failure that carries the reason shown to the client and the log.
@@ -557,6 +610,14 @@ mod tests {
             (b"MLST x", Ok(Other)),
             (b"SITE CHMOD 755 x", Ok(Other)),
             (b"ABCDEFGHIJKLMNOP", Ok(Other)),
+            // verbs are matched whole and in any case
+            (b"Quit", Ok(Quit)),
+            (b"cCc", Ok(Ccc)),
+            (b"QUITS", Ok(Other)),
+            (b"PORTX 1,2,3,4,5,6", Ok(Other)),
+            (b"CCCC", Ok(Other)),
+            (b"CC", Ok(Other)),
+            (b"POR 1,2,3,4,5,6", Ok(Other)),
             // malformed verbs
             (b"", Err(CommandError::Malformed)),
             (b" USER a", Err(CommandError::Malformed)),
@@ -598,7 +659,7 @@ mod tests {
             // IAC IAC is a data byte 0xFF, which is no letter
             (&b"QU\xff\xffIT\r\n"[..], Err(CommandError::Malformed)),
         ] {
-            let line = Line { raw: raw.to_vec() };
+            let line = Line::new(raw);
             let text = line.text();
             assert_eq!(parse_command(&text).map(|c| c.command), want, "{raw:?}");
         }
@@ -613,7 +674,35 @@ mod tests {
         );
     }
 
+    /// Every verb `parse_command` knows, and what it gives with no argument
+    /// (or a bad one, for the verbs that need one).
+    const KNOWN: &[&str] = &[
+        "PORT", "EPRT", "PASV", "EPSV", "LPRT", "LPSV", "AUTH", "CCC", "PBSZ", "PROT", "USER",
+        "ABOR", "QUIT", "REIN", "RETR", "STOR", "STOU", "APPE", "LIST", "NLST", "MLSD",
+    ];
+
     proptest! {
+        #[test]
+        fn known_verbs_match_in_any_case(
+            verb in proptest::sample::select(KNOWN),
+            lower in proptest::collection::vec(any::<bool>(), 4),
+        ) {
+            let mixed: String = verb
+                .chars()
+                .zip(&lower)
+                .map(|(c, &l)| if l { c.to_ascii_lowercase() } else { c })
+                .collect();
+            let got = parse_command(mixed.as_bytes()).map(|c| c.command);
+            prop_assert_eq!(&got, &parse_command(verb.as_bytes()).map(|c| c.command));
+            prop_assert_ne!(got, Ok(Command::Other));
+        }
+
+        #[test]
+        fn other_verbs_are_other(verb in "[a-zA-Z]{1,6}") {
+            prop_assume!(!KNOWN.contains(&verb.to_ascii_uppercase().as_str()));
+            prop_assert_eq!(parse_command(verb.as_bytes()).map(|c| c.command), Ok(Command::Other));
+        }
+
         #[test]
         fn never_panics_on_any_bytes(line in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = parse_command(&line);

@@ -25,15 +25,37 @@ const IAC: u8 = 0xFF;
 /// byte after them — RFC 854.
 const IAC_OPTION_VERBS: std::ops::RangeInclusive<u8> = 0xFB..=0xFE;
 
-/// One framed line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Line {
+/// One framed line, lent by [`Framer::next_line`] until the framer is used
+/// again; copy `raw` to keep it longer.
+#[derive(Debug, Clone, Copy)]
+pub struct Line<'a> {
     /// The bytes exactly as received, terminator and Telnet sequences included,
     /// so that a line forwarded unchanged is byte-identical.
-    pub raw: Vec<u8>,
+    pub raw: &'a [u8],
+    /// Length of the text when the framer saw no IAC in the line, so that
+    /// [`Line::text`] need not scan it again; `None`: not known.
+    text_len: Option<u16>,
 }
 
-impl Line {
+/// Lines are equal when their bytes are; how the text is found is no part
+/// of the value.
+impl PartialEq for Line<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw == other.raw
+    }
+}
+
+impl Eq for Line<'_> {}
+
+impl<'a> Line<'a> {
+    /// A line over `raw`, as received (terminator included).
+    pub fn new(raw: &'a [u8]) -> Self {
+        Line {
+            raw,
+            text_len: None,
+        }
+    }
+
     /// The line's text: terminator removed and Telnet IAC sequences stripped
     /// (`IAC IAC` becomes one 0xFF byte). This is what the parsers read.
     ///
@@ -42,19 +64,34 @@ impl Line {
     ///
     /// Borrowed from the line unless it holds a Telnet sequence before its
     /// end.
-    pub fn text(&self) -> Cow<'_, [u8]> {
-        let raw = self.raw.as_slice();
-        // Fast path: no IAC before the first LF, so the text is a slice of
-        // the line (almost every line; no copy).
+    pub fn text(&self) -> Cow<'a, [u8]> {
+        let raw = self.raw;
+        if let Some(text) = self.text_len.and_then(|n| raw.get(..usize::from(n))) {
+            return Cow::Borrowed(text);
+        }
+        // No IAC before the first LF (almost every line): the text is a
+        // slice of the line.
         match find_lf_or_iac(raw) {
             None => Cow::Borrowed(raw),
-            Some(lf) if raw[lf] == b'\n' => {
-                let text = &raw[..lf];
-                Cow::Borrowed(text.strip_suffix(b"\r").unwrap_or(text))
-            }
+            Some(lf) if raw[lf] == b'\n' => Cow::Borrowed(plain_text(&raw[..=lf])),
             Some(_) => Cow::Owned(strip_telnet(raw)),
         }
     }
+}
+
+/// The text of a line that ends at its LF and holds no IAC: the line
+/// without its LF and a CR just before it.
+fn plain_text(line: &[u8]) -> &[u8] {
+    let text = line.strip_suffix(b"\n").unwrap_or(line);
+    text.strip_suffix(b"\r").unwrap_or(text)
+}
+
+/// Where a ready line ends in [`Framer::ready`], and its text length if
+/// known (see [`Line::text`]).
+#[derive(Debug, Clone, Copy)]
+struct Ready {
+    end: usize,
+    text_len: Option<u16>,
 }
 
 /// The first LF or IAC in `bytes`. A control line is a few dozen bytes, too
@@ -159,14 +196,17 @@ enum Telnet {
 #[derive(Debug, Default)]
 pub struct Framer {
     /// Lines already terminated, back to back, waiting for `next_line`;
-    /// the first one starts at `read`.
+    /// the first one starts at `read`. Once all are taken, the buffer is
+    /// emptied at the next call (the last line taken is lent from it).
     ready: Vec<u8>,
     /// Where each line in `ready` ends (exclusive), in order.
-    ends: VecDeque<usize>,
+    ends: VecDeque<Ready>,
     /// Start of the first line in `ready` not yet returned.
     read: usize,
     /// The line being received, without its terminator yet.
     partial: Vec<u8>,
+    /// Whether `partial` holds an IAC (then its text needs a Telnet scan).
+    partial_iac: bool,
     /// Telnet state at the end of `partial`.
     telnet: Telnet,
     /// Set once a line overflowed; the stream is unusable after that.
@@ -183,9 +223,16 @@ impl Framer {
 
     /// Appends received bytes.
     pub fn push(&mut self, mut bytes: &[u8]) {
+        if self.ends.is_empty() && self.read != 0 {
+            // The last line taken is no longer lent.
+            self.drained();
+        }
         if !self.overflow {
-            // Room for every line this segment may complete, at once.
+            // Room for every line this segment may complete, at once: its
+            // bytes, and line ends for lines of 16 bytes or more (regrowing
+            // the queue line by line costs more than the spare room).
             self.ready.reserve(bytes.len());
+            self.ends.reserve(bytes.len().min(MAX_LINE) / 16);
         }
         while !self.overflow {
             let Some((&first, rest)) = bytes.split_first() else {
@@ -214,22 +261,24 @@ impl Framer {
                     let (run, rest) = bytes.split_at(take);
                     let ends_line = run.last() == Some(&b'\n');
                     if ends_line && self.partial.is_empty() && run.len() <= MAX_LINE {
-                        // The whole line is in this segment: straight to
-                        // the ready lines.
-                        self.complete(run);
+                        // The whole line is in this segment, without an
+                        // IAC: straight to the ready lines.
+                        self.complete(run, true);
                         bytes = rest;
                         continue;
                     }
                     self.append(run, ends_line);
                     if ends_line && !self.overflow {
                         let partial = std::mem::take(&mut self.partial);
-                        self.complete(&partial);
+                        self.complete(&partial, !self.partial_iac);
+                        self.partial_iac = false;
                         if partial.capacity() <= SPARE_BYTES {
                             self.partial = partial;
                             self.partial.clear();
                         }
                     } else if stop.is_some() {
                         self.telnet = Telnet::Command;
+                        self.partial_iac = true;
                     }
                     bytes = rest;
                 }
@@ -237,10 +286,18 @@ impl Framer {
         }
     }
 
-    /// Queues one terminated line.
-    fn complete(&mut self, line: &[u8]) {
+    /// Queues one terminated line; `plain` when it holds no IAC.
+    fn complete(&mut self, line: &[u8], plain: bool) {
         self.ready.extend_from_slice(line);
-        self.ends.push_back(self.ready.len());
+        let text_len = if plain {
+            u16::try_from(plain_text(line).len()).ok()
+        } else {
+            None
+        };
+        self.ends.push_back(Ready {
+            end: self.ready.len(),
+            text_len,
+        });
         self.completed += 1;
     }
 
@@ -262,19 +319,23 @@ impl Framer {
         self.partial.extend_from_slice(run);
     }
 
-    /// The next complete line: `Ok(None)` when more bytes are needed.
-    pub fn next_line(&mut self) -> Result<Option<Line>, FrameError> {
+    /// The next complete line, lent until the framer is used again:
+    /// `Ok(None)` when more bytes are needed.
+    pub fn next_line(&mut self) -> Result<Option<Line<'_>>, FrameError> {
         match self.ends.pop_front() {
-            Some(end) => {
-                let raw = self.ready[self.read..end].to_vec();
-                self.read = end;
-                if self.ends.is_empty() {
-                    self.drained();
-                }
-                Ok(Some(Line { raw }))
+            Some(Ready { end, text_len }) => {
+                let start = std::mem::replace(&mut self.read, end);
+                let raw = self.ready.get(start..end).unwrap_or_default();
+                Ok(Some(Line { raw, text_len }))
             }
-            None if self.overflow => Err(FrameError::TooLong(MAX_LINE)),
-            None => Ok(None),
+            None => {
+                self.drained();
+                if self.overflow {
+                    Err(FrameError::TooLong(MAX_LINE))
+                } else {
+                    Ok(None)
+                }
+            }
         }
     }
 
@@ -302,6 +363,7 @@ impl Framer {
         self.ends.clear();
         self.drained();
         out.append(&mut self.partial);
+        self.partial_iac = false;
         self.telnet = Telnet::Data;
         out
     }
@@ -320,7 +382,7 @@ mod tests {
             framer.push(chunk);
             loop {
                 match framer.next_line() {
-                    Ok(Some(line)) => lines.push(line.raw),
+                    Ok(Some(line)) => lines.push(line.raw.to_vec()),
                     Ok(None) => break,
                     Err(e) => return (lines, Some(e)),
                 }
@@ -365,7 +427,7 @@ mod tests {
             framer.push(input);
             let mut got = Vec::new();
             while let Ok(Some(line)) = framer.next_line() {
-                got.push(line.raw);
+                got.push(line.raw.to_vec());
             }
             let want: Vec<Vec<u8>> = want_lines.iter().map(|l| l.to_vec()).collect();
             assert_eq!(got, want, "input {input:?}");
@@ -400,7 +462,7 @@ mod tests {
             (b"A\xff\xfd", b"A"),
         ];
         for (raw, want) in cases {
-            let line = Line { raw: raw.to_vec() };
+            let line = Line::new(raw);
             assert_eq!(line.text(), want.to_vec(), "raw {raw:?}");
         }
     }
@@ -474,7 +536,7 @@ mod tests {
         framer.push(b"NOOP\r\n");
         framer.push(&vec![b'x'; 1 << 20]);
         assert_eq!(
-            framer.next_line().map(|l| l.map(|l| l.raw)),
+            framer.next_line().map(|l| l.map(|l| l.raw.to_vec())),
             Ok(Some(b"NOOP\r\n".to_vec()))
         );
         assert_eq!(framer.next_line(), Err(FrameError::TooLong(MAX_LINE)));
@@ -486,7 +548,7 @@ mod tests {
         let mut framer = Framer::new();
         framer.push(b"AUTH TLS\r\n\x16\x03\x01\n\x00\xff");
         assert_eq!(
-            framer.next_line().map(|l| l.map(|l| l.raw)),
+            framer.next_line().map(|l| l.map(|l| l.raw.to_vec())),
             Ok(Some(b"AUTH TLS\r\n".to_vec()))
         );
         assert_eq!(framer.take_buffered(), b"\x16\x03\x01\n\x00\xff".to_vec());
@@ -573,8 +635,27 @@ mod tests {
                 0..24,
             ),
         ) {
-            let line = Line { raw: raw.clone() };
+            let line = Line::new(&raw);
             prop_assert_eq!(line.text().into_owned(), strip_telnet(&raw));
+        }
+
+        #[test]
+        fn framed_text_matches_the_telnet_scan(
+            stream in proptest::collection::vec(
+                prop_oneof![any::<u8>(), Just(b'\r'), Just(b'\n'), Just(IAC), Just(b'a')],
+                0..200,
+            ),
+            step in 1usize..40,
+        ) {
+            // Whatever the split, the text of each framed line (which the
+            // framer may already know) is what the Telnet scan gives.
+            let mut framer = Framer::new();
+            for chunk in stream.chunks(step) {
+                framer.push(chunk);
+                while let Ok(Some(line)) = framer.next_line() {
+                    prop_assert_eq!(line.text().into_owned(), strip_telnet(line.raw));
+                }
+            }
         }
 
         #[test]
