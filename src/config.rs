@@ -920,26 +920,37 @@ impl Check {
         }
     }
 
+    /// A top-level list that must be present and non-empty; reports
+    /// `missing` or empty with `why` otherwise.
+    fn required_list<'a, T>(
+        &mut self,
+        f: &'a Field<Vec<T>>,
+        key: &'static str,
+        why: &str,
+    ) -> Option<&'a [T]> {
+        match self.field(f, &[], key) {
+            Ok(Some(list)) if list.is_empty() => {
+                self.err(&[Seg::Key(key)], format!("`{key}` is empty: {why}"));
+                None
+            }
+            Ok(Some(list)) => Some(list),
+            Ok(None) => {
+                self.err(&[], format!("missing `{key}`: {why}"));
+                None
+            }
+            Err(()) => None,
+        }
+    }
+
     fn config(&mut self, raw: &RawConfig, path: &Path) -> Config {
         let root: &[Seg] = &[];
-        let listeners = match self.field(&raw.listeners, root, "listeners") {
-            Ok(Some(list)) if list.is_empty() => {
-                self.err(
-                    &[Seg::Key("listeners")],
-                    "`listeners` is empty: at least one listener is required",
-                );
-                Vec::new()
-            }
-            Ok(Some(list)) => self.listeners(list),
-            Ok(None) => {
-                self.err(
-                    root,
-                    "missing `listeners`: at least one listener is required",
-                );
-                Vec::new()
-            }
-            Err(()) => Vec::new(),
-        };
+        let listeners = self
+            .required_list(
+                &raw.listeners,
+                "listeners",
+                "at least one listener is required",
+            )
+            .map_or_else(Vec::new, |list| self.listeners(list));
         let data = match self.field(&raw.data, root, "data") {
             Ok(Some(d)) => self.data(d),
             _ => DataConfig::default(),
@@ -948,24 +959,9 @@ impl Check {
             Ok(Some(l)) => self.limits(l),
             _ => Limits::default(),
         };
-        let rules = match self.field(&raw.rules, root, "rules") {
-            Ok(Some(list)) if list.is_empty() => {
-                self.err(
-                    &[Seg::Key("rules")],
-                    "`rules` is empty: with no rule every session is refused",
-                );
-                Vec::new()
-            }
-            Ok(Some(list)) => self.rules(list),
-            Ok(None) => {
-                self.err(
-                    root,
-                    "missing `rules`: with no rule every session is refused",
-                );
-                Vec::new()
-            }
-            Err(()) => Vec::new(),
-        };
+        let rules = self
+            .required_list(&raw.rules, "rules", "with no rule every session is refused")
+            .map_or_else(Vec::new, |list| self.rules(list));
         let metrics = match self.field(&raw.metrics, root, "metrics") {
             Ok(Some(m)) => self.metrics(m),
             _ => None,
