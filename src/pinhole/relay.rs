@@ -657,6 +657,48 @@ mod tests {
         (at_client, at_server)
     }
 
+    /// A plan that listens for the client and dials `server`, all on
+    /// loopback.
+    fn passive_plan(id: PlanId, server: &TcpListener) -> DataPlan {
+        DataPlan {
+            id,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Connect {
+                target: server.local_addr().unwrap(),
+                bind: lo(),
+            },
+            client_view: None,
+        }
+    }
+
+    /// A passive plan opened on `b` with both sides connected and
+    /// Connected reported: (client, server side, events, pinhole).
+    async fn connected(
+        b: &RelayBackend,
+        id: PlanId,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        mpsc::UnboundedReceiver<DataEvent>,
+        Pinhole,
+    ) {
+        let server = TcpListener::bind((lo(), 0)).await.unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, pinhole) = b
+            .open(&session(), passive_plan(id, &server), tx)
+            .await
+            .unwrap();
+        let client = connect_from(lo(), opened.client_listen.unwrap())
+            .await
+            .unwrap();
+        let (server_side, _) = server.accept().await.unwrap();
+        assert_eq!(next(&mut rx).await, DataEvent::Connected { id });
+        (client, server_side, rx, pinhole)
+    }
+
     fn closed_counts(ev: DataEvent, id: PlanId) -> (u64, u64, DataOutcome) {
         match ev {
             DataEvent::Closed {
@@ -673,18 +715,7 @@ mod tests {
     async fn passive_plan_relays_a_mebibyte_each_way() {
         let (b, cpool, spool) = backend(Duration::from_secs(10));
         let server = TcpListener::bind((lo(), 0)).await.unwrap();
-        let plan = DataPlan {
-            id: 1,
-            client: Leg::Listen {
-                bind: lo(),
-                peer: lo(),
-            },
-            server: Leg::Connect {
-                target: server.local_addr().unwrap(),
-                bind: lo(),
-            },
-            client_view: None,
-        };
+        let plan = passive_plan(1, &server);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, pinhole) = b.open(&session(), plan, tx).await.unwrap();
         assert_eq!(opened.server_listen, None);
@@ -811,18 +842,7 @@ mod tests {
     async fn wrong_peer_is_rejected_and_the_right_one_still_gets_in() {
         let (b, _, _) = backend(Duration::from_secs(10));
         let server = TcpListener::bind((lo(), 0)).await.unwrap();
-        let plan = DataPlan {
-            id: 4,
-            client: Leg::Listen {
-                bind: lo(),
-                peer: lo(),
-            },
-            server: Leg::Connect {
-                target: server.local_addr().unwrap(),
-                bind: lo(),
-            },
-            client_view: None,
-        };
+        let plan = passive_plan(4, &server);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
         let addr = opened.client_listen.unwrap();
@@ -920,26 +940,7 @@ mod tests {
     #[tokio::test]
     async fn half_close_lets_the_server_answer_after_client_eof() {
         let (b, _, _) = backend(Duration::from_secs(10));
-        let server = TcpListener::bind((lo(), 0)).await.unwrap();
-        let plan = DataPlan {
-            id: 9,
-            client: Leg::Listen {
-                bind: lo(),
-                peer: lo(),
-            },
-            server: Leg::Connect {
-                target: server.local_addr().unwrap(),
-                bind: lo(),
-            },
-            client_view: None,
-        };
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
-        let mut client = connect_from(lo(), opened.client_listen.unwrap())
-            .await
-            .unwrap();
-        let (mut server_side, _) = server.accept().await.unwrap();
-        assert_eq!(next(&mut rx).await, DataEvent::Connected { id: 9 });
+        let (mut client, mut server_side, mut rx, _pinhole) = connected(&b, 9).await;
 
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
@@ -960,26 +961,7 @@ mod tests {
     #[tokio::test]
     async fn reset_mid_transfer_fails_and_resets_the_other_side() {
         let (b, _, _) = backend(Duration::from_secs(10));
-        let server = TcpListener::bind((lo(), 0)).await.unwrap();
-        let plan = DataPlan {
-            id: 10,
-            client: Leg::Listen {
-                bind: lo(),
-                peer: lo(),
-            },
-            server: Leg::Connect {
-                target: server.local_addr().unwrap(),
-                bind: lo(),
-            },
-            client_view: None,
-        };
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
-        let mut client = connect_from(lo(), opened.client_listen.unwrap())
-            .await
-            .unwrap();
-        let (mut server_side, _) = server.accept().await.unwrap();
-        assert_eq!(next(&mut rx).await, DataEvent::Connected { id: 10 });
+        let (mut client, mut server_side, mut rx, _pinhole) = connected(&b, 10).await;
         server_side.write_all(b"partial").await.unwrap();
         let mut got = [0u8; 7];
         client.read_exact(&mut got).await.unwrap();
@@ -1137,16 +1119,8 @@ mod tests {
         // the client is in (before Connected is reported).
         let server = TcpListener::bind((lo(), 0)).await.unwrap();
         let plan = DataPlan {
-            id: 20,
-            client: Leg::Listen {
-                bind: lo(),
-                peer: lo(),
-            },
-            server: Leg::Connect {
-                target: server.local_addr().unwrap(),
-                bind: lo(),
-            },
             client_view: Some(view),
+            ..passive_plan(20, &server)
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, _pasv) = b.open(&session(), plan, tx).await.unwrap();
@@ -1271,26 +1245,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_pinhole_mid_transfer_ends_the_relay() {
         let (b, cpool, _) = backend(Duration::from_secs(10));
-        let server = TcpListener::bind((lo(), 0)).await.unwrap();
-        let plan = DataPlan {
-            id: 14,
-            client: Leg::Listen {
-                bind: lo(),
-                peer: lo(),
-            },
-            server: Leg::Connect {
-                target: server.local_addr().unwrap(),
-                bind: lo(),
-            },
-            client_view: None,
-        };
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let (opened, pinhole) = b.open(&session(), plan, tx).await.unwrap();
-        let mut client = connect_from(lo(), opened.client_listen.unwrap())
-            .await
-            .unwrap();
-        let (mut server_side, _) = server.accept().await.unwrap();
-        assert_eq!(next(&mut rx).await, DataEvent::Connected { id: 14 });
+        let (mut client, mut server_side, mut rx, pinhole) = connected(&b, 14).await;
         // Data in flight, source still open: the relay is inside its loop.
         server_side.write_all(&data(MIB, 5)).await.unwrap();
         let mut first = vec![0u8; 4096];
