@@ -6,13 +6,11 @@
 
 mod common;
 
-use common::{start_unftp, LogBuf};
+use common::{launch, start_unftp, LogBuf};
 
-use ftpgate::config::Config;
 use ftpgate::pinhole::Usage;
-use ftpgate::proxy::{serve, Gateway, Launched};
+use ftpgate::proxy::Gateway;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -94,24 +92,12 @@ async fn gateway(upstream: SocketAddr, data: &str, limits: &str, rule: &str) -> 
          data:\n{data}{limits}\
          rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n{rule}"
     );
-    let config = Config::parse(&yaml, Path::new("hostile.yaml")).unwrap();
-    let launched = Launched::new(Arc::new(config)).await.unwrap();
-    let addr = launched.listeners[0].1.local_addr().unwrap();
-    let gw = launched.gateway.clone();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(serve(
-        launched.gateway,
-        launched.listeners,
-        async {
-            let _ = stopped.await;
-        },
-        Duration::from_secs(1),
-    ));
+    let run = launch(&yaml, "hostile.yaml").await;
     Gw {
-        addr,
-        gateway: gw,
+        addr: run.addr,
+        gateway: run.gateway,
         logs,
-        _stop: stop,
+        _stop: run.stop,
         _log_guard: guard,
     }
 }

@@ -4,14 +4,11 @@
 
 mod common;
 
-use common::start_unftp;
+use common::{launch, start_unftp};
 
-use ftpgate::config::Config;
-use ftpgate::proxy::{serve, Launched};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
@@ -45,26 +42,16 @@ async fn start_with(clients: &str) -> Env {
          rules:\n  - name: loopback\n    {clients}\n    deny_commands: [SITE]\n",
         audit.display()
     );
-    let config = Config::parse(&yaml, Path::new("ops.yaml")).unwrap();
-    let launched = Launched::new(Arc::new(config)).await.unwrap();
-    let gateway = launched.listeners[0].1.local_addr().unwrap();
-    let metrics = launched.metrics_addr.expect("metrics endpoint bound");
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(serve(
-        launched.gateway,
-        launched.listeners,
-        async {
-            let _ = stopped.await;
-        },
-        Duration::from_secs(1),
-    ));
+    let run = launch(&yaml, "ops.yaml").await;
+    let metrics = run.metrics.expect("metrics endpoint bound");
+    let gateway = run.addr;
     Env {
         gateway,
         upstream,
         metrics,
         root,
         audit,
-        _stop: stop,
+        _stop: run.stop,
     }
 }
 

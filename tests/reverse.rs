@@ -4,14 +4,10 @@
 
 mod common;
 
-use common::{start_unftp, LogBuf};
+use common::{launch, start_unftp, LogBuf};
 
-use ftpgate::config::Config;
-use ftpgate::proxy::{serve, Launched};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
@@ -48,23 +44,12 @@ async fn start(server_mode: &str, extra_data: &str) -> Env {
          data:\n  client_ports: {c_lo}-{c_hi}\n  server_ports: {s_lo}-{s_hi}\n{extra_data}\
          rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n    server_mode: {server_mode}\n    deny_commands: [SITE]\n"
     );
-    let config = Config::parse(&yaml, Path::new("test.yaml")).unwrap();
-    let launched = Launched::new(Arc::new(config)).await.unwrap();
-    let gateway = launched.listeners[0].1.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(serve(
-        launched.gateway,
-        launched.listeners,
-        async {
-            let _ = stopped.await;
-        },
-        Duration::from_secs(1),
-    ));
+    let run = launch(&yaml, "test.yaml").await;
     Env {
-        gateway,
+        gateway: run.addr,
         root,
         logs,
-        _stop: stop,
+        _stop: run.stop,
         _log_guard: guard,
     }
 }
@@ -308,19 +293,8 @@ async fn upstream_down_gets_421() {
     let yaml = format!(
         "listeners:\n  - name: t\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {dead}\nrules:\n  - name: all\n"
     );
-    let config = Config::parse(&yaml, Path::new("t.yaml")).unwrap();
-    let launched = Launched::new(Arc::new(config)).await.unwrap();
-    let addr = launched.listeners[0].1.local_addr().unwrap();
-    let (_stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(serve(
-        launched.gateway,
-        launched.listeners,
-        async {
-            let _ = stopped.await;
-        },
-        Duration::from_secs(1),
-    ));
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    let run = launch(&yaml, "t.yaml").await;
+    let mut s = TcpStream::connect(run.addr).await.unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
     let out = String::from_utf8_lossy(&out);

@@ -3,6 +3,8 @@
 // Each test crate uses only some of these.
 #![allow(dead_code)]
 
+use ftpgate::config::Config;
+use ftpgate::proxy::{serve, Gateway, Launched};
 use libunftp::options::ActivePassiveMode;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -11,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use unftp_sbe_fs::Filesystem;
 
 /// How long a wait on the log may take, by default, before the test fails
@@ -133,5 +135,39 @@ impl Write for LogWriter {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// A gateway serving in this process: its first listener's address, its
+/// shared state, its metrics endpoint, and the sender whose drop stops it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    pub metrics: Option<SocketAddr>,
+    pub stop: oneshot::Sender<()>,
+}
+
+/// Parses `yaml` (named `file` in errors), launches the gateway and serves
+/// it with a one-second grace until `Running::stop` is sent or dropped.
+pub async fn launch(yaml: &str, file: &str) -> Running {
+    let config = Config::parse(yaml, Path::new(file)).unwrap();
+    let launched = Launched::new(Arc::new(config)).await.unwrap();
+    let addr = launched.listeners[0].1.local_addr().unwrap();
+    let gateway = launched.gateway.clone();
+    let metrics = launched.metrics_addr;
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(serve(
+        launched.gateway,
+        launched.listeners,
+        async {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(1),
+    ));
+    Running {
+        addr,
+        gateway,
+        metrics,
+        stop,
     }
 }
