@@ -318,8 +318,9 @@ impl Conn<'_> {
                         Ok(Read::Spurious) => {}
                         Ok(Read::Data(n)) => {
                             self.from_client += n as u64;
-                            if self.core.lines_received() != lines {
-                                lines = self.core.lines_received();
+                            let seen = self.core.lines_received();
+                            if seen != lines {
+                                lines = seen;
                                 deadline = tokio::time::Instant::now() + idle;
                             }
                         }
@@ -332,8 +333,9 @@ impl Conn<'_> {
                         Ok(Read::Spurious) => {}
                         Ok(Read::Data(n)) => {
                             self.from_server += n as u64;
-                            if self.core.lines_received() != lines {
-                                lines = self.core.lines_received();
+                            let seen = self.core.lines_received();
+                            if seen != lines {
+                                lines = seen;
                                 deadline = tokio::time::Instant::now() + idle;
                             }
                         }
