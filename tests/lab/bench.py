@@ -124,6 +124,11 @@ def parse_args(argv):
     p.add_argument("--rate-procs", type=int, default=2, help="client processes the workers are spread over")
     p.add_argument("--rate-seconds", type=float, default=None, help="per target and repetition (default 10)")
     p.add_argument("--rate-sessions", type=int, default=None, help="instead of --rate-seconds")
+    p.add_argument(
+        "--gateway-hook", metavar="CMD",
+        help="shell command run during each ftpgate rate test with FTPGATE_PID set "
+        "(e.g. 'perf record -g -p $FTPGATE_PID -o f.data'); sent SIGINT when the test ends",
+    )
     p.add_argument("--noops", type=int, default=None, help="NOOP round trips per target and repetition (default 2000)")
     p.add_argument("--smoke", action="store_true", help="quick correctness run: --size 8M --reps 1 --rate-sessions 64 --noops 200")
     p.add_argument("--ftpgate-bin", default=os.environ.get("FTPGATE_BIN"))
@@ -317,14 +322,30 @@ def bench_rate(lab, target, args, rec):
     else:
         argv += ["--seconds", str(args.rate_seconds)]
         timeout = 60 + args.rate_seconds
-    out = run_client(lab, argv, timeout)
+    gw_pid = gateway_pid(target)
+    hook = None
+    if gw_pid and args.gateway_hook:
+        hook = subprocess.Popen(["sh", "-c", args.gateway_hook], env=dict(os.environ, FTPGATE_PID=str(gw_pid)),
+                                start_new_session=True)
+    cpu_before = process_cpu(gw_pid)
+    try:
+        out = run_client(lab, argv, timeout)
+    finally:
+        cpu_after = process_cpu(gw_pid)
+        if hook:
+            stop_hook(hook)
     if "error" in out:
         rec.fail(target.name, f"rate: {out['error']}")
         return
+    gw = ""
+    if cpu_before is not None and cpu_after is not None and out["sessions"]:
+        # The gateway's CPU per completed session (utime+stime), the figure its rate is bounded by.
+        out["gateway_cpu_us_per_session"] = (cpu_after - cpu_before) * 1e6 / out["sessions"]
+        gw = f", gateway CPU {out['gateway_cpu_us_per_session']:.0f} us/session"
     rec.data[target.name]["rate"].append(out)
     print(
         f"  {target.name} rate: {out['sessions']} sessions, {out['errors']} errors in {out['elapsed']:.2f}s"
-        f" = {out['rate']:.0f}/s (client CPU {out['client_cpu']:.2f} cores)", flush=True,
+        f" = {out['rate']:.0f}/s (client CPU {out['client_cpu']:.2f} cores{gw})", flush=True,
     )
     if out["errors"]:
         what = f"rate: {out['errors']} session errors, e.g. {'; '.join(out['samples'][:3])}"
@@ -334,6 +355,37 @@ def bench_rate(lab, target, args, rec):
             rec.fail(target.name, what)
     if args.rate_sessions and out["sessions"] + out["errors"] != args.rate_sessions:
         rec.fail(target.name, f"rate: {out['sessions'] + out['errors']} sessions run, expected {args.rate_sessions}")
+
+
+def gateway_pid(target):
+    """The pid of the target's gateway process, when it runs one (ftpgate)."""
+    daemon = getattr(target, "daemon", None)
+    return daemon.proc.pid if daemon and daemon.proc.poll() is None else None
+
+
+def process_cpu(pid):
+    """utime+stime of pid in seconds, or None."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # Fields 14 and 15 of proc(5), counted after the command name's ')'.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_hook(proc):
+    """SIGINT to the hook's process group (perf writes its file on SIGINT), then wait."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def bench_latency(lab, target, args, rec):
