@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{info, info_span, warn, Instrument};
@@ -243,16 +243,33 @@ enum Read {
 }
 
 /// Reads what is waiting on `stream` and hands it to `feed`.
+///
+/// A read shorter than the buffer has drained the socket, and epoll (edge
+/// triggered) reports the next bytes as a new event. So the closure tells
+/// `try_io` "would block" after a short read, which clears tokio's readiness:
+/// the next `readable()` waits for new bytes instead of costing a recv that
+/// fails with EAGAIN (one per control line). The readiness is sampled before
+/// the read, so bytes that arrive after it still wake the session.
 fn read_now(stream: &TcpStream, feed: impl FnOnce(&[u8])) -> Read {
     let mut buf = [0u8; READ_BUF];
-    match stream.try_read(&mut buf) {
-        Ok(0) => Read::Closed,
-        Ok(n) => {
-            feed(&buf[..n]);
-            Read::Data(n)
+    let mut got = 0;
+    let r = stream.try_io(Interest::READABLE, || {
+        got = stream.try_read(&mut buf)?;
+        if 0 < got && got < buf.len() {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match r {
+        // Bytes, whether or not they drained the socket.
+        _ if got > 0 => {
+            feed(&buf[..got]);
+            Read::Data(got)
         }
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Read::Spurious,
-        Err(_) => Read::Closed,
+        // End of stream, or an error.
+        _ => Read::Closed,
     }
 }
 
