@@ -91,7 +91,7 @@ impl RelayBackend {
                     };
                     elements.push((e, self.settings.pinhole_timeout));
                 }
-                let (listener, addr) = held.listen(lease, listener)?;
+                let (listener, addr) = held.listen(ip, lease, listener)?;
                 opened.client_listen = Some(addr);
                 Pending::Listen { listener, peer }
             }
@@ -114,7 +114,7 @@ impl RelayBackend {
         let server = match plan.server {
             Leg::Listen { bind, peer } => {
                 let (lease, listener) = self.server_pool.bind(bind)?;
-                let (listener, addr) = held.listen(lease, listener)?;
+                let (listener, addr) = held.listen(bind, lease, listener)?;
                 opened.server_listen = Some(addr);
                 Pending::Listen { listener, peer }
             }
@@ -208,16 +208,18 @@ impl Held {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps `lease` and turns `listener` into a tokio listener.
+    /// Keeps `lease` and turns `listener`, bound to (`ip`, the lease's
+    /// port), into a tokio listener; returns it with that address, which
+    /// is known without asking the socket.
     fn listen(
         &self,
+        ip: IpAddr,
         lease: PortLease,
         listener: std::net::TcpListener,
     ) -> Result<(TcpListener, SocketAddr), OpenError> {
+        let addr = SocketAddr::new(ip, lease.port());
         self.lock().leases.push(lease);
-        let listener = TcpListener::from_std(listener)?;
-        let addr = listener.local_addr()?;
-        Ok((listener, addr))
+        Ok((TcpListener::from_std(listener)?, addr))
     }
 
     /// Takes the elements still installed, so that only one caller removes
