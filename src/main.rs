@@ -40,6 +40,12 @@ enum Cmd {
         /// How long running sessions may go on after SIGTERM/SIGINT.
         #[arg(long, default_value = "10", value_name = "SECONDS")]
         grace: u64,
+        /// Threads that run sessions and relays: 1 runs everything on one
+        /// thread (no hand-offs between threads, the least CPU per
+        /// session); more spread busy relays over several cores; 0 means
+        /// one per CPU.
+        #[arg(long, default_value = "1", value_name = "N")]
+        threads: usize,
     },
     /// Validate a rule file; print the effective configuration or each error.
     Check {
@@ -146,7 +152,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Run { config, grace } => {
+        Cmd::Run {
+            config,
+            grace,
+            threads,
+        } => {
             init_tracing(cli.log_format);
             let path = config;
             let config = match Config::load(&path) {
@@ -156,7 +166,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let rt = match tokio::runtime::Runtime::new() {
+            let rt = match runtime(threads) {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("ftpgate: tokio runtime: {e}");
@@ -191,6 +201,24 @@ async fn run(config: Arc<Config>, path: PathBuf, grace: Duration) -> anyhow::Res
     reloader.abort();
     Launched::cleanup(table).await;
     Ok(())
+}
+
+/// The runtime for `ftpgate run` with `threads` worker threads (see the
+/// option). One thread is a current-thread runtime: a session's control
+/// task and its data plans' tasks then never wake each other across
+/// threads, which costs futex and eventfd wake-ups and context switches
+/// on every reply.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    builder.enable_all().build()
 }
 
 /// Each session holds two descriptors (client and server control

@@ -31,9 +31,15 @@ struct Gate {
 
 impl Gate {
     async fn start(config: &Path) -> Gate {
+        Gate::start_with(config, &[]).await
+    }
+
+    /// Runs with `extra` arguments after `run`'s own.
+    async fn start_with(config: &Path, extra: &[&str]) -> Gate {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
             .args(["run", "--grace", "10", "-c"])
             .arg(config)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -169,6 +175,56 @@ async fn sigterm_stops_accepting_and_finishes_transfers() {
     assert!(status.success(), "{status}\n{}", gate.log.text());
     let log = gate.log.text();
     assert!(!log.contains("grace period over"), "{log}");
+}
+
+/// One thread (the default), two, and one per CPU (0) each carry a
+/// session with a download through the relay, then stop on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_thread_count_serves_a_transfer() {
+    let root = tempfile::tempdir().unwrap();
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(root.path().join("f"), &body).unwrap();
+    let upstream = start_unftp(root.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gate.yaml");
+    std::fs::write(&file, rule_file(upstream, "127.0.0.0/8")).unwrap();
+    for threads in ["1", "2", "0"] {
+        let mut gate = Gate::start_with(&file, &["--threads", threads]).await;
+        let mut c = BufReader::new(TcpStream::connect(gate.addr).await.unwrap());
+        assert!(reply(&mut c).await.starts_with("220"));
+        assert!(cmd(&mut c, "USER anonymous").await.starts_with("331"));
+        assert!(cmd(&mut c, "PASS x@").await.starts_with("230"));
+        assert!(cmd(&mut c, "TYPE I").await.starts_with("200"));
+        let epsv = cmd(&mut c, "EPSV").await;
+        let port: u16 = epsv
+            .split("|||")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches(|ch: char| !ch.is_ascii_digit())
+            .parse()
+            .unwrap();
+        let mut d = TcpStream::connect((gate.addr.ip(), port)).await.unwrap();
+        assert!(cmd(&mut c, "RETR f").await.starts_with("150"));
+        let mut got = Vec::new();
+        bounded("download", d.read_to_end(&mut got)).await.unwrap();
+        assert!(
+            got == body,
+            "--threads {threads}: {} bytes, not the file's",
+            got.len()
+        );
+        assert!(
+            reply(&mut c).await.starts_with("226"),
+            "--threads {threads}"
+        );
+        assert!(cmd(&mut c, "QUIT").await.starts_with("221"));
+        gate.signal("-TERM");
+        let status = bounded("exit", gate.child.wait()).await.unwrap();
+        assert!(
+            status.success(),
+            "--threads {threads}: {status}\n{}",
+            gate.log.text()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
