@@ -388,6 +388,24 @@ async fn slowloris_bounded_by_idle_timeout() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn complete_lines_keep_a_session_past_idle_timeout() {
+    let (gw, _root) = with_unftp("", "  idle_timeout: 1s\n", "").await;
+    let mut c = logged_in(&gw).await;
+    let started = std::time::Instant::now();
+    // A NOOP every 300 ms for 3 s: three idle timeouts long, each line
+    // well inside idle_timeout of the one before.
+    while started.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (code, text) = c.cmd("NOOP").await;
+        assert_eq!(code, 200, "after {:?}: {text}", started.elapsed());
+    }
+    // Then silence: cut off after idle_timeout.
+    let out = c.rest().await;
+    assert!(out.starts_with("421 "), "{out}");
+    gw.wait_idle().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn trickle_of_single_bytes_is_idle_too() {
     let (gw, _root) = with_unftp("", "  idle_timeout: 1s\n", "").await;
     let mut c = Peer::connect(gw.addr).await;

@@ -324,6 +324,11 @@ impl Conn<'_> {
         let mut events = DataEvents::default();
         let idle = self.idle;
         let mut deadline = tokio::time::Instant::now() + idle;
+        // One timer for the session. Activity only moves `deadline`; when
+        // the timer fires early it is set to the new deadline, so a line
+        // costs a clock read instead of a timer-wheel insert and removal.
+        let timer = tokio::time::sleep_until(deadline);
+        tokio::pin!(timer);
         // Only complete lines restart the idle clock: a peer that sends one
         // byte at a time, never ending a line, is cut off at idle_timeout.
         let mut lines = self.core.lines_received();
@@ -373,7 +378,13 @@ impl Conn<'_> {
                     }
                     self.core.data_event(ev);
                 }
-                _ = tokio::time::sleep_until(deadline) => self.core.idle_timeout(),
+                () = &mut timer => {
+                    if timer.deadline() < deadline {
+                        timer.as_mut().reset(deadline);
+                    } else {
+                        self.core.idle_timeout();
+                    }
+                }
             }
             if let Some(end) = self.act(&mut events).await {
                 self.settle_data(&mut events).await;
