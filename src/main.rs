@@ -40,11 +40,11 @@ enum Cmd {
         /// How long running sessions may go on after SIGTERM/SIGINT.
         #[arg(long, default_value = "10", value_name = "SECONDS")]
         grace: u64,
-        /// Threads that run sessions and relays: 1 runs everything on one
-        /// thread (no hand-offs between threads, the least CPU per
-        /// session); more spread busy relays over several cores; 0 means
-        /// one per CPU.
-        #[arg(long, default_value = "1", value_name = "N")]
+        /// Threads that run sessions and relays: 0 (the default) means one
+        /// per CPU; 1 runs everything on one thread (no hand-offs between
+        /// threads, the least CPU per session, but one core's worth of
+        /// relaying).
+        #[arg(long, default_value = "0", value_name = "N")]
         threads: usize,
     },
     /// Validate a rule file; print the effective configuration or each error.
