@@ -8,6 +8,9 @@
 //! The pipe is this direction's own and is always drained before the next
 //! fill, so an `EAGAIN` on the fill means the socket is empty and one on the
 //! drain means the socket's send buffer is full, never the pipe's state.
+//! Filling while the pipe still holds bytes gains nothing measurable (README,
+//! "Performance"): while `dst` is full, `src`'s receive buffer, autotuned to
+//! megabytes, keeps taking the sender's bytes.
 
 use super::relay::write_all;
 use rustix::fd::OwnedFd;
@@ -19,7 +22,8 @@ use tokio::net::TcpStream;
 /// Pipe capacity asked for with `F_SETPIPE_SZ`: each splice moves up to this
 /// much. 1 MiB is the default `fs.pipe-max-size`, so an unprivileged process
 /// gets it too; a refusal (size limit, per-user pipe quota) leaves the
-/// kernel's default of 64 KiB, which still works, in more syscalls.
+/// kernel's default of 64 KiB, which still works, in more syscalls (in the
+/// lab, 0.48 CPU s per GiB at 64 KiB and 0.42 at 256 KiB against 0.33).
 pub(super) const PIPE_SIZE: usize = 1024 * 1024;
 
 /// How a spliced direction ended.
