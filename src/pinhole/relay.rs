@@ -469,7 +469,10 @@ async fn pump(src: &TcpStream, dst: &TcpStream, path: DataPath, count: &mut u64)
     #[cfg(target_os = "linux")]
     if path == DataPath::Splice {
         match super::splice::pump(src, dst, count).await? {
-            super::splice::Spliced::Eof => return shutdown_write(dst),
+            super::splice::Spliced::Eof { spliced } => {
+                tracing::trace!(bytes = *count, spliced, "relay direction ended");
+                return shutdown_write(dst);
+            }
             super::splice::Spliced::Unsupported(e) => {
                 tracing::debug!(error = %e, "splice unavailable; copying through a buffer");
             }
