@@ -503,6 +503,8 @@ async fn follow(
                         plan = id,
                         port = watch.port,
                         after_us = start.elapsed().as_micros() as u64,
+                        orig_bytes = last.orig_bytes,
+                        reply_bytes = last.reply_bytes,
                         "conntrack: closed"
                     );
                     break DataOutcome::Completed;
