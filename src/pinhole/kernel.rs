@@ -40,7 +40,6 @@ use super::{
     Backend, DataEvent, DataOutcome, DataPlan, DataSettings, Leg, OpenError, OpenFuture, Opened,
     Pinhole, PlanId, PortPool, SessionInfo,
 };
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -84,8 +83,9 @@ pub struct KernelBackend {
 
 impl KernelBackend {
     /// Checks that the kernel can do the job (conntrack events or the
-    /// conntrack table readable, byte accounting on) and builds the backend. Fails with a plain
-    /// message otherwise, so that the gateway does not start half-working.
+    /// conntrack table readable, byte accounting on) and builds the
+    /// backend. Fails with a plain message otherwise, so that the gateway
+    /// does not start half-working.
     pub async fn new(
         client_pool: PortPool,
         server_pool: PortPool,
@@ -698,7 +698,7 @@ async fn watch_proc(conntrack: std::sync::Weak<Conntrack>, mut taken: HashSet<Ke
             let present: HashSet<_> = found.iter().map(Entry::tuple).collect();
             taken.retain(|t| present.contains(t));
             for w in plans.values_mut() {
-                let flow = assign(w, &found, &mut taken).map(|e| e.flow.clone());
+                let flow = assign(w, found.iter(), &mut taken).map(|e| e.flow.clone());
                 publish(w, flow);
             }
             !plans.is_empty()
@@ -825,7 +825,7 @@ impl Netlink {
 /// the entries no new plan may take.
 #[derive(Debug, Default)]
 struct Mirror {
-    by_port: HashMap<u16, Vec<Entry>>,
+    by_port: HashMap<u16, HashMap<Key, Entry>>,
     /// Entries that existed at start or that a plan took, while they exist.
     taken: HashSet<Key>,
 }
@@ -836,7 +836,11 @@ impl Mirror {
         let mut mirror = Mirror::default();
         for e in all {
             mirror.taken.insert(e.tuple());
-            mirror.by_port.entry(e.dport).or_default().push(e);
+            mirror
+                .by_port
+                .entry(e.dport)
+                .or_default()
+                .insert(e.tuple(), e);
         }
         mirror
     }
@@ -845,28 +849,15 @@ impl Mirror {
     /// with the counters its event carries.
     fn apply(&mut self, conn: &Conn, gone: &mut Vec<Entry>) {
         let e = Entry::from_conn(conn);
-        let list = self.by_port.entry(e.dport).or_default();
-        let at = list.iter().position(|x| x.tuple() == e.tuple());
+        let port = self.by_port.entry(e.dport).or_default();
         if conn.gone {
-            if let Some(i) = at {
-                list.remove(i);
-            }
-            if list.is_empty() {
+            port.remove(&e.tuple());
+            if port.is_empty() {
                 self.by_port.remove(&e.dport);
             }
-            gone.push(Entry {
-                flow: Flow {
-                    done: true,
-                    ..e.flow
-                },
-                counted: true,
-                ..e
-            });
+            gone.push(e.finished());
         } else {
-            match at {
-                Some(i) => list[i] = e,
-                None => list.push(e),
-            }
+            port.insert(e.tuple(), e);
         }
     }
 
@@ -875,18 +866,14 @@ impl Mirror {
     fn replace(&mut self, all: Vec<Entry>, gone: &mut Vec<Entry>) {
         let old = std::mem::take(&mut self.by_port);
         for e in all {
-            self.by_port.entry(e.dport).or_default().push(e);
+            self.by_port
+                .entry(e.dport)
+                .or_default()
+                .insert(e.tuple(), e);
         }
-        for e in old.into_values().flatten() {
+        for e in old.into_values().flat_map(HashMap::into_values) {
             if !self.contains(&e.tuple()) {
-                gone.push(Entry {
-                    flow: Flow {
-                        done: true,
-                        ..e.flow
-                    },
-                    counted: true,
-                    ..e
-                });
+                gone.push(e.finished());
             }
         }
     }
@@ -894,7 +881,7 @@ impl Mirror {
     fn contains(&self, key: &Key) -> bool {
         self.by_port
             .get(&key.2)
-            .is_some_and(|l| l.iter().any(|e| e.tuple() == *key))
+            .is_some_and(|port| port.contains_key(key))
     }
 
     /// After a batch: an entry stays taken for as long as it exists.
@@ -911,7 +898,7 @@ impl Mirror {
         if let Some(e) = self
             .by_port
             .get_mut(&key.2)
-            .and_then(|l| l.iter_mut().find(|e| e.tuple() == *key))
+            .and_then(|port| port.get_mut(key))
         {
             e.flow.orig_bytes = orig;
             e.flow.reply_bytes = reply;
@@ -980,16 +967,12 @@ async fn watch_netlink(
 /// batch first (a plan following one of them ends with it), then those
 /// present.
 fn found<'a>(
-    by_port: &'a HashMap<u16, Vec<Entry>>,
+    by_port: &'a HashMap<u16, HashMap<Key, Entry>>,
     port: u16,
     gone: &'a [Entry],
-) -> Cow<'a, [Entry]> {
-    let present = by_port.get(&port).map_or(&[][..], Vec::as_slice);
-    if !gone.iter().any(|e| e.dport == port) {
-        return Cow::Borrowed(present);
-    }
-    let gone = gone.iter().filter(|e| e.dport == port);
-    Cow::Owned(gone.chain(present).cloned().collect())
+) -> impl Iterator<Item = &'a Entry> {
+    let present = by_port.get(&port).into_iter().flat_map(HashMap::values);
+    gone.iter().filter(move |e| e.dport == port).chain(present)
 }
 
 /// Hands each plan its entry. A finished entry's counters are not in its
@@ -1000,8 +983,7 @@ async fn look(ct: &Conntrack, mirror: &mut Mirror, gone: &[Entry], netlink: &mut
         let mut plans = lock(&ct.plans);
         let Mirror { by_port, taken } = mirror;
         for (key, w) in plans.iter_mut() {
-            let found = found(by_port, w.port, gone);
-            match assign(w, &found, taken) {
+            match assign(w, found(by_port, w.port, gone), taken) {
                 Some(e) if e.flow.done && !e.counted => uncounted.push((*key, e.clone())),
                 e => publish(w, e.map(|e| e.flow.clone())),
             }
@@ -1025,13 +1007,14 @@ async fn look(ct: &Conntrack, mirror: &mut Mirror, gone: &[Entry], netlink: &mut
 
 /// The entry of `w`'s connection among `found`: the one it follows, or
 /// else a new one for its flow that no plan took yet (which it then takes).
-fn assign<'a>(w: &mut Watched, found: &'a [Entry], taken: &mut HashSet<Key>) -> Option<&'a Entry> {
+fn assign<'a>(
+    w: &mut Watched,
+    mut found: impl Iterator<Item = &'a Entry>,
+    taken: &mut HashSet<Key>,
+) -> Option<&'a Entry> {
     match w.sport {
-        Some(sport) => found
-            .iter()
-            .find(|e| e.tuple() == (w.shape.peer, sport, w.port)),
+        Some(sport) => found.find(|e| e.tuple() == (w.shape.peer, sport, w.port)),
         None => found
-            .iter()
             .find(|e| {
                 e.peer == w.shape.peer
                     && e.dport == w.port
@@ -1066,6 +1049,18 @@ impl Entry {
     /// What tells entries to the same port apart.
     fn tuple(&self) -> Key {
         (self.peer, self.sport, self.dport)
+    }
+
+    /// The entry as it went away: finished, its counters final.
+    fn finished(self) -> Entry {
+        Entry {
+            flow: Flow {
+                done: true,
+                ..self.flow
+            },
+            counted: true,
+            ..self
+        }
     }
 
     fn from_conn(c: &Conn) -> Entry {
@@ -1217,11 +1212,13 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
             sport: None,
             tx,
         };
-        assert_eq!(assign(&mut w, &entries(old, None), &mut taken), None);
+        assert_eq!(assign(&mut w, entries(old, None).iter(), &mut taken), None);
         // Its own connection comes: taken, and followed by source port.
         let both = format!("{old}{new}");
         let found = entries(&both, None);
-        let flow = &assign(&mut w, &found, &mut taken).expect("new entry").flow;
+        let flow = &assign(&mut w, found.iter(), &mut taken)
+            .expect("new entry")
+            .flow;
         assert_eq!((flow.orig_bytes, flow.done), (60, false));
         assert_eq!(w.sport, Some(50007));
         assert_eq!(taken.len(), 2);
@@ -1233,9 +1230,9 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
             sport: None,
             tx,
         };
-        assert_eq!(assign(&mut other, &entries(&both, None), &mut taken), None);
+        assert_eq!(assign(&mut other, found.iter(), &mut taken), None);
         // The followed entry going away is seen.
-        assert_eq!(assign(&mut w, &entries(old, None), &mut taken), None);
+        assert_eq!(assign(&mut w, entries(old, None).iter(), &mut taken), None);
     }
 
     fn conn(sport: u16, state: u8, gone: bool, bytes: Option<(u64, u64)>) -> Conn {
@@ -1264,8 +1261,7 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
 
     /// What `look` hands the plan after a batch of events.
     fn seen(w: &mut Watched, mirror: &mut Mirror, gone: &[Entry]) -> Option<Entry> {
-        let found = found(&mirror.by_port, w.port, gone);
-        assign(w, &found, &mut mirror.taken).cloned()
+        assign(w, found(&mirror.by_port, w.port, gone), &mut mirror.taken).cloned()
     }
 
     #[test]
