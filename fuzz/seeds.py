@@ -70,3 +70,44 @@ for name, steps in SESSIONS.items():
         # A data connection that completes, then idle.
         out += bytes([4, 0, 5, 0, 0, 200, 7, 2])
         write("session", f"{name}_{setup}", bytes(out))
+
+# ctnetlink: conntrack messages as the kernel sends them (nlmsghdr in host
+# byte order, x86), after linux/netfilter/nfnetlink_conntrack.h.
+import ipaddress
+import struct
+
+
+def nla(kind, payload, nested=False):
+    head = struct.pack("=HH", 4 + len(payload), kind | (0x8000 if nested else 0))
+    return head + payload + b"\0" * (-len(payload) % 4)
+
+
+def ct_tuple(src, dst, sport, dport):
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    base = 1 if s.version == 4 else 3
+    ip = nla(base, s.packed) + nla(base + 1, d.packed)
+    proto = nla(1, bytes([6])) + nla(2, struct.pack(">H", sport)) + nla(3, struct.pack(">H", dport))
+    return nla(1, ip, True) + nla(2, proto, True)
+
+
+def ct_msg(msg, seq, orig, reply, state=None, counters=None):
+    family = 2 if ipaddress.ip_address(orig[0]).version == 4 else 10
+    body = struct.pack("=BBH", family, 0, 0)
+    body += nla(1, ct_tuple(*orig), True) + nla(2, ct_tuple(*reply), True)
+    if state is not None:
+        body += nla(4, nla(1, nla(1, bytes([state])), True), True)
+    for kind, n in zip((9, 10), counters or ()):
+        body += nla(kind, nla(1, struct.pack(">Q", 3)) + nla(2, struct.pack(">Q", n)), True)
+    return struct.pack("=IHHII", 16 + len(body), (1 << 8) | msg, 0, seq, 0) + body
+
+
+def nl_msg(kind, seq, payload):
+    return struct.pack("=IHHII", 16 + len(payload), kind, 0, seq, 0) + payload
+
+
+V4 = (("198.51.100.2", "192.0.2.1", 50000, 40001), ("10.71.2.2", "10.71.2.1", 30000, 50000))
+V6 = (("2001:db8:100::2", "2001:db8::1", 50001, 40002), ("fd71:2::2", "fd71:2::1", 30000, 50001))
+write("ctnetlink", "new_v4", ct_msg(0, 0, *V4, state=1))
+write("ctnetlink", "update_destroy_v6", ct_msg(0, 0, *V6, state=4) + ct_msg(2, 0, *V6, state=7, counters=(180, 1050000)))
+write("ctnetlink", "dump_done", ct_msg(0, 9, *V4, state=3, counters=(60, 60)) + nl_msg(3, 9, b"\0" * 4))
+write("ctnetlink", "error_enoent", nl_msg(2, 4, struct.pack("=i", -2) + b"\0" * 16))

@@ -124,6 +124,45 @@ fn lab_ftpgate_passes_every_case() {
     assert!(!summary.starts_with("ftpgate: 0 passed"), "{summary}");
 }
 
+/// Runs pinholes.py for the nftables backend with `args`, and `env` set for the
+/// gateway; checks that every check passed and that `cases` cases ran, and returns
+/// its output.
+fn pinholes(args: &[&str], env: &[(&str, &str)], cases: usize) -> String {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/lab/pinholes.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--backend", "nftables", "--ftpgate-bin", ftpgate_bin()])
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("pinholes.py runs");
+    print_output(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("pinholes: "))
+        .unwrap_or_else(|| panic!("no pinholes summary line"));
+    assert!(out.status.success(), "pinholes failed: {summary}");
+    assert!(summary.ends_with(" 0 failed"), "{summary}");
+    let count = |suffix: &str| stdout.lines().filter(|l| l.ends_with(suffix)).count();
+    for check in ["intruder", "second", "expired"] {
+        let dropped = count(&format!(" {check}: dropped"));
+        assert_eq!(
+            dropped, cases,
+            "{check}: dropped in {dropped} of {cases} cases"
+        );
+    }
+    // The audit's byte counts come from the kernel's counters.
+    let counted = count(" bytes: counted");
+    assert_eq!(
+        counted, cases,
+        "transfers counted right: {counted} of {cases}"
+    );
+    let empty = count("empty: no elements");
+    assert_eq!(empty, 2 * cases, "sessions that left no element: {empty}");
+    stdout
+}
+
 /// Every lab run makes namespaces of its own (`fgl<pid>x<random>-`), and with them
 /// its own nftables table and ports; this test takes its turn all the same, for
 /// the CPU: its drop checks wait for a connect timeout that a starved machine
@@ -134,33 +173,31 @@ fn lab_kernel_pinholes_drop_all_but_the_expected_connection() {
     if !lab_available() {
         return;
     }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/lab/pinholes.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .args(["--backend", "nftables", "--ftpgate-bin", ftpgate_bin()])
-        .output()
-        .expect("pinholes.py runs");
-    print_output(&out);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let summary = stdout
-        .lines()
-        .find(|l| l.starts_with("pinholes: "))
-        .unwrap_or_else(|| panic!("no pinholes summary line"));
-    assert!(out.status.success(), "pinholes failed: {summary}");
-    assert!(summary.ends_with(" 0 failed"), "{summary}");
     // 2 scenarios x 2 families x 2 modes, each with the same checks.
-    for check in ["intruder", "second", "expired"] {
-        let dropped = stdout
-            .lines()
-            .filter(|l| l.ends_with(&format!(" {check}: dropped")))
-            .count();
-        assert_eq!(dropped, 8, "{check}: dropped in {dropped} of 8 cases");
+    let stdout = pinholes(&[], &[], 8);
+    assert!(
+        stdout.contains("pinholes nftables conntrack: netlink\n"),
+        "the gateway did not follow conntrack events"
+    );
+}
+
+/// The fallback for kernels without conntrack events: the same checks, with the
+/// gateway reading /proc/net/nf_conntrack (inbound only, to keep the run short).
+#[test]
+fn lab_kernel_pinholes_with_the_proc_conntrack_reader() {
+    let _turn = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !lab_available() {
+        return;
     }
-    let empty = stdout
-        .lines()
-        .filter(|l| l.ends_with("empty: no elements"))
-        .count();
-    assert_eq!(empty, 16, "sessions that left no element: {empty} of 16");
+    let stdout = pinholes(
+        &["--scenarios", "inbound"],
+        &[("FTPGATE_CONNTRACK", "proc")],
+        4,
+    );
+    assert!(
+        stdout.contains("pinholes nftables conntrack: proc\n"),
+        "the gateway did not read /proc"
+    );
 }
 
 #[test]

@@ -23,8 +23,9 @@
 //! and when the plan ends it lingers for `pinhole_timeout` more, until the
 //! session ends, or until the port's next plan (kernel or relay, which
 //! listens on the port) removes it first, whichever comes first. The gateway follows the connection in the kernel's
-//! connection tracking table (`/proc/net/nf_conntrack`, with
-//! `nf_conntrack_acct` on for byte counts): an entry for the flow means
+//! connection tracking table, through its netlink events (or, where they
+//! are not available, by reading `/proc/net/nf_conntrack`), with
+//! `nf_conntrack_acct` on for byte counts: an entry for the flow means
 //! [`DataEvent::Connected`], the entry reaching a FIN state (or going
 //! away) means [`DataEvent::Closed`], with the entry's byte counters.
 //!
@@ -32,13 +33,14 @@
 //! both legs or listen on both, which address translation cannot do; so do
 //! plans whose legs differ in address family. Those go to the relay.
 
+use super::ctnetlink::{self, Conn, Record};
 use super::nft::{Element, InterceptTable};
 use super::relay::RelayBackend;
 use super::{
     Backend, DataEvent, DataOutcome, DataPlan, DataSettings, Leg, OpenError, OpenFuture, Opened,
     Pinhole, PlanId, PortPool, SessionInfo,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +54,15 @@ use tokio::time::Instant;
 const CONNTRACK: &str = "/proc/net/nf_conntrack";
 /// Turns on per-connection byte counters.
 const ACCT: &str = "/proc/sys/net/netfilter/nf_conntrack_acct";
+/// Turns on conntrack events (0 off, 1 on, 2 on while someone listens).
+const EVENTS: &str = "/proc/sys/net/netfilter/nf_conntrack_events";
+/// Set to `proc` to follow connections by reading [`CONNTRACK`] even where
+/// netlink events are available.
+const SOURCE_ENV: &str = "FTPGATE_CONNTRACK";
+/// Room for a burst of events (forced past `rmem_max` where allowed).
+const EVENT_BUFFER: usize = 8 << 20;
+/// How long the kernel may take to answer one request.
+const REQUEST_WAIT: Duration = Duration::from_secs(2);
 /// How often the watcher reads the conntrack table while some plan is
 /// live (waiting for its connection, or connected: an active-mode
 /// transfer's final reply waits for its plan's end). With no live plan it
@@ -71,9 +82,10 @@ pub struct KernelBackend {
 }
 
 impl KernelBackend {
-    /// Checks that the kernel can do the job (conntrack table readable,
-    /// byte accounting on) and builds the backend. Fails with a plain
-    /// message otherwise, so that the gateway does not start half-working.
+    /// Checks that the kernel can do the job (conntrack events or the
+    /// conntrack table readable, byte accounting on) and builds the
+    /// backend. Fails with a plain message otherwise, so that the gateway
+    /// does not start half-working.
     pub async fn new(
         client_pool: PortPool,
         server_pool: PortPool,
@@ -87,9 +99,7 @@ impl KernelBackend {
                 format!("cannot enable {ACCT} (needs CAP_NET_ADMIN and nf_conntrack): {e}"),
             )
         })?;
-        tokio::fs::read(CONNTRACK)
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot read {CONNTRACK}: {e}")))?;
+        let conntrack = Conntrack::start().await?;
         let relay = RelayBackend::new(
             client_pool.clone(),
             server_pool.clone(),
@@ -103,7 +113,7 @@ impl KernelBackend {
             table,
             relay,
             claims: Arc::default(),
-            conntrack: Conntrack::start().await,
+            conntrack,
             shared: Arc::default(),
         })
     }
@@ -493,6 +503,8 @@ async fn follow(
                         plan = id,
                         port = watch.port,
                         after_us = start.elapsed().as_micros() as u64,
+                        orig_bytes = last.orig_bytes,
+                        reply_bytes = last.reply_bytes,
                         "conntrack: closed"
                     );
                     break DataOutcome::Completed;
@@ -533,9 +545,14 @@ async fn follow(
     });
 }
 
-/// One task reads the conntrack table for every live plan, once per
-/// [`TICK`], and hands each plan its entry (or `None`) when it changed.
-/// With no live plan it sleeps until one registers.
+/// One task follows the conntrack table for every live plan and hands each
+/// plan its entry (or `None`) when it changed.
+///
+/// With netlink ([`watch_netlink`]) the task keeps a copy of the table's TCP
+/// entries, updated by the kernel's events, and looks at the plans after
+/// each batch of events: no reading of the whole table. Without it
+/// ([`watch_proc`]) it reads `/proc/net/nf_conntrack` once per [`TICK`]
+/// while a plan is live.
 #[derive(Default)]
 struct Conntrack {
     plans: Mutex<HashMap<u64, Watched>>,
@@ -570,21 +587,49 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Identifies an entry among those to one port: (peer, source port, port).
+type Key = (IpAddr, u16, u16);
+
 impl Conntrack {
-    /// The watcher, with its task running.
-    async fn start() -> Arc<Conntrack> {
+    /// The watcher, with its task running: on netlink events if it can,
+    /// else on `/proc`; fails if it can do neither.
+    async fn start() -> io::Result<Arc<Conntrack>> {
         let conntrack = Arc::new(Conntrack::default());
+        let weak = Arc::downgrade(&conntrack);
         // Entries that exist now belong to no plan of this process; nor
         // does an entry, once one plan took it. Without this, a plan would
         // take the TIME_WAIT entry of an earlier connection from the same
         // peer to the same port and endpoint (ports are reused) for its own,
         // end at once, and its lingering claim would drop the real one.
-        let text = tokio::fs::read_to_string(CONNTRACK)
-            .await
-            .unwrap_or_default();
+        let why = if std::env::var(SOURCE_ENV).as_deref() == Ok("proc") {
+            format!("{SOURCE_ENV}=proc")
+        } else {
+            match Netlink::open().await {
+                Ok((netlink, all)) => {
+                    tracing::info!(entries = all.len(), "conntrack: following netlink events");
+                    tokio::spawn(watch_netlink(weak, netlink, Mirror::new(all)));
+                    return Ok(conntrack);
+                }
+                Err(e) => format!("no netlink events: {e}"),
+            }
+        };
+        let text = tokio::fs::read_to_string(CONNTRACK).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("conntrack: {why}; and cannot read {CONNTRACK}: {e}"),
+            )
+        })?;
+        if why.starts_with(SOURCE_ENV) {
+            tracing::info!("conntrack: {why}, reading {CONNTRACK}");
+        } else {
+            tracing::warn!(
+                "conntrack: {why}; reading {CONNTRACK} every {} ms instead",
+                TICK.as_millis()
+            );
+        }
         let taken = entries(&text, None).iter().map(Entry::tuple).collect();
-        tokio::spawn(watch_conntrack(Arc::downgrade(&conntrack), taken));
-        conntrack
+        tokio::spawn(watch_proc(weak, taken));
+        Ok(conntrack)
     }
 
     /// Registers the plan whose connection comes from `shape.peer` to
@@ -611,11 +656,21 @@ impl Conntrack {
     }
 }
 
-/// The watcher's task: ends when the backend is gone.
-async fn watch_conntrack(
-    conntrack: std::sync::Weak<Conntrack>,
-    mut taken: std::collections::HashSet<(IpAddr, u16, u16)>,
-) {
+/// Hands `flow` to the plan if it changed. A finished flow is final: its
+/// entry may go away right after, and the plan ends with the finished
+/// flow's counters.
+fn publish(w: &Watched, flow: Option<Flow>) {
+    w.tx.send_if_modified(|old| {
+        if old.as_ref().is_some_and(|f| f.done) || *old == flow {
+            return false;
+        }
+        *old = flow;
+        true
+    });
+}
+
+/// The `/proc` watcher's task: ends when the backend is gone.
+async fn watch_proc(conntrack: std::sync::Weak<Conntrack>, mut taken: HashSet<Key>) {
     loop {
         let Some(ct) = conntrack.upgrade() else {
             return;
@@ -633,24 +688,18 @@ async fn watch_conntrack(
         let took = started.elapsed();
         let live = {
             let mut plans = lock(&ct.plans);
-            let wanted: std::collections::HashSet<u16> = plans
+            let wanted: HashSet<u16> = plans
                 .values()
                 .map(|w| w.port)
                 .chain(taken.iter().map(|t| t.2))
                 .collect();
             let found = entries(&text, Some(&wanted));
             // An entry stays taken for as long as it exists.
-            let present: std::collections::HashSet<_> = found.iter().map(Entry::tuple).collect();
+            let present: HashSet<_> = found.iter().map(Entry::tuple).collect();
             taken.retain(|t| present.contains(t));
             for w in plans.values_mut() {
-                let flow = assign(w, &found, &mut taken);
-                w.tx.send_if_modified(|old| {
-                    let changed = *old != flow;
-                    if changed {
-                        old.clone_from(&flow);
-                    }
-                    changed
-                });
+                let flow = assign(w, found.iter(), &mut taken).map(|e| e.flow.clone());
+                publish(w, flow);
             }
             !plans.is_empty()
         };
@@ -668,30 +717,313 @@ async fn watch_conntrack(
     }
 }
 
+/// The netlink side of the watcher: one socket subscribed to the conntrack
+/// events, one for requests (a dump, one entry's counters).
+struct Netlink {
+    events: ctnetlink::Socket,
+    requests: ctnetlink::Socket,
+    seq: u32,
+}
+
+impl Netlink {
+    /// Subscribes to the events, then reads the whole table (so that no
+    /// entry falls between the two).
+    async fn open() -> io::Result<(Netlink, Vec<Entry>)> {
+        let on = tokio::fs::read_to_string(EVENTS)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("{EVENTS}: {e}")))?;
+        if on.trim() == "0" {
+            tokio::fs::write(EVENTS, b"1")
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot enable {EVENTS}: {e}")))?;
+        }
+        let events = ctnetlink::Socket::open(ctnetlink::EVENT_GROUPS, EVENT_BUFFER)?;
+        let requests = ctnetlink::Socket::open(0, 1 << 20)?;
+        let mut netlink = Netlink {
+            events,
+            requests,
+            seq: 0,
+        };
+        let all = netlink.dump().await?;
+        Ok((netlink, all))
+    }
+
+    /// Sends `msg` (built for sequence number `seq`) and hands each answer
+    /// to `take` until it says the answer is complete.
+    async fn request(
+        &mut self,
+        msg: &[u8],
+        seq: u32,
+        mut take: impl FnMut(Record) -> io::Result<bool>,
+    ) -> io::Result<()> {
+        self.requests.send(msg).await?;
+        let answered = async {
+            loop {
+                for r in self.requests.recv().await? {
+                    // Late answers to an earlier request are not this one's.
+                    if r.seq() == seq && take(r)? {
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(REQUEST_WAIT, answered)
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer")))
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1).max(1);
+        self.seq
+    }
+
+    /// Every TCP entry of the table.
+    async fn dump(&mut self) -> io::Result<Vec<Entry>> {
+        let seq = self.next_seq();
+        let mut all = Vec::new();
+        self.request(&ctnetlink::dump_request(seq), seq, |r| match r {
+            Record::Conn { conn, .. } => {
+                all.push(Entry::from_conn(&conn));
+                Ok(false)
+            }
+            Record::Done { .. } => Ok(true),
+            Record::Error { errno, .. } => Err(io::Error::from_raw_os_error(errno)),
+            Record::Other { .. } => Ok(false),
+        })
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("conntrack dump: {e}")))?;
+        Ok(all)
+    }
+
+    /// The entry's byte counters (original, reply), or `None` if the entry
+    /// is gone (its destroy event, which carries them, is on its way).
+    async fn counters(&mut self, e: &Entry) -> io::Result<Option<(u64, u64)>> {
+        let seq = self.next_seq();
+        let orig = ctnetlink::Tuple {
+            src: SocketAddr::new(e.peer, e.sport),
+            dst: SocketAddr::new(e.dst, e.dport),
+        };
+        let mut got = None;
+        self.request(&ctnetlink::get_request(seq, orig), seq, |r| match r {
+            Record::Conn { conn, .. } => {
+                got = Some(conn.bytes.unwrap_or_default());
+                Ok(true)
+            }
+            Record::Error { errno: 0, .. } => Ok(true),
+            Record::Error { errno, .. } if errno == rustix::io::Errno::NOENT.raw_os_error() => {
+                Ok(true)
+            }
+            Record::Error { errno, .. } => Err(io::Error::from_raw_os_error(errno)),
+            Record::Done { .. } | Record::Other { .. } => Ok(false),
+        })
+        .await?;
+        Ok(got)
+    }
+}
+
+/// The watcher's copy of the conntrack table's TCP entries, by port, and
+/// the entries no new plan may take.
+#[derive(Debug, Default)]
+struct Mirror {
+    by_port: HashMap<u16, HashMap<Key, Entry>>,
+    /// Entries that existed at start or that a plan took, while they exist.
+    taken: HashSet<Key>,
+}
+
+impl Mirror {
+    /// The table at start: every entry is taken.
+    fn new(all: Vec<Entry>) -> Mirror {
+        let mut mirror = Mirror::default();
+        for e in all {
+            mirror.taken.insert(e.tuple());
+            mirror
+                .by_port
+                .entry(e.dport)
+                .or_default()
+                .insert(e.tuple(), e);
+        }
+        mirror
+    }
+
+    /// Applies one event. A destroyed entry goes to `gone`, finished and
+    /// with the counters its event carries.
+    fn apply(&mut self, conn: &Conn, gone: &mut Vec<Entry>) {
+        let e = Entry::from_conn(conn);
+        let port = self.by_port.entry(e.dport).or_default();
+        if conn.gone {
+            port.remove(&e.tuple());
+            if port.is_empty() {
+                self.by_port.remove(&e.dport);
+            }
+            gone.push(e.finished());
+        } else {
+            port.insert(e.tuple(), e);
+        }
+    }
+
+    /// Replaces the copy with a fresh read of the table (events were lost).
+    /// Entries missing from it go to `gone`.
+    fn replace(&mut self, all: Vec<Entry>, gone: &mut Vec<Entry>) {
+        let old = std::mem::take(&mut self.by_port);
+        for e in all {
+            self.by_port
+                .entry(e.dport)
+                .or_default()
+                .insert(e.tuple(), e);
+        }
+        for e in old.into_values().flat_map(HashMap::into_values) {
+            if !self.contains(&e.tuple()) {
+                gone.push(e.finished());
+            }
+        }
+    }
+
+    fn contains(&self, key: &Key) -> bool {
+        self.by_port
+            .get(&key.2)
+            .is_some_and(|port| port.contains_key(key))
+    }
+
+    /// After a batch: an entry stays taken for as long as it exists.
+    fn forget(&mut self, gone: &[Entry]) {
+        for e in gone {
+            if !self.contains(&e.tuple()) {
+                self.taken.remove(&e.tuple());
+            }
+        }
+    }
+
+    /// Records the counters of a present entry.
+    fn count(&mut self, key: &Key, (orig, reply): (u64, u64)) {
+        if let Some(e) = self
+            .by_port
+            .get_mut(&key.2)
+            .and_then(|port| port.get_mut(key))
+        {
+            e.flow.orig_bytes = orig;
+            e.flow.reply_bytes = reply;
+            e.counted = true;
+        }
+    }
+}
+
+/// The netlink watcher's task: ends when the backend is gone.
+async fn watch_netlink(
+    conntrack: std::sync::Weak<Conntrack>,
+    mut netlink: Netlink,
+    mut mirror: Mirror,
+) {
+    // How many datagrams one batch takes at most, so that plans are looked
+    // at now and then during a flood.
+    const BATCH: usize = 1024;
+    loop {
+        let Some(ct) = conntrack.upgrade() else {
+            return;
+        };
+        // Wakes for events, for a new plan, and now and then to see
+        // whether the backend is still there.
+        let first = tokio::select! {
+            got = netlink.events.recv() => Some(got),
+            _ = ct.wake.notified() => None,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => None,
+        };
+        let mut gone = Vec::new();
+        let mut lost = false;
+        let mut next = first;
+        let mut n = 0;
+        while let Some(got) = next.take() {
+            match got {
+                Ok(records) => {
+                    for r in records {
+                        if let Record::Conn { conn, .. } = r {
+                            mirror.apply(&conn, &mut gone);
+                        }
+                    }
+                }
+                Err(e) if ctnetlink::is_overflow(&e) => lost = true,
+                Err(e) => {
+                    tracing::warn!("conntrack: netlink events: {e}");
+                    tokio::time::sleep(TICK).await;
+                }
+            }
+            n += 1;
+            if n < BATCH {
+                next = netlink.events.try_recv().transpose();
+            }
+        }
+        if lost {
+            tracing::debug!("conntrack: events lost, reading the whole table");
+            match netlink.dump().await {
+                Ok(all) => mirror.replace(all, &mut gone),
+                Err(e) => tracing::warn!("conntrack: {e}"),
+            }
+        }
+        look(&ct, &mut mirror, &gone, &mut netlink).await;
+        mirror.forget(&gone);
+    }
+}
+
+/// The entries to `port` that a plan may see: those that went away in this
+/// batch first (a plan following one of them ends with it), then those
+/// present.
+fn found<'a>(
+    by_port: &'a HashMap<u16, HashMap<Key, Entry>>,
+    port: u16,
+    gone: &'a [Entry],
+) -> impl Iterator<Item = &'a Entry> {
+    let present = by_port.get(&port).into_iter().flat_map(HashMap::values);
+    gone.iter().filter(move |e| e.dport == port).chain(present)
+}
+
+/// Hands each plan its entry. A finished entry's counters are not in its
+/// events: they are asked for first.
+async fn look(ct: &Conntrack, mirror: &mut Mirror, gone: &[Entry], netlink: &mut Netlink) {
+    let mut uncounted = Vec::new();
+    {
+        let mut plans = lock(&ct.plans);
+        let Mirror { by_port, taken } = mirror;
+        for (key, w) in plans.iter_mut() {
+            match assign(w, found(by_port, w.port, gone), taken) {
+                Some(e) if e.flow.done && !e.counted => uncounted.push((*key, e.clone())),
+                e => publish(w, e.map(|e| e.flow.clone())),
+            }
+        }
+    }
+    for (key, mut e) in uncounted {
+        match netlink.counters(&e).await {
+            Ok(Some(bytes)) => {
+                mirror.count(&e.tuple(), bytes);
+                (e.flow.orig_bytes, e.flow.reply_bytes) = bytes;
+            }
+            // Gone meanwhile: its destroy event carries the counters.
+            Ok(None) => continue,
+            Err(err) => tracing::warn!(port = e.dport, "conntrack: no counters: {err}"),
+        }
+        if let Some(w) = lock(&ct.plans).get(&key) {
+            publish(w, Some(e.flow));
+        }
+    }
+}
+
 /// The entry of `w`'s connection among `found`: the one it follows, or
 /// else a new one for its flow that no plan took yet (which it then takes).
-fn assign(
+fn assign<'a>(
     w: &mut Watched,
-    found: &[Entry],
-    taken: &mut std::collections::HashSet<(IpAddr, u16, u16)>,
-) -> Option<Flow> {
+    mut found: impl Iterator<Item = &'a Entry>,
+    taken: &mut HashSet<Key>,
+) -> Option<&'a Entry> {
     match w.sport {
-        Some(sport) => found
-            .iter()
-            .find(|e| e.tuple() == (w.shape.peer, sport, w.port))
-            .map(|e| e.flow.clone()),
+        Some(sport) => found.find(|e| e.tuple() == (w.shape.peer, sport, w.port)),
         None => found
-            .iter()
             .find(|e| {
                 e.peer == w.shape.peer
                     && e.dport == w.port
                     && e.to == w.shape.to
                     && !taken.contains(&e.tuple())
             })
-            .map(|e| {
+            .inspect(|e| {
                 w.sport = Some(e.sport);
                 taken.insert(e.tuple());
-                e.flow.clone()
             }),
     }
 }
@@ -702,17 +1034,50 @@ struct Entry {
     /// Original source address and port.
     peer: IpAddr,
     sport: u16,
-    /// Original destination port.
+    /// Original destination address and port.
+    dst: IpAddr,
     dport: u16,
     /// Reply source: where the connection was translated to.
     to: SocketAddr,
     flow: Flow,
+    /// The flow's counters are the kernel's (events other than destroy do
+    /// not carry them).
+    counted: bool,
 }
 
 impl Entry {
     /// What tells entries to the same port apart.
-    fn tuple(&self) -> (IpAddr, u16, u16) {
+    fn tuple(&self) -> Key {
         (self.peer, self.sport, self.dport)
+    }
+
+    /// The entry as it went away: finished, its counters final.
+    fn finished(self) -> Entry {
+        Entry {
+            flow: Flow {
+                done: true,
+                ..self.flow
+            },
+            counted: true,
+            ..self
+        }
+    }
+
+    fn from_conn(c: &Conn) -> Entry {
+        let (orig_bytes, reply_bytes) = c.bytes.unwrap_or_default();
+        Entry {
+            peer: c.orig.src.ip(),
+            sport: c.orig.src.port(),
+            dst: c.orig.dst.ip(),
+            dport: c.orig.dst.port(),
+            to: c.reply.src,
+            flow: Flow {
+                orig_bytes,
+                reply_bytes,
+                done: c.finishing(),
+            },
+            counted: c.bytes.is_some(),
+        }
     }
 }
 
@@ -728,7 +1093,7 @@ struct Flow {
 
 /// The TCP entries (to one of `ports`, if given). Addresses are parsed,
 /// since the kernel prints IPv6 in full.
-fn entries(text: &str, ports: Option<&std::collections::HashSet<u16>>) -> Vec<Entry> {
+fn entries(text: &str, ports: Option<&HashSet<u16>>) -> Vec<Entry> {
     text.lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();
@@ -737,6 +1102,7 @@ fn entries(text: &str, ports: Option<&std::collections::HashSet<u16>>) -> Vec<En
             }
             let state = words.nth(2)?;
             let mut src = Vec::new();
+            let mut dst = None;
             let mut sport = Vec::new();
             let mut dport = Vec::new();
             let mut bytes = Vec::new();
@@ -746,6 +1112,7 @@ fn entries(text: &str, ports: Option<&std::collections::HashSet<u16>>) -> Vec<En
                 };
                 match k {
                     "src" => src.push(v),
+                    "dst" if dst.is_none() => dst = Some(v),
                     "sport" => sport.push(v.parse::<u16>().ok()?),
                     "dport" => {
                         let port = v.parse::<u16>().ok()?;
@@ -761,6 +1128,7 @@ fn entries(text: &str, ports: Option<&std::collections::HashSet<u16>>) -> Vec<En
             Some(Entry {
                 peer: src.first()?.parse().ok()?,
                 sport: *sport.first()?,
+                dst: dst?.parse().ok()?,
                 dport: *dport.first()?,
                 to: SocketAddr::new(src.get(1)?.parse().ok()?, *sport.get(1)?),
                 flow: Flow {
@@ -771,6 +1139,7 @@ fn entries(text: &str, ports: Option<&std::collections::HashSet<u16>>) -> Vec<En
                         "FIN_WAIT" | "CLOSE_WAIT" | "LAST_ACK" | "TIME_WAIT" | "CLOSE"
                     ),
                 },
+                counted: true,
             })
         })
         .collect()
@@ -843,10 +1212,13 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
             sport: None,
             tx,
         };
-        assert_eq!(assign(&mut w, &entries(old, None), &mut taken), None);
+        assert_eq!(assign(&mut w, entries(old, None).iter(), &mut taken), None);
         // Its own connection comes: taken, and followed by source port.
         let both = format!("{old}{new}");
-        let flow = assign(&mut w, &entries(&both, None), &mut taken).expect("new entry");
+        let found = entries(&both, None);
+        let flow = &assign(&mut w, found.iter(), &mut taken)
+            .expect("new entry")
+            .flow;
         assert_eq!((flow.orig_bytes, flow.done), (60, false));
         assert_eq!(w.sport, Some(50007));
         assert_eq!(taken.len(), 2);
@@ -858,9 +1230,133 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
             sport: None,
             tx,
         };
-        assert_eq!(assign(&mut other, &entries(&both, None), &mut taken), None);
+        assert_eq!(assign(&mut other, found.iter(), &mut taken), None);
         // The followed entry going away is seen.
-        assert_eq!(assign(&mut w, &entries(old, None), &mut taken), None);
+        assert_eq!(assign(&mut w, entries(old, None).iter(), &mut taken), None);
+    }
+
+    fn conn(sport: u16, state: u8, gone: bool, bytes: Option<(u64, u64)>) -> Conn {
+        let tuple = |s: &str, d: &str| ctnetlink::Tuple {
+            src: s.parse().unwrap(),
+            dst: d.parse().unwrap(),
+        };
+        Conn {
+            gone,
+            orig: tuple(&format!("[2001:db8:100::2]:{sport}"), "[2001:db8::1]:40001"),
+            reply: tuple("[fd71:2::2]:30000", &format!("[fd71:2::1]:{sport}")),
+            tcp_state: Some(state),
+            bytes,
+        }
+    }
+
+    fn watched() -> Watched {
+        let (tx, _rx) = tokio::sync::watch::channel(None);
+        Watched {
+            shape: passive(),
+            port: 40001,
+            sport: None,
+            tx,
+        }
+    }
+
+    /// What `look` hands the plan after a batch of events.
+    fn seen(w: &mut Watched, mirror: &mut Mirror, gone: &[Entry]) -> Option<Entry> {
+        assign(w, found(&mirror.by_port, w.port, gone), &mut mirror.taken).cloned()
+    }
+
+    #[test]
+    fn the_event_mirror_follows_a_connection_like_the_table() {
+        // An entry from before the start (dumped, with counters) is taken.
+        let mut mirror = Mirror::new(vec![Entry::from_conn(&conn(50000, 7, false, Some((1, 2))))]);
+        let mut w = watched();
+        let mut gone = Vec::new();
+        assert_eq!(seen(&mut w, &mut mirror, &gone), None);
+        // The plan's connection: new (SYN_SENT), then established.
+        mirror.apply(&conn(50007, 1, false, None), &mut gone);
+        mirror.apply(&conn(50007, 3, false, None), &mut gone);
+        let e = seen(&mut w, &mut mirror, &gone).expect("its entry");
+        assert_eq!((e.sport, e.flow.done, e.counted), (50007, false, false));
+        assert_eq!(w.sport, Some(50007));
+        // FIN_WAIT: finished, but events carry no counters: asked for.
+        mirror.apply(&conn(50007, 4, false, None), &mut gone);
+        let e = seen(&mut w, &mut mirror, &gone).unwrap();
+        assert_eq!((e.flow.done, e.counted), (true, false));
+        mirror.count(&e.tuple(), (180, 9000));
+        let e = seen(&mut w, &mut mirror, &gone).unwrap();
+        assert_eq!(
+            (e.flow.orig_bytes, e.flow.reply_bytes, e.counted),
+            (180, 9000, true)
+        );
+        // The old entry goes away: no longer taken once the batch is done.
+        mirror.apply(&conn(50000, 7, true, Some((1, 2))), &mut gone);
+        let mut other = watched();
+        assert_eq!(seen(&mut other, &mut mirror, &gone), None);
+        mirror.forget(&gone);
+        assert!(!mirror.taken.contains(&(passive().peer, 50000, 40001)));
+        assert!(mirror.taken.contains(&(passive().peer, 50007, 40001)));
+        // The followed entry is destroyed: the plan sees it finished, with
+        // the destroy event's counters, even though it is no longer there.
+        let mut gone = Vec::new();
+        mirror.apply(&conn(50007, 7, true, Some((200, 9100))), &mut gone);
+        let e = seen(&mut w, &mut mirror, &gone).unwrap();
+        assert_eq!((e.flow.reply_bytes, e.flow.done), (9100, true));
+        mirror.forget(&gone);
+        assert!(mirror.taken.is_empty() && mirror.by_port.is_empty());
+    }
+
+    #[test]
+    fn a_connection_that_comes_and_goes_in_one_batch_is_seen() {
+        let mut mirror = Mirror::new(Vec::new());
+        let mut w = watched();
+        let mut gone = Vec::new();
+        mirror.apply(&conn(50009, 1, false, None), &mut gone);
+        mirror.apply(&conn(50009, 8, true, Some((120, 60))), &mut gone);
+        let e = seen(&mut w, &mut mirror, &gone).expect("the gone entry");
+        assert_eq!(
+            (e.flow.orig_bytes, e.flow.done, e.counted),
+            (120, true, true)
+        );
+        mirror.forget(&gone);
+        assert!(mirror.taken.is_empty());
+    }
+
+    #[test]
+    fn a_resync_ends_plans_whose_entry_went_away_unseen() {
+        let mut mirror = Mirror::new(Vec::new());
+        let mut w = watched();
+        let mut gone = Vec::new();
+        mirror.apply(&conn(50011, 3, false, None), &mut gone);
+        mirror.apply(&conn(50012, 3, false, None), &mut gone);
+        assert!(seen(&mut w, &mut mirror, &gone).is_some());
+        let followed = w.sport.unwrap();
+        let other = if followed == 50011 { 50012 } else { 50011 };
+        // Events were lost; the fresh read has only the other entry.
+        mirror.replace(
+            vec![Entry::from_conn(&conn(other, 3, false, Some((5, 6))))],
+            &mut gone,
+        );
+        let e = seen(&mut w, &mut mirror, &gone).expect("the gone entry");
+        assert_eq!((e.sport, e.flow.done), (followed, true));
+        mirror.forget(&gone);
+        assert!(!mirror.taken.contains(&(passive().peer, followed, 40001)));
+        assert!(mirror.contains(&(passive().peer, other, 40001)));
+    }
+
+    #[test]
+    fn a_finished_flow_is_final() {
+        let w = watched();
+        let mut rx = w.tx.subscribe();
+        let done = Flow {
+            orig_bytes: 1,
+            reply_bytes: 2,
+            done: true,
+        };
+        publish(&w, Some(done.clone()));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), Some(done.clone()));
+        publish(&w, None);
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow(), Some(done));
     }
 
     fn plan(client: Leg, server: Leg) -> DataPlan {

@@ -5,6 +5,7 @@
 //! closes whatever is still open (listeners, relays, nftables elements), so a
 //! session that ends cannot leak a pinhole.
 
+pub mod ctnetlink;
 pub mod kernel;
 pub mod nft;
 pub mod pool;

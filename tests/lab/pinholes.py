@@ -12,8 +12,15 @@ control connection through ftpgate to vsftpd opens a real pinhole, and:
             exactly one data connection attempt (an nft counter of SYNs there);
 - expired:  a second session opens a pinhole, lets it expire (pinhole_timeout is
             short in this run), then the expected peer connects;
+- bytes:    the gateway's transfer line counts the download: exactly its size with
+            the relay; with nftables the kernel's IP-level count of the server's
+            side, so at least the size and at most 10% more (headers);
 - empty:    after each session ended, no set or map of the gateway's table holds an
             element (polled for a bounded time: removal is asynchronous).
+
+With --backend nftables one more check, `conntrack`, says how the gateway follows
+connections: `netlink` (events), or `proc` when FTPGATE_CONNTRACK=proc is set in the
+environment (the fallback that reads /proc/net/nf_conntrack).
 
 A connect attempt is `connected` (SYN-ACK), `refused` (RST) or `dropped` (no answer
 within CONNECT_WAIT). With --backend nftables every attempt but the legit one must be
@@ -268,6 +275,31 @@ def syns(lab, host, family):
     raise RuntimeError(f"no counter syn{family} on {host}")
 
 
+def transfer_bytes(target, mark, bound=5.0):
+    """to_client of the first transfer line logged after mark (polled: the line
+    follows the data connection's end)."""
+    deadline = time.monotonic() + bound
+    while True:
+        with open(target.log, "rb") as f:
+            f.seek(mark)
+            text = f.read().decode(errors="replace")
+        m = re.search(r"\btransfer\b.*?\bto_client=(\d+)", text)
+        if m or time.monotonic() >= deadline:
+            return int(m.group(1)) if m else None
+        time.sleep(0.05)
+
+
+def conntrack_source(target):
+    with open(target.log, errors="replace") as f:
+        text = f.read()
+    if "following netlink events" in text:
+        return "netlink"
+    for line in text.splitlines():
+        if "FTPGATE_CONNTRACK=proc" in line or "no netlink events" in line:
+            return "proc" if os.environ.get("FTPGATE_CONNTRACK") == "proc" else "proc: " + line
+    return "unknown"
+
+
 def expired_count(target):
     with open(target.log, errors="replace") as f:
         return f.read().count("pinhole expired unused")
@@ -327,6 +359,7 @@ class Case:
 
     def session_transfer(self):
         before = syns(self.lab, self.behind, self.family)
+        mark = self.target.log_mark()
         c = self.control()
         if self.mode == "passive":
             addr, port = c.passive(self.family)
@@ -354,6 +387,14 @@ class Case:
             self.record("second", attempt(self.lab, self.server, addr, port), self.drop_wanted())
             lsock.close()
         c.close()
+        got = transfer_bytes(self.target, mark)
+        size = servers.DATA_SIZE
+        if self.backend == "nftables":
+            fits = got is not None and size <= got <= size * 1.1
+            want = f"{size}..{int(size * 1.1)}"
+        else:
+            fits, want = got == size, str(size)
+        self.record("bytes", "counted" if fits else f"to_client={got}, want {want}", "counted")
         seen = syns(self.lab, self.behind, self.family) - before
         self.record("behind", f"{seen} SYN", "1 SYN" if self.backend == "nftables" else None)
         left = wait_empty(self.lab, self.table)
@@ -446,6 +487,13 @@ def main(argv):
         target = PinholeTarget(lab, workdir, args)
         teardown.actions.append(target.teardown)
         target.setup()
+        if args.backend == "nftables":
+            # Startup lines are logged before "listening".
+            source = conntrack_source(target)
+            want = "proc" if os.environ.get("FTPGATE_CONNTRACK") == "proc" else "netlink"
+            ok = source == want
+            results.append(("conntrack", source, want, ok))
+            print(f"pinholes nftables conntrack: {source}{'' if ok else ' FAIL (expected ' + want + ')'}", flush=True)
         for scenario in args.scenarios.split(","):
             for family in (int(f) for f in args.families.split(",")):
                 for mode in args.modes.split(","):
