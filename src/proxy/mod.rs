@@ -153,9 +153,11 @@ pub async fn serve(
     }
     drop(done_tx);
     shutdown.await;
-    info!("shutting down: no new sessions");
     let _ = stop_tx.send(true);
+    // Each loop drops its listening socket as it ends: once all have, a new
+    // connection is refused, and only then does the log say so.
     while accepts.join_next().await.is_some() {}
+    info!("shutting down: no new sessions");
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
         warn!(
             open = gateway.limits.open(),
@@ -181,6 +183,8 @@ async fn accept_loop(
 ) {
     loop {
         tokio::select! {
+            // A stop wins over a connection that is ready at the same time.
+            biased;
             _ = stop.changed() => break,
             accepted = socket.accept() => match accepted {
                 Ok((stream, peer)) => {
