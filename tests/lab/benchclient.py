@@ -59,7 +59,10 @@ async def command(reader, writer, cmd, expect):
     return code, text
 
 
-async def session(host, port, directory, entries, name_re):
+async def session(host, port, directory, entries, name_re, where):
+    """One session; `where` (a one-element list) names the step it is at, so a
+    timeout can say which step hung."""
+    where[0] = "connect"
     reader, writer = await asyncio.open_connection(host, port)
     data_writer = None
     try:
@@ -86,9 +89,13 @@ async def session(host, port, directory, entries, name_re):
             data_host, data_port = ".".join(map(str, n[:4])), n[4] * 256 + n[5]
         else:
             raise Failed(f"EPSV: {text.strip().decode(errors='replace')[:80]}")
+        where[0] = f"data connect to {data_host}:{data_port}"
         data_reader, data_writer = await asyncio.open_connection(data_host, data_port)
+        where[0] = f"LIST over {data_host}:{data_port} from port {data_writer.get_extra_info('sockname')[1]}"
         await command(reader, writer, b"LIST " + directory.encode(), (125, 150))
+        where[0] += ", reading the listing"
         listing = await data_reader.read(-1)
+        where[0] = "LIST end reply"
         data_writer.close()
         data_writer = None
         code, text = await read_reply(reader)
@@ -120,13 +127,14 @@ async def rate_proc(args, workers, quota, start_at, deadline):
                 if remaining[0] <= 0:
                     return
                 remaining[0] -= 1
+            where = ["start"]
             try:
-                await asyncio.wait_for(session(args.host, args.port, args.dir, args.entries, name_re), SESSION_TIMEOUT)
+                await asyncio.wait_for(session(args.host, args.port, args.dir, args.entries, name_re, where), SESSION_TIMEOUT)
                 done += 1
             except (Failed, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
                 errors += 1
                 if len(samples) < 5:
-                    samples.append(f"{type(exc).__name__}: {exc}")
+                    samples.append(f"{type(exc).__name__} at {where[0]}: {exc}")
 
     delay = start_at - time.monotonic()
     if delay > 0:
