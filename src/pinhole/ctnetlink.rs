@@ -255,23 +255,32 @@ fn tuple(buf: &[u8]) -> Option<Tuple> {
     })
 }
 
-/// Builds one netlink message with nested attributes.
-struct Builder(Vec<u8>);
+/// Builds one nfnetlink message with nested attributes (shared with
+/// `nftnl`).
+pub(super) struct Builder(Vec<u8>);
 
 impl Builder {
     fn new(msg: u16, flags: u16, seq: u32, family: u8) -> Builder {
+        Builder::with_type((SUBSYS_CTNETLINK << 8) | msg, flags, seq, family, 0)
+    }
+
+    /// A message of netlink type `kind` (subsystem << 8 | message), whose
+    /// nfgenmsg carries `family` and `res_id` (in network byte order).
+    pub(super) fn with_type(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> Builder {
         let mut b = Vec::with_capacity(128);
         b.extend_from_slice(&0u32.to_ne_bytes());
-        b.extend_from_slice(&((SUBSYS_CTNETLINK << 8) | msg).to_ne_bytes());
+        b.extend_from_slice(&kind.to_ne_bytes());
         b.extend_from_slice(&flags.to_ne_bytes());
         b.extend_from_slice(&seq.to_ne_bytes());
         b.extend_from_slice(&0u32.to_ne_bytes());
-        // nfgenmsg: family, NFNETLINK_V0, resource id 0.
-        b.extend_from_slice(&[family, 0, 0, 0]);
+        // nfgenmsg: family, NFNETLINK_V0, resource id.
+        b.extend_from_slice(&[family, 0]);
+        b.extend_from_slice(&res_id.to_be_bytes());
         Builder(b)
     }
 
-    fn put(&mut self, kind: u16, payload: &[u8]) {
+    /// One attribute, padded to 4 bytes.
+    pub(super) fn put(&mut self, kind: u16, payload: &[u8]) {
         let len = 4 + payload.len();
         self.0.extend_from_slice(&(len as u16).to_ne_bytes());
         self.0.extend_from_slice(&kind.to_ne_bytes());
@@ -280,7 +289,7 @@ impl Builder {
     }
 
     /// A nested attribute whose content `inner` writes.
-    fn nest(&mut self, kind: u16, inner: impl FnOnce(&mut Builder)) {
+    pub(super) fn nest(&mut self, kind: u16, inner: impl FnOnce(&mut Builder)) {
         let at = self.0.len();
         self.put(kind | NLA_F_NESTED, &[]);
         inner(self);
@@ -288,7 +297,8 @@ impl Builder {
         self.0[at..at + 2].copy_from_slice(&len.to_ne_bytes());
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    /// The message, its length filled in.
+    pub(super) fn finish(mut self) -> Vec<u8> {
         let len = self.0.len() as u32;
         self.0[..4].copy_from_slice(&len.to_ne_bytes());
         self.0
@@ -353,6 +363,12 @@ impl Socket {
     /// A socket subscribed to `groups` (0 for one that only sends requests),
     /// with a receive buffer of `rcvbuf` bytes.
     pub fn open(groups: u32, rcvbuf: usize) -> io::Result<Socket> {
+        Socket::from_fd(Socket::open_fd(groups, rcvbuf)?)
+    }
+
+    /// The bound descriptor [`Socket::open`] registers: made apart so that
+    /// a thread in another network namespace can make it (no tokio needed).
+    pub fn open_fd(groups: u32, rcvbuf: usize) -> io::Result<std::os::fd::OwnedFd> {
         use rustix::net::{netlink, AddressFamily, SocketFlags, SocketType};
         let fd = rustix::net::socket_with(
             AddressFamily::NETLINK,
@@ -366,6 +382,11 @@ impl Socket {
             rustix::net::sockopt::set_socket_recv_buffer_size(&fd, rcvbuf)?;
         }
         rustix::net::bind(&fd, &netlink::SocketAddrNetlink::new(0, groups))?;
+        Ok(fd)
+    }
+
+    /// Registers a descriptor from [`Socket::open_fd`] with tokio.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> io::Result<Socket> {
         let sock = std::os::unix::net::UnixDatagram::from(fd);
         Ok(Socket {
             sock: tokio::net::UnixDatagram::from_std(sock)?,

@@ -8,6 +8,7 @@
 pub mod ctnetlink;
 pub mod kernel;
 pub mod nft;
+pub mod nftnl;
 pub mod pool;
 pub mod relay;
 #[cfg(target_os = "linux")]

@@ -10,14 +10,17 @@
 //! - `actv4`/`actv6`: the gateway's active data connection to (client, port)
 //!   leaves with the server's address as its source.
 //!
-//! The table is driven through the `nft` binary: one long-lived `nft -i`
-//! process takes the changes as lines, and nft makes each line one kernel
-//! transaction. The table itself is created with `nft -f -`.
+//! The table itself is created and deleted with `nft -f -`. Element changes
+//! are nf_tables netlink batches (`nftnl`), each one kernel transaction;
+//! where no netlink socket can be opened, one long-lived `nft -i` process
+//! takes them as lines instead, and nft makes each line one transaction.
 
+use super::nftnl::{Netlink, Op};
 use crate::config::{Config, ListenerMode};
 use std::fmt::Write as _;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -96,7 +99,7 @@ pub enum Element {
 
 impl Element {
     /// The set or map this element lives in.
-    fn set(&self) -> io::Result<&'static str> {
+    pub(super) fn set(&self) -> io::Result<&'static str> {
         match *self {
             Element::Passive { client, server, .. } => match (client, server) {
                 (IpAddr::V4(_), IpAddr::V4(_)) => Ok("pasv4"),
@@ -233,23 +236,26 @@ fn mixed_families(e: &Element) -> io::Error {
 /// The gateway's own nftables table (family `inet`). Created at start,
 /// removed by [`InterceptTable::destroy`] at a clean exit.
 ///
-/// Element changes go to one long-lived `nft -i` process: nft runs each
-/// line as one transaction, so a change (all the elements of a pinhole,
-/// say) is applied whole or not at all, without a process spawn per change.
-/// Changes that queue up while a line runs share the next line (see
-/// [`Shell::spawn`]).
+/// Element changes are nf_tables netlink batches the gateway writes itself
+/// (see `nftnl`): each change (all the elements of a pinhole, say) is one
+/// transaction, applied whole or not at all. Where the netlink socket
+/// cannot be opened, they go to one long-lived `nft -i` process instead,
+/// which runs each line as one transaction. Changes that queue up while
+/// one runs share the next transaction (see [`spawn_applier`]).
 #[derive(Debug)]
 pub struct InterceptTable {
     name: String,
     /// Runs before `nft` (e.g. `ip netns exec NS`); empty in production.
     prefix: Vec<String>,
-    /// The `nft -i` process, started on first use and again after it broke.
+    /// The task that applies element changes.
     changes: tokio::sync::mpsc::UnboundedSender<Change>,
+    /// How changes are applied: "netlink" or "nft -i".
+    via: &'static str,
 }
 
-/// One change for the `nft` process, and where its result goes.
+/// One change (a transaction), and where its result goes.
 struct Change {
-    line: String,
+    ops: Vec<Op>,
     done: tokio::sync::oneshot::Sender<io::Result<()>>,
 }
 
@@ -263,13 +269,34 @@ impl InterceptTable {
     }
 
     /// Like [`InterceptTable::create`], with every `nft` call run through
-    /// `prefix` (such as `["ip", "netns", "exec", "lab"]`).
+    /// `prefix` (such as `["ip", "netns", "exec", "lab"]`). Element changes
+    /// go over netlink when the prefix is empty or `ip netns exec NAME`
+    /// (the socket is opened in that namespace), through `nft -i` otherwise.
     pub async fn create_with_prefix(name: &str, prefix: Vec<String>) -> io::Result<Self> {
+        Self::create_inner(name, prefix, true).await
+    }
+
+    async fn create_inner(name: &str, prefix: Vec<String>, netlink: bool) -> io::Result<Self> {
         check_name(name)?;
+        let applier = match netns_of(&prefix).filter(|_| netlink) {
+            Some(netns) => match Netlink::open(netns) {
+                Ok(nl) => Applier::Netlink(nl),
+                Err(e) => {
+                    tracing::warn!(table = %name, "nftables netlink socket: {e}; element changes go through nft -i");
+                    Applier::shell(&prefix)
+                }
+            },
+            None => Applier::shell(&prefix),
+        };
+        let via = match applier {
+            Applier::Netlink(_) => "netlink",
+            Applier::Shell { .. } => "nft -i",
+        };
         let table = InterceptTable {
             name: name.to_owned(),
             prefix: prefix.clone(),
-            changes: Shell::spawn(prefix.clone()),
+            changes: spawn_applier(name.to_owned(), applier),
+            via,
         };
         // `add` then `delete` makes the deletion succeed whether or not a
         // stale table exists; the batch is one transaction, so there is no
@@ -279,6 +306,7 @@ impl InterceptTable {
             table_script(name)
         );
         table.run(&script).await?;
+        tracing::debug!(table = %name, "nft element changes via {}", table.via);
         Ok(table)
     }
 
@@ -289,21 +317,15 @@ impl InterceptTable {
 
     /// Adds `elements` in one transaction, each expiring after its timeout.
     pub async fn add(&self, elements: &[(Element, Duration)]) -> io::Result<()> {
-        let mut lines = Vec::new();
-        for (e, timeout) in elements {
-            lines.push(e.add_line(&self.name, *timeout)?);
-        }
-        self.batch(&lines).await
+        let ops = elements.iter().map(|(e, t)| Op::Add(*e, *t)).collect();
+        self.batch(ops).await
     }
 
     /// Removes `elements` in one transaction. Fails if one is already gone
     /// (expired), in which case none is removed by this call.
     pub async fn remove(&self, elements: &[Element]) -> io::Result<()> {
-        let mut lines = Vec::new();
-        for e in elements {
-            lines.push(e.delete_line(&self.name)?);
-        }
-        self.batch(&lines).await
+        let ops = elements.iter().map(|e| Op::Delete(*e)).collect();
+        self.batch(ops).await
     }
 
     /// Sets `element`'s timeout to `timeout` from now, adding it if it is
@@ -311,12 +333,12 @@ impl InterceptTable {
     /// add-delete-add, which is one transaction and cannot fail on a missing
     /// element.
     pub async fn refresh(&self, element: Element, timeout: Duration) -> io::Result<()> {
-        let lines = [
-            element.add_line(&self.name, timeout)?,
-            element.delete_line(&self.name)?,
-            element.add_line(&self.name, timeout)?,
+        let ops = vec![
+            Op::Add(element, timeout),
+            Op::Delete(element),
+            Op::Add(element, timeout),
         ];
-        self.batch(&lines).await
+        self.batch(ops).await
     }
 
     /// Removes `elements`, whether or not some are already gone (expired,
@@ -325,21 +347,18 @@ impl InterceptTable {
     /// missing element. Errors are logged, not returned: the kernel's
     /// timeouts are the backstop.
     pub async fn remove_each(&self, elements: &[Element]) {
-        let mut lines = Vec::new();
+        let mut ops = Vec::new();
         for e in elements {
             // The transaction is atomic: no packet ever sees the re-added
             // element.
-            match (
-                e.add_line(&self.name, Duration::from_millis(1)),
-                e.delete_line(&self.name),
-            ) {
-                (Ok(add), Ok(delete)) => lines.extend([add, delete]),
-                (Err(err), _) | (_, Err(err)) => {
+            match e.set() {
+                Ok(_) => ops.extend([Op::Add(*e, Duration::from_millis(1)), Op::Delete(*e)]),
+                Err(err) => {
                     tracing::debug!(table = %self.name, element = ?e, "nft element not removed: {err}");
                 }
             }
         }
-        if let Err(err) = self.batch(&lines).await {
+        if let Err(err) = self.batch(ops).await {
             tracing::warn!(table = %self.name, "nft elements not removed: {err}");
         }
     }
@@ -350,26 +369,23 @@ impl InterceptTable {
             .await
     }
 
-    /// Runs `lines` (each one command) as one transaction on the `nft -i`
-    /// process, starting it if needed.
-    async fn batch(&self, lines: &[String]) -> io::Result<()> {
-        if lines.is_empty() {
+    /// Runs `ops` as one transaction on the applier task. An element that
+    /// fits no set fails the call before anything is sent.
+    async fn batch(&self, ops: Vec<Op>) -> io::Result<()> {
+        if ops.is_empty() {
             return Ok(());
         }
-        let joined = lines
-            .iter()
-            .map(|l| l.trim_end())
-            .collect::<Vec<_>>()
-            .join("; ");
+        for op in &ops {
+            op.check()?;
+        }
         let start = std::time::Instant::now();
         let (done, result) = tokio::sync::oneshot::channel();
-        let change = Change { line: joined, done };
-        if self.changes.send(change).is_err() {
-            return Err(io::Error::other("nft process task is gone"));
+        if self.changes.send(Change { ops, done }).is_err() {
+            return Err(io::Error::other("nft change task is gone"));
         }
         let result = result
             .await
-            .unwrap_or_else(|_| Err(io::Error::other("nft process task is gone")));
+            .unwrap_or_else(|_| Err(io::Error::other("nft change task is gone")));
         tracing::debug!(
             table = %self.name,
             us = start.elapsed().as_micros() as u64,
@@ -439,6 +455,107 @@ const NO_HISTORY: &str = "/dev/null";
 /// line pays for the in-memory history stays near that of a fresh one.
 const SHELL_LINES: u64 = 500;
 
+/// At most this many changes share one transaction.
+const GROUP: usize = 32;
+
+/// The network namespace element changes go to over netlink, for a prefix
+/// that says which: `None` when the prefix is not understood (changes then
+/// go through `nft -i` under that prefix).
+fn netns_of(prefix: &[String]) -> Option<Option<PathBuf>> {
+    match prefix {
+        [] => Some(None),
+        [ip, netns, exec, name]
+            if ip == "ip" && netns == "netns" && exec == "exec" && !name.contains('/') =>
+        {
+            Some(Some(Path::new("/run/netns").join(name)))
+        }
+        _ => None,
+    }
+}
+
+/// What applies element changes: a netlink socket, or an `nft -i` process.
+#[derive(Debug)]
+enum Applier {
+    Netlink(Netlink),
+    Shell {
+        prefix: Vec<String>,
+        /// Started on first use and again after it broke.
+        shell: Option<Box<Shell>>,
+    },
+}
+
+impl Applier {
+    fn shell(prefix: &[String]) -> Applier {
+        Applier::Shell {
+            prefix: prefix.to_vec(),
+            shell: None,
+        }
+    }
+
+    /// Runs `ops` on `table` as one transaction.
+    async fn apply(&mut self, table: &str, ops: &[Op]) -> io::Result<()> {
+        let start = std::time::Instant::now();
+        let r = match self {
+            Applier::Netlink(nl) => nl.apply(table, ops).await,
+            Applier::Shell { prefix, shell } => {
+                let mut lines = Vec::with_capacity(ops.len());
+                for op in ops {
+                    let line = match *op {
+                        Op::Add(e, t) => e.add_line(table, t)?,
+                        Op::Delete(e) => e.delete_line(table)?,
+                    };
+                    lines.push(line.trim_end().to_owned());
+                }
+                Shell::run_on(shell, prefix, &lines.join("; ")).await
+            }
+        };
+        tracing::debug!(
+            ops = ops.len(),
+            us = start.elapsed().as_micros() as u64,
+            ok = r.is_ok(),
+            "nft: {ops:?}"
+        );
+        r
+    }
+}
+
+/// Starts the task that owns `applier`: it takes changes in order and
+/// applies those that queued up while the previous one ran together, as
+/// one transaction. If that fails, each of its changes runs again on its
+/// own, so every change is still one transaction with its own result. The
+/// task ends when the table is dropped.
+fn spawn_applier(
+    table: String,
+    mut applier: Applier,
+) -> tokio::sync::mpsc::UnboundedSender<Change> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Change>();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut group = vec![first];
+            while group.len() < GROUP {
+                match rx.try_recv() {
+                    Ok(c) => group.push(c),
+                    Err(_) => break,
+                }
+            }
+            if group.len() > 1 {
+                let ops: Vec<Op> = group.iter().flat_map(|c| c.ops.iter().copied()).collect();
+                if applier.apply(&table, &ops).await.is_ok() {
+                    for c in group {
+                        let _ = c.done.send(Ok(()));
+                    }
+                    continue;
+                }
+            }
+            for c in group {
+                let r = applier.apply(&table, &c.ops).await;
+                let _ = c.done.send(r);
+            }
+        }
+    });
+    tx
+}
+
 /// A long-lived `nft -i`. Each command line is one transaction; nft says
 /// nothing on success and prints errors on stderr. After each line a marker
 /// line follows that nft cannot parse: its error, which quotes the marker,
@@ -451,69 +568,16 @@ struct Shell {
     next: u64,
 }
 
-/// At most this many changes share one line.
-const GROUP: usize = 32;
-
 impl Shell {
-    /// Starts the task that owns the process: it takes changes in order and
-    /// sends those that queued up while the previous line ran together, as
-    /// one line. If that line fails, each of its changes runs again on its
-    /// own, so every change is still one transaction with its own result.
-    /// The task ends when the table is dropped.
-    fn spawn(prefix: Vec<String>) -> tokio::sync::mpsc::UnboundedSender<Change> {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Change>();
-        tokio::spawn(async move {
-            let mut shell: Option<Shell> = None;
-            while let Some(first) = rx.recv().await {
-                let mut group = vec![first];
-                while group.len() < GROUP {
-                    match rx.try_recv() {
-                        Ok(c) => group.push(c),
-                        Err(_) => break,
-                    }
-                }
-                if group.len() > 1 {
-                    let line = group
-                        .iter()
-                        .map(|c| c.line.as_str())
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    let start = std::time::Instant::now();
-                    let r = Shell::run_on(&mut shell, &prefix, &line).await;
-                    tracing::debug!(
-                        changes = group.len(),
-                        us = start.elapsed().as_micros() as u64,
-                        ok = r.is_ok(),
-                        "nft: {line}"
-                    );
-                    if r.is_ok() {
-                        for c in group {
-                            let _ = c.done.send(Ok(()));
-                        }
-                        continue;
-                    }
-                }
-                for c in group {
-                    let start = std::time::Instant::now();
-                    let r = Shell::run_on(&mut shell, &prefix, &c.line).await;
-                    tracing::debug!(
-                        us = start.elapsed().as_micros() as u64,
-                        ok = r.is_ok(),
-                        "nft: {}",
-                        c.line
-                    );
-                    let _ = c.done.send(r);
-                }
-            }
-        });
-        tx
-    }
-
     /// Runs `line` on the process in `shell`, starting one if needed and
     /// dropping it if it broke.
-    async fn run_on(shell: &mut Option<Shell>, prefix: &[String], line: &str) -> io::Result<()> {
+    async fn run_on(
+        shell: &mut Option<Box<Shell>>,
+        prefix: &[String],
+        line: &str,
+    ) -> io::Result<()> {
         if shell.is_none() {
-            *shell = Some(Shell::start(prefix)?);
+            *shell = Some(Box::new(Shell::start(prefix)?));
         }
         let result = match shell.as_mut() {
             Some(sh) => match tokio::time::timeout(BATCH_LIMIT, sh.run(line)).await {
@@ -1098,6 +1162,7 @@ pub(crate) mod tests {
         let table = InterceptTable::create_with_prefix("ftpgate_k", ns.prefix())
             .await
             .expect("create");
+        assert_eq!(table.via, "netlink");
         let mut all = Vec::new();
         for (peer, dst, to, source) in [
             ("198.51.100.2", "192.0.2.1", "10.71.2.2:30000", "10.71.2.1"),
@@ -1274,6 +1339,7 @@ pub(crate) mod tests {
         let table = InterceptTable::create_with_prefix("ftpgate_t", ns.prefix())
             .await
             .expect("create");
+        assert_eq!(table.via, "netlink");
         let pasv = Element::Passive {
             client: "10.0.0.5".parse().unwrap(),
             server: "198.51.100.7".parse().unwrap(),
@@ -1345,30 +1411,123 @@ pub(crate) mod tests {
         assert!(std::fs::metadata(NO_HISTORY).is_ok_and(|m| !m.is_dir()));
     }
 
-    /// Changes go on across the `nft -i` process's replacements, each one
-    /// landing in the kernel.
+    /// Claims on ports `1..=n` of 192.0.2.1 that the kernel holds.
+    fn claims_listed(ns: &Netns, table: &str, n: u16) -> usize {
+        let (_, listed) = ns.nft(&["-j", "list", "set", "inet", table, "claim4"], None);
+        (1..=n)
+            .filter(|port| listed.contains(&format!("\"192.0.2.1\", {port}]")))
+            .count()
+    }
+
+    fn claim(port: u16) -> Element {
+        Element::Claim {
+            dst: "192.0.2.1".parse().unwrap(),
+            port,
+        }
+    }
+
+    /// Changes go on across the `nft -i` process's replacements (the path
+    /// taken when no netlink socket can be opened), each one landing in the
+    /// kernel.
     #[tokio::test]
     async fn kernel_takes_changes_across_process_replacements() {
         let Some(ns) = Netns::new() else { return };
-        let table = InterceptTable::create_with_prefix("ftpgate_t", ns.prefix())
+        let table = InterceptTable::create_inner("ftpgate_t", ns.prefix(), false)
             .await
             .expect("create");
+        assert_eq!(table.via, "nft -i");
         let n = 2 * SHELL_LINES as u16 + 3;
         for port in 1..=n {
-            let claim = Element::Claim {
-                dst: "192.0.2.1".parse().unwrap(),
-                port,
-            };
             table
-                .add(&[(claim, Duration::from_secs(30))])
+                .add(&[(claim(port), Duration::from_secs(30))])
                 .await
                 .unwrap_or_else(|e| panic!("change {port}: {e}"));
         }
-        let (_, listed) = ns.nft(&["-j", "list", "set", "inet", "ftpgate_t", "claim4"], None);
-        let found = (1..=n)
-            .filter(|port| listed.contains(&format!("\"192.0.2.1\", {port}]")))
-            .count();
-        assert_eq!(found, n as usize, "{listed}");
+        assert_eq!(claims_listed(&ns, "ftpgate_t", n), n as usize);
+    }
+
+    /// Over netlink: many changes, sequential and concurrent (grouped into
+    /// one batch), each in the kernel; a grouped batch with one failing
+    /// change is split up, so only that change fails.
+    #[tokio::test]
+    async fn kernel_takes_netlink_changes_sequential_and_grouped() {
+        let Some(ns) = Netns::new() else { return };
+        let table = InterceptTable::create_with_prefix("ftpgate_n", ns.prefix())
+            .await
+            .expect("create");
+        assert_eq!(table.via, "netlink");
+        let n = 1000u16;
+        for port in 1..=n / 2 {
+            table
+                .add(&[(claim(port), Duration::from_secs(30))])
+                .await
+                .unwrap_or_else(|e| panic!("change {port}: {e}"));
+        }
+        let adds = (n / 2 + 1..=n).map(|port| {
+            let table = &table;
+            async move { table.add(&[(claim(port), Duration::from_secs(30))]).await }
+        });
+        for r in futures_join(adds).await {
+            r.expect("grouped add");
+        }
+        assert_eq!(claims_listed(&ns, "ftpgate_n", n), n as usize);
+        // Port 2000 was never added: its removal fails, the others' do not.
+        let removes = [1, 2000, 3].map(|port| {
+            let table = &table;
+            async move { table.remove(&[claim(port)]).await }
+        });
+        let results = futures_join(removes).await;
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        let err = results[1].as_ref().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+        assert!(err.to_string().contains("ftpgate_n"), "{err}");
+        assert!(err.to_string().contains("port: 2000"), "{err}");
+        assert_eq!(claims_listed(&ns, "ftpgate_n", n), n as usize - 2);
+        // The map data comes back as written.
+        let actv = Element::Active {
+            client: "[2001:db8::5]:50000".parse().unwrap(),
+            source: "2001:db8::7".parse().unwrap(),
+        };
+        table
+            .add(&[(actv, Duration::from_secs(30))])
+            .await
+            .expect("add");
+        let (_, listed) = ns.nft(&["-j", "list", "map", "inet", "ftpgate_n", "actv6"], None);
+        assert!(
+            listed.contains(r#"{"concat": ["2001:db8::5", 50000]}"#)
+                && listed.contains(r#""2001:db8::7""#),
+            "{listed}"
+        );
+        table.destroy().await.expect("destroy");
+    }
+
+    /// Runs futures concurrently on this task; results in order.
+    async fn futures_join<F: std::future::Future>(
+        futures: impl IntoIterator<Item = F>,
+    ) -> Vec<F::Output> {
+        let mut set = Vec::new();
+        for f in futures {
+            set.push(Box::pin(f));
+        }
+        let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut pending = false;
+            for (f, o) in set.iter_mut().zip(out.iter_mut()) {
+                if o.is_none() {
+                    match f.as_mut().poll(cx) {
+                        std::task::Poll::Ready(v) => *o = Some(v),
+                        std::task::Poll::Pending => pending = true,
+                    }
+                }
+            }
+            if pending {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        out.into_iter().flatten().collect()
     }
 
     #[tokio::test]
