@@ -1320,6 +1320,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn netlink_goes_where_the_prefix_runs_nft() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(netns_of(&[]), Some(None));
+        assert_eq!(
+            netns_of(&v(&["ip", "netns", "exec", "lab"])),
+            Some(Some(PathBuf::from("/run/netns/lab")))
+        );
+        // Anything else runs nft -i under the prefix.
+        for other in [
+            v(&["ip", "netns", "exec", "../x"]),
+            v(&["ip", "netns", "exec"]),
+            v(&["nsenter", "-t", "1", "-n"]),
+        ] {
+            assert_eq!(netns_of(&other), None, "{other:?}");
+        }
+        // A namespace that does not exist: an error naming it, no socket.
+        let err = Netlink::open(Some(PathBuf::from("/run/netns/ftpgate-absent-ns"))).unwrap_err();
+        assert!(err.to_string().contains("ftpgate-absent-ns"), "{err}");
+    }
+
+    #[test]
     fn table_names_are_checked() {
         for (name, ok) in [
             ("ftpgate", true),
