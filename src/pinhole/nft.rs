@@ -241,7 +241,7 @@ fn mixed_families(e: &Element) -> io::Error {
 /// transaction, applied whole or not at all. Where the netlink socket
 /// cannot be opened, they go to one long-lived `nft -i` process instead,
 /// which runs each line as one transaction. Changes that queue up while
-/// one runs share the next transaction (see [`spawn_applier`]).
+/// one runs share the next transaction (see `spawn_applier`).
 #[derive(Debug)]
 pub struct InterceptTable {
     name: String,
