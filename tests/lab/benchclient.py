@@ -69,9 +69,11 @@ async def session(host, port, directory, entries, name_re, where):
         code, text = await read_reply(reader)
         if code != 220:
             raise Failed(f"greeting: {text.strip().decode(errors='replace')[:80]}")
+        where[0] = "login"
         code, _ = await command(reader, writer, b"USER anonymous", (230, 331))
         if code == 331:
             await command(reader, writer, b"PASS bench@", (230,))
+        where[0] = "EPSV/PASV"
         writer.write(b"EPSV\r\n")
         code, text = await read_reply(reader)
         if code == 229:
