@@ -110,6 +110,29 @@ async fn cmd(r: &mut BufReader<TcpStream>, c: &str) -> String {
 }
 
 /// The greeting a new session gets, or what it gets instead.
+/// Logs in through the gateway at `addr`, opens a passive data connection
+/// and starts `RETR path`: the control connection (150 read) and the data
+/// connection.
+async fn retr(addr: SocketAddr, path: &str) -> (BufReader<TcpStream>, TcpStream) {
+    let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
+    assert!(reply(&mut c).await.starts_with("220"));
+    assert!(cmd(&mut c, "USER anonymous").await.starts_with("331"));
+    assert!(cmd(&mut c, "PASS x@").await.starts_with("230"));
+    assert!(cmd(&mut c, "TYPE I").await.starts_with("200"));
+    let epsv = cmd(&mut c, "EPSV").await;
+    let port: u16 = epsv
+        .split("|||")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(|ch: char| !ch.is_ascii_digit())
+        .parse()
+        .unwrap();
+    let d = TcpStream::connect((addr.ip(), port)).await.unwrap();
+    let started = cmd(&mut c, &format!("RETR {path}")).await;
+    assert!(started.starts_with("150"), "{started}");
+    (c, d)
+}
+
 async fn greeting(addr: SocketAddr) -> String {
     match TcpStream::connect(addr).await {
         Ok(s) => {
@@ -133,21 +156,7 @@ async fn sigterm_stops_accepting_and_finishes_transfers() {
     std::fs::write(&file, rule_file(upstream, "127.0.0.0/8")).unwrap();
     let mut gate = Gate::start(&file).await;
 
-    let mut c = BufReader::new(TcpStream::connect(gate.addr).await.unwrap());
-    assert!(reply(&mut c).await.starts_with("220"));
-    assert!(cmd(&mut c, "USER anonymous").await.starts_with("331"));
-    assert!(cmd(&mut c, "PASS x@").await.starts_with("230"));
-    assert!(cmd(&mut c, "TYPE I").await.starts_with("200"));
-    let epsv = cmd(&mut c, "EPSV").await;
-    let port: u16 = epsv
-        .split("|||")
-        .nth(1)
-        .unwrap()
-        .trim_end_matches(|ch: char| !ch.is_ascii_digit())
-        .parse()
-        .unwrap();
-    let mut d = TcpStream::connect((gate.addr.ip(), port)).await.unwrap();
-    assert!(cmd(&mut c, "RETR big").await.starts_with("150"));
+    let (mut c, mut d) = retr(gate.addr, "big").await;
     let mut buf = vec![0u8; 64 * 1024];
     let mut got = bounded("first bytes", d.read(&mut buf)).await.unwrap();
     assert!(got > 0);
@@ -190,21 +199,7 @@ async fn every_thread_count_serves_a_transfer() {
     std::fs::write(&file, rule_file(upstream, "127.0.0.0/8")).unwrap();
     for threads in ["1", "2", "0"] {
         let mut gate = Gate::start_with(&file, &["--threads", threads]).await;
-        let mut c = BufReader::new(TcpStream::connect(gate.addr).await.unwrap());
-        assert!(reply(&mut c).await.starts_with("220"));
-        assert!(cmd(&mut c, "USER anonymous").await.starts_with("331"));
-        assert!(cmd(&mut c, "PASS x@").await.starts_with("230"));
-        assert!(cmd(&mut c, "TYPE I").await.starts_with("200"));
-        let epsv = cmd(&mut c, "EPSV").await;
-        let port: u16 = epsv
-            .split("|||")
-            .nth(1)
-            .unwrap()
-            .trim_end_matches(|ch: char| !ch.is_ascii_digit())
-            .parse()
-            .unwrap();
-        let mut d = TcpStream::connect((gate.addr.ip(), port)).await.unwrap();
-        assert!(cmd(&mut c, "RETR f").await.starts_with("150"));
+        let (mut c, mut d) = retr(gate.addr, "f").await;
         let mut got = Vec::new();
         bounded("download", d.read_to_end(&mut got)).await.unwrap();
         assert!(
