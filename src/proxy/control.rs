@@ -338,14 +338,7 @@ impl Conn<'_> {
                     let core = &mut self.core;
                     match r.map(|()| read_now(&self.client, |b| core.client_bytes(b))) {
                         Ok(Read::Spurious) => {}
-                        Ok(Read::Data(n)) => {
-                            self.from_client += n as u64;
-                            let seen = self.core.lines_received();
-                            if seen != lines {
-                                lines = seen;
-                                deadline = tokio::time::Instant::now() + idle;
-                            }
-                        }
+                        Ok(Read::Data(n)) => self.from_client += n as u64,
                         Ok(Read::Closed) | Err(_) => self.core.client_closed(),
                     }
                 }
@@ -353,14 +346,7 @@ impl Conn<'_> {
                     let core = &mut self.core;
                     match r.map(|()| read_now(&self.upstream, |b| core.server_bytes(b))) {
                         Ok(Read::Spurious) => {}
-                        Ok(Read::Data(n)) => {
-                            self.from_server += n as u64;
-                            let seen = self.core.lines_received();
-                            if seen != lines {
-                                lines = seen;
-                                deadline = tokio::time::Instant::now() + idle;
-                            }
-                        }
+                        Ok(Read::Data(n)) => self.from_server += n as u64,
                         Ok(Read::Closed) | Err(_) => self.core.server_closed(),
                     }
                 }
@@ -385,6 +371,12 @@ impl Conn<'_> {
                         self.core.idle_timeout();
                     }
                 }
+            }
+            // Lines arrive only through the reads above, from either peer.
+            let seen = self.core.lines_received();
+            if seen != lines {
+                lines = seen;
+                deadline = tokio::time::Instant::now() + idle;
             }
             if let Some(end) = self.act(&mut events).await {
                 self.settle_data(&mut events).await;
