@@ -213,12 +213,17 @@ async def measure(binary, upstream, n, workdir, idle, timeout, concurrency):
             return False
         return len(sessions) == n and ok == n
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def stop(proc):
+    """SIGTERM, then SIGKILL if it has not exited within 10 s; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def main():
@@ -274,11 +279,7 @@ def main():
                                       args.idle, args.timeout, args.concurrency))
         return 0 if ok else 1
     finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
