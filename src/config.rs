@@ -131,6 +131,42 @@ pub struct DataConfig {
     pub pinhole_timeout: Duration,
     /// The nftables table the gateway owns. Default `ftpgate`.
     pub nftables_table: String,
+    /// Most ports of each pool that one client address may hold at once.
+    /// Default 25%.
+    pub max_ports_per_client: PortShare,
+}
+
+/// `max_ports_per_client`: a count of ports, or a percentage of each pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortShare {
+    /// At most this many ports of each pool (`16`).
+    Ports(usize),
+    /// At most this percentage of each pool, 1-100 (`25%`).
+    Percent(u8),
+}
+
+impl PortShare {
+    /// The most ports one client may hold of a pool of `len` ports.
+    ///
+    /// A percentage rounds up, and is at least 2 ports (or the whole of a
+    /// smaller pool): a client always has room for a fresh pinhole while
+    /// the one it supersedes is still being given back.
+    pub fn of(self, len: usize) -> usize {
+        let n = match self {
+            PortShare::Ports(n) => n,
+            PortShare::Percent(p) => (len * usize::from(p)).div_ceil(100).max(2),
+        };
+        n.clamp(1, len.max(1))
+    }
+}
+
+impl std::fmt::Display for PortShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortShare::Ports(n) => write!(f, "{n}"),
+            PortShare::Percent(p) => write!(f, "{p}%"),
+        }
+    }
 }
 
 /// `limits:` section.
@@ -266,6 +302,9 @@ impl Default for DataConfig {
             },
             pinhole_timeout: Duration::from_secs(30),
             nftables_table: "ftpgate".to_string(),
+            // One client may take a quarter of a pool: a few hostile
+            // addresses cannot starve the others.
+            max_ports_per_client: PortShare::Percent(25),
         }
     }
 }
@@ -465,6 +504,7 @@ impl Config {
                 server_ports: self.data.server_ports.to_string(),
                 pinhole_timeout: format_duration(self.data.pinhole_timeout),
                 nftables_table: self.data.nftables_table.clone(),
+                max_ports_per_client: self.data.max_ports_per_client.to_string(),
             },
             limits: OutLimits {
                 max_sessions: self.limits.max_sessions,
@@ -516,8 +556,32 @@ impl Config {
         };
         // Plain strings, numbers and lists cannot fail to serialise; the
         // fallback keeps this total anyway.
-        serde_yaml::to_string(&out).unwrap_or_else(|e| format!("# cannot serialise: {e}\n"))
+        let yaml =
+            serde_yaml::to_string(&out).unwrap_or_else(|e| format!("# cannot serialise: {e}\n"));
+        // What the share comes to in each pool, as a comment: the operator
+        // sees the figure the gateway enforces, and the YAML still loads.
+        let d = &self.data;
+        let share = d.max_ports_per_client;
+        let key = format!("  max_ports_per_client: {share}\n");
+        let note = format!(
+            "  max_ports_per_client: {share} # per client address: {} of {} client ports, {} of {} server ports\n",
+            share.of(d.client_ports.len()),
+            d.client_ports.len(),
+            share.of(d.server_ports.len()),
+            d.server_ports.len()
+        );
+        yaml.replacen(&key, &note, 1)
     }
+}
+
+/// True when connecting to `upstream` reaches a socket bound to `listen`:
+/// the same address, or a loopback address of the family of a listener
+/// bound to every address (an IPv6 listener is v6-only).
+fn reaches(upstream: SocketAddr, listen: SocketAddr) -> bool {
+    let (to, at) = (upstream.ip().to_canonical(), listen.ip());
+    upstream.port() == listen.port()
+        && (to == at.to_canonical()
+            || (at.is_unspecified() && to.is_loopback() && to.is_ipv4() == at.is_ipv4()))
 }
 
 fn too_large() -> String {
@@ -663,6 +727,8 @@ struct RawData {
     pinhole_timeout: Field<Text>,
     #[serde(default)]
     nftables_table: Field<Text>,
+    #[serde(default)]
+    max_ports_per_client: Field<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -746,6 +812,7 @@ struct OutData {
     server_ports: String,
     pinhole_timeout: String,
     nftables_table: String,
+    max_ports_per_client: String,
 }
 
 #[derive(Serialize)]
@@ -983,6 +1050,9 @@ impl Check {
 
     fn listeners(&mut self, raw: &[RawListener]) -> Vec<Listener> {
         let mut out: Vec<Listener> = Vec::with_capacity(raw.len());
+        // The file's index of each listener in `out`, to locate errors found
+        // once all are known.
+        let mut index = Vec::with_capacity(raw.len());
         for (i, r) in raw.iter().enumerate() {
             let path = [Seg::Key("listeners"), Seg::Index(i)];
             let name = self.required(
@@ -1061,6 +1131,23 @@ impl Check {
             }
             if let (Some(name), Some(listen), Some(mode)) = (name, listen, mode) {
                 out.push(Listener { name, listen, mode });
+                index.push(i);
+            }
+        }
+        // Each session would connect back to the gateway, which opens
+        // another, until the session limits end it.
+        for (l, &i) in out.iter().zip(&index) {
+            let ListenerMode::Reverse { upstream, .. } = l.mode else {
+                continue;
+            };
+            if let Some(own) = out.iter().find(|o| reaches(upstream, o.listen)) {
+                self.err(
+                    &[Seg::Key("listeners"), Seg::Index(i), Seg::Key("upstream")],
+                    format!(
+                        "upstream {upstream} is the gateway's own listener `{}` ({}): every session would connect back to the gateway (a loop)",
+                        own.name, own.listen
+                    ),
+                );
             }
         }
         out
@@ -1083,14 +1170,14 @@ impl Check {
             &path,
             "client_ports",
             d.client_ports,
-            parse_range,
+            parse_pool_range,
         );
         let server_ports = self.value(
             &raw.server_ports,
             &path,
             "server_ports",
             d.server_ports,
-            parse_range,
+            parse_pool_range,
         );
         if let (Some(c), Some(s)) = (client_ports, server_ports) {
             if c.lo <= s.hi && s.lo <= c.hi {
@@ -1120,12 +1207,20 @@ impl Check {
             d.nftables_table.clone(),
             parse_table,
         );
+        let max_ports_per_client = self.value(
+            &raw.max_ports_per_client,
+            &path,
+            "max_ports_per_client",
+            d.max_ports_per_client,
+            parse_share,
+        );
         DataConfig {
             backend: backend.unwrap_or(d.backend),
             client_ports: client_ports.unwrap_or(d.client_ports),
             server_ports: server_ports.unwrap_or(d.server_ports),
             pinhole_timeout: pinhole_timeout.unwrap_or(d.pinhole_timeout),
             nftables_table: nftables_table.unwrap_or(d.nftables_table),
+            max_ports_per_client: max_ports_per_client.unwrap_or(d.max_ports_per_client),
         }
     }
 
@@ -1425,6 +1520,39 @@ fn parse_range(s: &str) -> Result<PortRange, String> {
         return Err(format!("`{s}` is reversed; write {hi}-{lo}"));
     }
     Ok(PortRange { lo, hi })
+}
+
+/// A pool of gateway ports: a range of unprivileged ports. A pinhole below
+/// 1024 would be a port that only root may bind, and one an ALG must never
+/// open (the kernel helper's known fault).
+fn parse_pool_range(s: &str) -> Result<PortRange, String> {
+    let r = parse_range(s)?;
+    if r.lo < 1024 {
+        return Err(format!(
+            "`{s}` includes ports below 1024; pools must be within 1024-65535"
+        ));
+    }
+    Ok(r)
+}
+
+/// `16` (ports) or `25%` (of each pool); never zero, which would refuse
+/// every data connection.
+fn parse_share(s: &str) -> Result<PortShare, String> {
+    let t = s.trim();
+    let hint = "a number of ports such as 16, or a percentage of each pool such as 25%";
+    if let Some(p) = t.strip_suffix('%') {
+        return match p.trim().parse::<u8>() {
+            Ok(p @ 1..=100) => Ok(PortShare::Percent(p)),
+            _ => Err(format!("`{s}` is not a percentage from 1% to 100%")),
+        };
+    }
+    match t.parse::<usize>() {
+        Ok(0) => Err(format!(
+            "`{s}` would refuse every data connection; write {hint}"
+        )),
+        Ok(n) => Ok(PortShare::Ports(n)),
+        Err(_) => Err(format!("`{s}` is not {hint}")),
+    }
 }
 
 /// `500ms`, `30s`, `15m`, `1h`; never zero, because every timeout in the
@@ -2155,6 +2283,132 @@ rules:
     }
 
     #[test]
+    fn pools_and_shares_are_checked_where_written() {
+        let rules = "rules:\n  - name: all\n";
+        let cases: Vec<(String, &str)> = vec![
+            (
+                format!("{HEAD}{rules}data:\n  client_ports: 21-40000\n  server_ports: 41000-41999\n"),
+                "9:17: client_ports: `21-40000` includes ports below 1024; pools must be within 1024-65535",
+            ),
+            (
+                format!("{HEAD}{rules}data:\n  server_ports: 1000-1023\n"),
+                "9:17: server_ports: `1000-1023` includes ports below 1024; pools must be within 1024-65535",
+            ),
+            (
+                format!("{HEAD}{rules}data:\n  max_ports_per_client: 0\n"),
+                "9:25: max_ports_per_client: `0` would refuse every data connection; write a number of ports such as 16, or a percentage of each pool such as 25%",
+            ),
+            (
+                format!("{HEAD}{rules}data:\n  max_ports_per_client: 0%\n"),
+                "9:25: max_ports_per_client: `0%` is not a percentage from 1% to 100%",
+            ),
+            (
+                format!("{HEAD}{rules}data:\n  max_ports_per_client: 101%\n"),
+                "9:25: max_ports_per_client: `101%` is not a percentage from 1% to 100%",
+            ),
+            (
+                format!("{HEAD}{rules}data:\n  max_ports_per_client: half\n"),
+                "9:25: max_ports_per_client: `half` is not a number of ports such as 16, or a percentage of each pool such as 25%",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(errors(&text), vec![want.to_string()], "in:\n{text}");
+        }
+        // 1024 itself is a usable pool port.
+        let c = ok(&format!(
+            "{HEAD}{rules}data:\n  client_ports: 1024-1100\n  server_ports: 2000-2009\n  max_ports_per_client: 16\n"
+        ));
+        assert_eq!(c.data.client_ports, PortRange { lo: 1024, hi: 1100 });
+        assert_eq!(c.data.max_ports_per_client, PortShare::Ports(16));
+    }
+
+    #[test]
+    fn port_share_of_a_pool() {
+        let cases = [
+            (PortShare::Percent(25), 40, 10),
+            (PortShare::Percent(25), 1000, 250),
+            (PortShare::Percent(25), 41, 11), // rounds up
+            (PortShare::Percent(1), 40, 2),   // at least two
+            (PortShare::Percent(25), 2, 2),
+            (PortShare::Percent(25), 1, 1), // never more than the pool
+            (PortShare::Percent(100), 40, 40),
+            (PortShare::Ports(16), 40, 16),
+            (PortShare::Ports(16), 4, 4),
+            (PortShare::Ports(1), 40, 1),
+        ];
+        for (share, len, want) in cases {
+            assert_eq!(share.of(len), want, "{share} of {len}");
+        }
+        assert_eq!(
+            DataConfig::default().max_ports_per_client,
+            PortShare::Percent(25)
+        );
+    }
+
+    #[test]
+    fn check_prints_the_share_and_what_it_comes_to() {
+        let c = ok(&format!(
+            "{HEAD}rules:\n  - name: all\ndata:\n  client_ports: 40000-40039\n  server_ports: 41000-41999\n"
+        ));
+        let yaml = c.to_yaml();
+        assert!(
+            yaml.contains("  max_ports_per_client: 25% # per client address: 10 of 40 client ports, 250 of 1000 server ports\n"),
+            "{yaml}"
+        );
+        assert_eq!(parse(&yaml), Ok(c));
+    }
+
+    #[test]
+    fn an_upstream_that_is_a_listener_is_a_loop() {
+        let rules = "rules:\n  - name: all\n";
+        let lst = |name: &str, listen: &str, upstream: &str| {
+            format!("  - name: {name}\n    listen: {listen}\n    mode: reverse\n    upstream: {upstream}\n")
+        };
+        let cases: Vec<(String, &str)> = vec![
+            (
+                format!("listeners:\n{}{rules}", lst("a", "127.0.0.1:2121", "127.0.0.1:2121")),
+                "5:15: upstream 127.0.0.1:2121 is the gateway's own listener `a` (127.0.0.1:2121): every session would connect back to the gateway (a loop)",
+            ),
+            (
+                format!(
+                    "listeners:\n{}{}{rules}",
+                    lst("a", "192.0.2.1:21", "10.0.0.3:21"),
+                    lst("b", "192.0.2.1:2121", "192.0.2.1:21")
+                ),
+                "9:15: upstream 192.0.2.1:21 is the gateway's own listener `a` (192.0.2.1:21): every session would connect back to the gateway (a loop)",
+            ),
+            (
+                format!("listeners:\n{}{rules}", lst("any", "0.0.0.0:21", "127.0.0.5:21")),
+                "5:15: upstream 127.0.0.5:21 is the gateway's own listener `any` (0.0.0.0:21): every session would connect back to the gateway (a loop)",
+            ),
+            (
+                format!("listeners:\n{}{rules}", lst("v6", "\"[::]:21\"", "\"[::1]:21\"")),
+                "5:15: upstream [::1]:21 is the gateway's own listener `v6` ([::]:21): every session would connect back to the gateway (a loop)",
+            ),
+            (
+                format!("listeners:\n{}{rules}", lst("m", "127.0.0.1:21", "\"[::ffff:127.0.0.1]:21\"")),
+                "5:15: upstream [::ffff:127.0.0.1]:21 is the gateway's own listener `m` (127.0.0.1:21): every session would connect back to the gateway (a loop)",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(errors(&text), vec![want.to_string()], "in:\n{text}");
+        }
+        // Not loops: another host on the same port, another port, and a
+        // v6-only listener that an IPv4 loopback upstream cannot reach.
+        for (listen, upstream) in [
+            ("0.0.0.0:21", "10.0.0.3:21"),
+            ("127.0.0.1:2121", "127.0.0.1:21"),
+            ("\"[::]:21\"", "127.0.0.1:21"),
+            ("127.0.0.1:21", "127.0.0.2:21"),
+        ] {
+            ok(&format!(
+                "listeners:\n{}{rules}",
+                lst("x", listen, upstream)
+            ));
+        }
+    }
+
+    #[test]
     fn every_semantic_error_is_reported_in_file_order() {
         let text = "\
 listeners:
@@ -2510,35 +2764,42 @@ rules:
     fn arb_config() -> impl Strategy<Value = Config> {
         let data = (
             any::<bool>(),
-            1u16..30_000,
-            1u16..30_000,
+            1024u16..30_000,
+            1024u16..30_000,
             30_001u16..,
             30_001u16..,
             arb_duration(),
             "[A-Za-z0-9_-]{1,64}",
+            prop_oneof![
+                (1usize..100_000).prop_map(PortShare::Ports),
+                (1u8..=100).prop_map(PortShare::Percent),
+            ],
         )
-            .prop_map(|(nft, a, b, c, d, pinhole_timeout, nftables_table)| {
-                let low = PortRange {
-                    lo: a.min(b),
-                    hi: a.max(b),
-                };
-                let high = PortRange {
-                    lo: c.min(d),
-                    hi: c.max(d),
-                };
-                let (client_ports, server_ports) = if nft { (low, high) } else { (high, low) };
-                DataConfig {
-                    backend: if nft {
-                        BackendKind::Nftables
-                    } else {
-                        BackendKind::Relay
-                    },
-                    client_ports,
-                    server_ports,
-                    pinhole_timeout,
-                    nftables_table,
-                }
-            });
+            .prop_map(
+                |(nft, a, b, c, d, pinhole_timeout, nftables_table, share)| {
+                    let low = PortRange {
+                        lo: a.min(b),
+                        hi: a.max(b),
+                    };
+                    let high = PortRange {
+                        lo: c.min(d),
+                        hi: c.max(d),
+                    };
+                    let (client_ports, server_ports) = if nft { (low, high) } else { (high, low) };
+                    DataConfig {
+                        backend: if nft {
+                            BackendKind::Nftables
+                        } else {
+                            BackendKind::Relay
+                        },
+                        client_ports,
+                        server_ports,
+                        pinhole_timeout,
+                        nftables_table,
+                        max_ports_per_client: share,
+                    }
+                },
+            );
         let limits = (
             1usize..1_000_000,
             1usize..1_000_000,
@@ -2579,6 +2840,16 @@ rules:
                     r.name = format!("{}#{i}", r.name);
                 }
                 listeners.dedup_by_key(|l| l.listen);
+                // An upstream that is one of the listeners is a loop, which
+                // a valid file cannot hold.
+                let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.listen).collect();
+                for l in &mut listeners {
+                    if let ListenerMode::Reverse { upstream, .. } = l.mode {
+                        if addrs.iter().any(|&a| reaches(upstream, a)) {
+                            l.mode = ListenerMode::Transparent;
+                        }
+                    }
+                }
                 Config {
                     path: PathBuf::from("t.yaml"),
                     listeners,

@@ -1066,6 +1066,7 @@ pub(crate) mod tests {
                 },
                 pinhole_timeout: Duration::from_secs(30),
                 nftables_table: "ftpgate".into(),
+                max_ports_per_client: crate::config::PortShare::Percent(25),
             },
             limits: Limits {
                 max_sessions: 10,
