@@ -181,9 +181,7 @@ impl KernelBackend {
         } else {
             &self.server_pool
         };
-        let Some(lease) = pool.lease() else {
-            return Err(OpenError::PoolExhausted(pool.name()));
-        };
+        let lease = pool.lease(session.client.ip())?;
         let port = lease.port();
         self.claims.release(&self.table, port).await;
         let claim = Element::Claim {

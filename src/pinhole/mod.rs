@@ -91,6 +91,17 @@ pub enum OpenError {
     /// Every port of a pool is taken.
     #[error("no free port in {0} pool")]
     PoolExhausted(&'static str),
+    /// The client already holds its share of a pool
+    /// (`data.max_ports_per_client`).
+    #[error("client {client} already holds {share} ports of the {pool} pool, its share (data.max_ports_per_client)")]
+    ClientShare {
+        /// "client" or "server".
+        pool: &'static str,
+        /// The client address the ports are counted against.
+        client: IpAddr,
+        /// The most ports that address may hold.
+        share: usize,
+    },
     /// A socket or nftables call failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),

@@ -81,7 +81,7 @@ impl RelayBackend {
                     Some(_) => unspecified(bind),
                     None => bind,
                 };
-                let (lease, listener) = self.client_pool.bind(ip)?;
+                let (lease, listener) = self.client_pool.bind(ip, session.client.ip())?;
                 if let Some(view) = plan.client_view {
                     // Client → (server, port) is redirected to our port.
                     let e = Element::Passive {
@@ -113,7 +113,7 @@ impl RelayBackend {
         };
         let server = match plan.server {
             Leg::Listen { bind, peer } => {
-                let (lease, listener) = self.server_pool.bind(bind)?;
+                let (lease, listener) = self.server_pool.bind(bind, session.client.ip())?;
                 let (listener, addr) = held.listen(bind, lease, listener)?;
                 opened.server_listen = Some(addr);
                 Pending::Listen { listener, peer }
@@ -1069,7 +1069,7 @@ mod tests {
                 hi: 60000,
             },
         );
-        let _only = c.lease();
+        let _only = c.lease(lo());
         let settings = DataSettings {
             pinhole_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),

@@ -266,8 +266,11 @@ impl Launched {
         } else {
             None
         };
-        let client_pool = PortPool::new("client", config.data.client_ports);
-        let server_pool = PortPool::new("server", config.data.server_ports);
+        let share = config.data.max_ports_per_client;
+        let client_pool = PortPool::new("client", config.data.client_ports)
+            .with_client_share(share.of(config.data.client_ports.len()));
+        let server_pool = PortPool::new("server", config.data.server_ports)
+            .with_client_share(share.of(config.data.server_ports.len()));
         let settings = DataSettings {
             pinhole_timeout: config.data.pinhole_timeout,
             connect_timeout: config.limits.connect_timeout,
