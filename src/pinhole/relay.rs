@@ -180,10 +180,22 @@ fn unspecified(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// A pinhole's listener, shared by its plan's task, which accepts on it,
+/// and by [`Held`], which closes it as soon as the plan is closed: a plan
+/// superseded by the next PASV must be closed before that one binds, not
+/// whenever the runtime gets round to dropping the aborted task.
+type SharedListener = Arc<Mutex<Option<TcpListener>>>;
+
 /// A leg before it has its connection.
 enum Pending {
-    Listen { listener: TcpListener, peer: IpAddr },
-    Connect { target: SocketAddr, bind: IpAddr },
+    Listen {
+        listener: SharedListener,
+        peer: IpAddr,
+    },
+    Connect {
+        target: SocketAddr,
+        bind: IpAddr,
+    },
 }
 
 /// What a plan holds outside its task: shared by the task (which frees it
@@ -199,6 +211,8 @@ struct Held {
 #[derive(Debug, Default)]
 struct HeldInner {
     leases: Vec<PortLease>,
+    /// Closed before the leases are given back.
+    listeners: Vec<SharedListener>,
     elements: Vec<Element>,
 }
 
@@ -216,10 +230,28 @@ impl Held {
         ip: IpAddr,
         lease: PortLease,
         listener: std::net::TcpListener,
-    ) -> Result<(TcpListener, SocketAddr), OpenError> {
+    ) -> Result<(SharedListener, SocketAddr), OpenError> {
         let addr = SocketAddr::new(ip, lease.port());
-        self.lock().leases.push(lease);
-        Ok((TcpListener::from_std(listener)?, addr))
+        let listener = Arc::new(Mutex::new(Some(TcpListener::from_std(listener)?)));
+        let mut inner = self.lock();
+        inner.leases.push(lease);
+        inner.listeners.push(Arc::clone(&listener));
+        Ok((listener, addr))
+    }
+
+    /// Closes the listeners, then gives their ports back.
+    fn free_ports(&self) {
+        let (listeners, leases) = {
+            let mut inner = self.lock();
+            (
+                std::mem::take(&mut inner.listeners),
+                std::mem::take(&mut inner.leases),
+            )
+        };
+        for l in listeners {
+            drop(take_listener(&l));
+        }
+        drop(leases);
     }
 
     /// Takes the elements still installed, so that only one caller removes
@@ -238,7 +270,7 @@ impl Held {
 
     /// Frees the ports and removes the elements without waiting (for drop).
     fn release(&self) {
-        drop(std::mem::take(&mut self.lock().leases));
+        self.free_ports();
         let elements = self.take_elements();
         if let (Some(table), false) = (&self.table, elements.is_empty()) {
             // Without a runtime (process exit) the kernel's timeouts remain.
@@ -308,7 +340,7 @@ async fn run(
         "data connection closed"
     );
     held.remove_elements().await;
-    drop(std::mem::take(&mut held.lock().leases));
+    held.free_ports();
     let _ = events.send(DataEvent::Closed {
         id,
         to_client,
@@ -369,7 +401,12 @@ async fn accept_leg(
         Pending::Connect { target, bind } => return Ok(Ready::Dial { target, bind }),
     };
     loop {
-        let (stream, from) = match listener.accept().await {
+        let accepted = std::future::poll_fn(|cx| match &*lock_listener(&listener) {
+            Some(l) => l.poll_accept(cx),
+            None => std::task::Poll::Ready(Err(io::Error::other("pinhole closed"))),
+        })
+        .await;
+        let (stream, from) = match accepted {
             Ok(pair) => pair,
             // The peer gave up before we got to it; keep waiting.
             Err(e)
@@ -383,6 +420,8 @@ async fn accept_leg(
             Err(e) => return Err(e),
         };
         if same_ip(from.ip(), peer) {
+            // Closed now: a second connection is refused.
+            drop(take_listener(&listener));
             return Ok(Ready::Stream(stream));
         }
         reset(&stream);
@@ -393,6 +432,15 @@ async fn accept_leg(
             expected: peer,
         });
     }
+}
+
+fn lock_listener(l: &SharedListener) -> std::sync::MutexGuard<'_, Option<TcpListener>> {
+    // An Option, consistent after any panic elsewhere.
+    l.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn take_listener(l: &SharedListener) -> Option<TcpListener> {
+    lock_listener(l).take()
 }
 
 /// Compares addresses, treating an IPv4-mapped IPv6 address as its IPv4 one.
