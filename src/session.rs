@@ -1215,7 +1215,14 @@ impl Session {
 
     /// Opens a plan of these two legs. A leg where the gateway listens is
     /// passive on that side; one where it connects is active.
+    ///
+    /// The plan it supersedes, if still unused, is closed first: pipelined
+    /// PASVs are all read before the first 227 comes back, so this, not the
+    /// command, is where a session is held to one unused pinhole per leg.
+    /// Closed before the open, so its ports are back in the pools (and in
+    /// the client's share) when the new plan takes its own.
     fn open(&mut self, client: Leg, server: Leg, after: AfterOpen) {
+        self.drop_unused_plan();
         let id = self.plan_id();
         let client_mode = match client {
             Leg::Listen { .. } => LegMode::Passive,
@@ -1259,7 +1266,8 @@ impl Session {
         }
     }
 
-    /// A new PASV/PORT replaces a pinhole that was never used.
+    /// A new PASV/PORT replaces a pinhole that was never used. A plan a
+    /// transfer command took is no longer armed, and is left alone.
     fn drop_unused_plan(&mut self) {
         if let Some(id) = self.armed.take() {
             let unused = self

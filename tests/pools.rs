@@ -1,0 +1,346 @@
+//! Fair port pools: one session holds at most one unused pinhole per leg,
+//! however many PASVs it pipelines, and one client address holds at most
+//! its share of a pool (`data.max_ports_per_client`), so other clients
+//! still get a working 227. In process: libunftp upstream, the real gateway,
+//! a raw socket as the hostile client and suppaftp as the well-behaved one.
+
+mod common;
+
+use common::{launch, start_unftp, LogBuf};
+
+use ftpgate::config::{DataMode, PortRange, ServerMode, TlsPolicy};
+use ftpgate::pinhole::{Leg, Opened};
+use ftpgate::proxy::Gateway;
+use ftpgate::rules::Policy;
+use ftpgate::session::{Action, Session, SessionParams};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use suppaftp::tokio::AsyncFtpStream;
+use suppaftp::types::FileType;
+use suppaftp::FtpError;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::oneshot;
+
+/// Every wait in this file is bounded by this; past it the test fails.
+const LIMIT: Duration = Duration::from_secs(20);
+
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(LIMIT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out: {what}"),
+    }
+}
+
+struct Gw {
+    addr: SocketAddr,
+    gateway: Arc<Gateway>,
+    logs: LogBuf,
+    root: tempfile::TempDir,
+    _stop: oneshot::Sender<()>,
+    _log_guard: tracing::subscriber::DefaultGuard,
+}
+
+impl Gw {
+    /// Ports leased from both pools now.
+    fn ports(&self) -> usize {
+        self.gateway.backend.usage().ports
+    }
+
+    /// Waits until exactly `n` ports are leased; the count is lowered by
+    /// tasks inside the gateway.
+    async fn wait_ports(&self, n: usize) {
+        let limit = tokio::time::Instant::now() + LIMIT;
+        while self.ports() != n {
+            assert!(
+                tokio::time::Instant::now() < limit,
+                "{} ports leased, waited for {n}\n{}",
+                self.ports(),
+                self.logs.text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The gateway in front of libunftp, with 40-port pools from `base` and
+/// `data` as extra lines of the `data` section.
+async fn gateway(base: u16, data: &str) -> Gw {
+    let (logs, guard) = LogBuf::capture();
+    let root = tempfile::tempdir().unwrap();
+    let upstream = start_unftp(root.path()).await;
+    let yaml = format!(
+        "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n\
+         data:\n  client_ports: {c_lo}-{c_hi}\n  server_ports: {s_lo}-{s_hi}\n{data}\
+         rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n",
+        c_lo = base,
+        c_hi = base + 39,
+        s_lo = base + 100,
+        s_hi = base + 139,
+    );
+    let run = launch(&yaml, "pools.yaml").await;
+    Gw {
+        addr: run.addr,
+        gateway: run.gateway,
+        logs,
+        root,
+        _stop: run.stop,
+        _log_guard: guard,
+    }
+}
+
+/// A raw control connection, line by line.
+struct Peer {
+    r: BufReader<OwnedReadHalf>,
+    w: OwnedWriteHalf,
+}
+
+impl Peer {
+    /// Connects from `from` (a loopback address) and logs in.
+    async fn logged_in(gw: &Gw, from: &str) -> Peer {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let s = bounded("connect", sock.connect(gw.addr)).await.unwrap();
+        let (r, w) = s.into_split();
+        let mut p = Peer {
+            r: BufReader::new(r),
+            w,
+        };
+        assert_eq!(p.reply().await.0, 220);
+        assert_eq!(p.cmd("USER anonymous").await.0, 331);
+        assert_eq!(p.cmd("PASS x@").await.0, 230);
+        p
+    }
+
+    async fn send(&mut self, b: &[u8]) {
+        self.w.write_all(b).await.unwrap();
+    }
+
+    /// One reply (the last line of a multi-line one): code and text.
+    async fn reply(&mut self) -> (u16, String) {
+        loop {
+            let mut line = String::new();
+            let n = bounded("reply", self.r.read_line(&mut line)).await.unwrap();
+            assert!(n > 0, "control connection closed");
+            let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return (code, line.trim_end().to_string());
+            }
+        }
+    }
+
+    async fn cmd(&mut self, c: &str) -> (u16, String) {
+        self.send(format!("{c}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+}
+
+fn port_of_227(text: &str) -> u16 {
+    let inner = text.split('(').nth(1).unwrap().split(')').next().unwrap();
+    let n: Vec<u16> = inner
+        .split(',')
+        .map(|x| x.trim().parse().unwrap())
+        .collect();
+    n[4] * 256 + n[5]
+}
+
+fn digest(b: &[u8]) -> Vec<u8> {
+    Sha256::digest(b).to_vec()
+}
+
+/// A well-behaved client (suppaftp, from 127.0.0.1) downloads a file in
+/// passive mode; its digest must match.
+async fn download_works(gw: &Gw) {
+    let data: Vec<u8> = (0..256 * 1024u32)
+        .map(|i| (i * 7 + i / 251) as u8)
+        .collect();
+    std::fs::write(gw.root.path().join("f.bin"), &data).unwrap();
+    let mut ftp = bounded("connect", AsyncFtpStream::connect(gw.addr))
+        .await
+        .unwrap();
+    ftp.login("anonymous", "x@").await.unwrap();
+    ftp.transfer_type(FileType::Binary).await.unwrap();
+    let got = bounded(
+        "download",
+        ftp.retr("f.bin", |mut s| {
+            Box::pin(async move {
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf)
+                    .await
+                    .map_err(FtpError::ConnectionError)?;
+                Ok((buf, s))
+            })
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(digest(&got), digest(&data), "download arrived intact");
+    let _ = ftp.quit().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn pipelined_pasv_flood_holds_one_port() {
+    // No share: this is about what one session holds on its own.
+    let gw = gateway(24000, "  max_ports_per_client: 100%\n").await;
+    let mut hostile = Peer::logged_in(&gw, "127.0.0.2").await;
+    hostile.send(&b"PASV\r\n".repeat(60)).await;
+    let mut announced = Vec::new();
+    for _ in 0..60 {
+        let (code, text) = hostile.reply().await;
+        assert_eq!(code, 227, "{text}");
+        announced.push(port_of_227(&text));
+    }
+    // Each 227 superseded the one before: one port of the pool is held.
+    assert_eq!(gw.ports(), 1, "{}", gw.logs.text());
+    let last = announced[59];
+    // The first pinhole is closed, not merely unannounced.
+    if announced[0] != last {
+        assert!(TcpStream::connect(("127.0.0.1", announced[0]))
+            .await
+            .is_err());
+    }
+    // Others still get a working 227, while the flooder stays connected.
+    download_works(&gw).await;
+    // And the pinhole that was kept works for the flooder too.
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut d = sock
+        .connect(SocketAddr::new(gw.addr.ip(), last))
+        .await
+        .unwrap();
+    let (code, text) = hostile.cmd("NLST").await;
+    assert!(code == 150 || code == 125, "{text}");
+    let mut listing = Vec::new();
+    bounded("listing", d.read_to_end(&mut listing))
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&listing).contains("f.bin"));
+    assert_eq!(hostile.reply().await.0, 226);
+    // Our close ends the relay's other direction, and with it the plan.
+    drop(d);
+    gw.wait_ports(0).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_client_holds_its_share_of_the_pool_and_no_more() {
+    let gw = gateway(24400, "  max_ports_per_client: 4\n").await;
+    // Four sessions from one address, each with an unused pinhole.
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        let mut s = Peer::logged_in(&gw, "127.0.0.2").await;
+        let (code, text) = s.cmd("PASV").await;
+        assert_eq!(code, 227, "{text}");
+        sessions.push(s);
+    }
+    // A fifth is past the share: 425 with the reason, and a refusal line.
+    let mut fifth = Peer::logged_in(&gw, "127.0.0.2").await;
+    let (code, text) = fifth.cmd("PASV").await;
+    assert_eq!(code, 425, "{text}");
+    assert!(
+        text.contains("client 127.0.0.2 already holds 4 ports of the client pool"),
+        "{text}"
+    );
+    let log = gw.logs.wait_for("already holds 4 ports").await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("already holds 4 ports"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("WARN") && line.contains("what=PASV") && line.contains("code=425"),
+        "{line}"
+    );
+    assert_eq!(gw.ports(), 4);
+    // A session at the share can still renew its own pinhole: the old one
+    // is given back before the new one is taken.
+    assert_eq!(sessions[0].cmd("PASV").await.0, 227);
+    assert_eq!(gw.ports(), 4);
+    // Another client is not affected.
+    download_works(&gw).await;
+    gw.wait_ports(4).await;
+    // Once one of the four ends, the fifth gets its pinhole.
+    assert_eq!(sessions[0].cmd("QUIT").await.0, 221);
+    gw.wait_ports(3).await;
+    assert_eq!(fifth.cmd("PASV").await.0, 227);
+    assert_eq!(gw.ports(), 4);
+}
+
+// ---- the session core ------------------------------------------------
+
+fn core() -> Session {
+    let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+    let mut s = Session::new(SessionParams {
+        client: sa("198.51.100.7:50000"),
+        client_local: sa("192.0.2.1:21"),
+        server: sa("10.0.0.3:21"),
+        server_local: sa("10.0.0.1:40123"),
+        transparent: false,
+        announce: None,
+        policy: Policy {
+            rule: "test".into(),
+            modes: vec![DataMode::Passive, DataMode::Active],
+            server_mode: ServerMode::Same,
+            data_ports: PortRange {
+                lo: 1024,
+                hi: 65535,
+            },
+            tls: TlsPolicy::Refuse,
+            deny_commands: vec![],
+        },
+    });
+    s.server_bytes(b"220 ready\r\n");
+    while s.poll_action().is_some() {}
+    s
+}
+
+/// Three PASVs pipelined in one segment, then the server's three 227s: each
+/// plan is opened only after the one it supersedes was closed.
+#[test]
+fn pipelined_pasvs_close_each_superseded_plan_first() {
+    let mut s = core();
+    s.client_bytes(b"PASV\r\nPASV\r\nPASV\r\n");
+    s.server_bytes(
+        b"227 a (10,0,0,3,200,1)\r\n227 b (10,0,0,3,200,2)\r\n227 c (10,0,0,3,200,3)\r\n",
+    );
+    let mut order = Vec::new();
+    let mut replies = 0;
+    // Each open is reported before the core reads further input.
+    for port in [40001u16, 40002, 40003] {
+        let mut opened = None;
+        while let Some(a) = s.poll_action() {
+            match a {
+                Action::Open(plan) => {
+                    assert!(matches!(plan.client, Leg::Listen { .. }));
+                    order.push(format!("open {}", plan.id));
+                    opened = Some(plan.id);
+                }
+                Action::Close(id) => order.push(format!("close {id}")),
+                Action::ToClient(b) if b.starts_with(b"227 ") => replies += 1,
+                _ => {}
+            }
+        }
+        let id = opened.expect("an Open for each 227");
+        s.opened(
+            id,
+            Ok(Opened {
+                client_listen: Some(SocketAddr::from(([192, 0, 2, 1], port))),
+                server_listen: None,
+            }),
+        );
+    }
+    while let Some(a) = s.poll_action() {
+        match a {
+            Action::Close(id) => order.push(format!("close {id}")),
+            Action::ToClient(b) if b.starts_with(b"227 ") => replies += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(replies, 3);
+    assert_eq!(
+        order,
+        ["open 1", "close 1", "open 2", "close 2", "open 3"],
+        "one unused plan at a time"
+    );
+}
