@@ -783,7 +783,7 @@ table inet {name} {{
 \t}}
 \t# An accept here does not override a drop in another table's forward
 \t# chain: the operator's forward chain must accept these flows too (for
-\t# example `ct status dnat`).
+\t# example `ct status dnat accept`).
 \tchain forward {{
 \t\ttype filter hook forward priority filter - 1; policy accept;
 \t\tct state new ip saddr . ip daddr . tcp dport @fwd4 accept
@@ -878,64 +878,85 @@ pub fn ruleset(config: &Config) -> String {
     }
 
     out.push('\n');
+    filter_hints(config, &mut out);
+    out
+}
+
+/// Section 3 of [`ruleset`]: what the operator's filter chains must accept,
+/// as an example table whose lines start with `#` and a tab. Without those
+/// two characters it loads as is, so every hint is valid nftables syntax
+/// (a test loads it with `nft -c`).
+fn filter_hints(config: &Config, out: &mut String) {
+    let d = &config.data;
     let _ = writeln!(
         out,
-        "# 3. Filtering. If your input chain drops by default, it must accept:"
+        "# 3. Filtering. If your own chains drop by default, they must accept what"
+    );
+    let _ = writeln!(
+        out,
+        "#    this example accepts: copy its rules into your chains, before their drop."
+    );
+    let _ = writeln!(
+        out,
+        "#    (Without the leading \"#\" and tab, the example loads as it is.)"
+    );
+    let _ = writeln!(out, "#\ttable inet {}-filter {{", d.nftables_table);
+    let _ = writeln!(out, "#\t\tchain input {{");
+    let _ = writeln!(
+        out,
+        "#\t\t\ttype filter hook input priority filter; policy accept;"
     );
     for l in &config.listeners {
         let how = match l.mode {
             ListenerMode::Transparent => "control connections, through the redirect above",
             ListenerMode::Reverse { .. } => "control connections from clients",
         };
-        let _ = writeln!(
-            out,
-            "#    tcp dport {} (listener {:?}: {how})",
-            l.listen.port(),
-            l.name
-        );
+        let _ = writeln!(out, "#\t\t\t# listener {:?}: {how}", l.name);
+        let _ = writeln!(out, "#\t\t\ttcp dport {} accept", l.listen.port());
     }
     let _ = writeln!(
         out,
-        "#    tcp dport {} from clients (client_ports: passive data connections,",
-        d.client_ports
+        "#\t\t\t# client_ports: passive data connections from clients, directly or"
     );
+    let _ = writeln!(out, "#\t\t\t# through the @pasv4/@pasv6 redirect");
+    let _ = writeln!(out, "#\t\t\ttcp dport {} accept", d.client_ports);
     let _ = writeln!(
         out,
-        "#        directly or through the @pasv4/@pasv6 redirect)"
+        "#\t\t\t# server_ports: active data connections from servers"
     );
-    let _ = writeln!(
-        out,
-        "#    tcp dport {} from servers (server_ports: active data connections)",
-        d.server_ports
-    );
-    let _ = writeln!(
-        out,
-        "#    ct state established,related (replies to the gateway's own connections)"
-    );
+    let _ = writeln!(out, "#\t\t\ttcp dport {} accept", d.server_ports);
+    let _ = writeln!(out, "#\t\t\t# replies to the gateway's own connections");
+    let _ = writeln!(out, "#\t\t\tct state established,related accept");
+    let _ = writeln!(out, "#\t\t}}");
     if d.backend == crate::config::BackendKind::Nftables {
         // The kernel forwards same-mode data connections; an accept in the
         // gateway's table cannot override a drop in the operator's.
+        let _ = writeln!(out, "#\t\tchain forward {{");
         let _ = writeln!(
             out,
-            "#    data.backend nftables: same-mode data connections are DNAT'd by the"
+            "#\t\t\ttype filter hook forward priority filter; policy accept;"
         );
         let _ = writeln!(
             out,
-            "#    gateway's table (@dnat4/@dnat6) and cross the forward chain, which"
+            "#\t\t\t# data.backend nftables: same-mode data connections are DNAT'd by"
         );
         let _ = writeln!(
             out,
-            "#    must accept them, e.g.: ct status dnat tcp accept (the gateway's"
+            "#\t\t\t# the gateway's table (@dnat4/@dnat6), whose own forward chain"
         );
         let _ = writeln!(
             out,
-            "#    own forward chain accepts exactly each flow via @fwd4/@fwd6)."
+            "#\t\t\t# accepts exactly each flow (@fwd4/@fwd6). Conversion plans are"
         );
         let _ = writeln!(
             out,
-            "#    Conversion plans are relayed: the input rules above still apply."
+            "#\t\t\t# relayed: the input rules above apply to them."
         );
-    } else {
+        let _ = writeln!(out, "#\t\t\tct status dnat accept");
+        let _ = writeln!(out, "#\t\t}}");
+    }
+    let _ = writeln!(out, "#\t}}");
+    if d.backend != crate::config::BackendKind::Nftables {
         let _ = writeln!(
             out,
             "#    The forward chain needs nothing for FTP: the gateway ends both legs of"
@@ -947,7 +968,6 @@ pub fn ruleset(config: &Config) -> String {
         "#    The output chain must let the gateway reach servers (control, passive"
     );
     let _ = writeln!(out, "#    data) and clients (active data).");
-    out
 }
 
 #[cfg(test)]
@@ -1127,9 +1147,9 @@ pub(crate) mod tests {
             "tcp dport 21 dnat ip to 10.0.0.1:8021",
             "tcp dport 21 redirect to :8022",
             "tcp dport 21 dnat ip6 to [2001:db8::1]:8021",
-            "tcp dport 40000-40999 from clients",
-            "tcp dport 41000-41999 from servers",
-            "tcp dport 21 (listener \"public-ftp\": control connections from clients)",
+            "#\t\t\ttcp dport 40000-40999 accept\n",
+            "#\t\t\ttcp dport 41000-41999 accept\n",
+            "# listener \"public-ftp\": control connections from clients\n#\t\t\ttcp dport 21 accept\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
@@ -1148,7 +1168,7 @@ pub(crate) mod tests {
             "delete @once4 { ip saddr . tcp dport } dnat ip to ip saddr . ip daddr . tcp dport map @dnat4",
             "snat ip6 to ip6 saddr . ip6 daddr . tcp dport map @ksnat6",
             "ct state new ip saddr . ip daddr . tcp dport @fwd4 accept",
-            "ct status dnat tcp accept",
+            "#\t\t\tct status dnat accept\n",
             "ip daddr . tcp dport @claim4 drop",
             "ip6 daddr . tcp dport @claim6 drop",
         ] {
@@ -1269,6 +1289,46 @@ pub(crate) mod tests {
             Some("table inet x { chain c { bogus } }\n"),
         );
         assert!(!ok);
+    }
+
+    /// The example filter table of section 3, without its leading `#`.
+    fn hint_lines(text: &str) -> String {
+        text.lines()
+            .filter(|l| l.starts_with("#\t"))
+            .map(|l| format!("{}\n", &l[1..]))
+            .collect()
+    }
+
+    #[test]
+    fn ruleset_hints_pass_nft_check() {
+        let have_nft = std::process::Command::new("nft")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !have_nft {
+            return skip("nft not found");
+        }
+        let Some(ns) = Netns::new() else { return };
+        for backend in [BackendKind::Relay, BackendKind::Nftables] {
+            let mut cfg = full_config();
+            cfg.data.backend = backend;
+            let hints = hint_lines(&ruleset(&cfg));
+            // Every listener and both pools have a rule in the example.
+            for port in ["8021", "8022", "21", "40000-40999", "41000-41999"] {
+                let rule = format!("\ttcp dport {port} accept\n");
+                assert!(hints.contains(&rule), "no {rule:?} in\n{hints}");
+            }
+            assert_eq!(
+                hints.contains("ct status dnat accept"),
+                backend == BackendKind::Nftables,
+                "{hints}"
+            );
+            let (ok, msg) = ns.nft(&["-c", "-f", "-"], Some(&hints));
+            assert!(ok, "nft -c rejected the hints: {msg}\n{hints}");
+        }
+        // The hint the ruleset used to give fails the same check.
+        let old = "table inet t {\n\tchain f {\n\t\tct status dnat tcp accept\n\t}\n}\n";
+        assert!(!ns.nft(&["-c", "-f", "-"], Some(old)).0);
     }
 
     #[test]
