@@ -35,7 +35,7 @@
 //! and a port is reused within conntrack's TIME_WAIT (when the pool wraps,
 //! after a restart). The kernel then destroys the old entry and creates a
 //! new one with the same tuple, in one batch of events. The watcher numbers
-//! each entry it sees ([`Entry::serial`]): a tuple seen again after its
+//! each entry it sees, and goes by that number: a tuple seen again after its
 //! entry was destroyed, announced by a NEW event, with another kernel ID,
 //! another reply tuple, or counters that went down, is a new entry, which
 //! no earlier plan or process took.
