@@ -90,7 +90,7 @@ def ct_tuple(src, dst, sport, dport):
     return nla(1, ip, True) + nla(2, proto, True)
 
 
-def ct_msg(msg, seq, orig, reply, state=None, counters=None):
+def ct_msg(msg, seq, orig, reply, state=None, counters=None, flags=0, ct_id=None):
     family = 2 if ipaddress.ip_address(orig[0]).version == 4 else 10
     body = struct.pack("=BBH", family, 0, 0)
     body += nla(1, ct_tuple(*orig), True) + nla(2, ct_tuple(*reply), True)
@@ -98,7 +98,9 @@ def ct_msg(msg, seq, orig, reply, state=None, counters=None):
         body += nla(4, nla(1, nla(1, bytes([state])), True), True)
     for kind, n in zip((9, 10), counters or ()):
         body += nla(kind, nla(1, struct.pack(">Q", 3)) + nla(2, struct.pack(">Q", n)), True)
-    return struct.pack("=IHHII", 16 + len(body), (1 << 8) | msg, 0, seq, 0) + body
+    if ct_id is not None:
+        body += nla(12, struct.pack(">I", ct_id))  # CTA_ID
+    return struct.pack("=IHHII", 16 + len(body), (1 << 8) | msg, flags, seq, 0) + body
 
 
 def nl_msg(kind, seq, payload):
@@ -110,4 +112,10 @@ V6 = (("2001:db8:100::2", "2001:db8::1", 50001, 40002), ("fd71:2::2", "fd71:2::1
 write("ctnetlink", "new_v4", ct_msg(0, 0, *V4, state=1))
 write("ctnetlink", "update_destroy_v6", ct_msg(0, 0, *V6, state=4) + ct_msg(2, 0, *V6, state=7, counters=(180, 1050000)))
 write("ctnetlink", "dump_done", ct_msg(0, 9, *V4, state=3, counters=(60, 60)) + nl_msg(3, 9, b"\0" * 4))
+# A SYN from a fixed port 20 reuses a TIME_WAIT entry's tuple: the kernel's
+# destroy of the old entry, then the NEW event (NLM_F_CREATE | NLM_F_EXCL).
+FIXED = (("10.71.2.2", "10.71.2.1", 20, 41000), ("198.51.100.2", "192.0.2.1", 50000, 20))
+write("ctnetlink", "reuse_destroy_new_v4",
+      ct_msg(2, 0, *FIXED, state=7, counters=(1050000, 180), ct_id=0xDEADBEEF)
+      + ct_msg(0, 0, *FIXED, state=1, flags=0x600, ct_id=0xDEADBEEF))
 write("ctnetlink", "error_enoent", nl_msg(2, 4, struct.pack("=i", -2) + b"\0" * 16))

@@ -1,7 +1,7 @@
 //! The network-namespace lab (tests/lab): real FTP servers and clients behind a real
 //! nftables edge, with ftpgate in the edge. `lab.py` runs the client/server matrix,
 //! `pinholes.py` checks that a kernel-backend pinhole admits its one connection and
-//! drops every other.
+//! drops every other, `reuse.py` that it finds its connection when the tuple is reused.
 //!
 //! It needs root, `ip`, `nft` and the lab packages (`.ci/install-lab-deps`). Without
 //! them each test prints `lab: skipped (<reason>)` and passes, unless `FTPGATE_LAB=1`
@@ -198,6 +198,43 @@ fn lab_kernel_pinholes_with_the_proc_conntrack_reader() {
         stdout.contains("pinholes nftables conntrack: proc\n"),
         "the gateway did not read /proc"
     );
+}
+
+/// A server that sends active-mode data from port 20 (vsftpd's Debian default):
+/// every data connection to one gateway port has the same tuple. reuse.py wraps a
+/// two-port `server_ports` pool and restarts the gateway between runs (4 runs of 3
+/// transfers), and needs every 226 well before `pinhole_timeout`, with netlink
+/// events and with the /proc reader.
+#[test]
+fn lab_kernel_reused_tuples_keep_every_transfer_on_time() {
+    let _turn = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !lab_available() {
+        return;
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/lab/reuse.py");
+    for source in ["netlink", "proc"] {
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script).args(["--ftpgate-bin", ftpgate_bin()]);
+        if source == "proc" {
+            cmd.env("FTPGATE_CONNTRACK", "proc");
+        }
+        let out = cmd.output().expect("reuse.py runs");
+        print_output(&out);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(&format!("reuse conntrack: {source}\n")),
+            "the gateway did not follow conntrack by {source}"
+        );
+        assert!(
+            stdout.contains("reuse: 12 of 12 on time\n"),
+            "{source}: not every transfer was on time"
+        );
+        assert!(
+            stdout.contains("reuse: 'data connection never made' logged 0 times"),
+            "{source}: the gateway missed a data connection"
+        );
+        assert!(out.status.success(), "{source}: reuse.py failed");
+    }
 }
 
 #[test]

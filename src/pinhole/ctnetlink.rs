@@ -16,9 +16,11 @@
 //! CTA_TUPLE_REPLY { ... the same ... }
 //! CTA_PROTOINFO   { CTA_PROTOINFO_TCP { CTA_PROTOINFO_TCP_STATE } }
 //! CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY { CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES }
+//! CTA_ID
 //! ```
 //!
-//! Ports and counters are in network byte order.
+//! Ports, counters and the ID are in network byte order. A NEW event carries
+//! `NLM_F_CREATE | NLM_F_EXCL` in its header; an update event carries neither.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -32,6 +34,7 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_CREATE: u16 = 0x400;
 /// NFNL_SUBSYS_CTNETLINK, in the high byte of the message type.
 const SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_NEW: u16 = 0;
@@ -46,6 +49,7 @@ const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_PROTOINFO: u16 = 4;
 const CTA_COUNTERS_ORIG: u16 = 9;
 const CTA_COUNTERS_REPLY: u16 = 10;
+const CTA_ID: u16 = 12;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -77,6 +81,14 @@ pub struct Conn {
     /// The entry was destroyed (IPCTNL_MSG_CT_DELETE); otherwise it is new
     /// or changed.
     pub gone: bool,
+    /// The message announces a new entry (a NEW event), not a change to one
+    /// the listener may already know under the same tuple.
+    pub created: bool,
+    /// The kernel's ID of the entry (`CTA_ID`). It tells apart entries that
+    /// exist at the same time, but it is a hash of the entry's address and
+    /// original tuple, so a new entry that reuses a destroyed one's memory
+    /// and tuple may get the same ID.
+    pub id: Option<u32>,
     /// The original direction (as the first packet went).
     pub orig: Tuple,
     /// The reply direction: its source is where the connection was
@@ -152,6 +164,7 @@ pub fn parse(buf: &[u8]) -> Vec<Record> {
             break;
         }
         let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+        let flags = u16::from_ne_bytes([rest[6], rest[7]]);
         let seq = u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]);
         let body = &rest[NLMSG_HDRLEN..len];
         out.push(match kind {
@@ -167,7 +180,13 @@ pub fn parse(buf: &[u8]) -> Vec<Record> {
                 && matches!(k & 0xff, IPCTNL_MSG_CT_NEW | IPCTNL_MSG_CT_DELETE) =>
             {
                 match conn(body, k & 0xff == IPCTNL_MSG_CT_DELETE) {
-                    Some(conn) => Record::Conn { seq, conn },
+                    Some(conn) => Record::Conn {
+                        seq,
+                        conn: Conn {
+                            created: !conn.gone && flags & NLM_F_CREATE != 0,
+                            ..conn
+                        },
+                    },
                     None => Record::Other { seq },
                 }
             }
@@ -204,6 +223,10 @@ fn be16(p: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes(p.get(..2)?.try_into().ok()?))
 }
 
+fn be32(p: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(p.get(..4)?.try_into().ok()?))
+}
+
 fn be64(p: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(p.get(..8)?.try_into().ok()?))
 }
@@ -219,8 +242,11 @@ fn conn(body: &[u8], gone: bool) -> Option<Conn> {
         .and_then(|s| s.first().copied());
     let counter = |kind| attr(attributes, kind).and_then(|c| be64(attr(c, CTA_COUNTERS_BYTES)?));
     let bytes = counter(CTA_COUNTERS_ORIG).zip(counter(CTA_COUNTERS_REPLY));
+    let id = attr(attributes, CTA_ID).and_then(be32);
     Some(Conn {
         gone,
+        created: false,
+        id,
         orig,
         reply,
         tcp_state,
@@ -436,12 +462,26 @@ mod tests {
         state: Option<u8>,
         bytes: Option<(u64, u64)>,
     ) -> Vec<u8> {
+        event(gone, 0, None, orig, reply, state, bytes)
+    }
+
+    /// The same, with the header's flags and an ID (CTA_ID, last, as the
+    /// kernel puts it after the counters).
+    fn event(
+        gone: bool,
+        flags: u16,
+        id: Option<u32>,
+        orig: Tuple,
+        reply: Tuple,
+        state: Option<u8>,
+        bytes: Option<(u64, u64)>,
+    ) -> Vec<u8> {
         let msg = if gone {
             IPCTNL_MSG_CT_DELETE
         } else {
             IPCTNL_MSG_CT_NEW
         };
-        let mut b = Builder::new(msg, 0, 7, AF_INET);
+        let mut b = Builder::new(msg, flags, 7, AF_INET);
         for (kind, tuple) in [(CTA_TUPLE_ORIG, orig), (CTA_TUPLE_REPLY, reply)] {
             let get = get_request(0, tuple);
             // The GET request's only attribute is the tuple, nested.
@@ -462,7 +502,71 @@ mod tests {
                 });
             }
         }
+        if let Some(id) = id {
+            b.put(CTA_ID, &id.to_be_bytes());
+        }
         b.finish()
+    }
+
+    #[test]
+    fn tells_a_new_entry_from_an_update_and_reads_its_id() {
+        let orig = t("10.71.2.2:20", "10.71.2.1:41000");
+        let reply = t("198.51.100.2:50000", "192.0.2.1:20");
+        // The kernel's own batch when a SYN reuses a TIME_WAIT entry's tuple:
+        // the old entry's destroy, then the new entry's NEW event.
+        let mut buf = event(
+            true,
+            0,
+            Some(0xdead_beef),
+            orig,
+            reply,
+            Some(7),
+            Some((1, 2)),
+        );
+        buf.extend(event(
+            false,
+            0x600,
+            Some(0x0102_0304),
+            orig,
+            reply,
+            Some(1),
+            None,
+        ));
+        buf.extend(event(
+            false,
+            0,
+            Some(0x0102_0304),
+            orig,
+            reply,
+            Some(3),
+            None,
+        ));
+        let got: Vec<_> = parse(&buf)
+            .into_iter()
+            .map(|r| match r {
+                Record::Conn { conn, .. } => (conn.gone, conn.created, conn.id),
+                other => panic!("not an entry: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (true, false, Some(0xdead_beef)),
+                (false, true, Some(0x0102_0304)),
+                (false, false, Some(0x0102_0304)),
+            ]
+        );
+        // An ID cut short is no ID; the entry is still read.
+        let mut short = event(false, 0x600, None, orig, reply, Some(1), None);
+        short.extend_from_slice(&6u16.to_ne_bytes());
+        short.extend_from_slice(&CTA_ID.to_ne_bytes());
+        short.extend_from_slice(&[1, 2, 0, 0]);
+        let len = short.len() as u32;
+        short[..4].copy_from_slice(&len.to_ne_bytes());
+        let Record::Conn { conn, .. } = &parse(&short)[0] else {
+            panic!("not an entry");
+        };
+        assert_eq!((conn.created, conn.id), (true, None));
     }
 
     #[test]
@@ -479,6 +583,8 @@ mod tests {
                     seq: 7,
                     conn: Conn {
                         gone: false,
+                        created: false,
+                        id: None,
                         orig,
                         reply,
                         tcp_state: Some(3),
@@ -489,6 +595,8 @@ mod tests {
                     seq: 7,
                     conn: Conn {
                         gone: true,
+                        created: false,
+                        id: None,
                         orig,
                         reply,
                         tcp_state: Some(7),
@@ -598,6 +706,8 @@ mod tests {
             seq: 0,
             conn: Conn {
                 gone,
+                created: false,
+                id: None,
                 orig,
                 reply,
                 tcp_state,
@@ -615,6 +725,28 @@ mod tests {
         let got = parse(seed);
         assert!(matches!(got[0], Record::Conn { seq: 9, .. }), "{got:?}");
         assert_eq!(got[1], Record::Done { seq: 9 });
+        let seed = include_bytes!("../../fuzz/seeds/ctnetlink/reuse_destroy_new_v4");
+        let orig = t("10.71.2.2:20", "10.71.2.1:41000");
+        let reply = t("198.51.100.2:50000", "192.0.2.1:20");
+        let entry = |gone, created, tcp_state, bytes| Record::Conn {
+            seq: 0,
+            conn: Conn {
+                gone,
+                created,
+                id: Some(0xdead_beef),
+                orig,
+                reply,
+                tcp_state,
+                bytes,
+            },
+        };
+        assert_eq!(
+            parse(seed),
+            vec![
+                entry(true, false, Some(7), Some((1_050_000, 180))),
+                entry(false, true, Some(1), None)
+            ]
+        );
         let seed = include_bytes!("../../fuzz/seeds/ctnetlink/error_enoent");
         assert_eq!(parse(seed), vec![Record::Error { seq: 4, errno: 2 }]);
     }

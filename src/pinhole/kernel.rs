@@ -29,6 +29,17 @@
 //! [`DataEvent::Connected`], the entry reaching a FIN state (or going
 //! away) means [`DataEvent::Closed`], with the entry's byte counters.
 //!
+//! A plan follows one conntrack *entry*, not a tuple. Servers that send
+//! active-mode data from a fixed port (vsftpd's `connect_from_port_20`,
+//! in.ftpd) give every data connection to one gateway port the same tuple,
+//! and a port is reused within conntrack's TIME_WAIT (when the pool wraps,
+//! after a restart). The kernel then destroys the old entry and creates a
+//! new one with the same tuple, in one batch of events. The watcher numbers
+//! each entry it sees, and goes by that number: a tuple seen again after its
+//! entry was destroyed, announced by a NEW event, with another kernel ID,
+//! another reply tuple, or counters that went down, is a new entry, which
+//! no earlier plan or process took.
+//!
 //! Conversion plans (PORT→PASV, PASV→PORT) need the gateway to originate
 //! both legs or listen on both, which address translation cannot do; so do
 //! plans whose legs differ in address family. Those go to the relay.
@@ -562,8 +573,8 @@ struct Conntrack {
 struct Watched {
     shape: Shape,
     port: u16,
-    /// The source port of the connection this plan follows, once found.
-    sport: Option<u16>,
+    /// The [`Entry::serial`] of the entry this plan follows, once found.
+    entry: Option<u64>,
     tx: tokio::sync::watch::Sender<Option<Flow>>,
 }
 
@@ -585,7 +596,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Identifies an entry among those to one port: (peer, source port, port).
+/// Where an entry is among those to one port: (peer, source port, port).
+/// The kernel holds at most one entry per key at a time, but one after
+/// another may have it: [`Entry::serial`] tells them apart.
 type Key = (IpAddr, u16, u16);
 
 impl Conntrack {
@@ -625,8 +638,7 @@ impl Conntrack {
                 TICK.as_millis()
             );
         }
-        let taken = entries(&text, None).iter().map(Entry::tuple).collect();
-        tokio::spawn(watch_proc(weak, taken));
+        tokio::spawn(watch_proc(weak, ProcTable::new(entries(&text, None))));
         Ok(conntrack)
     }
 
@@ -640,7 +652,7 @@ impl Conntrack {
             Watched {
                 shape,
                 port,
-                sport: None,
+                entry: None,
                 tx,
             },
         );
@@ -667,13 +679,62 @@ fn publish(w: &Watched, flow: Option<Flow>) {
     });
 }
 
+/// The `/proc` watcher's copy of the entries it cares about, numbered. A
+/// read of the table has no entry IDs and no events: an entry is the one
+/// read before under its key unless [`ProcTable::same`] says otherwise.
+#[derive(Debug, Default)]
+struct ProcTable {
+    /// The last read's entries to the ports it wanted.
+    known: HashMap<Key, Entry>,
+    /// Serials of entries that existed at start or that a plan took, while
+    /// they exist.
+    taken: HashSet<u64>,
+    next: u64,
+}
+
+impl ProcTable {
+    /// The table at start: every entry is taken.
+    fn new(all: Vec<Entry>) -> ProcTable {
+        let mut table = ProcTable::default();
+        table.update(all);
+        table.taken = table.known.values().map(|e| e.serial).collect();
+        table
+    }
+
+    /// Whether `new`, read under `old`'s key, is still `old`'s entry. Beyond
+    /// [`Entry::continues`]: a TCP entry never leaves a FIN state, so one
+    /// that is open again was created since (a SYN reused a TIME_WAIT
+    /// entry's tuple between two reads).
+    fn same(old: &Entry, new: &Entry) -> bool {
+        let reopened = old.flow.done && !new.flow.done;
+        new.continues(old) && !reopened
+    }
+
+    /// Takes a fresh read (of the wanted ports): numbers its entries, and
+    /// forgets taken entries that are gone.
+    fn update(&mut self, mut found: Vec<Entry>) {
+        for e in &mut found {
+            e.serial = match self.known.get(&e.tuple()) {
+                Some(old) if Self::same(old, e) => old.serial,
+                _ => {
+                    self.next += 1;
+                    self.next
+                }
+            };
+        }
+        self.known = found.into_iter().map(|e| (e.tuple(), e)).collect();
+        let present: HashSet<u64> = self.known.values().map(|e| e.serial).collect();
+        self.taken.retain(|s| present.contains(s));
+    }
+}
+
 /// The `/proc` watcher's task: ends when the backend is gone.
-async fn watch_proc(conntrack: std::sync::Weak<Conntrack>, mut taken: HashSet<Key>) {
+async fn watch_proc(conntrack: std::sync::Weak<Conntrack>, mut table: ProcTable) {
     loop {
         let Some(ct) = conntrack.upgrade() else {
             return;
         };
-        if lock(&ct.plans).is_empty() && taken.is_empty() {
+        if lock(&ct.plans).is_empty() && table.taken.is_empty() {
             // Wakes for a new plan; now and then to see whether the
             // backend is still there.
             let _ = tokio::time::timeout(Duration::from_secs(1), ct.wake.notified()).await;
@@ -686,17 +747,16 @@ async fn watch_proc(conntrack: std::sync::Weak<Conntrack>, mut taken: HashSet<Ke
         let took = started.elapsed();
         let live = {
             let mut plans = lock(&ct.plans);
-            let wanted: HashSet<u16> = plans
+            let taken_ports = table
+                .known
                 .values()
-                .map(|w| w.port)
-                .chain(taken.iter().map(|t| t.2))
-                .collect();
-            let found = entries(&text, Some(&wanted));
-            // An entry stays taken for as long as it exists.
-            let present: HashSet<_> = found.iter().map(Entry::tuple).collect();
-            taken.retain(|t| present.contains(t));
+                .filter(|e| table.taken.contains(&e.serial))
+                .map(|e| e.dport);
+            let wanted: HashSet<u16> = plans.values().map(|w| w.port).chain(taken_ports).collect();
+            table.update(entries(&text, Some(&wanted)));
+            let ProcTable { known, taken, .. } = &mut table;
             for w in plans.values_mut() {
-                let flow = assign(w, found.iter(), &mut taken).map(|e| e.flow.clone());
+                let flow = assign(w, known.values(), taken).map(|e| e.flow.clone());
                 publish(w, flow);
             }
             !plans.is_empty()
@@ -794,7 +854,8 @@ impl Netlink {
     }
 
     /// The entry's byte counters (original, reply), or `None` if the entry
-    /// is gone (its destroy event, which carries them, is on its way).
+    /// is gone (its destroy event, which carries them, is on its way). An
+    /// answer for another entry that has the tuple now counts as gone.
     async fn counters(&mut self, e: &Entry) -> io::Result<Option<(u64, u64)>> {
         let seq = self.next_seq();
         let orig = ctnetlink::Tuple {
@@ -804,7 +865,9 @@ impl Netlink {
         let mut got = None;
         self.request(&ctnetlink::get_request(seq, orig), seq, |r| match r {
             Record::Conn { conn, .. } => {
-                got = Some(conn.bytes.unwrap_or_default());
+                if Entry::from_conn(&conn).continues(e) {
+                    got = Some(conn.bytes.unwrap_or_default());
+                }
                 Ok(true)
             }
             Record::Error { errno: 0, .. } => Ok(true),
@@ -824,8 +887,10 @@ impl Netlink {
 #[derive(Debug, Default)]
 struct Mirror {
     by_port: HashMap<u16, HashMap<Key, Entry>>,
-    /// Entries that existed at start or that a plan took, while they exist.
-    taken: HashSet<Key>,
+    /// Serials of entries that existed at start or that a plan took, while
+    /// they exist.
+    taken: HashSet<u64>,
+    next: u64,
 }
 
 impl Mirror {
@@ -833,7 +898,8 @@ impl Mirror {
     fn new(all: Vec<Entry>) -> Mirror {
         let mut mirror = Mirror::default();
         for e in all {
-            mirror.taken.insert(e.tuple());
+            let e = mirror.numbered(e);
+            mirror.taken.insert(e.serial);
             mirror
                 .by_port
                 .entry(e.dport)
@@ -843,60 +909,109 @@ impl Mirror {
         mirror
     }
 
+    /// `e` with a serial of its own.
+    fn numbered(&mut self, e: Entry) -> Entry {
+        self.next += 1;
+        Entry {
+            serial: self.next,
+            ..e
+        }
+    }
+
     /// Applies one event. A destroyed entry goes to `gone`, finished and
-    /// with the counters its event carries.
+    /// with the counters its event carries. An event for a tuple whose
+    /// entry is not the one the mirror has ([`Entry::continues`], or a NEW
+    /// event) is a new entry: the one it replaces goes to `gone`.
     fn apply(&mut self, conn: &Conn, gone: &mut Vec<Entry>) {
         let e = Entry::from_conn(conn);
-        let port = self.by_port.entry(e.dport).or_default();
+        let key = e.tuple();
+        let old = self.by_port.get_mut(&e.dport).and_then(|p| p.remove(&key));
         if conn.gone {
-            port.remove(&e.tuple());
-            if port.is_empty() {
-                self.by_port.remove(&e.dport);
+            match old {
+                Some(old) if e.continues(&old) => gone.push(e.finished_as(old.serial)),
+                // The destroy of an entry that the mirror already counted
+                // as replaced: the new one stays.
+                Some(old) => self.insert(old),
+                None => {
+                    let e = self.numbered(e);
+                    gone.push(e.finished());
+                }
             }
-            gone.push(e.finished());
-        } else {
-            port.insert(e.tuple(), e);
+            if self.by_port.get(&key.2).is_some_and(HashMap::is_empty) {
+                self.by_port.remove(&key.2);
+            }
+            return;
         }
+        let e = match old {
+            Some(old) if !conn.created && e.continues(&old) => Entry {
+                serial: old.serial,
+                ..e
+            },
+            Some(old) => {
+                // Its destroy was missed or comes late: it ends here, with
+                // the counters last seen.
+                gone.push(old.finished());
+                self.numbered(e)
+            }
+            None => self.numbered(e),
+        };
+        self.insert(e);
+    }
+
+    fn insert(&mut self, e: Entry) {
+        self.by_port
+            .entry(e.dport)
+            .or_default()
+            .insert(e.tuple(), e);
     }
 
     /// Replaces the copy with a fresh read of the table (events were lost).
-    /// Entries missing from it go to `gone`.
+    /// Entries missing from it, or replaced by a new entry with the same
+    /// tuple, go to `gone`.
     fn replace(&mut self, all: Vec<Entry>, gone: &mut Vec<Entry>) {
-        let old = std::mem::take(&mut self.by_port);
+        let mut old = std::mem::take(&mut self.by_port);
         for e in all {
-            self.by_port
-                .entry(e.dport)
-                .or_default()
-                .insert(e.tuple(), e);
+            let before = old.get_mut(&e.dport).and_then(|p| p.remove(&e.tuple()));
+            let e = match before {
+                Some(b) if e.continues(&b) => Entry {
+                    serial: b.serial,
+                    ..e
+                },
+                Some(b) => {
+                    gone.push(b.finished());
+                    self.numbered(e)
+                }
+                None => self.numbered(e),
+            };
+            self.insert(e);
         }
         for e in old.into_values().flat_map(HashMap::into_values) {
-            if !self.contains(&e.tuple()) {
-                gone.push(e.finished());
-            }
+            gone.push(e.finished());
         }
     }
 
+    #[cfg(test)]
     fn contains(&self, key: &Key) -> bool {
         self.by_port
             .get(&key.2)
             .is_some_and(|port| port.contains_key(key))
     }
 
-    /// After a batch: an entry stays taken for as long as it exists.
+    /// After a batch: entries that went away are no longer taken (their
+    /// serials never come back).
     fn forget(&mut self, gone: &[Entry]) {
         for e in gone {
-            if !self.contains(&e.tuple()) {
-                self.taken.remove(&e.tuple());
-            }
+            self.taken.remove(&e.serial);
         }
     }
 
     /// Records the counters of a present entry.
-    fn count(&mut self, key: &Key, (orig, reply): (u64, u64)) {
+    fn count(&mut self, of: &Entry, (orig, reply): (u64, u64)) {
         if let Some(e) = self
             .by_port
-            .get_mut(&key.2)
-            .and_then(|port| port.get_mut(key))
+            .get_mut(&of.dport)
+            .and_then(|port| port.get_mut(&of.tuple()))
+            .filter(|e| e.serial == of.serial)
         {
             e.flow.orig_bytes = orig;
             e.flow.reply_bytes = reply;
@@ -979,7 +1094,7 @@ async fn look(ct: &Conntrack, mirror: &mut Mirror, gone: &[Entry], netlink: &mut
     let mut uncounted = Vec::new();
     {
         let mut plans = lock(&ct.plans);
-        let Mirror { by_port, taken } = mirror;
+        let Mirror { by_port, taken, .. } = mirror;
         for (key, w) in plans.iter_mut() {
             match assign(w, found(by_port, w.port, gone), taken) {
                 Some(e) if e.flow.done && !e.counted => uncounted.push((*key, e.clone())),
@@ -990,7 +1105,7 @@ async fn look(ct: &Conntrack, mirror: &mut Mirror, gone: &[Entry], netlink: &mut
     for (key, mut e) in uncounted {
         match netlink.counters(&e).await {
             Ok(Some(bytes)) => {
-                mirror.count(&e.tuple(), bytes);
+                mirror.count(&e, bytes);
                 (e.flow.orig_bytes, e.flow.reply_bytes) = bytes;
             }
             // Gone meanwhile: its destroy event carries the counters.
@@ -1008,20 +1123,20 @@ async fn look(ct: &Conntrack, mirror: &mut Mirror, gone: &[Entry], netlink: &mut
 fn assign<'a>(
     w: &mut Watched,
     mut found: impl Iterator<Item = &'a Entry>,
-    taken: &mut HashSet<Key>,
+    taken: &mut HashSet<u64>,
 ) -> Option<&'a Entry> {
-    match w.sport {
-        Some(sport) => found.find(|e| e.tuple() == (w.shape.peer, sport, w.port)),
+    match w.entry {
+        Some(serial) => found.find(|e| e.serial == serial),
         None => found
             .find(|e| {
                 e.peer == w.shape.peer
                     && e.dport == w.port
                     && e.to == w.shape.to
-                    && !taken.contains(&e.tuple())
+                    && !taken.contains(&e.serial)
             })
             .inspect(|e| {
-                w.sport = Some(e.sport);
-                taken.insert(e.tuple());
+                w.entry = Some(e.serial);
+                taken.insert(e.serial);
             }),
     }
 }
@@ -1041,12 +1156,42 @@ struct Entry {
     /// The flow's counters are the kernel's (events other than destroy do
     /// not carry them).
     counted: bool,
+    /// The kernel's ID of the entry, where it says (netlink).
+    ct_id: Option<u32>,
+    /// The watcher's own number for the entry: unique for as long as the
+    /// watcher runs, where a tuple is not (0 until numbered).
+    serial: u64,
 }
 
 impl Entry {
     /// What tells entries to the same port apart.
     fn tuple(&self) -> Key {
         (self.peer, self.sport, self.dport)
+    }
+
+    /// Whether `self`, seen under `old`'s tuple, can be the same entry: the
+    /// same kernel ID (where both have one), the same reply tuple, and no
+    /// counter gone down. A new connection with an old tuple usually
+    /// differs in its reply tuple (the real endpoint's port), and always
+    /// starts its counters again.
+    fn continues(&self, old: &Entry) -> bool {
+        let id = match (old.ct_id, self.ct_id) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        let counters_back = old.counted
+            && self.counted
+            && (self.flow.orig_bytes < old.flow.orig_bytes
+                || self.flow.reply_bytes < old.flow.reply_bytes);
+        id && self.to == old.to && !counters_back
+    }
+
+    /// The destroyed entry `serial` as its destroy event tells.
+    fn finished_as(self, serial: u64) -> Entry {
+        Entry {
+            serial,
+            ..self.finished()
+        }
     }
 
     /// The entry as it went away: finished, its counters final.
@@ -1075,6 +1220,8 @@ impl Entry {
                 done: c.finishing(),
             },
             counted: c.bytes.is_some(),
+            ct_id: c.id,
+            serial: 0,
         }
     }
 }
@@ -1138,6 +1285,8 @@ fn entries(text: &str, ports: Option<&HashSet<u16>>) -> Vec<Entry> {
                     ),
                 },
                 counted: true,
+                ct_id: None,
+                serial: 0,
             })
         })
         .collect()
@@ -1195,42 +1344,82 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
         assert_eq!(find("garbage\nipv4 2 tcp x\n", &passive(), 40001), None);
     }
 
+    /// What the `/proc` watcher hands the plan after reading `text`.
+    fn read(w: &mut Watched, table: &mut ProcTable, text: &str) -> Option<Entry> {
+        table.update(entries(text, None));
+        assign(w, table.known.values(), &mut table.taken).cloned()
+    }
+
     #[test]
     fn a_plan_takes_only_an_entry_no_plan_took_before() {
         let old = "ipv6 10 tcp 6 100 TIME_WAIT src=2001:db8:100::2 dst=2001:db8::1 sport=50000 dport=40001 packets=3 bytes=180 src=fd71:2::2 dst=fd71:2::1 sport=30000 dport=50000 packets=9 bytes=9000 [ASSURED]\n";
         let new = "ipv6 10 tcp 6 100 ESTABLISHED src=2001:db8:100::2 dst=2001:db8::1 sport=50007 dport=40001 packets=1 bytes=60 src=fd71:2::2 dst=fd71:2::1 sport=30000 dport=50007 packets=1 bytes=60 [ASSURED]\n";
         // The earlier connection's entry was taken (by its plan, or found
         // at start): the new plan on the same port and endpoint waits.
-        let mut taken: std::collections::HashSet<_> =
-            entries(old, None).iter().map(Entry::tuple).collect();
-        let (tx, _rx) = tokio::sync::watch::channel(None);
-        let mut w = Watched {
-            shape: passive(),
-            port: 40001,
-            sport: None,
-            tx,
-        };
-        assert_eq!(assign(&mut w, entries(old, None).iter(), &mut taken), None);
-        // Its own connection comes: taken, and followed by source port.
+        let mut table = ProcTable::new(entries(old, None));
+        let mut w = watched();
+        assert_eq!(read(&mut w, &mut table, old), None);
+        // Its own connection comes: taken, and followed.
         let both = format!("{old}{new}");
-        let found = entries(&both, None);
-        let flow = &assign(&mut w, found.iter(), &mut taken)
-            .expect("new entry")
-            .flow;
-        assert_eq!((flow.orig_bytes, flow.done), (60, false));
-        assert_eq!(w.sport, Some(50007));
-        assert_eq!(taken.len(), 2);
+        let e = read(&mut w, &mut table, &both).expect("new entry");
+        assert_eq!(
+            (e.sport, e.flow.orig_bytes, e.flow.done),
+            (50007, 60, false)
+        );
+        assert_eq!(w.entry, Some(e.serial));
+        assert_eq!(table.taken.len(), 2);
         // Once taken, it is never another plan's.
-        let (tx, _rx) = tokio::sync::watch::channel(None);
-        let mut other = Watched {
-            shape: passive(),
-            port: 40001,
-            sport: None,
-            tx,
-        };
-        assert_eq!(assign(&mut other, found.iter(), &mut taken), None);
+        let mut other = watched();
+        assert_eq!(read(&mut other, &mut table, &both), None);
         // The followed entry going away is seen.
-        assert_eq!(assign(&mut w, entries(old, None).iter(), &mut taken), None);
+        assert_eq!(read(&mut w, &mut table, old), None);
+        assert_eq!(table.taken.len(), 1);
+    }
+
+    #[test]
+    fn a_proc_read_tells_a_reused_tuple_from_the_entry_it_had() {
+        // Left by an earlier process: the server's fixed port 20 to the
+        // gateway's port 41000, in TIME_WAIT.
+        let line = |state: &str, bytes: u64, client_port: u16| {
+            format!("ipv4 2 tcp 6 100 {state} src=10.71.2.2 dst=10.71.2.1 sport=20 dport=41000 packets=9 bytes={bytes} src=198.51.100.2 dst=192.0.2.1 sport={client_port} dport=20 packets=3 bytes=180 [ASSURED]\n")
+        };
+        let active = |client_port| Watched {
+            shape: Shape {
+                passive: false,
+                peer: "10.71.2.2".parse().unwrap(),
+                dst: "10.71.2.1".parse().unwrap(),
+                to: SocketAddr::new("198.51.100.2".parse().unwrap(), client_port),
+                source: "192.0.2.1".parse().unwrap(),
+            },
+            port: 41000,
+            entry: None,
+            tx: tokio::sync::watch::channel(None).0,
+        };
+        let start = line("TIME_WAIT", 1_050_000, 50000);
+        // The same entry read again, its counters the same or higher: still
+        // the earlier one's, whichever plan asks.
+        let mut table = ProcTable::new(entries(&start, None));
+        let mut w = active(50000);
+        assert_eq!(read(&mut w, &mut table, &start), None);
+        assert_eq!(
+            read(&mut w, &mut table, &line("CLOSE", 1_050_100, 50000)),
+            None
+        );
+        // A new connection from port 20 to the client's new port: another
+        // reply tuple, so another entry, even finished and with more bytes
+        // by the time of the read.
+        let mut table = ProcTable::new(entries(&start, None));
+        let mut w = active(50001);
+        let e = read(&mut w, &mut table, &line("TIME_WAIT", 2_000_000, 50001));
+        assert_eq!(e.map(|e| e.flow.orig_bytes), Some(2_000_000));
+        // The client reused its port: the same tuples both ways. The entry
+        // is open again, or its counters went down: a new one.
+        for (state, bytes) in [("ESTABLISHED", 2_000_000), ("TIME_WAIT", 60)] {
+            let mut table = ProcTable::new(entries(&start, None));
+            let mut w = active(50000);
+            let e = read(&mut w, &mut table, &line(state, bytes, 50000));
+            assert_eq!(e.map(|e| e.flow.orig_bytes), Some(bytes), "{state}");
+        }
     }
 
     fn conn(sport: u16, state: u8, gone: bool, bytes: Option<(u64, u64)>) -> Conn {
@@ -1240,6 +1429,8 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
         };
         Conn {
             gone,
+            created: false,
+            id: None,
             orig: tuple(&format!("[2001:db8:100::2]:{sport}"), "[2001:db8::1]:40001"),
             reply: tuple("[fd71:2::2]:30000", &format!("[fd71:2::1]:{sport}")),
             tcp_state: Some(state),
@@ -1247,12 +1438,22 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
         }
     }
 
+    /// `c` as a NEW event announces it.
+    fn created(c: Conn) -> Conn {
+        Conn { created: true, ..c }
+    }
+
+    /// `c` with the kernel's ID.
+    fn with_id(c: Conn, id: u32) -> Conn {
+        Conn { id: Some(id), ..c }
+    }
+
     fn watched() -> Watched {
         let (tx, _rx) = tokio::sync::watch::channel(None);
         Watched {
             shape: passive(),
             port: 40001,
-            sport: None,
+            entry: None,
             tx,
         }
     }
@@ -1270,16 +1471,17 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
         let mut gone = Vec::new();
         assert_eq!(seen(&mut w, &mut mirror, &gone), None);
         // The plan's connection: new (SYN_SENT), then established.
-        mirror.apply(&conn(50007, 1, false, None), &mut gone);
+        mirror.apply(&created(conn(50007, 1, false, None)), &mut gone);
         mirror.apply(&conn(50007, 3, false, None), &mut gone);
         let e = seen(&mut w, &mut mirror, &gone).expect("its entry");
         assert_eq!((e.sport, e.flow.done, e.counted), (50007, false, false));
-        assert_eq!(w.sport, Some(50007));
+        assert_eq!(w.entry, Some(e.serial));
+        let followed = e.serial;
         // FIN_WAIT: finished, but events carry no counters: asked for.
         mirror.apply(&conn(50007, 4, false, None), &mut gone);
         let e = seen(&mut w, &mut mirror, &gone).unwrap();
-        assert_eq!((e.flow.done, e.counted), (true, false));
-        mirror.count(&e.tuple(), (180, 9000));
+        assert_eq!((e.flow.done, e.counted, e.serial), (true, false, followed));
+        mirror.count(&e, (180, 9000));
         let e = seen(&mut w, &mut mirror, &gone).unwrap();
         assert_eq!(
             (e.flow.orig_bytes, e.flow.reply_bytes, e.counted),
@@ -1290,8 +1492,7 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
         let mut other = watched();
         assert_eq!(seen(&mut other, &mut mirror, &gone), None);
         mirror.forget(&gone);
-        assert!(!mirror.taken.contains(&(passive().peer, 50000, 40001)));
-        assert!(mirror.taken.contains(&(passive().peer, 50007, 40001)));
+        assert_eq!(mirror.taken, HashSet::from([followed]));
         // The followed entry is destroyed: the plan sees it finished, with
         // the destroy event's counters, even though it is no longer there.
         let mut gone = Vec::new();
@@ -1307,7 +1508,7 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
         let mut mirror = Mirror::new(Vec::new());
         let mut w = watched();
         let mut gone = Vec::new();
-        mirror.apply(&conn(50009, 1, false, None), &mut gone);
+        mirror.apply(&created(conn(50009, 1, false, None)), &mut gone);
         mirror.apply(&conn(50009, 8, true, Some((120, 60))), &mut gone);
         let e = seen(&mut w, &mut mirror, &gone).expect("the gone entry");
         assert_eq!(
@@ -1318,6 +1519,93 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
         assert!(mirror.taken.is_empty());
     }
 
+    /// A server that sends from a fixed port: the next data connection to
+    /// the same gateway port has the old one's tuple (both ways, here, and
+    /// the kernel's ID too: a new entry may reuse the memory of the one
+    /// destroyed just before). The kernel destroys the TIME_WAIT entry and
+    /// creates the new one in one batch.
+    #[test]
+    fn a_tuple_destroyed_and_created_again_in_one_batch_is_the_new_plans() {
+        let mut mirror = Mirror::new(Vec::new());
+        let mut first = watched();
+        let mut gone = Vec::new();
+        mirror.apply(&with_id(created(conn(20, 1, false, None)), 7), &mut gone);
+        mirror.apply(&with_id(conn(20, 7, false, None), 7), &mut gone);
+        let old = seen(&mut first, &mut mirror, &gone).expect("the first connection");
+        assert!(old.flow.done);
+        // The next plan on the port: the TIME_WAIT entry is not its own.
+        let mut next = watched();
+        assert_eq!(seen(&mut next, &mut mirror, &gone), None);
+        mirror.apply(&with_id(conn(20, 7, true, Some((180, 9000))), 7), &mut gone);
+        mirror.apply(&with_id(created(conn(20, 1, false, None)), 7), &mut gone);
+        mirror.apply(&with_id(conn(20, 3, false, None), 7), &mut gone);
+        // The first plan sees its entry gone, with the destroy's counters;
+        // the next one takes the new entry, open.
+        let e = seen(&mut first, &mut mirror, &gone).unwrap();
+        assert_eq!(
+            (e.serial, e.flow.reply_bytes, e.flow.done),
+            (old.serial, 9000, true)
+        );
+        let e = seen(&mut next, &mut mirror, &gone).expect("the new entry");
+        assert_ne!(e.serial, old.serial);
+        assert!(!e.flow.done);
+        mirror.forget(&gone);
+        assert_eq!(mirror.taken, HashSet::from([e.serial]));
+        // It is followed to its end.
+        mirror.apply(&with_id(conn(20, 4, false, None), 7), &mut gone);
+        assert_eq!(
+            seen(&mut next, &mut mirror, &gone).map(|e| e.flow.done),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn an_entry_left_by_an_earlier_process_does_not_hide_a_new_plans_connection() {
+        let left = || Entry::from_conn(&with_id(conn(20, 7, false, Some((180, 9000))), 7));
+        // The kernel's batch: the destroy of the entry left behind, then
+        // the NEW of the plan's connection with the same tuple.
+        let mut mirror = Mirror::new(vec![left()]);
+        let mut w = watched();
+        let mut gone = Vec::new();
+        assert_eq!(seen(&mut w, &mut mirror, &gone), None);
+        mirror.apply(&with_id(conn(20, 7, true, Some((180, 9000))), 7), &mut gone);
+        mirror.apply(&with_id(created(conn(20, 1, false, None)), 9), &mut gone);
+        let e = seen(&mut w, &mut mirror, &gone).expect("the new entry");
+        assert_eq!((e.flow.done, e.ct_id), (false, Some(9)));
+        // Without the destroy (lost, or late): the NEW event, or an update
+        // with another ID, is a new entry all the same.
+        for c in [
+            with_id(created(conn(20, 1, false, None)), 9),
+            with_id(conn(20, 3, false, None), 9),
+        ] {
+            let mut mirror = Mirror::new(vec![left()]);
+            let mut w = watched();
+            let mut gone = Vec::new();
+            mirror.apply(&c, &mut gone);
+            let e = seen(&mut w, &mut mirror, &gone).expect("the new entry");
+            assert!(!e.flow.done, "{c:?}");
+            mirror.forget(&gone);
+            assert_eq!(mirror.taken, HashSet::from([e.serial]));
+            // A late destroy of the one left behind leaves the new entry.
+            let mut gone = Vec::new();
+            mirror.apply(&with_id(conn(20, 7, true, Some((180, 9000))), 7), &mut gone);
+            assert!(gone.is_empty());
+            let still = seen(&mut w, &mut mirror, &gone).expect("the new entry");
+            assert_eq!((still.serial, still.flow.done), (e.serial, false));
+        }
+        // An update of the entry left behind is still that entry.
+        let mut mirror = Mirror::new(vec![left()]);
+        let mut w = watched();
+        mirror.apply(&with_id(conn(20, 8, false, None), 7), &mut gone);
+        assert_eq!(seen(&mut w, &mut mirror, &gone), None);
+        // After lost events, a dump with a new entry under the tuple.
+        let mut gone = Vec::new();
+        let new = Entry::from_conn(&with_id(conn(20, 3, false, Some((60, 60))), 9));
+        mirror.replace(vec![new], &mut gone);
+        let e = seen(&mut w, &mut mirror, &gone).expect("the new entry");
+        assert_eq!((e.ct_id, e.flow.done), (Some(9), false));
+    }
+
     #[test]
     fn a_resync_ends_plans_whose_entry_went_away_unseen() {
         let mut mirror = Mirror::new(Vec::new());
@@ -1325,8 +1613,8 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
         let mut gone = Vec::new();
         mirror.apply(&conn(50011, 3, false, None), &mut gone);
         mirror.apply(&conn(50012, 3, false, None), &mut gone);
-        assert!(seen(&mut w, &mut mirror, &gone).is_some());
-        let followed = w.sport.unwrap();
+        let e = seen(&mut w, &mut mirror, &gone).expect("an entry");
+        let (followed, serial) = (e.sport, e.serial);
         let other = if followed == 50011 { 50012 } else { 50011 };
         // Events were lost; the fresh read has only the other entry.
         mirror.replace(
@@ -1336,7 +1624,7 @@ ipv6     10 tcp      6 119 TIME_WAIT src=2001:0db8:0100:0000:0000:0000:0000:0002
         let e = seen(&mut w, &mut mirror, &gone).expect("the gone entry");
         assert_eq!((e.sport, e.flow.done), (followed, true));
         mirror.forget(&gone);
-        assert!(!mirror.taken.contains(&(passive().peer, followed, 40001)));
+        assert!(!mirror.taken.contains(&serial));
         assert!(mirror.contains(&(passive().peer, other, 40001)));
     }
 

@@ -70,6 +70,9 @@ def new_payload():
 class Server:
     """One running server process in one server namespace."""
 
+    # vsftpd only: whether active-mode data comes from port 20 (see FixedPortVsftpd).
+    connect_from_port_20 = False
+
     def __init__(self, lab, host, name, workdir, payload):
         self.lab = lab
         self.host = host
@@ -110,7 +113,7 @@ class Server:
                             "anon_umask=022",
                             f"pasv_min_port={lo}",
                             f"pasv_max_port={hi}",
-                            "connect_from_port_20=NO",
+                            f"connect_from_port_20={'YES' if self.connect_from_port_20 else 'NO'}",
                             "xferlog_enable=YES",
                             f"vsftpd_log_file={self.log}",
                             "",
@@ -218,6 +221,16 @@ AllowOverwrite on
                     os.killpg(self.proc.pid, 9)
                 except ProcessLookupError:
                     pass
+
+
+class FixedPortVsftpd(Server):
+    """vsftpd as Debian ships it: active-mode data from port 20, so every data
+    connection to one gateway port has the same 4-tuple (tests/lab/reuse.py)."""
+
+    connect_from_port_20 = True
+
+    def __init__(self, lab, host, workdir, payload):
+        super().__init__(lab, host, "vsftpd", workdir, payload)
 
 
 def start_all(lab, workdir, names, payload):
