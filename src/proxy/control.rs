@@ -5,7 +5,7 @@ use super::{origdst, Gateway};
 use crate::config::{Listener, ListenerMode};
 use crate::ftp::rewrite;
 use crate::metrics::{OpenGuard, Refusal};
-use crate::pinhole::{DataEvent, Pinhole, PlanId, SessionInfo};
+use crate::pinhole::{Activity, DataEvent, Pinhole, PlanId, SessionInfo};
 use crate::rules::{decide, Decision};
 use crate::session::{Action, EndReason, LogEvent, Session, SessionParams};
 use socket2::SockRef;
@@ -158,6 +158,7 @@ async fn run(
         id,
         client: peer,
         server,
+        activity: Activity::default(),
     };
     let mut conn = Conn {
         gateway: &gateway,
@@ -367,6 +368,10 @@ impl Conn<'_> {
                 () = &mut timer => {
                     if timer.deadline() < deadline {
                         timer.as_mut().reset(deadline);
+                    } else if let Some(until) = self.data_busy_until() {
+                        // Quiet control, but a transfer moves bytes.
+                        deadline = until;
+                        timer.as_mut().reset(deadline);
                     } else {
                         self.core.idle_timeout();
                     }
@@ -401,6 +406,13 @@ impl Conn<'_> {
                 }
             }
         }
+    }
+
+    /// When the session's data last moved, plus `idle`, if that is still
+    /// ahead.
+    fn data_busy_until(&self) -> Option<tokio::time::Instant> {
+        let until = tokio::time::Instant::from_std(self.info.activity.busy_until(self.idle)?);
+        (until > tokio::time::Instant::now()).then_some(until)
     }
 
     /// Carries out the core's actions in order.
