@@ -12,8 +12,8 @@ use socket2::SockRef;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
-use tokio::io::{AsyncWriteExt, Interest};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{info, info_span, warn, Instrument};
@@ -199,12 +199,11 @@ async fn refuse_session(
 ) {
     gateway.metrics.refused(reason);
     warn!(client = %peer, what = "SESSION", code = 421u16, reason = %why, "refused");
-    let _ = client
-        .write_all(&rewrite::reply(
-            421,
-            &format!("Service not available: {why}"),
-        ))
-        .await;
+    let reply = rewrite::reply(421, &format!("Service not available: {why}"));
+    // A fresh connection's send buffer takes one line at once; the timer
+    // is there for the exception.
+    let limit = gateway.config().limits.idle_timeout;
+    let _ = tokio::time::timeout(limit, client.write_all(&reply)).await;
     let _ = client.shutdown().await;
 }
 
@@ -307,6 +306,9 @@ impl DataEvents {
 enum Ended {
     Core(EndReason),
     Passthrough,
+    /// A write to this peer did not finish within `idle_timeout`: the peer
+    /// does not read.
+    WriteTimeout(&'static str, Duration),
     Io(String),
 }
 
@@ -315,8 +317,26 @@ impl std::fmt::Display for Ended {
         match self {
             Ended::Core(r) => write!(f, "{r}"),
             Ended::Passthrough => f.write_str("TLS passthrough ended"),
+            Ended::WriteTimeout(to, idle) => {
+                write!(f, "write to {to} timed out (idle_timeout {idle:?})")
+            }
             Ended::Io(e) => write!(f, "{e}"),
         }
+    }
+}
+
+/// Writes all of `bytes` to `to` (named `peer`) by `deadline`.
+async fn write_by<W: AsyncWrite + Unpin>(
+    to: &mut W,
+    peer: &'static str,
+    bytes: &[u8],
+    deadline: tokio::time::Instant,
+    idle: Duration,
+) -> Result<(), Ended> {
+    match tokio::time::timeout_at(deadline, to.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Ended::Io(format!("write to {peer}: {e}"))),
+        Err(_) => Err(Ended::WriteTimeout(peer, idle)),
     }
 }
 
@@ -383,7 +403,7 @@ impl Conn<'_> {
                 lines = seen;
                 deadline = tokio::time::Instant::now() + idle;
             }
-            if let Some(end) = self.act(&mut events).await {
+            if let Some(end) = self.act(&mut events, deadline).await {
                 self.settle_data(&mut events).await;
                 return end;
             }
@@ -415,18 +435,36 @@ impl Conn<'_> {
         (until > tokio::time::Instant::now()).then_some(until)
     }
 
-    /// Carries out the core's actions in order.
-    async fn act(&mut self, events: &mut DataEvents) -> Option<Ended> {
+    /// Carries out the core's actions in order. Writes must be done by
+    /// `deadline`, the session's idle deadline: a peer that does not read
+    /// cannot hold the session (and its pinholes) past it.
+    async fn act(
+        &mut self,
+        events: &mut DataEvents,
+        deadline: tokio::time::Instant,
+    ) -> Option<Ended> {
+        // Once the core has ended, its last words are best effort: a peer
+        // that does not take them does not change why the session ended.
+        let mut mute = false;
         while let Some(action) = self.core.poll_action() {
             match action {
+                Action::ToClient(b) | Action::ToServer(b) if mute => drop(b),
                 Action::ToClient(b) => {
-                    if let Err(e) = self.client.write_all(&b).await {
-                        return Some(Ended::Io(format!("write to client: {e}")));
+                    let r = write_by(&mut self.client, "client", &b, deadline, self.idle).await;
+                    if let Err(end) = r {
+                        if !self.core.is_ended() {
+                            return Some(end);
+                        }
+                        mute = true;
                     }
                 }
                 Action::ToServer(b) => {
-                    if let Err(e) = self.upstream.write_all(&b).await {
-                        return Some(Ended::Io(format!("write to server: {e}")));
+                    let r = write_by(&mut self.upstream, "server", &b, deadline, self.idle).await;
+                    if let Err(end) = r {
+                        if !self.core.is_ended() {
+                            return Some(end);
+                        }
+                        mute = true;
                     }
                 }
                 Action::Open(plan) => {
