@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{info, info_span, warn, Instrument};
@@ -306,6 +306,8 @@ impl DataEvents {
 enum Ended {
     Core(EndReason),
     Passthrough,
+    /// Under TLS passthrough, no byte either way for `idle_timeout`.
+    PassthroughIdle(Duration),
     /// A write to this peer did not finish within `idle_timeout`: the peer
     /// does not read.
     WriteTimeout(&'static str, Duration),
@@ -317,6 +319,7 @@ impl std::fmt::Display for Ended {
         match self {
             Ended::Core(r) => write!(f, "{r}"),
             Ended::Passthrough => f.write_str("TLS passthrough ended"),
+            Ended::PassthroughIdle(idle) => write!(f, "TLS passthrough idle for {idle:?}"),
             Ended::WriteTimeout(to, idle) => {
                 write!(f, "write to {to} timed out (idle_timeout {idle:?})")
             }
@@ -337,6 +340,42 @@ async fn write_by<W: AsyncWrite + Unpin>(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Ended::Io(format!("write to {peer}: {e}"))),
         Err(_) => Err(Ended::WriteTimeout(peer, idle)),
+    }
+}
+
+/// Buffer of each direction under TLS passthrough, made when it starts.
+const PASSTHROUGH_BUF: usize = 8192;
+
+/// One direction of TLS passthrough: copies until `from`'s EOF, then
+/// passes the EOF on. Each write must finish within `idle`; every byte
+/// read or written touches `activity`. Adds the bytes read to `count`.
+async fn pipe<R, W>(
+    from: &mut R,
+    to: &mut W,
+    peer: &'static str,
+    idle: Duration,
+    activity: &Activity,
+    count: &mut u64,
+) -> Result<(), Ended>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; PASSTHROUGH_BUF];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) => {
+                let _ = to.shutdown().await;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) => return Err(Ended::Io(format!("TLS passthrough: {e}"))),
+        };
+        *count += n as u64;
+        activity.touch();
+        let deadline = tokio::time::Instant::now() + idle;
+        write_by(to, peer, &buf[..n], deadline, idle).await?;
+        activity.touch();
     }
 }
 
@@ -507,22 +546,66 @@ impl Conn<'_> {
         None
     }
 
-    /// After AUTH TLS under passthrough: raw bytes both ways until either
-    /// side closes.
+    /// After AUTH TLS under passthrough: raw bytes both ways until both
+    /// sides closed, a write cannot finish within `idle_timeout`, or no
+    /// byte moved either way for `idle_timeout`.
     async fn passthrough(&mut self, to_server: Vec<u8>, to_client: Vec<u8>) -> Ended {
-        if self.upstream.write_all(&to_server).await.is_err()
-            || self.client.write_all(&to_client).await.is_err()
-        {
-            return Ended::Passthrough;
-        }
-        match tokio::io::copy_bidirectional(&mut self.client, &mut self.upstream).await {
-            Ok((c, s)) => {
-                self.from_client += c;
-                self.from_server += s;
-                Ended::Passthrough
+        let idle = self.idle;
+        let activity = self.info.activity.clone();
+        let (mut from_client, mut from_server) = (0, 0);
+        let (mut client_r, mut client_w) = self.client.split();
+        let (mut server_r, mut server_w) = self.upstream.split();
+        let copy = async {
+            // The bytes already read go first.
+            let deadline = tokio::time::Instant::now() + idle;
+            write_by(&mut server_w, "server", &to_server, deadline, idle).await?;
+            write_by(&mut client_w, "client", &to_client, deadline, idle).await?;
+            activity.touch();
+            tokio::try_join!(
+                pipe(
+                    &mut client_r,
+                    &mut server_w,
+                    "server",
+                    idle,
+                    &activity,
+                    &mut from_client
+                ),
+                pipe(
+                    &mut server_r,
+                    &mut client_w,
+                    "client",
+                    idle,
+                    &activity,
+                    &mut from_server
+                ),
+            )
+        };
+        // Fires once `idle` passed since the last byte either way.
+        let quiet = async {
+            loop {
+                let now = tokio::time::Instant::now();
+                match activity
+                    .busy_until(idle)
+                    .map(tokio::time::Instant::from_std)
+                {
+                    Some(until) if until > now => tokio::time::sleep_until(until).await,
+                    // Not even the first bytes went out yet: the writes
+                    // above have their own deadline.
+                    None => tokio::time::sleep(idle).await,
+                    Some(_) => return,
+                }
             }
-            Err(e) => Ended::Io(format!("TLS passthrough: {e}")),
-        }
+        };
+        let ended = tokio::select! {
+            r = copy => match r {
+                Ok(_) => Ended::Passthrough,
+                Err(e) => e,
+            },
+            () = quiet => Ended::PassthroughIdle(idle),
+        };
+        self.from_client += from_client;
+        self.from_server += from_server;
+        ended
     }
 }
 
