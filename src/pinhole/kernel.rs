@@ -263,7 +263,16 @@ impl KernelBackend {
             session: events.clone(),
         });
         let watch = self.conntrack.watch(shape, port);
-        let task = tokio::spawn(follow(plan.id, shape, watch, timeout, held.clone(), events));
+        let activity = session.activity.clone();
+        let task = tokio::spawn(follow(
+            plan.id,
+            shape,
+            watch,
+            timeout,
+            held.clone(),
+            events,
+            activity,
+        ));
         let guard = Guard {
             held,
             task: task.abort_handle(),
@@ -479,8 +488,12 @@ async fn follow(
     timeout: Duration,
     held: Arc<Held>,
     events: mpsc::UnboundedSender<DataEvent>,
+    activity: super::Activity,
 ) {
     let start = Instant::now();
+    // Conntrack does not report bytes while they flow: the connection
+    // counts as the session's activity from its start to its end.
+    let mut unseen = None;
     let deadline = start + timeout;
     let mut refresh_at = deadline;
     let mut seen = false;
@@ -503,6 +516,7 @@ async fn follow(
                     // half-way (shared keys counted down, not removed).
                     let h = held.clone();
                     let _ = tokio::spawn(async move { h.remove().await }).await;
+                    unseen = Some(activity.unseen());
                     let _ = events.send(DataEvent::Connected { id });
                 }
                 let done = flow.done;
@@ -546,6 +560,7 @@ async fn follow(
     } else {
         (last.orig_bytes, last.reply_bytes)
     };
+    drop(unseen);
     let _ = events.send(DataEvent::Closed {
         id,
         to_client,

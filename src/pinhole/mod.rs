@@ -19,7 +19,9 @@ pub use pool::{PortLease, PortPool};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Identifies a plan inside its session.
@@ -74,6 +76,74 @@ pub struct SessionInfo {
     pub client: SocketAddr,
     /// The server's control-connection address.
     pub server: SocketAddr,
+    /// When the session's data bytes last moved: a backend touches it, and
+    /// the session's idle timer reads it, so that a long transfer on a
+    /// quiet control connection is not taken for an idle session.
+    pub activity: Activity,
+}
+
+/// When bytes last moved, shared by a session and the tasks that move its
+/// bytes (data relays, TLS passthrough). Cheap to touch: one clock read and
+/// one atomic store.
+#[derive(Debug, Clone)]
+pub struct Activity(Arc<ActivityInner>);
+
+#[derive(Debug)]
+struct ActivityInner {
+    epoch: Instant,
+    /// Microseconds from `epoch` to the last byte, plus one; 0: none yet.
+    last: AtomicU64,
+    /// Connected data connections whose bytes cannot be seen while they
+    /// flow (the kernel backend): each counts as activity until it ends.
+    unseen: AtomicUsize,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity(Arc::new(ActivityInner {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+            unseen: AtomicUsize::new(0),
+        }))
+    }
+}
+
+impl Activity {
+    /// Bytes moved just now.
+    pub fn touch(&self) {
+        let us = self.0.epoch.elapsed().as_micros() as u64;
+        self.0.last.store(us + 1, Ordering::Relaxed);
+    }
+
+    /// A connection whose bytes this process cannot see is up; it counts as
+    /// activity until the returned guard is dropped.
+    pub fn unseen(&self) -> UnseenGuard {
+        self.0.unseen.fetch_add(1, Ordering::Relaxed);
+        UnseenGuard(self.clone())
+    }
+
+    /// Until when the session is busy with its data, given `idle`: the last
+    /// byte plus `idle`, or now plus `idle` while an unseen connection is
+    /// up. `None` if no byte ever moved.
+    pub fn busy_until(&self, idle: Duration) -> Option<Instant> {
+        if self.0.unseen.load(Ordering::Relaxed) > 0 {
+            return Some(Instant::now() + idle);
+        }
+        match self.0.last.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(self.0.epoch + Duration::from_micros(us - 1) + idle),
+        }
+    }
+}
+
+/// Returned by [`Activity::unseen`]; ends that activity when dropped.
+#[derive(Debug)]
+pub struct UnseenGuard(Activity);
+
+impl Drop for UnseenGuard {
+    fn drop(&mut self) {
+        self.0 .0.unseen.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What a backend opened: the ports that must be announced.
@@ -200,4 +270,37 @@ pub struct DataSettings {
     pub pinhole_timeout: Duration,
     /// Limit on each connect leg.
     pub connect_timeout: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activity_is_the_last_touch_plus_idle() {
+        let idle = Duration::from_secs(60);
+        let a = Activity::default();
+        assert_eq!(a.busy_until(idle), None, "nothing moved yet");
+        let before = Instant::now();
+        a.clone().touch();
+        let until = a.busy_until(idle).unwrap();
+        assert!(
+            until >= before + idle - Duration::from_millis(1),
+            "{until:?}"
+        );
+        assert!(until <= Instant::now() + idle);
+    }
+
+    #[test]
+    fn an_unseen_connection_is_busy_until_it_ends() {
+        let idle = Duration::from_secs(60);
+        let a = Activity::default();
+        let (g1, g2) = (a.unseen(), a.unseen());
+        let asked = Instant::now();
+        assert!(a.busy_until(idle).unwrap() >= asked + idle);
+        drop(g1);
+        assert!(a.busy_until(idle).unwrap() >= asked + idle, "one still up");
+        drop(g2);
+        assert_eq!(a.busy_until(idle), None, "no byte was ever seen");
+    }
 }

@@ -7,8 +7,8 @@
 
 use super::nft::{Element, InterceptTable};
 use super::{
-    Backend, DataEvent, DataOutcome, DataPlan, DataSettings, Leg, OpenError, OpenFuture, Opened,
-    Pinhole, PlanId, PortLease, PortPool, SessionInfo, Usage,
+    Activity, Backend, DataEvent, DataOutcome, DataPlan, DataSettings, Leg, OpenError, OpenFuture,
+    Opened, Pinhole, PlanId, PortLease, PortPool, SessionInfo, Usage,
 };
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -133,7 +133,7 @@ impl RelayBackend {
 
         let task = tokio::spawn(run(
             plan.id,
-            session.id,
+            session.clone(),
             client,
             server,
             self.settings.clone(),
@@ -307,7 +307,7 @@ impl Drop for PlanGuard {
 /// One plan, from waiting to the end of the relay.
 async fn run(
     id: PlanId,
-    session: u64,
+    session: SessionInfo,
     client: Pending,
     server: Pending,
     settings: DataSettings,
@@ -318,7 +318,8 @@ async fn run(
     let (to_client, to_server, outcome) = match outcome {
         Ok((client, server)) => {
             let _ = events.send(DataEvent::Connected { id });
-            let (counts, result) = relay(&client, &server, DataPath::Splice).await;
+            let (counts, result) =
+                relay_metered(&client, &server, DataPath::Splice, Some(&session.activity)).await;
             let outcome = match result {
                 Ok(()) => DataOutcome::Completed,
                 Err(e) => {
@@ -332,7 +333,7 @@ async fn run(
         Err(outcome) => (0, 0, outcome),
     };
     tracing::debug!(
-        session,
+        session = session.id,
         plan = id,
         to_client,
         to_server,
@@ -503,22 +504,66 @@ pub async fn relay(
     server: &TcpStream,
     path: DataPath,
 ) -> (Counts, io::Result<()>) {
-    let mut counts = Counts::default();
+    relay_metered(client, server, path, None).await
+}
+
+/// [`relay`], touching `activity` at every write, so that the session sees
+/// its transfer move.
+async fn relay_metered(
+    client: &TcpStream,
+    server: &TcpStream,
+    path: DataPath,
+    activity: Option<&Activity>,
+) -> (Counts, io::Result<()>) {
+    let mut up = Meter::new(activity);
+    let mut down = Meter::new(activity);
     let result = {
-        let up = pump(client, server, path, &mut counts.to_server);
-        let down = pump(server, client, path, &mut counts.to_client);
+        let up = pump(client, server, path, &mut up);
+        let down = pump(server, client, path, &mut down);
         tokio::try_join!(up, down).map(|_| ())
+    };
+    let counts = Counts {
+        to_client: down.bytes,
+        to_server: up.bytes,
     };
     (counts, result)
 }
 
+/// Bytes written in one direction of a relay, and the session's activity
+/// to touch with each write.
+#[derive(Debug, Default)]
+pub(super) struct Meter<'a> {
+    /// Bytes written so far.
+    pub(super) bytes: u64,
+    activity: Option<&'a Activity>,
+}
+
+impl<'a> Meter<'a> {
+    fn new(activity: Option<&'a Activity>) -> Self {
+        Meter { bytes: 0, activity }
+    }
+
+    /// `n` bytes were written just now.
+    pub(super) fn add(&mut self, n: usize) {
+        self.bytes += n as u64;
+        if let Some(a) = self.activity {
+            a.touch();
+        }
+    }
+}
+
 /// One direction of [`relay`], then the half-close.
-async fn pump(src: &TcpStream, dst: &TcpStream, path: DataPath, count: &mut u64) -> io::Result<()> {
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    path: DataPath,
+    count: &mut Meter<'_>,
+) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     if path == DataPath::Splice {
         match super::splice::pump(src, dst, count).await? {
             super::splice::Spliced::Eof { spliced } => {
-                tracing::trace!(bytes = *count, spliced, "relay direction ended");
+                tracing::trace!(bytes = count.bytes, spliced, "relay direction ended");
                 return shutdown_write(dst);
             }
             super::splice::Spliced::Unsupported(e) => {
@@ -533,7 +578,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, path: DataPath, count: &mut u64)
 }
 
 /// The buffered copy, until `src`'s EOF.
-async fn copy(src: &TcpStream, dst: &TcpStream, count: &mut u64) -> io::Result<()> {
+async fn copy(src: &TcpStream, dst: &TcpStream, count: &mut Meter<'_>) -> io::Result<()> {
     src.readable().await?;
     let mut buf = vec![0u8; BUF_SIZE].into_boxed_slice();
     loop {
@@ -549,7 +594,11 @@ async fn copy(src: &TcpStream, dst: &TcpStream, count: &mut u64) -> io::Result<(
 }
 
 /// Writes all of `bytes` to `dst`, adding each byte written to `count`.
-pub(super) async fn write_all(dst: &TcpStream, bytes: &[u8], count: &mut u64) -> io::Result<()> {
+pub(super) async fn write_all(
+    dst: &TcpStream,
+    bytes: &[u8],
+    count: &mut Meter<'_>,
+) -> io::Result<()> {
     let mut sent = 0;
     while sent < bytes.len() {
         dst.writable().await?;
@@ -557,7 +606,7 @@ pub(super) async fn write_all(dst: &TcpStream, bytes: &[u8], count: &mut u64) ->
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 sent += n;
-                *count += n as u64;
+                count.add(n);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
@@ -632,6 +681,7 @@ mod tests {
             id: 7,
             client: "127.0.0.1:1".parse().unwrap(),
             server: "127.0.0.1:2".parse().unwrap(),
+            activity: Activity::default(),
         }
     }
 

@@ -12,7 +12,7 @@
 //! "Performance"): while `dst` is full, `src`'s receive buffer, autotuned to
 //! megabytes, keeps taking the sender's bytes.
 
-use super::relay::write_all;
+use super::relay::{write_all, Meter};
 use rustix::fd::OwnedFd;
 use rustix::pipe::{self, PipeFlags, SpliceFlags};
 use std::io;
@@ -51,7 +51,11 @@ pub(super) enum Spliced {
 /// to `count`. Does not shut `dst` down: the caller does, as for the buffered
 /// copy. Reads go through a [`HEAD_SIZE`] buffer until one fills it; then
 /// the pipe is made, and closed when this returns or is dropped.
-pub(super) async fn pump(src: &TcpStream, dst: &TcpStream, count: &mut u64) -> io::Result<Spliced> {
+pub(super) async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    count: &mut Meter<'_>,
+) -> io::Result<Spliced> {
     if head(src, dst, count).await? {
         return Ok(Spliced::Eof { spliced: 0 });
     }
@@ -90,7 +94,7 @@ pub(super) async fn pump(src: &TcpStream, dst: &TcpStream, count: &mut u64) -> i
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     left -= n;
-                    *count += n as u64;
+                    count.add(n);
                     spliced += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -112,7 +116,7 @@ pub(super) async fn pump(src: &TcpStream, dst: &TcpStream, count: &mut u64) -> i
 /// A read shorter than the buffer drained the socket, so it clears tokio's
 /// readiness (sampled before the read), as the control connection's reads
 /// do: the next wait is for new bytes, not a recv that fails with EAGAIN.
-async fn head(src: &TcpStream, dst: &TcpStream, count: &mut u64) -> io::Result<bool> {
+async fn head(src: &TcpStream, dst: &TcpStream, count: &mut Meter<'_>) -> io::Result<bool> {
     src.readable().await?;
     let mut buf = vec![0u8; HEAD_SIZE];
     loop {
@@ -166,7 +170,7 @@ async fn write_out(
     pipe_r: &OwnedFd,
     dst: &TcpStream,
     mut left: usize,
-    count: &mut u64,
+    count: &mut Meter<'_>,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; left.min(PIPE_SIZE)];
     while left > 0 {
@@ -233,7 +237,7 @@ mod tests {
                 got.extend_from_slice(&chunk[..n]);
             }
         });
-        let mut count = 0;
+        let mut count = Meter::default();
         let ended = tokio::time::timeout(Duration::from_secs(30), pump(&src, &dst, &mut count))
             .await
             .expect("stuck")
@@ -241,7 +245,7 @@ mod tests {
         write.await.unwrap().unwrap();
         drop(dst);
         let got = read.await.unwrap().unwrap();
-        (ended, count, (got.len(), digest(&got)), want)
+        (ended, count.bytes, (got.len(), digest(&got)), want)
     }
 
     /// The splice path itself (no fallback) carries a transfer to a reader

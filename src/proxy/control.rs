@@ -5,15 +5,15 @@ use super::{origdst, Gateway};
 use crate::config::{Listener, ListenerMode};
 use crate::ftp::rewrite;
 use crate::metrics::{OpenGuard, Refusal};
-use crate::pinhole::{DataEvent, Pinhole, PlanId, SessionInfo};
+use crate::pinhole::{Activity, DataEvent, Pinhole, PlanId, SessionInfo};
 use crate::rules::{decide, Decision};
 use crate::session::{Action, EndReason, LogEvent, Session, SessionParams};
 use socket2::SockRef;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
-use tokio::io::{AsyncWriteExt, Interest};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{info, info_span, warn, Instrument};
@@ -158,6 +158,7 @@ async fn run(
         id,
         client: peer,
         server,
+        activity: Activity::default(),
     };
     let mut conn = Conn {
         gateway: &gateway,
@@ -198,12 +199,11 @@ async fn refuse_session(
 ) {
     gateway.metrics.refused(reason);
     warn!(client = %peer, what = "SESSION", code = 421u16, reason = %why, "refused");
-    let _ = client
-        .write_all(&rewrite::reply(
-            421,
-            &format!("Service not available: {why}"),
-        ))
-        .await;
+    let reply = rewrite::reply(421, &format!("Service not available: {why}"));
+    // A fresh connection's send buffer takes one line at once; the timer
+    // is there for the exception.
+    let limit = gateway.config().limits.idle_timeout;
+    let _ = tokio::time::timeout(limit, client.write_all(&reply)).await;
     let _ = client.shutdown().await;
 }
 
@@ -306,6 +306,11 @@ impl DataEvents {
 enum Ended {
     Core(EndReason),
     Passthrough,
+    /// Under TLS passthrough, no byte either way for `idle_timeout`.
+    PassthroughIdle(Duration),
+    /// A write to this peer did not finish within `idle_timeout`: the peer
+    /// does not read.
+    WriteTimeout(&'static str, Duration),
     Io(String),
 }
 
@@ -314,8 +319,63 @@ impl std::fmt::Display for Ended {
         match self {
             Ended::Core(r) => write!(f, "{r}"),
             Ended::Passthrough => f.write_str("TLS passthrough ended"),
+            Ended::PassthroughIdle(idle) => write!(f, "TLS passthrough idle for {idle:?}"),
+            Ended::WriteTimeout(to, idle) => {
+                write!(f, "write to {to} timed out (idle_timeout {idle:?})")
+            }
             Ended::Io(e) => write!(f, "{e}"),
         }
+    }
+}
+
+/// Writes all of `bytes` to `to` (named `peer`) by `deadline`.
+async fn write_by<W: AsyncWrite + Unpin>(
+    to: &mut W,
+    peer: &'static str,
+    bytes: &[u8],
+    deadline: tokio::time::Instant,
+    idle: Duration,
+) -> Result<(), Ended> {
+    match tokio::time::timeout_at(deadline, to.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Ended::Io(format!("write to {peer}: {e}"))),
+        Err(_) => Err(Ended::WriteTimeout(peer, idle)),
+    }
+}
+
+/// Buffer of each direction under TLS passthrough, made when it starts.
+const PASSTHROUGH_BUF: usize = 8192;
+
+/// One direction of TLS passthrough: copies until `from`'s EOF, then
+/// passes the EOF on. Each write must finish within `idle`; every byte
+/// read or written touches `activity`. Adds the bytes read to `count`.
+async fn pipe<R, W>(
+    from: &mut R,
+    to: &mut W,
+    peer: &'static str,
+    idle: Duration,
+    activity: &Activity,
+    count: &mut u64,
+) -> Result<(), Ended>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; PASSTHROUGH_BUF];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) => {
+                let _ = to.shutdown().await;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) => return Err(Ended::Io(format!("TLS passthrough: {e}"))),
+        };
+        *count += n as u64;
+        activity.touch();
+        let deadline = tokio::time::Instant::now() + idle;
+        write_by(to, peer, &buf[..n], deadline, idle).await?;
+        activity.touch();
     }
 }
 
@@ -367,6 +427,10 @@ impl Conn<'_> {
                 () = &mut timer => {
                     if timer.deadline() < deadline {
                         timer.as_mut().reset(deadline);
+                    } else if let Some(until) = self.data_busy_until() {
+                        // Quiet control, but a transfer moves bytes.
+                        deadline = until;
+                        timer.as_mut().reset(deadline);
                     } else {
                         self.core.idle_timeout();
                     }
@@ -378,7 +442,7 @@ impl Conn<'_> {
                 lines = seen;
                 deadline = tokio::time::Instant::now() + idle;
             }
-            if let Some(end) = self.act(&mut events).await {
+            if let Some(end) = self.act(&mut events, deadline).await {
                 self.settle_data(&mut events).await;
                 return end;
             }
@@ -403,18 +467,43 @@ impl Conn<'_> {
         }
     }
 
-    /// Carries out the core's actions in order.
-    async fn act(&mut self, events: &mut DataEvents) -> Option<Ended> {
+    /// When the session's data last moved, plus `idle`, if that is still
+    /// ahead.
+    fn data_busy_until(&self) -> Option<tokio::time::Instant> {
+        let until = tokio::time::Instant::from_std(self.info.activity.busy_until(self.idle)?);
+        (until > tokio::time::Instant::now()).then_some(until)
+    }
+
+    /// Carries out the core's actions in order. Writes must be done by
+    /// `deadline`, the session's idle deadline: a peer that does not read
+    /// cannot hold the session (and its pinholes) past it.
+    async fn act(
+        &mut self,
+        events: &mut DataEvents,
+        deadline: tokio::time::Instant,
+    ) -> Option<Ended> {
+        // Once the core has ended, its last words are best effort: a peer
+        // that does not take them does not change why the session ended.
+        let mut mute = false;
         while let Some(action) = self.core.poll_action() {
             match action {
+                Action::ToClient(b) | Action::ToServer(b) if mute => drop(b),
                 Action::ToClient(b) => {
-                    if let Err(e) = self.client.write_all(&b).await {
-                        return Some(Ended::Io(format!("write to client: {e}")));
+                    let r = write_by(&mut self.client, "client", &b, deadline, self.idle).await;
+                    if let Err(end) = r {
+                        if !self.core.is_ended() {
+                            return Some(end);
+                        }
+                        mute = true;
                     }
                 }
                 Action::ToServer(b) => {
-                    if let Err(e) = self.upstream.write_all(&b).await {
-                        return Some(Ended::Io(format!("write to server: {e}")));
+                    let r = write_by(&mut self.upstream, "server", &b, deadline, self.idle).await;
+                    if let Err(end) = r {
+                        if !self.core.is_ended() {
+                            return Some(end);
+                        }
+                        mute = true;
                     }
                 }
                 Action::Open(plan) => {
@@ -457,22 +546,66 @@ impl Conn<'_> {
         None
     }
 
-    /// After AUTH TLS under passthrough: raw bytes both ways until either
-    /// side closes.
+    /// After AUTH TLS under passthrough: raw bytes both ways until both
+    /// sides closed, a write cannot finish within `idle_timeout`, or no
+    /// byte moved either way for `idle_timeout`.
     async fn passthrough(&mut self, to_server: Vec<u8>, to_client: Vec<u8>) -> Ended {
-        if self.upstream.write_all(&to_server).await.is_err()
-            || self.client.write_all(&to_client).await.is_err()
-        {
-            return Ended::Passthrough;
-        }
-        match tokio::io::copy_bidirectional(&mut self.client, &mut self.upstream).await {
-            Ok((c, s)) => {
-                self.from_client += c;
-                self.from_server += s;
-                Ended::Passthrough
+        let idle = self.idle;
+        let activity = self.info.activity.clone();
+        let (mut from_client, mut from_server) = (0, 0);
+        let (mut client_r, mut client_w) = self.client.split();
+        let (mut server_r, mut server_w) = self.upstream.split();
+        let copy = async {
+            // The bytes already read go first.
+            let deadline = tokio::time::Instant::now() + idle;
+            write_by(&mut server_w, "server", &to_server, deadline, idle).await?;
+            write_by(&mut client_w, "client", &to_client, deadline, idle).await?;
+            activity.touch();
+            tokio::try_join!(
+                pipe(
+                    &mut client_r,
+                    &mut server_w,
+                    "server",
+                    idle,
+                    &activity,
+                    &mut from_client
+                ),
+                pipe(
+                    &mut server_r,
+                    &mut client_w,
+                    "client",
+                    idle,
+                    &activity,
+                    &mut from_server
+                ),
+            )
+        };
+        // Fires once `idle` passed since the last byte either way.
+        let quiet = async {
+            loop {
+                let now = tokio::time::Instant::now();
+                match activity
+                    .busy_until(idle)
+                    .map(tokio::time::Instant::from_std)
+                {
+                    Some(until) if until > now => tokio::time::sleep_until(until).await,
+                    // Not even the first bytes went out yet: the writes
+                    // above have their own deadline.
+                    None => tokio::time::sleep(idle).await,
+                    Some(_) => return,
+                }
             }
-            Err(e) => Ended::Io(format!("TLS passthrough: {e}")),
-        }
+        };
+        let ended = tokio::select! {
+            r = copy => match r {
+                Ok(_) => Ended::Passthrough,
+                Err(e) => e,
+            },
+            () = quiet => Ended::PassthroughIdle(idle),
+        };
+        self.from_client += from_client;
+        self.from_server += from_server;
+        ended
     }
 }
 
