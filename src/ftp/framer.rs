@@ -352,6 +352,12 @@ impl Framer {
         }
     }
 
+    /// Bytes held: lines not yet returned by [`Framer::next_line`] and the
+    /// partial line. The session bounds this per peer.
+    pub fn buffered(&self) -> usize {
+        self.ready.len().saturating_sub(self.read) + self.partial.len()
+    }
+
     /// Takes the bytes buffered but not yet framed (used when the stream
     /// stops being parsed, e.g. after TLS starts, so nothing is lost).
     ///
