@@ -362,8 +362,8 @@ struct Deferred {
 pub const MAX_PENDING: usize = 64;
 
 /// Bytes of one peer's input framed but not yet processed (lines waiting
-/// while an open is in flight, a final reply is held, or the queue is full),
-/// plus its partial line. Past it [`Session::wants_client_input`] or
+/// while an open is in flight, a final reply is held, or the queue is full,
+/// each with its framer entry), plus its partial line. Past it [`Session::wants_client_input`] or
 /// [`Session::wants_server_input`] turns false and the shell stops reading
 /// that peer until processing resumes. It is at least [`ftp::MAX_LINE`],
 /// so a partial line alone never stops reading.

@@ -167,7 +167,10 @@ async fn pipelined_transfers_each_get_a_record_or_a_4xx() {
             expected.insert((verb.clone(), path.clone(), code));
         }
     }
-    assert!(refused > 0, "the bound on pending transfers was not reached");
+    assert!(
+        refused > 0,
+        "the bound on pending transfers was not reached"
+    );
     let lines = gw.audit_lines(expected.len()).await;
     let recorded: BTreeSet<_> = lines
         .iter()
@@ -238,7 +241,10 @@ async fn user_refused_by_the_server_is_never_recorded() {
     let (gw, mut c, mut s) = scripted().await;
     let (c, s) = (&mut c, &mut s);
     assert_eq!(exchange(c, s, "USER mallory", "331 Password").await, 331);
-    assert_eq!(exchange(c, s, "PASS guess", "530 Login incorrect").await, 530);
+    assert_eq!(
+        exchange(c, s, "PASS guess", "530 Login incorrect").await,
+        530
+    );
     assert_eq!(exchange(c, s, "RETR x", "530 Not logged in").await, 530);
     assert_eq!(exchange(c, s, "USER eve", "530 No such user").await, 530);
     assert_eq!(exchange(c, s, "RETR y", "530 Not logged in").await, 530);
@@ -267,7 +273,10 @@ async fn user_refused_by_the_server_is_never_recorded() {
         ]
     );
     let log = gw.logs.text();
-    let logins: Vec<&str> = log.lines().filter(|l| l.contains("login accepted")).collect();
+    let logins: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("login accepted"))
+        .collect();
     assert_eq!(logins.len(), 1, "{log}");
     assert!(logins[0].ends_with("user=bob"), "{}", logins[0]);
 }
@@ -290,10 +299,7 @@ async fn peer_text_in_the_text_log_is_escaped() {
         }
     }
     let login = log.lines().find(|l| l.contains("login accepted")).unwrap();
-    assert!(
-        login.ends_with(r"user=a\x1b[31m user\x3droot"),
-        "{login}"
-    );
+    assert!(login.ends_with(r"user=a\x1b[31m user\x3droot"), "{login}");
     // The audit log is JSON: the value as sent, escaped only by JSON.
     let lines = gw.audit_lines(1).await;
     assert_eq!(lines[0]["user"], "a\x1b[31m user=root");
@@ -332,7 +338,10 @@ async fn junk_flood_is_closed_at_the_refusal_limit_with_a_small_log() {
         "{} bytes of log for 180 KB of junk:\n{log}",
         log.len()
     );
-    let refused = log.lines().filter(|l| l.contains(": refused what=")).count();
+    let refused = log
+        .lines()
+        .filter(|l| l.contains(": refused what="))
+        .count();
     assert!(refused <= 12, "{refused} refusal lines:\n{log}");
     let summary = log
         .lines()
@@ -367,6 +376,9 @@ async fn client_sees_each_refusal_then_421() {
     assert!(lines[..MAX_REFUSALS as usize]
         .iter()
         .all(|l| l.starts_with("500 ")));
-    assert!(lines[MAX_REFUSALS as usize].starts_with("421 Too many refused commands"), "{out}");
+    assert!(
+        lines[MAX_REFUSALS as usize].starts_with("421 Too many refused commands"),
+        "{out}"
+    );
     gw.logs.wait_for("reason=too many refusals (50)").await;
 }

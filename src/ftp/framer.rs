@@ -352,10 +352,14 @@ impl Framer {
         }
     }
 
-    /// Bytes held: lines not yet returned by [`Framer::next_line`] and the
-    /// partial line. The session bounds this per peer.
+    /// Memory held for input, in bytes: lines not yet returned by
+    /// [`Framer::next_line`] with the bookkeeping of each, and the partial
+    /// line. The session bounds this per peer; counting each line's entry
+    /// keeps a flood of empty lines within the bound too.
     pub fn buffered(&self) -> usize {
-        self.ready.len().saturating_sub(self.read) + self.partial.len()
+        self.ready.len().saturating_sub(self.read)
+            + self.ends.len() * std::mem::size_of::<Ready>()
+            + self.partial.len()
     }
 
     /// Takes the bytes buffered but not yet framed (used when the stream
