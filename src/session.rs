@@ -363,10 +363,11 @@ pub const MAX_PENDING: usize = 64;
 
 /// Bytes of one peer's input framed but not yet processed (lines waiting
 /// while an open is in flight, a final reply is held, or the queue is full,
-/// each with its framer entry), plus its partial line. Past it [`Session::wants_client_input`] or
-/// [`Session::wants_server_input`] turns false and the shell stops reading
-/// that peer until processing resumes. It is at least [`ftp::MAX_LINE`],
-/// so a partial line alone never stops reading.
+/// each with its framer entry), plus its partial line. Past it
+/// [`Session::wants_client_input`] or [`Session::wants_server_input`] turns
+/// false and the shell stops reading that peer until processing resumes. It
+/// is at least [`ftp::MAX_LINE`], so a partial line alone never stops
+/// reading.
 pub const MAX_INPUT_BACKLOG: usize = 2 * ftp::MAX_LINE;
 
 /// Transfers whose log record waits for the final reply or the data
@@ -475,7 +476,7 @@ impl Session {
     }
 
     /// Processes input that waits after a pause (see [`MAX_ACTIONS`]);
-    /// true when that queued actions to carry out.
+    /// true when actions now wait to be carried out.
     pub fn resume(&mut self) -> bool {
         self.process();
         !self.actions.is_empty()
