@@ -10,7 +10,8 @@ use ftpgate::config::{DataMode, PortRange, ServerMode, TlsPolicy};
 use ftpgate::pinhole::{DataEvent, DataOutcome, Opened};
 use ftpgate::rules::Policy;
 use ftpgate::session::{
-    Action, EndReason, Session, SessionParams, MAX_INPUT_BACKLOG, MAX_PENDING, MAX_REFUSALS,
+    Action, EndReason, LogEvent, Session, SessionParams, MAX_INPUT_BACKLOG, MAX_PENDING,
+    MAX_REFUSALS,
 };
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -185,6 +186,35 @@ fn refusals_end_the_session_with_421_at_the_limit() {
     );
     assert!(a.contains(&Action::End(EndReason::TooManyRefusals(MAX_REFUSALS))));
     assert!(s.is_ended());
+}
+
+#[test]
+fn transfer_the_server_never_answered_still_gets_its_record() {
+    let _serial = serial();
+    let mut s = core();
+    s.client_bytes(b"USER bob\r\nPASS x\r\nRETR a\r\n");
+    drain(&mut s);
+    s.server_bytes(b"331 pw\r\n230 in\r\n");
+    drain(&mut s);
+    s.client_bytes(b"RETR b\r\n");
+    drain(&mut s);
+    s.server_closed();
+    let records: Vec<_> = drain(&mut s)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Log(LogEvent::Transfer(t)) => Some((t.path, t.user, t.reply, t.result)),
+            _ => None,
+        })
+        .collect();
+    let ended = "session ended before the server's final reply".to_string();
+    assert_eq!(
+        records,
+        [
+            // Sent while the login was still unanswered: no user is named.
+            ("a".into(), None, 0, ended.clone()),
+            ("b".into(), Some("bob".into()), 0, ended),
+        ]
+    );
 }
 
 // ---- the gateway ---------------------------------------------------------
