@@ -27,7 +27,7 @@ pub struct AuditRecord<'a> {
     pub client: String,
     /// Server address:port.
     pub server: String,
-    /// The USER name, if one was sent.
+    /// The user the server had accepted (230) when it took the command.
     pub user: Option<&'a str>,
     /// RETR, STOR, LIST, ...
     pub command: &'a str,

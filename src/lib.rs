@@ -22,11 +22,13 @@
 //!   operators — Prometheus metrics, the per-transfer JSON audit log, and
 //!   readiness notifications.
 //! - [`explain`]: which rule a (client, server) pair meets, for the CLI.
+//! - [`escape`]: peer-controlled text made safe for text log lines.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod audit;
 pub mod config;
+pub mod escape;
 pub mod explain;
 pub mod ftp;
 pub mod metrics;

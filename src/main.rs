@@ -302,6 +302,9 @@ fn init_tracing(format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => {
+            ftpgate::escape::set_json(true);
+            builder.json().init()
+        }
     }
 }

@@ -78,10 +78,17 @@ pub enum LogEvent {
         /// Why.
         reason: String,
     },
-    /// A transfer finished.
+    /// A transfer finished, or the session ended before it did.
     Transfer(TransferRecord),
-    /// The client logged in as this user (USER).
+    /// The server accepted this user: a 230 to its USER, or to the PASS or
+    /// ACCT after it.
     User(String),
+    /// The session reached [`MAX_REFUSALS`] refusals and is being closed
+    /// with 421.
+    RefusalLimit {
+        /// Refusals so far.
+        refusals: u32,
+    },
     /// TLS started under `tls: passthrough`; parsing stopped.
     TlsPassthrough,
     /// A reply was not forwarded as received.
@@ -123,6 +130,9 @@ pub struct TransferRecord {
     pub command: String,
     /// The command's argument.
     pub path: String,
+    /// The user the server had accepted (230) when it took the command;
+    /// `None` if no login had succeeded by then.
+    pub user: Option<String>,
     /// Download, upload or listing.
     pub direction: Direction,
     /// `client/server` data modes, e.g. `passive/active`.
@@ -148,6 +158,8 @@ pub enum EndReason {
     Idle,
     /// A line longer than the cap.
     Framing(&'static str),
+    /// [`MAX_REFUSALS`] commands were refused.
+    TooManyRefusals(u32),
 }
 
 impl std::fmt::Display for EndReason {
@@ -157,6 +169,7 @@ impl std::fmt::Display for EndReason {
             EndReason::ServerClosed => f.write_str("server closed"),
             EndReason::Idle => f.write_str("idle timeout"),
             EndReason::Framing(side) => write!(f, "overlong line from {side}"),
+            EndReason::TooManyRefusals(n) => write!(f, "too many refusals ({n})"),
         }
     }
 }
@@ -218,6 +231,14 @@ enum Pending {
     Local(Vec<u8>),
     /// An ordinary command: its reply is forwarded.
     Forward,
+    /// USER with this name: a 230 makes it the session's user, a 331/332
+    /// starts a login that PASS/ACCT completes.
+    User(String),
+    /// PASS or ACCT: a 230 makes the name of the USER before it the
+    /// session's user.
+    Login,
+    /// REIN: a 2xx ends the login.
+    Rein,
     /// FEAT: its reply is filtered under `tls: refuse`.
     Feat,
     /// The gateway forwarded PASV/EPSV for the client's PASV/EPSV.
@@ -260,6 +281,8 @@ struct PlanInfo {
 struct Transfer {
     command: String,
     path: String,
+    /// The accepted user as of this command (see `stamp_user`).
+    user: Option<String>,
     direction: Direction,
     plan: Option<PlanId>,
     mode: String,
@@ -303,6 +326,13 @@ pub struct Session {
     armed: Option<PlanId>,
     transfers: Vec<Transfer>,
     epsv_all: bool,
+    /// The user the server accepted (230); `None` before a login succeeds.
+    user: Option<String>,
+    /// The name of a USER the server answered 331/332, until PASS/ACCT
+    /// succeeds or fails.
+    login: Option<String>,
+    /// Commands refused so far (see [`MAX_REFUSALS`]).
+    refusals: u32,
     phase: Phase,
     totals: Totals,
     actions: VecDeque<Action>,
@@ -319,9 +349,48 @@ struct Deferred {
     held: Vec<Vec<u8>>,
 }
 
-/// Transfers whose log line still waits for the data connection's end are
-/// capped, so a hostile peer cannot grow the list without bound.
-const MAX_OPEN_TRANSFERS: usize = 16;
+// ---- bounds --------------------------------------------------------------
+//
+// Each buffer of a session has a bound, so that no peer can grow a session
+// without limit. Past a bound the session either stops taking that peer's
+// input (the shell stops reading, and TCP pushes back) or refuses.
+
+/// Commands awaiting their reply, the gateway's own queued replies
+/// included. Past it no further command is processed until a reply frees
+/// a slot; its lines wait in the framer, and past [`MAX_INPUT_BACKLOG`] the
+/// client is no longer read.
+pub const MAX_PENDING: usize = 64;
+
+/// Bytes of one peer's input framed but not yet processed (lines waiting
+/// while an open is in flight, a final reply is held, or the queue is full,
+/// each with its framer entry), plus its partial line. Past it
+/// [`Session::wants_client_input`] or [`Session::wants_server_input`] turns
+/// false and the shell stops reading that peer until processing resumes. It
+/// is at least [`ftp::MAX_LINE`], so a partial line alone never stops
+/// reading.
+pub const MAX_INPUT_BACKLOG: usize = 2 * ftp::MAX_LINE;
+
+/// Transfers whose log record waits for the final reply or the data
+/// connection's end. Past it a transfer command is refused with 450 and not
+/// forwarded, so no record is ever dropped to make room.
+pub const MAX_OPEN_TRANSFERS: usize = 16;
+
+/// Refused commands per session. The one that reaches it closes the session
+/// with 421 and one log line.
+pub const MAX_REFUSALS: u32 = 50;
+
+/// Lines of one reply held for rewriting (a multi-line 227/229/PORT reply,
+/// or the continuation lines of a held final reply). Lines past it, or past
+/// [`MAX_HELD_BYTES`], are not held: dropped from a reply the gateway
+/// rewrites, passed on at once from one it forwards.
+const MAX_HELD_LINES: usize = 64;
+/// Bytes of one reply held for rewriting (see [`MAX_HELD_LINES`]).
+const MAX_HELD_BYTES: usize = 8192;
+
+/// Actions waiting for the shell. Once this many wait, processing pauses
+/// until the shell has carried them out and calls [`Session::resume`], so
+/// one read of small lines cannot queue an action per byte.
+pub const MAX_ACTIONS: usize = 256;
 
 impl Session {
     /// A new session; the server's greeting is the first reply expected.
@@ -344,6 +413,9 @@ impl Session {
             armed: None,
             transfers: Vec::new(),
             epsv_all: false,
+            user: None,
+            login: None,
+            refusals: 0,
             phase: Phase::Parsing,
             totals: Totals::default(),
             actions: VecDeque::new(),
@@ -389,7 +461,30 @@ impl Session {
         self.client_in.lines_completed() + self.server_in.lines_completed()
     }
 
-    /// Bytes from the client's control connection.
+    /// Whether the shell should read from the client: false while its
+    /// unprocessed input is over [`MAX_INPUT_BACKLOG`]. Processing resumes
+    /// through a reply, a data event, an open's result or the idle timer,
+    /// so a session that reads neither peer still ends or goes on.
+    pub fn wants_client_input(&self) -> bool {
+        self.phase == Phase::Parsing && self.client_in.buffered() < MAX_INPUT_BACKLOG
+    }
+
+    /// Whether the shell should read from the server (see
+    /// [`Session::wants_client_input`]).
+    pub fn wants_server_input(&self) -> bool {
+        self.phase == Phase::Parsing && self.server_in.buffered() < MAX_INPUT_BACKLOG
+    }
+
+    /// Processes input that waits after a pause (see [`MAX_ACTIONS`]);
+    /// true when actions now wait to be carried out.
+    pub fn resume(&mut self) -> bool {
+        self.process();
+        !self.actions.is_empty()
+    }
+
+    /// Bytes from the client's control connection. Processing pauses once
+    /// [`MAX_ACTIONS`] actions wait: carry them out, then call
+    /// [`Session::resume`].
     pub fn client_bytes(&mut self, bytes: &[u8]) {
         if self.phase != Phase::Parsing {
             return;
@@ -398,7 +493,8 @@ impl Session {
         self.process();
     }
 
-    /// Bytes from the server's control connection.
+    /// Bytes from the server's control connection (see
+    /// [`Session::client_bytes`]).
     pub fn server_bytes(&mut self, bytes: &[u8]) {
         if self.phase != Phase::Parsing {
             return;
@@ -497,6 +593,8 @@ impl Session {
                 if self.armed == Some(id) {
                     self.armed = None;
                 }
+                // Finished plans need no announcement any more.
+                self.listen_ports.remove(&id);
                 self.totals.data_to_client += to_client;
                 self.totals.data_to_server += to_server;
                 if let Some(t) = self.transfers.iter_mut().find(|t| t.plan == Some(id)) {
@@ -526,13 +624,44 @@ impl Session {
         for id in self.plans.keys().copied().collect::<Vec<_>>() {
             self.push(Action::Close(id));
         }
+        // Every transfer gets its record: one the server never answered is
+        // logged now; one whose data end is still to come waits for
+        // `finish`.
+        for t in &mut self.transfers {
+            if t.reply.is_none() {
+                t.reply = Some(0);
+                let live = t.plan.is_some_and(|id| self.plans.contains_key(&id));
+                if !live {
+                    t.data.get_or_insert((0, 0, DataOutcome::Completed));
+                }
+            }
+        }
+        self.flush_transfers();
         self.push(Action::End(reason));
+    }
+
+    /// The session is over and late data ends have had their chance: logs
+    /// every transfer still without a record, with what is known of it.
+    pub fn finish(&mut self) {
+        for t in &mut self.transfers {
+            t.reply.get_or_insert(0);
+            t.data.get_or_insert((
+                0,
+                0,
+                DataOutcome::Failed("data connection's end not reported".into()),
+            ));
+        }
+        self.flush_transfers();
     }
 
     /// Processes framed input until both sides need more bytes, or an open
     /// is in flight.
     fn process(&mut self) {
-        while self.phase == Phase::Parsing && self.opening.is_none() && self.deferred.is_none() {
+        while self.phase == Phase::Parsing
+            && self.opening.is_none()
+            && self.deferred.is_none()
+            && self.actions.len() < MAX_ACTIONS
+        {
             // Server lines first: replies free the queue for local replies.
             match self.server_in.next_line() {
                 Ok(Some(line)) => {
@@ -552,7 +681,13 @@ impl Session {
                     return;
                 }
             }
-            if self.phase != Phase::Parsing || self.opening.is_some() || self.deferred.is_some() {
+            if self.phase != Phase::Parsing
+                || self.opening.is_some()
+                || self.deferred.is_some()
+                || self.queue.len() >= MAX_PENDING
+            {
+                // The client's lines wait in its framer (see
+                // MAX_INPUT_BACKLOG).
                 return;
             }
             match self.client_in.next_line() {
@@ -620,12 +755,19 @@ impl Session {
                 ),
                 TlsPolicy::Passthrough => self.forward(raw, Pending::Auth),
             },
-            Command::User(name) => {
-                self.log(LogEvent::User(name));
-                self.forward(raw, Pending::Forward);
-            }
+            Command::User(name) => self.forward(raw, Pending::User(name)),
             Command::Transfer => {
                 let verb = verb.to_ascii_uppercase();
+                if self.transfers.len() >= MAX_OPEN_TRANSFERS {
+                    self.refuse(
+                        &verb,
+                        450,
+                        &format!(
+                            "{verb} not taken: {MAX_OPEN_TRANSFERS} transfers await completion; retry after their replies"
+                        ),
+                    );
+                    return;
+                }
                 let direction = match verb.as_str() {
                     "RETR" => Direction::Download,
                     "STOR" | "STOU" | "APPE" => Direction::Upload,
@@ -636,12 +778,11 @@ impl Session {
                     .and_then(|id| self.plans.get(&id))
                     .map(|p| format!("{}/{}", p.client_mode.name(), p.server_mode.name()))
                     .unwrap_or_else(|| "none".into());
-                if self.transfers.len() >= MAX_OPEN_TRANSFERS {
-                    self.transfers.remove(0);
-                }
+                let user = self.user_as_of_now();
                 self.transfers.push(Transfer {
                     command: verb,
                     path: String::from_utf8_lossy(parsed.arg).into_owned(),
+                    user,
                     direction,
                     plan,
                     mode,
@@ -651,12 +792,17 @@ impl Session {
                 self.forward(raw, Pending::Transfer);
             }
             Command::Other if verb.eq_ignore_ascii_case("FEAT") => self.forward(raw, Pending::Feat),
+            Command::Other
+                if verb.eq_ignore_ascii_case("PASS") || verb.eq_ignore_ascii_case("ACCT") =>
+            {
+                self.forward(raw, Pending::Login)
+            }
+            Command::Rein => self.forward(raw, Pending::Rein),
             Command::Ccc
             | Command::Pbsz
             | Command::Prot
             | Command::Abor
             | Command::Quit
-            | Command::Rein
             | Command::Other => self.forward(raw, Pending::Forward),
         }
     }
@@ -785,10 +931,12 @@ impl Session {
             }
             ReplyPos::Inside(code) => {
                 if self.head_rewrites() {
-                    if self.held_reply.len() < 64 {
+                    if may_hold(&self.held_reply, text.len()) {
                         self.held_reply.push(text.into_owned());
                     }
-                } else if self.holds_final(code).is_some() && self.held_transfer.len() < 64 {
+                } else if self.holds_final(code).is_some()
+                    && may_hold(&self.held_transfer, raw.len())
+                {
                     self.held_transfer.push(raw);
                 } else if !self.feat_filtered(&text) {
                     self.push(Action::ToClient(raw));
@@ -834,6 +982,9 @@ impl Session {
                 self.queue.front(),
                 Some(Pending::Transfer) | Some(Pending::Greeting)
             ) {
+                if self.queue.front() == Some(&Pending::Transfer) {
+                    self.stamp_user();
+                }
                 self.push(Action::ToClient(raw));
             } else {
                 self.log(LogEvent::IgnoredReply {
@@ -867,8 +1018,41 @@ impl Session {
             Pending::Greeting | Pending::Forward | Pending::Feat => {
                 self.forward_reply(code, raw);
             }
+            Pending::User(name) => {
+                self.forward_reply(code, raw);
+                match code {
+                    230 => self.accept_user(name),
+                    // A new login starts: the server dropped the old one.
+                    331 | 332 => {
+                        self.user = None;
+                        self.login = Some(name);
+                    }
+                    // Refused: the server keeps whatever login it had.
+                    _ => {}
+                }
+            }
+            Pending::Login => {
+                self.forward_reply(code, raw);
+                match code {
+                    230 => {
+                        if let Some(name) = self.login.take() {
+                            self.accept_user(name);
+                        }
+                    }
+                    332 => {}
+                    _ => self.login = None,
+                }
+            }
+            Pending::Rein => {
+                self.forward_reply(code, raw);
+                if (200..300).contains(&code) {
+                    self.user = None;
+                    self.login = None;
+                }
+            }
             Pending::Transfer => {
                 self.forward_reply(code, raw);
+                self.stamp_user();
                 self.transfer_reply(code);
             }
             Pending::Auth => {
@@ -1150,6 +1334,40 @@ impl Session {
         self.flush_transfers();
     }
 
+    /// The server accepted `name` (230).
+    fn accept_user(&mut self, name: String) {
+        self.login = None;
+        self.user = Some(name.clone());
+        self.log(LogEvent::User(name));
+    }
+
+    /// The user for a transfer command read now. Replies come in command
+    /// order, so the exact user is known at its first reply (`stamp_user`);
+    /// this is what a transfer the server never answers keeps. While a
+    /// login command ahead of it awaits its reply, the user is not known,
+    /// and none is named.
+    fn user_as_of_now(&self) -> Option<String> {
+        let login_pending = self
+            .queue
+            .iter()
+            .any(|p| matches!(p, Pending::User(_) | Pending::Login | Pending::Rein));
+        if login_pending {
+            None
+        } else {
+            self.user.clone()
+        }
+    }
+
+    /// The transfer at the head of the queue got its first reply: every
+    /// command before it has been answered and no later one has, so the
+    /// session's user now is the user as of that command.
+    fn stamp_user(&mut self) {
+        let user = self.user.clone();
+        if let Some(t) = self.transfers.iter_mut().find(|t| t.reply.is_none()) {
+            t.user = user;
+        }
+    }
+
     /// Logs every transfer that has both its final reply and its data end.
     fn flush_transfers(&mut self) {
         let mut i = 0;
@@ -1157,6 +1375,9 @@ impl Session {
             let t = &self.transfers[i];
             if let (Some(reply), Some((to_client, to_server, outcome))) = (t.reply, &t.data) {
                 let result = match (reply, outcome) {
+                    (0, DataOutcome::Completed) => {
+                        "session ended before the server's final reply".to_string()
+                    }
                     (200..=299, DataOutcome::Completed) => "ok".to_string(),
                     (_, DataOutcome::Completed) => format!("server replied {reply}"),
                     (_, DataOutcome::Expired) => "data connection never made".to_string(),
@@ -1165,6 +1386,7 @@ impl Session {
                 let rec = TransferRecord {
                     command: t.command.clone(),
                     path: t.path.clone(),
+                    user: t.user.clone(),
                     direction: t.direction,
                     mode: t.mode.clone(),
                     to_client: *to_client,
@@ -1345,6 +1567,7 @@ impl Session {
             reason: reason.to_string(),
         });
         self.reply_local(code, reason);
+        self.count_refusal();
     }
 
     /// A refusal that answers the command whose reply is due now.
@@ -1355,6 +1578,27 @@ impl Session {
             reason: reason.to_string(),
         });
         self.reply_now(rewrite::reply(code, reason));
+        self.count_refusal();
+    }
+
+    /// A session that piles up refusals is probing or broken: at
+    /// [`MAX_REFUSALS`] it ends with 421.
+    fn count_refusal(&mut self) {
+        self.refusals += 1;
+        if self.refusals < MAX_REFUSALS || self.phase == Phase::Ended {
+            return;
+        }
+        self.log(LogEvent::RefusalLimit {
+            refusals: self.refusals,
+        });
+        self.push(Action::ToClient(rewrite::reply(
+            421,
+            &format!(
+                "Too many refused commands ({}): closing control connection",
+                self.refusals
+            ),
+        )));
+        self.end(EndReason::TooManyRefusals(self.refusals));
     }
 
     fn flush_locals(&mut self) {
@@ -1364,6 +1608,12 @@ impl Session {
             }
         }
     }
+}
+
+/// Whether one more line of `len` bytes fits in a held reply (see
+/// [`MAX_HELD_BYTES`]).
+fn may_hold(held: &[Vec<u8>], len: usize) -> bool {
+    held.len() < MAX_HELD_LINES && held.iter().map(Vec::len).sum::<usize>() + len <= MAX_HELD_BYTES
 }
 
 /// The text after a reply code (or the whole line for a middle line).

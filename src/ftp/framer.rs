@@ -352,6 +352,16 @@ impl Framer {
         }
     }
 
+    /// Memory held for input, in bytes: lines not yet returned by
+    /// [`Framer::next_line`] with the bookkeeping of each, and the partial
+    /// line. The session bounds this per peer; counting each line's entry
+    /// keeps a flood of empty lines within the bound too.
+    pub fn buffered(&self) -> usize {
+        self.ready.len().saturating_sub(self.read)
+            + self.ends.len() * std::mem::size_of::<Ready>()
+            + self.partial.len()
+    }
+
     /// Takes the bytes buffered but not yet framed (used when the stream
     /// stops being parsed, e.g. after TLS starts, so nothing is lost).
     ///

@@ -3,6 +3,7 @@
 
 use super::{origdst, Gateway};
 use crate::config::{Listener, ListenerMode};
+use crate::escape::Escaped;
 use crate::ftp::rewrite;
 use crate::metrics::{OpenGuard, Refusal};
 use crate::pinhole::{Activity, DataEvent, Pinhole, PlanId, SessionInfo};
@@ -171,7 +172,7 @@ async fn run(
         idle: limits.idle_timeout,
         from_client: 0,
         from_server: 0,
-        user: None,
+        peer_lines: LogBudget::default(),
         data_connected: None,
     };
     let reason = conn.drive().await;
@@ -220,11 +221,46 @@ struct Conn<'a> {
     idle: std::time::Duration,
     from_client: u64,
     from_server: u64,
-    /// The USER name, for the audit log.
-    user: Option<String>,
+    /// Rate limit of the log lines that a peer can trigger at will.
+    peer_lines: LogBudget,
     /// When the last data connection connected: the core has no clock, so
     /// a transfer's duration is measured here, up to its log event.
     data_connected: Option<Instant>,
+}
+
+/// Refusal and ignored-reply lines a session logs before the rate limit.
+const LOG_BURST: u32 = 10;
+
+/// The log lines a peer triggers at will (refusals, ignored replies): the
+/// first [`LOG_BURST`] are written, then at most one a second, which says
+/// how many were suppressed since the one before. Every refusal is still
+/// counted in the metrics.
+#[derive(Default)]
+struct LogBudget {
+    logged: u32,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    /// Whether to write this line; `Some(k)` with the `k` lines suppressed
+    /// before it.
+    fn admit(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        let due = match self.last {
+            Some(t) if self.logged >= LOG_BURST => {
+                now.duration_since(t) >= std::time::Duration::from_secs(1)
+            }
+            _ => true,
+        };
+        if !due {
+            self.suppressed += 1;
+            return None;
+        }
+        self.logged = self.logged.saturating_add(1);
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 /// Largest read from a control connection at once. The buffer is on the
@@ -393,8 +429,10 @@ impl Conn<'_> {
         // byte at a time, never ending a line, is cut off at idle_timeout.
         let mut lines = self.core.lines_received();
         loop {
+            // A peer whose unprocessed input is over its bound is not read
+            // until the core has room again: TCP pushes back on it.
             tokio::select! {
-                r = self.client.readable() => {
+                r = self.client.readable(), if self.core.wants_client_input() => {
                     let core = &mut self.core;
                     match r.map(|()| read_now(&self.client, |b| core.client_bytes(b))) {
                         Ok(Read::Spurious) => {}
@@ -402,7 +440,7 @@ impl Conn<'_> {
                         Ok(Read::Closed) | Err(_) => self.core.client_closed(),
                     }
                 }
-                r = self.upstream.readable() => {
+                r = self.upstream.readable(), if self.core.wants_server_input() => {
                     let core = &mut self.core;
                     match r.map(|()| read_now(&self.upstream, |b| core.server_bytes(b))) {
                         Ok(Read::Spurious) => {}
@@ -442,9 +480,32 @@ impl Conn<'_> {
                 lines = seen;
                 deadline = tokio::time::Instant::now() + idle;
             }
-            if let Some(end) = self.act(&mut events, deadline).await {
-                self.settle_data(&mut events).await;
-                return end;
+            loop {
+                if let Some(end) = self.act(&mut events, deadline).await {
+                    self.settle_data(&mut events).await;
+                    self.core.finish();
+                    self.log_pending();
+                    if self.peer_lines.suppressed > 0 {
+                        warn!(
+                            suppressed = self.peer_lines.suppressed,
+                            "refusal and reply lines suppressed by the rate limit"
+                        );
+                    }
+                    return end;
+                }
+                // Processing paused while actions queued up (MAX_ACTIONS).
+                if !self.core.resume() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Writes the log events the core still has, after the end.
+    fn log_pending(&mut self) {
+        while let Some(action) = self.core.poll_action() {
+            if let Action::Log(ev) = action {
+                self.log_event(ev);
             }
         }
     }
@@ -611,6 +672,8 @@ impl Conn<'_> {
 
 impl Conn<'_> {
     /// Turns a core log event into a log line, metrics and audit lines.
+    /// Peer-controlled values go through [`Escaped`]; the audit log is JSON
+    /// and takes them as they are.
     fn log_event(&mut self, ev: LogEvent) {
         let metrics = &self.gateway.metrics;
         match ev {
@@ -620,7 +683,26 @@ impl Conn<'_> {
                 } else {
                     Refusal::command
                 });
-                warn!(%what, code, %reason, "refused")
+                match self.peer_lines.admit() {
+                    None => {}
+                    Some(0) => {
+                        warn!(what = %Escaped(&what), code, reason = %Escaped(&reason), "refused")
+                    }
+                    Some(suppressed) => warn!(
+                        what = %Escaped(&what),
+                        code,
+                        reason = %Escaped(&reason),
+                        suppressed,
+                        "refused"
+                    ),
+                }
+            }
+            LogEvent::RefusalLimit { refusals } => {
+                let suppressed = std::mem::take(&mut self.peer_lines.suppressed);
+                warn!(
+                    refusals,
+                    suppressed, "too many refused commands: closing the session with 421"
+                );
             }
             LogEvent::Transfer(t) => {
                 let took = self
@@ -629,16 +711,18 @@ impl Conn<'_> {
                     .map(|at| at.elapsed())
                     .unwrap_or_default();
                 metrics.transfer(&t.mode, t.to_client, t.to_server, took);
+                let user = t.user.as_deref().unwrap_or("");
                 info!(
-                    command = %t.command,
-                    path = %t.path,
+                    command = %Escaped(&t.command),
+                    path = %Escaped(&t.path),
+                    user = %Escaped(user),
                     direction = %t.direction,
                     mode = %t.mode,
                     bytes = t.to_client + t.to_server,
                     to_client = t.to_client,
                     to_server = t.to_server,
                     reply = t.reply,
-                    result = %t.result,
+                    result = %Escaped(&t.result),
                     duration_ms = took.as_millis() as u64,
                     "transfer"
                 );
@@ -649,7 +733,7 @@ impl Conn<'_> {
                         listener: &self.listener.name,
                         client: self.info.client.to_string(),
                         server: self.info.server.to_string(),
-                        user: self.user.as_deref(),
+                        user: t.user.as_deref(),
                         command: &t.command,
                         path: &t.path,
                         mode: &t.mode,
@@ -666,16 +750,22 @@ impl Conn<'_> {
                     }
                 }
             }
-            LogEvent::User(user) => {
-                info!(%user, "user");
-                self.user = Some(user);
-            }
+            LogEvent::User(user) => info!(user = %Escaped(&user), "login accepted"),
             LogEvent::TlsPassthrough => {
                 info!("TLS started: control stream no longer parsed (tls: passthrough)")
             }
-            LogEvent::IgnoredReply { code, reason } => {
-                info!(code, %reason, "reply not forwarded as received")
-            }
+            LogEvent::IgnoredReply { code, reason } => match self.peer_lines.admit() {
+                None => {}
+                Some(0) => {
+                    info!(code, reason = %Escaped(&reason), "reply not forwarded as received")
+                }
+                Some(suppressed) => info!(
+                    code,
+                    reason = %Escaped(&reason),
+                    suppressed,
+                    "reply not forwarded as received"
+                ),
+            },
             LogEvent::PinholeExpired(id) => info!(plan = id, "pinhole expired unused"),
         }
     }
