@@ -882,7 +882,8 @@ impl Session {
                 self.transfer_reply(code);
             }
             Pending::Auth => {
-                self.push(Action::ToClient(raw));
+                // Not a PASV/EPSV answer either: a 227/229 loses its address.
+                self.forward_reply(code, raw);
                 if code == 234 {
                     self.phase = Phase::Passthrough;
                     let to_server = self.client_in.take_buffered();

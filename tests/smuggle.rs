@@ -36,14 +36,15 @@ struct Gw {
     _log_guard: tracing::subscriber::DefaultGuard,
 }
 
-/// A gateway in reverse mode in front of a raw server, with DELE denied.
-async fn gateway() -> (Gw, TcpListener) {
+/// A gateway in reverse mode in front of a raw server, with DELE denied
+/// and `rule` as extra lines of the rule.
+async fn gateway_with(rule: &str) -> (Gw, TcpListener) {
     let (logs, guard) = LogBuf::capture();
     let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let yaml = format!(
         "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {}\n\
          data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
-         rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n    deny_commands: [DELE]\n",
+         rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n    deny_commands: [DELE]\n{rule}",
         upstream.local_addr().unwrap()
     );
     let run = launch(&yaml, "smuggle.yaml").await;
@@ -55,6 +56,11 @@ async fn gateway() -> (Gw, TcpListener) {
         _log_guard: guard,
     };
     (gw, upstream)
+}
+
+/// The same, with the default rule.
+async fn gateway() -> (Gw, TcpListener) {
+    gateway_with("").await
 }
 
 /// One end of a control connection that frames on LF alone and keeps
@@ -234,4 +240,19 @@ async fn reply_behind_an_iac_is_no_reply_of_its_own() {
     assert_eq!(c.line().await, b"215 UNIX\r\n");
     let lines: Vec<&[u8]> = c.seen.split(|&b| b == b'\n').collect();
     assert!(!lines.iter().any(|l| l.starts_with(b"227")), "{:?}", c.seen);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn passive_reply_to_auth_loses_its_address() {
+    let (gw, up) = gateway_with("    tls: passthrough\n").await;
+    let (mut c, mut s) = pair(&gw, &up).await;
+    // Under passthrough AUTH is forwarded; a 227 answering it names a
+    // third party, and no PASV asked for it.
+    c.send(b"AUTH TLS\r\n").await;
+    assert_eq!(s.line().await, b"AUTH TLS\r\n");
+    s.send(b"227 Entering Passive Mode (127,0,0,9,200,1)\r\n")
+        .await;
+    let line = c.line().await;
+    assert!(line.starts_with(b"227 Reply withheld"), "{line:?}");
+    gw.logs.wait_for("address withheld").await;
 }
