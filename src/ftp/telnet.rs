@@ -22,6 +22,8 @@
 
 use std::fmt;
 
+use super::reply::{parse_reply_line, ReplyLine};
+
 /// Telnet "interpret as command" — RFC 854.
 pub(crate) const IAC: u8 = 0xFF;
 /// Telnet Interrupt Process — RFC 854.
@@ -245,9 +247,9 @@ impl CheckedReply {
     /// so that no client takes `227 ...` inside a `200-` reply as a reply of
     /// its own.
     pub fn inner_wire(&self, open: u16) -> Vec<u8> {
-        let own = format!("{open}-");
-        let pad = self.text.first().is_some_and(u8::is_ascii_digit)
-            && !self.text.starts_with(own.as_bytes());
+        let own =
+            matches!(parse_reply_line(&self.text), ReplyLine::First { code, .. } if code == open);
+        let pad = self.text.first().is_some_and(u8::is_ascii_digit) && !own;
         let mut out = Vec::with_capacity(self.text.len() + 3);
         if pad {
             out.push(b' ');
