@@ -71,6 +71,40 @@ for name, steps in SESSIONS.items():
         out += bytes([4, 0, 5, 0, 0, 200, 7, 2])
         write("session", f"{name}_{setup}", bytes(out))
 
+# differential: the same transcripts as the session target's (client op 0,
+# server op 3), then lines that hide a second line behind IAC LF, a bare CR
+# or a NUL.
+SMUGGLE = {
+    "smuggle_dele": [
+        (S, "220 hi"), (C, "NOOP\xff\nDELE x"), (C, "NOOP\xff\xfd\nDELE x"),
+        (C, "NOOP\rDELE x"), (S, "200 ok"),
+    ],
+    "smuggle_port": [
+        (S, "220 hi"), (C, "NOOP\xff\nPORT 198,51,100,9,200,1"),
+        (C, "NOOP\xff\xfb\nEPRT |1|198.51.100.9|51201|"), (C, "NOOP"), (S, "200 ok"),
+    ],
+    "smuggle_227": [
+        (S, "220 hi"), (C, "NOOP"), (S, "200 ok\xff\n227 Entering Passive Mode (10,0,0,9,1,1)"),
+        (C, "NOOP"), (S, "200-a\xff\n227 Entering Passive Mode (10,0,0,9,1,1)"), (S, "200 end"),
+        (C, "NOOP"), (S, "200 a\r227 Entering Passive Mode (10,0,0,9,1,1)\x00"),
+    ],
+    "auth_answered_227": [
+        (S, "220 hi"), (C, "AUTH TLS"), (S, "227 Entering Passive Mode (1,2,3,4,200,1)"),
+    ],
+}
+
+for name, steps in list(SESSIONS.items()) + list(SMUGGLE.items()):
+    for setup in (0, 1, 2, 4, 8):
+        out = bytearray([setup])
+        for step in steps:
+            b = line(step[1])[:255]
+            out += bytes([0 if step[0] == C else 3, len(b)]) + b
+            if len(step) > 2:
+                out.append(1)
+        # The data connection connects and completes.
+        out += bytes([6, 0, 7, 0])
+        write("differential", f"{name}_{setup}", bytes(out))
+
 # ctnetlink: conntrack messages as the kernel sends them (nlmsghdr in host
 # byte order, x86), after linux/netfilter/nfnetlink_conntrack.h.
 import ipaddress

@@ -13,8 +13,8 @@
 
 use crate::config::{DataMode, ServerMode, TlsPolicy};
 use crate::ftp::{
-    self, parse_227, parse_229, parse_command, rewrite, Command, CommandError, EpsvParam, Framer,
-    Line, ReplyPos, ReplyTracker,
+    self, parse_227, parse_229, parse_command, rewrite, CheckedCommand, CheckedReply, Command,
+    CommandError, EpsvParam, Framer, Line, LineFault, ReplyPos, ReplyTracker,
 };
 use crate::pinhole::{DataEvent, DataOutcome, DataPlan, Leg, Opened, PlanId};
 use crate::rules::Policy;
@@ -310,8 +310,8 @@ pub struct Session {
     queue: VecDeque<Pending>,
     /// Lines of a reply that is being rewritten, held until its last line.
     held_reply: Vec<Vec<u8>>,
-    /// Continuation lines, as received, of a transfer's final reply that is
-    /// held with it (see `defer_final`).
+    /// Continuation lines, re-serialised, of a transfer's final reply that
+    /// is held with it (see `defer_final`).
     held_transfer: Vec<Vec<u8>>,
     /// While an open is in flight, no input is processed.
     opening: Option<(PlanId, AfterOpen)>,
@@ -343,7 +343,7 @@ pub struct Session {
 struct Deferred {
     plan: PlanId,
     code: u16,
-    /// Its last line, as received.
+    /// Its last line, re-serialised.
     raw: Vec<u8>,
     /// The text of the lines before it that were held for rewriting.
     held: Vec<Vec<u8>>,
@@ -667,8 +667,8 @@ impl Session {
                 Ok(Some(line)) => {
                     // Owned: the line is forwarded (or held) after the
                     // framer has moved on.
-                    let raw = line.raw.to_vec();
-                    self.server_line(raw);
+                    let line = line.reply();
+                    self.server_line(line);
                     continue;
                 }
                 Ok(None) => {}
@@ -692,8 +692,8 @@ impl Session {
             }
             match self.client_in.next_line() {
                 Ok(Some(line)) => {
-                    let raw = line.raw.to_vec();
-                    self.client_line(raw);
+                    let line = line.command();
+                    self.client_line(line);
                 }
                 Ok(None) => return,
                 Err(_) => {
@@ -710,10 +710,17 @@ impl Session {
 
     // ---- client side -------------------------------------------------
 
-    /// One command line, `raw` as received.
-    fn client_line(&mut self, raw: Vec<u8>) {
-        let text = Line::new(&raw).text();
-        let parsed = match parse_command(&text) {
+    /// One command line, as checked: only its re-serialised form is ever
+    /// sent, and one with CR, NUL or a cut Telnet sequence in it is not.
+    fn client_line(&mut self, line: Result<CheckedCommand, LineFault>) {
+        let line = match line {
+            Ok(line) => line,
+            Err(fault) => {
+                self.refuse("?", 500, &format!("Syntax error: {fault}"));
+                return;
+            }
+        };
+        let parsed = match parse_command(line.text()) {
             Ok(p) => p,
             Err(CommandError::Malformed) => {
                 self.refuse("?", 500, "Syntax error, command unrecognized");
@@ -753,9 +760,9 @@ impl Session {
                     534,
                     "TLS refused by gateway policy; continue in clear",
                 ),
-                TlsPolicy::Passthrough => self.forward(raw, Pending::Auth),
+                TlsPolicy::Passthrough => self.forward(&line, Pending::Auth),
             },
-            Command::User(name) => self.forward(raw, Pending::User(name)),
+            Command::User(name) => self.forward(&line, Pending::User(name)),
             Command::Transfer => {
                 let verb = verb.to_ascii_uppercase();
                 if self.transfers.len() >= MAX_OPEN_TRANSFERS {
@@ -789,27 +796,29 @@ impl Session {
                     reply: None,
                     data: None,
                 });
-                self.forward(raw, Pending::Transfer);
+                self.forward(&line, Pending::Transfer);
             }
-            Command::Other if verb.eq_ignore_ascii_case("FEAT") => self.forward(raw, Pending::Feat),
+            Command::Other if verb.eq_ignore_ascii_case("FEAT") => {
+                self.forward(&line, Pending::Feat)
+            }
             Command::Other
                 if verb.eq_ignore_ascii_case("PASS") || verb.eq_ignore_ascii_case("ACCT") =>
             {
-                self.forward(raw, Pending::Login)
+                self.forward(&line, Pending::Login)
             }
-            Command::Rein => self.forward(raw, Pending::Rein),
+            Command::Rein => self.forward(&line, Pending::Rein),
             Command::Ccc
             | Command::Pbsz
             | Command::Prot
             | Command::Abor
             | Command::Quit
-            | Command::Other => self.forward(raw, Pending::Forward),
+            | Command::Other => self.forward(&line, Pending::Forward),
         }
     }
 
-    fn forward(&mut self, raw: Vec<u8>, pending: Pending) {
+    fn forward(&mut self, line: &CheckedCommand, pending: Pending) {
         self.queue.push_back(pending);
-        self.push(Action::ToServer(raw));
+        self.push(Action::ToServer(line.to_wire()));
     }
 
     /// PASV or EPSV from the client.
@@ -919,10 +928,11 @@ impl Session {
 
     // ---- server side -------------------------------------------------
 
-    /// One reply line, `raw` as received.
-    fn server_line(&mut self, raw: Vec<u8>) {
-        let text = Line::new(&raw).text();
-        match self.replies.push(&text) {
+    /// One reply line, as checked: only its re-serialised form is ever
+    /// sent to the client.
+    fn server_line(&mut self, line: CheckedReply) {
+        let text = line.text();
+        match self.replies.push(text) {
             ReplyPos::Garbage => {
                 self.log(LogEvent::IgnoredReply {
                     code: 0,
@@ -932,19 +942,21 @@ impl Session {
             ReplyPos::Inside(code) => {
                 if self.head_rewrites() {
                     if may_hold(&self.held_reply, text.len()) {
-                        self.held_reply.push(text.into_owned());
+                        self.held_reply.push(text.to_vec());
                     }
-                } else if self.holds_final(code).is_some()
-                    && may_hold(&self.held_transfer, raw.len())
-                {
-                    self.held_transfer.push(raw);
-                } else if !self.feat_filtered(&text) {
-                    self.push(Action::ToClient(raw));
+                } else {
+                    let wire = line.inner_wire(code);
+                    if self.holds_final(code).is_some() && may_hold(&self.held_transfer, wire.len())
+                    {
+                        self.held_transfer.push(wire);
+                    } else if !self.feat_filtered(text) {
+                        self.push(Action::ToClient(wire));
+                    }
                 }
             }
             ReplyPos::End(code) => {
                 let held = std::mem::take(&mut self.held_reply);
-                self.server_reply(code, raw, held);
+                self.server_reply(code, line.to_wire(), held);
             }
         }
     }
@@ -973,7 +985,7 @@ impl Session {
         matches!(word.as_str(), "AUTH" | "PBSZ" | "PROT" | "CCC")
     }
 
-    /// A complete reply: `raw` is its last line as received, `held` the
+    /// A complete reply: `raw` is its last line re-serialised, `held` the
     /// text of the lines before it that were held for rewriting.
     fn server_reply(&mut self, code: u16, raw: Vec<u8>, held: Vec<Vec<u8>>) {
         if code < 200 {
@@ -1056,7 +1068,8 @@ impl Session {
                 self.transfer_reply(code);
             }
             Pending::Auth => {
-                self.push(Action::ToClient(raw));
+                // Not a PASV/EPSV answer either: a 227/229 loses its address.
+                self.forward_reply(code, raw);
                 if code == 234 {
                     self.phase = Phase::Passthrough;
                     let to_server = self.client_in.take_buffered();

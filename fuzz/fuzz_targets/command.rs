@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
         loop {
             match framer.next_line() {
                 Ok(Some(line)) => {
-                    assert!(line.raw.len() <= MAX_LINE + 2);
+                    assert!(line.as_received().len() <= MAX_LINE);
+                    // At most one LF, and only at the end.
+                    let lf = line.as_received().iter().position(|&b| b == b'\n');
+                    assert!(lf.is_none_or(|i| i + 1 == line.as_received().len()));
                     let text = line.text();
                     if let Ok(p) = parse_command(&text) {
                         match p.command {

@@ -1,4 +1,5 @@
-//! Pure FTP wire handling: line framing, command and reply parsing, and the
+//! Pure FTP wire handling: line framing, Telnet decoding and the
+//! re-serialisation of checked lines, command and reply parsing, and the
 //! formatting used when the gateway rewrites PORT/EPRT/227/229.
 //!
 //! Nothing here does I/O or panics on wire data. Addresses and ports are
@@ -8,7 +9,9 @@ pub mod command;
 pub mod framer;
 pub mod reply;
 pub mod rewrite;
+pub mod telnet;
 
 pub use command::{parse_command, Command, CommandError, EpsvParam, ParsedCommand};
 pub use framer::{FrameError, Framer, Line, MAX_LINE};
 pub use reply::{parse_227, parse_229, parse_reply_line, ReplyLine, ReplyPos, ReplyTracker};
+pub use telnet::{CheckedCommand, CheckedReply, LineFault, Signals};

@@ -47,16 +47,20 @@ pub fn reply_229(port: u16) -> Vec<u8> {
     format!("229 Entering Extended Passive Mode (|||{port}|)\r\n").into_bytes()
 }
 
-/// `<code> <text>\r\n`; CR and LF in `text` are replaced by spaces.
+/// `<code> <text>\r\n`; CR, LF and NUL in `text` are replaced by spaces.
 ///
-/// `502 Command not implemented\r\n`. Replacing CR and LF keeps text that
-/// came from a peer or a rule file from forging a second reply line.
+/// `502 Command not implemented\r\n`. Replacing them keeps text that came
+/// from a peer or a rule file from forging a second reply line, under any
+/// framing. (A `str` holds no 0xFF byte, so there is no IAC to escape.)
 pub fn reply(code: u16, text: &str) -> Vec<u8> {
     let mut out = format!("{code} ").into_bytes();
-    out.extend(
-        text.bytes()
-            .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
-    );
+    out.extend(text.bytes().map(|b| {
+        if matches!(b, b'\r' | b'\n' | 0) {
+            b' '
+        } else {
+            b
+        }
+    }));
     out.extend_from_slice(b"\r\n");
     out
 }
@@ -76,7 +80,7 @@ mod tests {
         let mut framer = Framer::new();
         framer.push(bytes);
         let (raw, text) = match framer.next_line() {
-            Ok(Some(line)) => (line.raw.to_vec(), line.text().into_owned()),
+            Ok(Some(line)) => (line.as_received().to_vec(), line.text().into_owned()),
             other => panic!("no line in {bytes:?}: {other:?}"),
         };
         assert_eq!(
@@ -104,6 +108,7 @@ mod tests {
             b"229 Entering Extended Passive Mode (|||6446|)\r\n"
         );
         assert_eq!(reply(502, "no\r\n227 x"), b"502 no  227 x\r\n");
+        assert_eq!(reply(502, "no\0x"), b"502 no x\r\n");
         assert_eq!(reply(200, ""), b"200 \r\n");
     }
 
@@ -157,7 +162,7 @@ mod tests {
             let line = one_line(&reply(code, &text));
             let want: Vec<u8> = text
                 .bytes()
-                .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b })
+                .map(|b| if matches!(b, b'\r' | b'\n' | 0) { b' ' } else { b })
                 .collect();
             prop_assert_eq!(parse_reply_line(&line), ReplyLine::Last { code, text: &want });
         }

@@ -523,7 +523,7 @@ def c_client_229(env, out):
     bounce(env, out, "229 Entering Extended Passive Mode (|||50007|)", "lanc", LANC, 50007)
 
 
-@case("NUL in PORT argument", {501})
+@case("NUL in PORT argument", {500})
 def c_nul(env, out):
     env.listen("lanc", LANC, 50008)
     c = env.login("outbound")
@@ -541,6 +541,20 @@ def c_iac(env, out):
     env.listen("thrd", THIRD, 50009)
     c = env.login("outbound")
     c.send(b"\xff\xf4\xff\xf2" + f"PORT {port_arg(THIRD, 50009)}\r\n".encode())
+    code, text = c.reply()
+    out.reply = code if code else text
+    env.snapshot(out)
+    wait_for(lambda: env.srv_out.follows, 2)
+    out.note = server_view(env.srv_out)
+    c.close()
+
+
+@case("PORT third-party behind Telnet IAC LF", {500})
+def c_iac_lf(env, out):
+    # A server that frames on LF alone reads the PORT as a line of its own.
+    env.listen("thrd", THIRD, 50017)
+    c = env.login("outbound")
+    c.send(b"NOOP\xff\n" + f"PORT {port_arg(THIRD, 50017)}\r\n".encode())
     code, text = c.reply()
     out.reply = code if code else text
     env.snapshot(out)
