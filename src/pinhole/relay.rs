@@ -401,6 +401,7 @@ async fn accept_leg(
         Pending::Listen { listener, peer } => (listener, peer),
         Pending::Connect { target, bind } => return Ok(Ready::Dial { target, bind }),
     };
+    let mut rejected = 0;
     loop {
         let accepted = std::future::poll_fn(|cx| match &*lock_listener(&listener) {
             Some(l) => l.poll_accept(cx),
@@ -427,13 +428,23 @@ async fn accept_leg(
         }
         reset(&stream);
         drop(stream);
-        let _ = events.send(DataEvent::Rejected {
-            id,
-            from,
-            expected: peer,
-        });
+        // The event channel is unbounded and a session may be slow to drain
+        // it (a write waiting on a client that does not read): a third party
+        // knocking at the pinhole reports only its first knocks.
+        if rejected < MAX_REJECTED_EVENTS {
+            rejected += 1;
+            let _ = events.send(DataEvent::Rejected {
+                id,
+                from,
+                expected: peer,
+            });
+        }
     }
 }
+
+/// Rejected connections a listening leg reports (logged and counted); those
+/// after them are still reset, but not reported.
+const MAX_REJECTED_EVENTS: u32 = 8;
 
 fn lock_listener(l: &SharedListener) -> std::sync::MutexGuard<'_, Option<TcpListener>> {
     // An Option, consistent after any panic elsewhere.
@@ -939,6 +950,43 @@ mod tests {
             (c, s, outcome),
             (MIB as u64, MIB as u64, DataOutcome::Completed)
         );
+    }
+
+    #[tokio::test]
+    async fn a_knocking_stranger_reports_only_its_first_knocks() {
+        let (b, _, _) = backend(Duration::from_secs(10));
+        let server = TcpListener::bind((lo(), 0)).await.unwrap();
+        let plan = passive_plan(6, &server);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
+        let addr = opened.client_listen.unwrap();
+        let stranger_ip: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+        let knocks = 3 * MAX_REJECTED_EVENTS;
+        for _ in 0..knocks {
+            let mut stranger = connect_from(stranger_ip, addr).await.unwrap();
+            // Reset at once: waiting for it orders the knocks.
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(5), stranger.read(&mut byte))
+                .await
+                .expect("rejected connection left open");
+            assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        }
+        // The right peer still gets in; the events before its Connected are
+        // the reported knocks, and no more.
+        let client = connect_from(lo(), addr).await.unwrap();
+        let (server_side, _) = server.accept().await.unwrap();
+        let mut rejected = 0;
+        loop {
+            match next(&mut rx).await {
+                DataEvent::Rejected { id: 6, .. } => rejected += 1,
+                DataEvent::Connected { id: 6 } => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(rejected, MAX_REJECTED_EVENTS);
+        transfer(client, server_side).await;
+        let (_, _, outcome) = closed_counts(next(&mut rx).await, 6);
+        assert_eq!(outcome, DataOutcome::Completed);
     }
 
     #[tokio::test]
