@@ -135,9 +135,13 @@ impl PortPool {
             });
         }
         let offset = if st.fresh.is_empty() {
-            // Everything free was given back recently: the longest ago is
-            // the likeliest to be out of TIME_WAIT.
-            st.cooling.pop_front()
+            // Everything free was given back recently. At random among the
+            // older half: those given back longest ago are the likeliest to
+            // be out of TIME_WAIT, and a fixed order would tell anyone who
+            // saw the returns which port comes next.
+            let older = st.cooling.len().div_ceil(2).max(1);
+            let i = (draw % older as u64) as usize;
+            st.cooling.remove(i)
         } else {
             // len <= 65536, so the modulo's bias is below 2^-47.
             let i = (draw % st.fresh.len() as u64) as usize;
