@@ -940,7 +940,10 @@ impl Session {
                 });
             }
             ReplyPos::Inside(code) => {
-                if self.head_rewrites() {
+                // A 227/229 is held whatever it answers: one that answers no
+                // PASV/EPSV is replaced whole, so no line of it, the first
+                // included, can carry an address to the client.
+                if self.head_rewrites() || code == 227 || code == 229 {
                     if may_hold(&self.held_reply, text.len()) {
                         self.held_reply.push(text.to_vec());
                     }

@@ -41,3 +41,85 @@ fn a_busy_pool_still_draws_ports_at_random() {
         "{trials} times the next ports were the returned ones, in return order"
     );
 }
+
+use ftpgate::config::{DataMode, ServerMode, TlsPolicy};
+use ftpgate::rules::Policy;
+use ftpgate::session::{Action, Session, SessionParams};
+use std::net::SocketAddr;
+
+/// A reverse-mode core past the greeting, with a passive-only policy.
+fn core() -> Session {
+    let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+    let mut s = Session::new(SessionParams {
+        client: sa("198.51.100.7:50000"),
+        client_local: sa("192.0.2.1:21"),
+        server: sa("10.0.0.3:21"),
+        server_local: sa("10.0.0.1:40123"),
+        transparent: false,
+        announce: None,
+        policy: Policy {
+            rule: "test".into(),
+            modes: vec![DataMode::Passive, DataMode::Active],
+            server_mode: ServerMode::Same,
+            data_ports: PortRange {
+                lo: 1024,
+                hi: 65535,
+            },
+            tls: TlsPolicy::Refuse,
+            deny_commands: vec![],
+        },
+    });
+    s.server_bytes(b"220 ready\r\n");
+    while s.poll_action().is_some() {}
+    s
+}
+
+/// What the core writes to the client, in order.
+fn to_client(s: &mut Session) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(a) = s.poll_action() {
+        if let Action::ToClient(b) = a {
+            out.extend_from_slice(&b);
+        }
+    }
+    out
+}
+
+/// A multi-line 227 that answers no PASV loses its address: every line of
+/// it, not only its last. A client that reads the address from the reply's
+/// first line (curl reads from the 4th byte of the reply; Python's ftplib
+/// searches the whole reply) would otherwise connect where the server said.
+#[test]
+fn a_multiline_227_answering_no_pasv_loses_its_address_in_every_line() {
+    for (cmd, reply) in [
+        (
+            &b"NOOP\r\n"[..],
+            &b"227-Entering Passive Mode (6,6,6,6,1,2)\r\n227 ok\r\n"[..],
+        ),
+        (
+            b"NOOP\r\n",
+            b"229-Entering Extended Passive Mode (|||4242|)\r\n229 ok\r\n",
+        ),
+    ] {
+        let mut s = core();
+        s.client_bytes(cmd);
+        to_client(&mut s);
+        s.server_bytes(reply);
+        let out = to_client(&mut s);
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            !text.contains("6,6,6,6") && !text.contains("|||4242|"),
+            "the foreign address reached the client: {text:?}"
+        );
+        assert!(text.ends_with("\r\n") && !text.is_empty(), "{text:?}");
+    }
+    // Unsolicited (no command outstanding): nothing of it reaches the client.
+    let mut s = core();
+    s.server_bytes(b"227-Entering Passive Mode (6,6,6,6,1,2)\r\n227 ok\r\n");
+    let out = to_client(&mut s);
+    assert!(
+        !String::from_utf8_lossy(&out).contains("6,6,6,6"),
+        "unsolicited: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+}
