@@ -959,7 +959,14 @@ impl Session {
             }
             ReplyPos::End(code) => {
                 let held = std::mem::take(&mut self.held_reply);
-                self.server_reply(code, line.to_wire(), held);
+                // A bare `nnn` ends a reply here; many clients end one only
+                // at `nnn SP` (RFC 959 §4.2), so it is sent in that form.
+                let wire = if text.len() == 3 {
+                    format!("{code} \r\n").into_bytes()
+                } else {
+                    line.to_wire()
+                };
+                self.server_reply(code, wire, held);
             }
         }
     }

@@ -123,3 +123,30 @@ fn a_multiline_227_answering_no_pasv_loses_its_address_in_every_line() {
         String::from_utf8_lossy(&out)
     );
 }
+/// The core ends a reply at a bare `nnn` line; many clients end one only at
+/// `nnn SP` (curl's LASTLINE, Apache's proxy_ftp), so a bare code sent on
+/// as it is makes the client read the next reply as part of this one. The
+/// line the client gets must end a reply under the strict reading too.
+#[test]
+fn a_bare_code_line_reaches_the_client_as_a_last_line() {
+    for reply in [&b"200\r\n"[..], b"211-status\r\n211\r\n"] {
+        let mut s = core();
+        s.client_bytes(b"NOOP\r\n");
+        to_client(&mut s);
+        s.server_bytes(reply);
+        let out = to_client(&mut s);
+        let last = out
+            .strip_suffix(b"\r\n")
+            .and_then(|o| o.split(|&b| b == b'\n').next_back())
+            .unwrap_or_default()
+            .to_vec();
+        let strict_last =
+            last.len() >= 4 && last[..3].iter().all(u8::is_ascii_digit) && last[3] == b' ';
+        assert!(
+            strict_last,
+            "reply {:?} reached the client as {:?}",
+            String::from_utf8_lossy(reply),
+            String::from_utf8_lossy(&out)
+        );
+    }
+}
