@@ -381,8 +381,8 @@ pub const MAX_REFUSALS: u32 = 50;
 
 /// Lines of one reply held for rewriting (a multi-line 227/229/PORT reply,
 /// or the continuation lines of a held final reply). Lines past it, or past
-/// [`MAX_HELD_BYTES`], are not held: dropped from a reply the gateway
-/// rewrites, passed on at once from one it forwards.
+/// [`MAX_HELD_BYTES`], are dropped: sent at once, they would reach the
+/// client ahead of the reply's first line.
 const MAX_HELD_LINES: usize = 64;
 /// Bytes of one reply held for rewriting (see [`MAX_HELD_LINES`]).
 const MAX_HELD_BYTES: usize = 8192;
@@ -949,9 +949,12 @@ impl Session {
                     }
                 } else {
                     let wire = line.inner_wire(code);
-                    if self.holds_final(code).is_some() && may_hold(&self.held_transfer, wire.len())
-                    {
-                        self.held_transfer.push(wire);
+                    // Once a reply is held, all of it is: a line sent now
+                    // would overtake its first line. Past the bound, dropped.
+                    if self.holds_final(code).is_some() || !self.held_transfer.is_empty() {
+                        if may_hold(&self.held_transfer, wire.len()) {
+                            self.held_transfer.push(wire);
+                        }
                     } else if !self.feat_filtered(text) {
                         self.push(Action::ToClient(wire));
                     }

@@ -150,3 +150,52 @@ fn a_bare_code_line_reaches_the_client_as_a_last_line() {
         );
     }
 }
+
+/// The continuation lines of a transfer's final reply that is held until
+/// its data connection has ended keep their place: past the hold's bound
+/// they must not overtake the reply's first line, nor reach the client
+/// before the data connection has ended (what the hold is for).
+#[test]
+fn a_long_held_226_never_reaches_the_client_out_of_order_or_early() {
+    use ftpgate::pinhole::{DataEvent, DataOutcome, Opened};
+    let mut s = core();
+    s.client_bytes(b"PORT 198,51,100,7,195,80\r\n");
+    let plan = std::iter::from_fn(|| s.poll_action())
+        .find_map(|a| match a {
+            Action::Open(p) => Some(p.id),
+            _ => None,
+        })
+        .expect("an Open for PORT");
+    s.opened(
+        plan,
+        Ok(Opened {
+            client_listen: None,
+            server_listen: Some("10.0.0.1:41000".parse().unwrap()),
+        }),
+    );
+    to_client(&mut s);
+    s.server_bytes(b"200 PORT ok\r\n");
+    s.client_bytes(b"LIST\r\n");
+    to_client(&mut s);
+    let mut reply = b"150 Connecting\r\n226-first\r\n".to_vec();
+    for i in 0..100 {
+        reply.extend_from_slice(format!("line {i}\r\n").as_bytes());
+    }
+    s.server_bytes(&reply);
+    assert_eq!(
+        String::from_utf8_lossy(&to_client(&mut s)),
+        "150 Connecting\r\n",
+        "nothing of the 226 before its data connection ended"
+    );
+    s.data_event(DataEvent::Connected { id: plan });
+    s.server_bytes(b"226 done\r\n");
+    s.data_event(DataEvent::Closed {
+        id: plan,
+        to_client: 10,
+        to_server: 0,
+        outcome: DataOutcome::Completed,
+    });
+    let out = String::from_utf8_lossy(&to_client(&mut s)).into_owned();
+    assert!(out.starts_with("226-first\r\n"), "{out:?}");
+    assert!(out.ends_with("226 done\r\n"), "{out:?}");
+}
