@@ -1,4 +1,6 @@
-//! Review findings, each as a test that fails on the code it describes.
+//! Edges of the reply rules and of the pools: a multi-line 227/229 that
+//! answers no PASV/EPSV, a bare `nnn` last line, a long held 226, and the
+//! draw of a busy pool. Each test failed on the code before its fix.
 
 use ftpgate::config::PortRange;
 use ftpgate::pinhole::PortPool;
