@@ -19,4 +19,3 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
-

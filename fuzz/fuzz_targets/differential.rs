@@ -124,7 +124,10 @@ fn one_line(bytes: &[u8], side: &str) -> Vec<u8> {
     );
     assert_eq!(lf, crlf, "to {side}: LF and CRLF framing differ: {bytes:?}");
     let (text, cut) = telnet_decode(&lf[0]);
-    assert!(!cut, "to {side}: a Telnet sequence cut by the line end: {bytes:?}");
+    assert!(
+        !cut,
+        "to {side}: a Telnet sequence cut by the line end: {bytes:?}"
+    );
     assert_eq!(
         text, telnet[0],
         "to {side}: Telnet-aware framing differs: {bytes:?}"
@@ -346,8 +349,8 @@ fuzz_target!(|data: &[u8]| {
             }
             _ => {}
         }
-        let forwarded = replies.contains(text)
-            || text.strip_prefix(b" ").is_some_and(|t| replies.contains(t));
+        let forwarded =
+            replies.contains(text) || text.strip_prefix(b" ").is_some_and(|t| replies.contains(t));
         // A line the gateway makes is a single-line reply in ASCII or
         // UTF-8, and never holds a 0xFF byte.
         let made = final_code(text).is_some() && !text.contains(&IAC);
