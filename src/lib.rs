@@ -6,8 +6,9 @@
 //!
 //! # Layout
 //!
-//! - [`ftp`]: pure wire handling — line framer, command and reply parsers,
-//!   and the formatting of rewritten lines.
+//! - [`ftp`]: pure wire handling — line framer, Telnet decoding and the
+//!   re-serialisation of checked lines, command and reply parsers, and the
+//!   formatting of rewritten lines.
 //! - [`config`]: the YAML rule file → validated [`config::Config`], with
 //!   errors located at `file:line:column`.
 //! - [`rules`]: (client, server) → [`rules::Decision`], once per session.
