@@ -4,14 +4,11 @@
 
 mod common;
 
-use common::{launch, LogBuf};
+use common::{core_past_greeting as core, launch, LogBuf};
 
-use ftpgate::config::{DataMode, PortRange, ServerMode, TlsPolicy};
 use ftpgate::pinhole::{DataEvent, DataOutcome, Opened};
-use ftpgate::rules::Policy;
 use ftpgate::session::{
-    Action, EndReason, LogEvent, Session, SessionParams, MAX_INPUT_BACKLOG, MAX_PENDING,
-    MAX_REFUSALS,
+    Action, EndReason, LogEvent, Session, MAX_INPUT_BACKLOG, MAX_PENDING, MAX_REFUSALS,
 };
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,31 +21,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-fn core() -> Session {
-    let mut s = Session::new(SessionParams {
-        client: sa("198.51.100.7:50000"),
-        client_local: sa("192.0.2.1:21"),
-        server: sa("10.0.0.3:21"),
-        server_local: sa("10.0.0.1:40123"),
-        transparent: false,
-        announce: None,
-        policy: Policy {
-            rule: "test".into(),
-            modes: vec![DataMode::Passive, DataMode::Active],
-            server_mode: ServerMode::Same,
-            data_ports: PortRange {
-                lo: 1024,
-                hi: 65535,
-            },
-            tls: TlsPolicy::Refuse,
-            deny_commands: vec![],
-        },
-    });
-    s.server_bytes(b"220 ready\r\n");
-    drain(&mut s);
-    s
 }
 
 fn drain(s: &mut Session) -> Vec<Action> {

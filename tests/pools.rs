@@ -6,13 +6,11 @@
 
 mod common;
 
-use common::{launch, start_unftp, LogBuf};
+use common::{core_past_greeting as core, launch, start_unftp, LogBuf};
 
-use ftpgate::config::{DataMode, PortRange, ServerMode, TlsPolicy};
 use ftpgate::pinhole::{Leg, Opened};
 use ftpgate::proxy::Gateway;
-use ftpgate::rules::Policy;
-use ftpgate::session::{Action, Session, SessionParams};
+use ftpgate::session::Action;
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -268,32 +266,6 @@ async fn a_client_holds_its_share_of_the_pool_and_no_more() {
 }
 
 // ---- the session core ------------------------------------------------
-
-fn core() -> Session {
-    let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
-    let mut s = Session::new(SessionParams {
-        client: sa("198.51.100.7:50000"),
-        client_local: sa("192.0.2.1:21"),
-        server: sa("10.0.0.3:21"),
-        server_local: sa("10.0.0.1:40123"),
-        transparent: false,
-        announce: None,
-        policy: Policy {
-            rule: "test".into(),
-            modes: vec![DataMode::Passive, DataMode::Active],
-            server_mode: ServerMode::Same,
-            data_ports: PortRange {
-                lo: 1024,
-                hi: 65535,
-            },
-            tls: TlsPolicy::Refuse,
-            deny_commands: vec![],
-        },
-    });
-    s.server_bytes(b"220 ready\r\n");
-    while s.poll_action().is_some() {}
-    s
-}
 
 /// Three PASVs pipelined in one segment, then the server's three 227s: each
 /// plan is opened only after the one it supersedes was closed.

@@ -2,6 +2,9 @@
 //! answers no PASV/EPSV, a bare `nnn` last line, a long held 226, and the
 //! draw of a busy pool. Each test failed on the code before its fix.
 
+mod common;
+
+use common::core_past_greeting as core;
 use ftpgate::config::PortRange;
 use ftpgate::pinhole::PortPool;
 use std::net::{IpAddr, Ipv4Addr};
@@ -44,37 +47,7 @@ fn a_busy_pool_still_draws_ports_at_random() {
     );
 }
 
-use ftpgate::config::{DataMode, ServerMode, TlsPolicy};
-use ftpgate::rules::Policy;
-use ftpgate::session::{Action, Session, SessionParams};
-use std::net::SocketAddr;
-
-/// A reverse-mode core past the greeting, with a passive-only policy.
-fn core() -> Session {
-    let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
-    let mut s = Session::new(SessionParams {
-        client: sa("198.51.100.7:50000"),
-        client_local: sa("192.0.2.1:21"),
-        server: sa("10.0.0.3:21"),
-        server_local: sa("10.0.0.1:40123"),
-        transparent: false,
-        announce: None,
-        policy: Policy {
-            rule: "test".into(),
-            modes: vec![DataMode::Passive, DataMode::Active],
-            server_mode: ServerMode::Same,
-            data_ports: PortRange {
-                lo: 1024,
-                hi: 65535,
-            },
-            tls: TlsPolicy::Refuse,
-            deny_commands: vec![],
-        },
-    });
-    s.server_bytes(b"220 ready\r\n");
-    while s.poll_action().is_some() {}
-    s
-}
+use ftpgate::session::{Action, Session};
 
 /// What the core writes to the client, in order.
 fn to_client(s: &mut Session) -> Vec<u8> {

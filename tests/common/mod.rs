@@ -3,8 +3,10 @@
 // Each test crate uses only some of these.
 #![allow(dead_code)]
 
-use ftpgate::config::Config;
+use ftpgate::config::{Config, DataMode, PortRange, ServerMode, TlsPolicy};
 use ftpgate::proxy::{serve, Gateway, Launched};
+use ftpgate::rules::Policy;
+use ftpgate::session::{Session, SessionParams};
 use libunftp::options::ActivePassiveMode;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -170,4 +172,32 @@ pub async fn launch(yaml: &str, file: &str) -> Running {
         metrics,
         stop,
     }
+}
+
+/// A reverse-mode session core past the server's greeting, both data modes
+/// allowed, for tests that feed it lines as the shell does.
+pub fn core_past_greeting() -> Session {
+    let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+    let mut s = Session::new(SessionParams {
+        client: sa("198.51.100.7:50000"),
+        client_local: sa("192.0.2.1:21"),
+        server: sa("10.0.0.3:21"),
+        server_local: sa("10.0.0.1:40123"),
+        transparent: false,
+        announce: None,
+        policy: Policy {
+            rule: "test".into(),
+            modes: vec![DataMode::Passive, DataMode::Active],
+            server_mode: ServerMode::Same,
+            data_ports: PortRange {
+                lo: 1024,
+                hi: 65535,
+            },
+            tls: TlsPolicy::Refuse,
+            deny_commands: vec![],
+        },
+    });
+    s.server_bytes(b"220 ready\r\n");
+    while s.poll_action().is_some() {}
+    s
 }
