@@ -1,7 +1,7 @@
 //! `ftpgate explain`: which rule a (client, server) pair meets, and what the
 //! session may then do, in the words of the rule file.
 
-use crate::config::{Config, DataMode, ServerMode, TlsPolicy};
+use crate::config::{Config, ServerMode, TlsPolicy};
 use crate::rules::{decide, Decision};
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -27,19 +27,11 @@ pub fn explain(config: &Config, client: IpAddr, server: SocketAddr) -> Explanati
     let allowed = match (decide(config, client, server), position) {
         (Decision::Allow(p), Some(i)) => {
             let _ = writeln!(text, "allowed by rule {} `{}`", i + 1, p.rule);
-            let modes: Vec<&str> = p.modes.iter().map(|m| mode(*m)).collect();
+            let modes: Vec<&str> = p.modes.iter().map(|m| m.as_str()).collect();
             let _ = writeln!(text, "  modes: {}", modes.join(", "));
             let _ = writeln!(text, "  server_mode: {}", server_mode(p.server_mode));
             let _ = writeln!(text, "  data_ports: {}", p.data_ports);
-            let _ = writeln!(
-                text,
-                "  tls: {}",
-                match p.tls {
-                    TlsPolicy::Refuse => "refuse (AUTH gets 534; the session stays in clear text)",
-                    TlsPolicy::Passthrough =>
-                        "passthrough (after AUTH the gateway copies bytes and stops parsing)",
-                }
-            );
+            let _ = writeln!(text, "  tls: {}", tls(p.tls));
             let deny = if p.deny_commands.is_empty() {
                 "(none)".to_string()
             } else {
@@ -68,17 +60,21 @@ pub fn explain(config: &Config, client: IpAddr, server: SocketAddr) -> Explanati
     Explanation { allowed, text }
 }
 
-fn mode(m: DataMode) -> &'static str {
-    match m {
-        DataMode::Passive => "passive",
-        DataMode::Active => "active",
-    }
+/// The rule file's name for `m`, and what it does.
+fn server_mode(m: ServerMode) -> String {
+    let what = match m {
+        ServerMode::Same => "the mode the client asks for",
+        ServerMode::Passive => "PASV/EPSV toward the server",
+        ServerMode::Active => "PORT/EPRT toward the server",
+    };
+    format!("{} ({what})", m.as_str())
 }
 
-fn server_mode(m: ServerMode) -> &'static str {
-    match m {
-        ServerMode::Same => "same (the mode the client asks for)",
-        ServerMode::Passive => "passive (PASV/EPSV toward the server)",
-        ServerMode::Active => "active (PORT/EPRT toward the server)",
-    }
+/// The rule file's name for `t`, and what it does.
+fn tls(t: TlsPolicy) -> String {
+    let what = match t {
+        TlsPolicy::Refuse => "AUTH gets 534; the session stays in clear text",
+        TlsPolicy::Passthrough => "after AUTH the gateway copies bytes and stops parsing",
+    };
+    format!("{} ({what})", t.as_str())
 }

@@ -1,0 +1,174 @@
+//! The effective configuration as YAML in the rule-file schema, every key
+//! present (what `ftpgate check` prints).
+
+use super::types::*;
+use super::Config;
+use serde::Serialize;
+use std::time::Duration;
+
+impl Config {
+    /// The effective configuration, defaults filled in, as YAML in the
+    /// rule-file schema (what `ftpgate check` prints).
+    ///
+    /// `Config::parse` of the result gives back an equal `Config` (durations
+    /// below a millisecond, which no rule file can express, are rounded up).
+    pub fn to_yaml(&self) -> String {
+        let out = OutConfig {
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| {
+                    let (upstream, announce) = match &l.mode {
+                        ListenerMode::Reverse { upstream, announce } => {
+                            (Some(upstream.to_string()), announce.map(|a| a.to_string()))
+                        }
+                        ListenerMode::Transparent => (None, None),
+                    };
+                    OutListener {
+                        name: l.name.clone(),
+                        listen: l.listen.to_string(),
+                        mode: l.mode.kind().as_str(),
+                        upstream,
+                        announce,
+                    }
+                })
+                .collect(),
+            data: OutData {
+                backend: self.data.backend.as_str(),
+                client_ports: self.data.client_ports.to_string(),
+                server_ports: self.data.server_ports.to_string(),
+                pinhole_timeout: format_duration(self.data.pinhole_timeout),
+                nftables_table: self.data.nftables_table.clone(),
+                max_ports_per_client: self.data.max_ports_per_client.to_string(),
+            },
+            limits: OutLimits {
+                max_sessions: self.limits.max_sessions,
+                max_sessions_per_client: self.limits.max_sessions_per_client,
+                idle_timeout: format_duration(self.limits.idle_timeout),
+                connect_timeout: format_duration(self.limits.connect_timeout),
+            },
+            rules: self
+                .rules
+                .iter()
+                .map(|r| OutRule {
+                    name: r.name.clone(),
+                    clients: r.clients.iter().map(ToString::to_string).collect(),
+                    servers: r.servers.iter().map(ToString::to_string).collect(),
+                    action: r.action.as_str(),
+                    modes: r.modes.iter().map(|m| m.as_str()).collect(),
+                    server_mode: r.server_mode.as_str(),
+                    data_ports: r.data_ports.to_string(),
+                    tls: r.tls.as_str(),
+                    deny_commands: r.deny_commands.clone(),
+                })
+                .collect(),
+            metrics: self.metrics.as_ref().map(|m| OutMetrics {
+                listen: m.listen.to_string(),
+            }),
+            audit: self.audit.as_ref().map(|a| OutAudit {
+                path: match &a.path {
+                    AuditTarget::Stdout => AUDIT_STDOUT.to_string(),
+                    AuditTarget::File(p) => p.display().to_string(),
+                },
+            }),
+        };
+        // Plain strings, numbers and lists cannot fail to serialise; the
+        // fallback keeps this total anyway.
+        let yaml =
+            serde_yaml::to_string(&out).unwrap_or_else(|e| format!("# cannot serialise: {e}\n"));
+        // What the share comes to in each pool, as a comment: the operator
+        // sees the figure the gateway enforces, and the YAML still loads.
+        let d = &self.data;
+        let share = d.max_ports_per_client;
+        let key = format!("  max_ports_per_client: {share}\n");
+        let note = format!(
+            "  max_ports_per_client: {share} # per client address: {} of {} client ports, {} of {} server ports\n",
+            share.of(d.client_ports.len()),
+            d.client_ports.len(),
+            share.of(d.server_ports.len()),
+            d.server_ports.len()
+        );
+        yaml.replacen(&key, &note, 1)
+    }
+}
+
+// The effective configuration as printed: every key present.
+
+#[derive(Serialize)]
+struct OutConfig {
+    listeners: Vec<OutListener>,
+    data: OutData,
+    limits: OutLimits,
+    rules: Vec<OutRule>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics: Option<OutMetrics>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit: Option<OutAudit>,
+}
+
+#[derive(Serialize)]
+struct OutMetrics {
+    listen: String,
+}
+
+#[derive(Serialize)]
+struct OutAudit {
+    path: String,
+}
+
+#[derive(Serialize)]
+struct OutListener {
+    name: String,
+    listen: String,
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    announce: Option<String>,
+}
+
+#[derive(Serialize)]
+struct OutData {
+    backend: &'static str,
+    client_ports: String,
+    server_ports: String,
+    pinhole_timeout: String,
+    nftables_table: String,
+    max_ports_per_client: String,
+}
+
+#[derive(Serialize)]
+struct OutLimits {
+    max_sessions: usize,
+    max_sessions_per_client: usize,
+    idle_timeout: String,
+    connect_timeout: String,
+}
+
+#[derive(Serialize)]
+struct OutRule {
+    name: String,
+    clients: Vec<String>,
+    servers: Vec<String>,
+    action: &'static str,
+    modes: Vec<&'static str>,
+    server_mode: &'static str,
+    data_ports: String,
+    tls: &'static str,
+    deny_commands: Vec<String>,
+}
+
+/// The largest unit that states `d` exactly; sub-millisecond parts, which a
+/// rule file cannot express, round up.
+pub(super) fn format_duration(d: Duration) -> String {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    if ms != 0 && ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms != 0 && ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1_000 == 0 {
+        format!("{}s", ms / 1_000)
+    } else {
+        format!("{ms}ms")
+    }
+}
