@@ -202,93 +202,121 @@ impl Check {
         let mut index = Vec::with_capacity(raw.len());
         for (i, r) in raw.iter().enumerate() {
             let path = [Seg::Key("listeners"), Seg::Index(i)];
-            let name = self.required(
-                &r.name,
-                &path,
-                "name",
-                "a listener needs a name for logs",
-                parse_name,
-            );
-            let listen = self.required(
-                &r.listen,
-                &path,
-                "listen",
-                "the address to bind, e.g. 0.0.0.0:21",
-                |s| parse_socket_addr(s, true),
-            );
-            let kinds = joined(ListenerKind::NAMES, " or ");
-            let kind = self.required(&r.mode, &path, "mode", &kinds, |s| {
-                parse_enum(s, ListenerKind::NAMES)
-            });
-            let upstream = self.optional(&r.upstream, &path, "upstream", |s| {
-                parse_socket_addr(s, false)
-            });
-            let announce = self.optional(&r.announce, &path, "announce", parse_announce);
-            let mode = match (kind, upstream, announce) {
-                (Some(ListenerKind::Reverse), Ok(Some(upstream)), Ok(announce)) => {
-                    Some(ListenerMode::Reverse { upstream, announce })
-                }
-                (Some(ListenerKind::Reverse), Ok(None), _) => {
-                    self.err(
-                        &at(&path, "mode"),
-                        "a reverse listener needs `upstream`, the FTP server's address:port",
-                    );
-                    None
-                }
-                (Some(ListenerKind::Transparent), upstream, announce) => {
-                    if !matches!(r.upstream, Field::Absent) && upstream.is_ok() {
-                        self.err(
-                            &at(&path, "upstream"),
-                            "a transparent listener takes no `upstream`: its server is the original destination of each intercepted connection",
-                        );
-                    }
-                    if !matches!(r.announce, Field::Absent) && announce.is_ok() {
-                        self.err(
-                            &at(&path, "announce"),
-                            "`announce` applies to reverse listeners only: a transparent listener announces the server's own address",
-                        );
-                    }
-                    Some(ListenerMode::Transparent)
-                }
-                _ => None,
-            };
-            if let Some(name) = &name {
-                if let Some(first) = out.iter().position(|l| &l.name == name) {
-                    self.err(
-                        &at(&path, "name"),
-                        format!(
-                            "listener name `{name}` is already used by listener {}",
-                            first + 1
-                        ),
-                    );
-                }
-            }
-            if let Some(listen) = listen {
-                if let Some(other) = out
-                    .iter()
-                    .find(|l| l.listen == listen && listen.port() != 0)
-                {
-                    self.err(
-                        &at(&path, "listen"),
-                        format!(
-                            "{listen} is already the address of listener `{}`",
-                            other.name
-                        ),
-                    );
-                }
-            }
-            if let (Some(name), Some(listen), Some(mode)) = (name, listen, mode) {
-                out.push(Listener { name, listen, mode });
+            if let Some(listener) = self.listener(r, &path, &out) {
+                out.push(listener);
                 index.push(i);
             }
         }
-        // Each session would connect back to the gateway, which opens
-        // another, until the session limits end it.
-        for (l, &i) in out.iter().zip(&index) {
+        self.no_upstream_loops(&out, &index);
+        out
+    }
+
+    /// One listener; a name or an address already used by one of `earlier`
+    /// is an error.
+    fn listener(
+        &mut self,
+        r: &RawListener,
+        path: &[Seg],
+        earlier: &[Listener],
+    ) -> Option<Listener> {
+        let name = self.required(
+            &r.name,
+            path,
+            "name",
+            "a listener needs a name for logs",
+            parse_name,
+        );
+        let listen = self.required(
+            &r.listen,
+            path,
+            "listen",
+            "the address to bind, e.g. 0.0.0.0:21",
+            |s| parse_socket_addr(s, true),
+        );
+        let mode = self.listener_mode(r, path);
+        if let Some(name) = &name {
+            if let Some(first) = earlier.iter().position(|l| &l.name == name) {
+                self.err(
+                    &at(path, "name"),
+                    format!(
+                        "listener name `{name}` is already used by listener {}",
+                        first + 1
+                    ),
+                );
+            }
+        }
+        if let Some(listen) = listen {
+            if let Some(other) = earlier
+                .iter()
+                .find(|l| l.listen == listen && listen.port() != 0)
+            {
+                self.err(
+                    &at(path, "listen"),
+                    format!(
+                        "{listen} is already the address of listener `{}`",
+                        other.name
+                    ),
+                );
+            }
+        }
+        Some(Listener {
+            name: name?,
+            listen: listen?,
+            mode: mode?,
+        })
+    }
+
+    /// `mode` with the keys that go with it: `upstream` and `announce` for
+    /// a reverse listener, neither for a transparent one.
+    fn listener_mode(&mut self, r: &RawListener, path: &[Seg]) -> Option<ListenerMode> {
+        let kinds = joined(ListenerKind::NAMES, " or ");
+        let kind = self.required(&r.mode, path, "mode", &kinds, |s| {
+            parse_enum(s, ListenerKind::NAMES)
+        });
+        let upstream = self.optional(&r.upstream, path, "upstream", |s| {
+            parse_socket_addr(s, false)
+        });
+        let announce = self.optional(&r.announce, path, "announce", parse_announce);
+        match (kind?, upstream, announce) {
+            (ListenerKind::Reverse, Ok(Some(upstream)), Ok(announce)) => {
+                Some(ListenerMode::Reverse { upstream, announce })
+            }
+            (ListenerKind::Reverse, Ok(None), _) => {
+                self.err(
+                    &at(path, "mode"),
+                    "a reverse listener needs `upstream`, the FTP server's address:port",
+                );
+                None
+            }
+            (ListenerKind::Reverse, ..) => None,
+            (ListenerKind::Transparent, upstream, announce) => {
+                if !matches!(r.upstream, Field::Absent) && upstream.is_ok() {
+                    self.err(
+                        &at(path, "upstream"),
+                        "a transparent listener takes no `upstream`: its server is the original destination of each intercepted connection",
+                    );
+                }
+                if !matches!(r.announce, Field::Absent) && announce.is_ok() {
+                    self.err(
+                        &at(path, "announce"),
+                        "`announce` applies to reverse listeners only: a transparent listener announces the server's own address",
+                    );
+                }
+                Some(ListenerMode::Transparent)
+            }
+        }
+    }
+
+    /// A reverse listener whose upstream is one of the gateway's own
+    /// listeners: each session would connect back to the gateway, which
+    /// opens another, until the session limits end it. `index` is each
+    /// listener's position in the file.
+    fn no_upstream_loops(&mut self, listeners: &[Listener], index: &[usize]) {
+        for (l, &i) in listeners.iter().zip(index) {
             let ListenerMode::Reverse { upstream, .. } = l.mode else {
                 continue;
             };
-            if let Some(own) = out.iter().find(|o| reaches(upstream, o.listen)) {
+            if let Some(own) = listeners.iter().find(|o| reaches(upstream, o.listen)) {
                 self.err(
                     &[Seg::Key("listeners"), Seg::Index(i), Seg::Key("upstream")],
                     format!(
@@ -298,7 +326,6 @@ impl Check {
                 );
             }
         }
-        out
     }
 
     fn data(&mut self, raw: &RawData) -> DataConfig {
@@ -322,18 +349,7 @@ impl Check {
             parse_pool_range,
         );
         if let (Some(c), Some(s)) = (client_ports, server_ports) {
-            if c.lo <= s.hi && s.lo <= c.hi {
-                // Point at whichever the operator wrote, the later one if both.
-                let key = if matches!(raw.server_ports, Field::Set(_)) {
-                    "server_ports"
-                } else {
-                    "client_ports"
-                };
-                self.err(
-                    &at(&path, key),
-                    format!("client_ports {c} and server_ports {s} overlap; the two pools must be disjoint"),
-                );
-            }
+            self.disjoint_pools(raw, c, s);
         }
         let pinhole_timeout = self.value(
             &raw.pinhole_timeout,
@@ -363,6 +379,24 @@ impl Check {
             pinhole_timeout: pinhole_timeout.unwrap_or(d.pinhole_timeout),
             nftables_table: nftables_table.unwrap_or(d.nftables_table),
             max_ports_per_client: max_ports_per_client.unwrap_or(d.max_ports_per_client),
+        }
+    }
+
+    /// The client and server pools share no port.
+    fn disjoint_pools(&mut self, raw: &RawData, c: PortRange, s: PortRange) {
+        if c.lo <= s.hi && s.lo <= c.hi {
+            // Point at whichever the operator wrote, the later one if both.
+            let key = if matches!(raw.server_ports, Field::Set(_)) {
+                "server_ports"
+            } else {
+                "client_ports"
+            };
+            self.err(
+                &[Seg::Key("data"), Seg::Key(key)],
+                format!(
+                    "client_ports {c} and server_ports {s} overlap; the two pools must be disjoint"
+                ),
+            );
         }
     }
 
@@ -461,69 +495,75 @@ impl Check {
                     format!("rule name `{name}` is already used by rule {}", first + 1),
                 );
             }
-            let d = Rule::new(name);
-            let clients = self.list(&r.clients, &path, "clients", false, parse_cidr);
-            let servers = self.list(&r.servers, &path, "servers", false, parse_cidr);
-            let action = self.value(&r.action, &path, "action", d.action, |s| {
-                parse_enum(s, Action::NAMES)
-            });
-            let modes = self.list(&r.modes, &path, "modes", false, |s| {
-                parse_enum(s, DataMode::NAMES)
-            });
-            if let Ok(Some(modes)) = &modes {
-                if modes
-                    .iter()
-                    .enumerate()
-                    .any(|(i, m)| modes[..i].contains(m))
-                {
-                    self.err(
-                        &at(&path, "modes"),
-                        format!(
-                            "modes: list each of {} at most once",
-                            joined(DataMode::NAMES, " and ")
-                        ),
-                    );
-                }
-            }
-            let server_mode =
-                self.value(&r.server_mode, &path, "server_mode", d.server_mode, |s| {
-                    parse_enum(s, ServerMode::NAMES)
-                });
-            let data_ports = self.value(
-                &r.data_ports,
-                &path,
-                "data_ports",
-                d.data_ports,
-                parse_range,
-            );
-            let tls = self.value(&r.tls, &path, "tls", d.tls, |s| {
-                parse_enum(s, TlsPolicy::NAMES)
-            });
-            let deny_commands =
-                self.list(&r.deny_commands, &path, "deny_commands", true, parse_verb);
-            if let Ok(Some(verbs)) = &deny_commands {
-                for (j, v) in verbs.iter().enumerate() {
-                    if verbs[..j].contains(v) {
-                        self.err(
-                            &at(&at(&path, "deny_commands"), j),
-                            format!("deny_commands: `{v}` is listed twice"),
-                        );
-                    }
-                }
-            }
-            out.push(Rule {
-                clients: clients.ok().flatten().unwrap_or(d.clients),
-                servers: servers.ok().flatten().unwrap_or(d.servers),
-                action: action.unwrap_or(d.action),
-                modes: modes.ok().flatten().unwrap_or(d.modes),
-                server_mode: server_mode.unwrap_or(d.server_mode),
-                data_ports: data_ports.unwrap_or(d.data_ports),
-                tls: tls.unwrap_or(d.tls),
-                deny_commands: deny_commands.ok().flatten().unwrap_or(d.deny_commands),
-                name: d.name,
-            });
+            out.push(self.rule(r, &path, Rule::new(name)));
         }
         out
+    }
+
+    /// The rule `r`, each key absent or in error taken from `d`.
+    fn rule(&mut self, r: &RawRule, path: &[Seg], d: Rule) -> Rule {
+        let clients = self.list(&r.clients, path, "clients", false, parse_cidr);
+        let servers = self.list(&r.servers, path, "servers", false, parse_cidr);
+        let action = self.value(&r.action, path, "action", d.action, |s| {
+            parse_enum(s, Action::NAMES)
+        });
+        let modes = self.list(&r.modes, path, "modes", false, |s| {
+            parse_enum(s, DataMode::NAMES)
+        });
+        if let Ok(Some(modes)) = &modes {
+            self.unique_modes(modes, path);
+        }
+        let server_mode = self.value(&r.server_mode, path, "server_mode", d.server_mode, |s| {
+            parse_enum(s, ServerMode::NAMES)
+        });
+        let data_ports = self.value(&r.data_ports, path, "data_ports", d.data_ports, parse_range);
+        let tls = self.value(&r.tls, path, "tls", d.tls, |s| {
+            parse_enum(s, TlsPolicy::NAMES)
+        });
+        let deny_commands = self.list(&r.deny_commands, path, "deny_commands", true, parse_verb);
+        if let Ok(Some(verbs)) = &deny_commands {
+            self.unique_verbs(verbs, path);
+        }
+        Rule {
+            clients: clients.ok().flatten().unwrap_or(d.clients),
+            servers: servers.ok().flatten().unwrap_or(d.servers),
+            action: action.unwrap_or(d.action),
+            modes: modes.ok().flatten().unwrap_or(d.modes),
+            server_mode: server_mode.unwrap_or(d.server_mode),
+            data_ports: data_ports.unwrap_or(d.data_ports),
+            tls: tls.unwrap_or(d.tls),
+            deny_commands: deny_commands.ok().flatten().unwrap_or(d.deny_commands),
+            name: d.name,
+        }
+    }
+
+    /// A mode listed twice is a slip, not a stronger allowance.
+    fn unique_modes(&mut self, modes: &[DataMode], path: &[Seg]) {
+        if modes
+            .iter()
+            .enumerate()
+            .any(|(i, m)| modes[..i].contains(m))
+        {
+            self.err(
+                &at(path, "modes"),
+                format!(
+                    "modes: list each of {} at most once",
+                    joined(DataMode::NAMES, " and ")
+                ),
+            );
+        }
+    }
+
+    /// Each repeat of a verb in `deny_commands`, at the repeat.
+    fn unique_verbs(&mut self, verbs: &[String], path: &[Seg]) {
+        for (j, v) in verbs.iter().enumerate() {
+            if verbs[..j].contains(v) {
+                self.err(
+                    &at(&at(path, "deny_commands"), j),
+                    format!("deny_commands: `{v}` is listed twice"),
+                );
+            }
+        }
     }
 }
 

@@ -14,54 +14,10 @@ impl Config {
     /// below a millisecond, which no rule file can express, are rounded up).
     pub fn to_yaml(&self) -> String {
         let out = OutConfig {
-            listeners: self
-                .listeners
-                .iter()
-                .map(|l| {
-                    let (upstream, announce) = match &l.mode {
-                        ListenerMode::Reverse { upstream, announce } => {
-                            (Some(upstream.to_string()), announce.map(|a| a.to_string()))
-                        }
-                        ListenerMode::Transparent => (None, None),
-                    };
-                    OutListener {
-                        name: l.name.clone(),
-                        listen: l.listen.to_string(),
-                        mode: l.mode.kind().as_str(),
-                        upstream,
-                        announce,
-                    }
-                })
-                .collect(),
-            data: OutData {
-                backend: self.data.backend.as_str(),
-                client_ports: self.data.client_ports.to_string(),
-                server_ports: self.data.server_ports.to_string(),
-                pinhole_timeout: format_duration(self.data.pinhole_timeout),
-                nftables_table: self.data.nftables_table.clone(),
-                max_ports_per_client: self.data.max_ports_per_client.to_string(),
-            },
-            limits: OutLimits {
-                max_sessions: self.limits.max_sessions,
-                max_sessions_per_client: self.limits.max_sessions_per_client,
-                idle_timeout: format_duration(self.limits.idle_timeout),
-                connect_timeout: format_duration(self.limits.connect_timeout),
-            },
-            rules: self
-                .rules
-                .iter()
-                .map(|r| OutRule {
-                    name: r.name.clone(),
-                    clients: r.clients.iter().map(ToString::to_string).collect(),
-                    servers: r.servers.iter().map(ToString::to_string).collect(),
-                    action: r.action.as_str(),
-                    modes: r.modes.iter().map(|m| m.as_str()).collect(),
-                    server_mode: r.server_mode.as_str(),
-                    data_ports: r.data_ports.to_string(),
-                    tls: r.tls.as_str(),
-                    deny_commands: r.deny_commands.clone(),
-                })
-                .collect(),
+            listeners: self.listeners.iter().map(OutListener::from).collect(),
+            data: OutData::from(&self.data),
+            limits: OutLimits::from(&self.limits),
+            rules: self.rules.iter().map(OutRule::from).collect(),
             metrics: self.metrics.as_ref().map(|m| OutMetrics {
                 listen: m.listen.to_string(),
             }),
@@ -76,19 +32,80 @@ impl Config {
         // fallback keeps this total anyway.
         let yaml =
             serde_yaml::to_string(&out).unwrap_or_else(|e| format!("# cannot serialise: {e}\n"));
-        // What the share comes to in each pool, as a comment: the operator
-        // sees the figure the gateway enforces, and the YAML still loads.
-        let d = &self.data;
-        let share = d.max_ports_per_client;
-        let key = format!("  max_ports_per_client: {share}\n");
-        let note = format!(
-            "  max_ports_per_client: {share} # per client address: {} of {} client ports, {} of {} server ports\n",
-            share.of(d.client_ports.len()),
-            d.client_ports.len(),
-            share.of(d.server_ports.len()),
-            d.server_ports.len()
-        );
-        yaml.replacen(&key, &note, 1)
+        with_share_note(yaml, &self.data)
+    }
+}
+
+/// What the share comes to in each pool, as a comment: the operator sees
+/// the figure the gateway enforces, and the YAML still loads.
+fn with_share_note(yaml: String, d: &DataConfig) -> String {
+    let share = d.max_ports_per_client;
+    let key = format!("  max_ports_per_client: {share}\n");
+    let note = format!(
+        "  max_ports_per_client: {share} # per client address: {} of {} client ports, {} of {} server ports\n",
+        share.of(d.client_ports.len()),
+        d.client_ports.len(),
+        share.of(d.server_ports.len()),
+        d.server_ports.len()
+    );
+    yaml.replacen(&key, &note, 1)
+}
+
+impl From<&Listener> for OutListener {
+    fn from(l: &Listener) -> Self {
+        let (upstream, announce) = match &l.mode {
+            ListenerMode::Reverse { upstream, announce } => {
+                (Some(upstream.to_string()), announce.map(|a| a.to_string()))
+            }
+            ListenerMode::Transparent => (None, None),
+        };
+        OutListener {
+            name: l.name.clone(),
+            listen: l.listen.to_string(),
+            mode: l.mode.kind().as_str(),
+            upstream,
+            announce,
+        }
+    }
+}
+
+impl From<&DataConfig> for OutData {
+    fn from(d: &DataConfig) -> Self {
+        OutData {
+            backend: d.backend.as_str(),
+            client_ports: d.client_ports.to_string(),
+            server_ports: d.server_ports.to_string(),
+            pinhole_timeout: format_duration(d.pinhole_timeout),
+            nftables_table: d.nftables_table.clone(),
+            max_ports_per_client: d.max_ports_per_client.to_string(),
+        }
+    }
+}
+
+impl From<&Limits> for OutLimits {
+    fn from(l: &Limits) -> Self {
+        OutLimits {
+            max_sessions: l.max_sessions,
+            max_sessions_per_client: l.max_sessions_per_client,
+            idle_timeout: format_duration(l.idle_timeout),
+            connect_timeout: format_duration(l.connect_timeout),
+        }
+    }
+}
+
+impl From<&Rule> for OutRule {
+    fn from(r: &Rule) -> Self {
+        OutRule {
+            name: r.name.clone(),
+            clients: r.clients.iter().map(ToString::to_string).collect(),
+            servers: r.servers.iter().map(ToString::to_string).collect(),
+            action: r.action.as_str(),
+            modes: r.modes.iter().map(|m| m.as_str()).collect(),
+            server_mode: r.server_mode.as_str(),
+            data_ports: r.data_ports.to_string(),
+            tls: r.tls.as_str(),
+            deny_commands: r.deny_commands.clone(),
+        }
     }
 }
 
