@@ -978,8 +978,9 @@ fn arb_rule() -> impl Strategy<Value = Rule> {
         )
 }
 
-fn arb_config() -> impl Strategy<Value = Config> {
-    let data = (
+/// Two disjoint pools, the low one for clients when `backend` is nftables.
+fn arb_data() -> impl Strategy<Value = DataConfig> {
+    (
         any::<bool>(),
         1024u16..30_000,
         1024u16..30_000,
@@ -1016,8 +1017,12 @@ fn arb_config() -> impl Strategy<Value = Config> {
                     max_ports_per_client: share,
                 }
             },
-        );
-    let limits = (
+        )
+}
+
+/// Limits where the per-client cap is at most the total.
+fn arb_limits() -> impl Strategy<Value = Limits> {
+    (
         1usize..1_000_000,
         1usize..1_000_000,
         arb_duration(),
@@ -1028,11 +1033,14 @@ fn arb_config() -> impl Strategy<Value = Config> {
             max_sessions_per_client: a.min(b),
             idle_timeout,
             connect_timeout,
-        });
+        })
+}
+
+fn arb_config() -> impl Strategy<Value = Config> {
     (
         proptest::collection::vec(arb_listener(), 1..4),
-        data,
-        limits,
+        arb_data(),
+        arb_limits(),
         proptest::collection::vec(arb_rule(), 1..5),
         proptest::option::of((arb_ip(), any::<u16>())),
         proptest::option::of(prop_oneof![
