@@ -1,5 +1,6 @@
 use super::check::reaches;
 use super::print::format_duration;
+use super::types::ListenerKind;
 use super::values::*;
 use super::*;
 use ipnet::IpNet;
@@ -1094,4 +1095,72 @@ proptest! {
         let back = parse(&yaml);
         prop_assert_eq!(back, Ok(config), "{}", yaml);
     }
+}
+
+/// Each value's name is read as that value and printed back as written, for
+/// every named enum in the rule file.
+#[test]
+fn each_named_value_is_read_and_printed_as_written() {
+    let rule = |key: &str, name: &str| format!("{HEAD}rules:\n  - name: all\n    {key}: {name}\n");
+    for &(name, v) in Action::NAMES {
+        let c = ok(&rule("action", name));
+        assert_eq!(c.rules[0].action, v, "{name}");
+        assert!(
+            c.to_yaml().contains(&format!("  action: {name}\n")),
+            "{name}"
+        );
+    }
+    for &(name, v) in ServerMode::NAMES {
+        let c = ok(&rule("server_mode", name));
+        assert_eq!(c.rules[0].server_mode, v, "{name}");
+        assert!(
+            c.to_yaml().contains(&format!("  server_mode: {name}\n")),
+            "{name}"
+        );
+    }
+    for &(name, v) in TlsPolicy::NAMES {
+        let c = ok(&rule("tls", name));
+        assert_eq!(c.rules[0].tls, v, "{name}");
+        assert!(c.to_yaml().contains(&format!("  tls: {name}\n")), "{name}");
+    }
+    for &(name, v) in DataMode::NAMES {
+        let c = ok(&rule("modes", &format!("[{name}]")));
+        assert_eq!(c.rules[0].modes, vec![v], "{name}");
+        assert!(
+            c.to_yaml().contains(&format!("  modes:\n  - {name}\n")),
+            "{name}"
+        );
+    }
+    for &(name, v) in BackendKind::NAMES {
+        let c = ok(&format!(
+            "{HEAD}rules:\n  - name: all\ndata:\n  backend: {name}\n"
+        ));
+        assert_eq!(c.data.backend, v, "{name}");
+        assert!(
+            c.to_yaml().contains(&format!("  backend: {name}\n")),
+            "{name}"
+        );
+    }
+    for &(name, v) in ListenerKind::NAMES {
+        let upstream = if v == ListenerKind::Reverse {
+            "    upstream: 127.0.0.1:21\n"
+        } else {
+            ""
+        };
+        let c = ok(&format!(
+            "listeners:\n  - name: lo\n    listen: 127.0.0.1:2121\n    mode: {name}\n{upstream}rules:\n  - name: all\n"
+        ));
+        assert_eq!(c.listeners[0].mode.kind(), v, "{name}");
+        assert!(c.to_yaml().contains(&format!("  mode: {name}\n")), "{name}");
+    }
+}
+
+/// A listener without `mode` is told both names it may use.
+#[test]
+fn a_listener_without_mode_is_told_the_modes() {
+    let errs = errors("listeners:\n  - name: a\n    listen: 127.0.0.1:21\nrules:\n  - name: all\n");
+    assert_eq!(
+        errs,
+        vec!["2:5: missing `mode`: reverse or transparent".to_string()]
+    );
 }
