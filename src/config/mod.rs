@@ -3,7 +3,6 @@
 //! Every error names `file:line:column`. Strings become `IpNet`,
 //! `SocketAddr`, [`PortRange`] and `Duration` here, so nothing downstream
 //! parses configuration text again.
-
 //!
 //! - `types`: the validated types the rest of the crate reads, each enum
 //!   with its rule-file names written once;
@@ -26,7 +25,7 @@ pub use types::{
 };
 
 use check::Check;
-use raw::{locate, RawConfig};
+use raw::{locate, RawConfig, Seg};
 use std::path::{Path, PathBuf};
 
 /// A validated configuration.
@@ -151,63 +150,76 @@ impl Config {
     /// Every other mistake is collected, so one run of `ftpgate check`
     /// lists them all.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
-        let error = |line, column, message| ConfigError {
+        let error = |(line, column, message)| ConfigError {
             file: path.to_path_buf(),
             line,
             column,
             message,
         };
         if text.len() > MAX_FILE_BYTES {
-            return Err(ConfigErrors(vec![error(0, 0, too_large())]));
+            return Err(ConfigErrors(vec![error((0, 0, too_large()))]));
         }
-        let raw = match serde_yaml::from_str::<Option<RawConfig>>(text) {
-            Ok(Some(raw)) => raw,
-            Ok(None) => {
-                return Err(ConfigErrors(vec![error(
-                    1,
-                    1,
-                    "the file is empty: a rule file needs `listeners` and `rules`".to_string(),
-                )]))
-            }
-            Err(e) => {
-                let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-                let mut message = yaml_message(&e);
-                // libyaml reads `::` after `[` or `,` as a broken key, so an
-                // unquoted IPv6 network such as `[0.0.0.0/0, ::/0]` fails.
-                let source_line = text.lines().nth(line.saturating_sub(1)).unwrap_or("");
-                if message.contains("while parsing a flow") && source_line.contains("::") {
-                    message.push_str(
-                        "; inside [ ], quote IPv6 addresses that start with `::`, e.g. \"::/0\"",
-                    );
-                }
-                return Err(ConfigErrors(vec![error(line, column, message)]));
-            }
-        };
+        let raw = structure(text).map_err(|e| ConfigErrors(vec![error(e)]))?;
         let mut check = Check::default();
         let config = check.config(&raw, path);
         if check.errors.is_empty() {
             return Ok(config);
         }
-        let total = check.errors.len();
-        let mut errors: Vec<ConfigError> = check
-            .errors
-            .into_iter()
-            .take(MAX_LOCATED_ERRORS)
-            .map(|(at, message)| {
-                let (line, column) = locate(text, &at);
-                error(line, column, message)
-            })
-            .collect();
-        errors.sort_by_key(|e| (e.line, e.column));
-        if total > MAX_LOCATED_ERRORS {
-            errors.push(error(
-                0,
-                0,
-                format!("{} more errors not shown", total - MAX_LOCATED_ERRORS),
-            ));
-        }
-        Err(ConfigErrors(errors))
+        let errors = located(text, check.errors);
+        Err(ConfigErrors(errors.into_iter().map(error).collect()))
     }
+}
+
+/// A message with its 1-based line and column (0 when unknown).
+type Located = (usize, usize, String);
+
+/// The file's structure, or the first structural problem, as the YAML
+/// parser locates it.
+fn structure(text: &str) -> Result<RawConfig, Located> {
+    match serde_yaml::from_str::<Option<RawConfig>>(text) {
+        Ok(Some(raw)) => Ok(raw),
+        Ok(None) => Err((
+            1,
+            1,
+            "the file is empty: a rule file needs `listeners` and `rules`".to_string(),
+        )),
+        Err(e) => {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            let mut message = yaml_message(&e);
+            // libyaml reads `::` after `[` or `,` as a broken key, so an
+            // unquoted IPv6 network such as `[0.0.0.0/0, ::/0]` fails.
+            let source_line = text.lines().nth(line.saturating_sub(1)).unwrap_or("");
+            if message.contains("while parsing a flow") && source_line.contains("::") {
+                message.push_str(
+                    "; inside [ ], quote IPv6 addresses that start with `::`, e.g. \"::/0\"",
+                );
+            }
+            Err((line, column, message))
+        }
+    }
+}
+
+/// The checks' errors in file order, the first `MAX_LOCATED_ERRORS` of
+/// them located, then a count of the rest.
+fn located(text: &str, errors: Vec<(Vec<Seg>, String)>) -> Vec<Located> {
+    let total = errors.len();
+    let mut out: Vec<Located> = errors
+        .into_iter()
+        .take(MAX_LOCATED_ERRORS)
+        .map(|(at, message)| {
+            let (line, column) = locate(text, &at);
+            (line, column, message)
+        })
+        .collect();
+    out.sort_by_key(|&(line, column, _)| (line, column));
+    if total > MAX_LOCATED_ERRORS {
+        out.push((
+            0,
+            0,
+            format!("{} more errors not shown", total - MAX_LOCATED_ERRORS),
+        ));
+    }
+    out
 }
 
 fn too_large() -> String {
