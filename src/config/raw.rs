@@ -186,6 +186,7 @@ impl From<usize> for Seg {
     }
 }
 
+/// `path` one step further down.
 pub(super) fn at(path: &[Seg], seg: impl Into<Seg>) -> Vec<Seg> {
     let mut p = path.to_vec();
     p.push(seg.into());
