@@ -245,21 +245,7 @@ impl Framer {
                         self.overflow = true;
                         return;
                     }
-                    let clean = !self.dirty;
-                    if self.partial.is_empty() {
-                        // The whole line is in this segment: straight to
-                        // the ready lines.
-                        self.complete(&bytes[start..=at], clean);
-                    } else {
-                        self.partial.extend_from_slice(&bytes[start..=at]);
-                        let partial = std::mem::take(&mut self.partial);
-                        self.complete(&partial, clean);
-                        if partial.capacity() <= SPARE_BYTES {
-                            self.partial = partial;
-                            self.partial.clear();
-                        }
-                    }
-                    self.dirty = false;
+                    self.end_line(&bytes[start..=at]);
                     start = at + 1;
                 }
                 b'\r' => self.cr_at = Some(line_pos),
@@ -275,6 +261,25 @@ impl Framer {
             return;
         }
         self.partial.extend_from_slice(rest);
+    }
+
+    /// Ends the line being received with `tail`, its last bytes up to and
+    /// including the LF.
+    fn end_line(&mut self, tail: &[u8]) {
+        let clean = !self.dirty;
+        if self.partial.is_empty() {
+            // The whole line is in this segment: straight to the ready lines.
+            self.complete(tail, clean);
+        } else {
+            self.partial.extend_from_slice(tail);
+            let partial = std::mem::take(&mut self.partial);
+            self.complete(&partial, clean);
+            if partial.capacity() <= SPARE_BYTES {
+                self.partial = partial;
+                self.partial.clear();
+            }
+        }
+        self.dirty = false;
     }
 
     /// Queues one terminated line; `clean` when it is plain text.
