@@ -4,12 +4,11 @@
 
 mod common;
 
-use common::{bounded, Gw, Harness, Upstream};
+use common::{bounded, Gw, Harness, Peer, Upstream};
 
 use ftpgate::session::MAX_REFUSALS;
 use std::collections::BTreeSet;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The gateway in front of `upstream`, writing its audit log to a file.
@@ -24,49 +23,6 @@ async fn gateway(upstream: Upstream) -> Gw {
 /// The gateway in front of libunftp serving an empty directory.
 async fn with_unftp() -> Gw {
     gateway(Upstream::Unftp).await
-}
-
-/// One end of a control connection, read line by line.
-struct Peer {
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
-}
-
-impl Peer {
-    fn new(s: TcpStream) -> Self {
-        let (r, w) = s.into_split();
-        Peer {
-            r: BufReader::new(r),
-            w,
-        }
-    }
-    async fn send(&mut self, b: &[u8]) {
-        self.w.write_all(b).await.unwrap();
-    }
-    async fn line(&mut self) -> String {
-        let mut buf = Vec::new();
-        let _ = bounded("line", self.r.read_until(b'\n', &mut buf)).await;
-        String::from_utf8_lossy(&buf)
-            .trim_end_matches(['\r', '\n'])
-            .to_string()
-    }
-    /// A whole reply; returns (code, last line).
-    async fn reply(&mut self) -> (u16, String) {
-        let first = self.line().await;
-        let code: u16 = first.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let mut last = first.clone();
-        if first.as_bytes().get(3) == Some(&b'-') {
-            let end = format!("{code} ");
-            while !last.starts_with(&end) && !last.is_empty() {
-                last = self.line().await;
-            }
-        }
-        (code, last)
-    }
-    async fn cmd(&mut self, c: &str) -> (u16, String) {
-        self.send(format!("{c}\r\n").as_bytes()).await;
-        self.reply().await
-    }
 }
 
 async fn logged_in(gw: &Gw) -> Peer {

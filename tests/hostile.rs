@@ -6,13 +6,12 @@
 
 mod common;
 
-use common::{bounded, Gw, Harness, Upstream, LIMIT};
+use common::{bounded, port_of_227, port_of_229, Gw, Harness, Peer, Upstream, LIMIT};
 
 use ftpgate::pinhole::Usage;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 // ---- the gateway -------------------------------------------------------
@@ -38,68 +37,6 @@ async fn with_unftp(data: &str, limits: &str, rule: &str) -> Gw {
 
 // ---- a raw FTP peer ----------------------------------------------------
 
-/// One end of a control connection, read line by line.
-struct Peer {
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
-}
-
-impl Peer {
-    fn new(s: TcpStream) -> Self {
-        let (r, w) = s.into_split();
-        Peer {
-            r: BufReader::new(r),
-            w,
-        }
-    }
-    async fn connect(addr: SocketAddr) -> Self {
-        Peer::new(TcpStream::connect(addr).await.unwrap())
-    }
-    async fn send(&mut self, b: &[u8]) {
-        self.w.write_all(b).await.unwrap();
-    }
-    /// One line without CRLF; empty at end of stream.
-    async fn line(&mut self) -> String {
-        let mut buf = Vec::new();
-        let _ = bounded("line", self.r.read_until(b'\n', &mut buf)).await;
-        String::from_utf8_lossy(&buf)
-            .trim_end_matches(['\r', '\n'])
-            .to_string()
-    }
-    /// One line as received, CRLF included.
-    async fn raw_line(&mut self) -> Vec<u8> {
-        let mut buf = Vec::new();
-        let _ = bounded("raw line", self.r.read_until(b'\n', &mut buf)).await;
-        buf
-    }
-    /// A whole reply (multi-line included); returns (code, last line).
-    async fn reply(&mut self) -> (u16, String) {
-        let first = self.line().await;
-        let code: u16 = first.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let mut last = first.clone();
-        if first.as_bytes().get(3) == Some(&b'-') {
-            let end = format!("{code} ");
-            while !last.starts_with(&end) {
-                last = self.line().await;
-                if last.is_empty() {
-                    break;
-                }
-            }
-        }
-        (code, last)
-    }
-    async fn cmd(&mut self, c: &str) -> (u16, String) {
-        self.send(format!("{c}\r\n").as_bytes()).await;
-        self.reply().await
-    }
-    /// Reads to end of stream.
-    async fn rest(&mut self) -> String {
-        let mut out = Vec::new();
-        let _ = bounded("end of stream", self.r.read_to_end(&mut out)).await;
-        String::from_utf8_lossy(&out).into_owned()
-    }
-}
-
 /// Client logged in through the gateway to libunftp.
 async fn logged_in(gw: &Gw) -> Peer {
     let mut c = Peer::connect(gw.addr).await;
@@ -107,23 +44,6 @@ async fn logged_in(gw: &Gw) -> Peer {
     assert_eq!(c.cmd("USER anonymous").await.0, 331);
     assert_eq!(c.cmd("PASS x@").await.0, 230);
     c
-}
-
-fn port_of_227(text: &str) -> u16 {
-    let inner = text.split('(').nth(1).unwrap().split(')').next().unwrap();
-    let n: Vec<u16> = inner
-        .split(',')
-        .map(|x| x.trim().parse().unwrap())
-        .collect();
-    n[4] * 256 + n[5]
-}
-
-fn port_of_229(text: &str) -> u16 {
-    let inner = text.split("|||").nth(1).unwrap();
-    inner
-        .trim_end_matches(|c: char| !c.is_ascii_digit())
-        .parse()
-        .unwrap()
 }
 
 /// Asserts nothing is open while the session still runs.

@@ -6,17 +6,17 @@
 
 mod common;
 
-use common::{bounded, core_past_greeting as core, Gw, Harness, Upstream};
+use common::{
+    bounded, core_past_greeting as core, digest, port_of_227, Gw, Harness, Peer, Upstream,
+};
 
 use ftpgate::pinhole::{Leg, Opened};
 use ftpgate::session::Action;
-use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
 use suppaftp::FtpError;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 /// The gateway in front of libunftp, with 40-port pools from `base` and
@@ -30,63 +30,16 @@ async fn gateway(base: u16, data: &str) -> Gw {
         .await
 }
 
-/// A raw control connection, line by line.
-struct Peer {
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
-}
-
-impl Peer {
-    /// Connects from `from` (a loopback address) and logs in.
-    async fn logged_in(gw: &Gw, from: &str) -> Peer {
-        let sock = TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
-        let s = bounded("connect", sock.connect(gw.addr)).await.unwrap();
-        let (r, w) = s.into_split();
-        let mut p = Peer {
-            r: BufReader::new(r),
-            w,
-        };
-        assert_eq!(p.reply().await.0, 220);
-        assert_eq!(p.cmd("USER anonymous").await.0, 331);
-        assert_eq!(p.cmd("PASS x@").await.0, 230);
-        p
-    }
-
-    async fn send(&mut self, b: &[u8]) {
-        self.w.write_all(b).await.unwrap();
-    }
-
-    /// One reply (the last line of a multi-line one): code and text.
-    async fn reply(&mut self) -> (u16, String) {
-        loop {
-            let mut line = String::new();
-            let n = bounded("reply", self.r.read_line(&mut line)).await.unwrap();
-            assert!(n > 0, "control connection closed");
-            let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return (code, line.trim_end().to_string());
-            }
-        }
-    }
-
-    async fn cmd(&mut self, c: &str) -> (u16, String) {
-        self.send(format!("{c}\r\n").as_bytes()).await;
-        self.reply().await
-    }
-}
-
-fn port_of_227(text: &str) -> u16 {
-    let inner = text.split('(').nth(1).unwrap().split(')').next().unwrap();
-    let n: Vec<u16> = inner
-        .split(',')
-        .map(|x| x.trim().parse().unwrap())
-        .collect();
-    n[4] * 256 + n[5]
-}
-
-fn digest(b: &[u8]) -> Vec<u8> {
-    Sha256::digest(b).to_vec()
+/// Connects from `from` (a loopback address) and logs in.
+async fn logged_in(gw: &Gw, from: &str) -> Peer {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let s = bounded("connect", sock.connect(gw.addr)).await.unwrap();
+    let mut p = Peer::new(s);
+    assert_eq!(p.reply().await.0, 220);
+    assert_eq!(p.cmd("USER anonymous").await.0, 331);
+    assert_eq!(p.cmd("PASS x@").await.0, 230);
+    p
 }
 
 /// A well-behaved client (suppaftp, from 127.0.0.1) downloads a file in
@@ -123,7 +76,7 @@ async fn download_works(gw: &Gw) {
 async fn pipelined_pasv_flood_holds_one_port() {
     // No share: this is about what one session holds on its own.
     let gw = gateway(24000, "  max_ports_per_client: 100%\n").await;
-    let mut hostile = Peer::logged_in(&gw, "127.0.0.2").await;
+    let mut hostile = logged_in(&gw, "127.0.0.2").await;
     hostile.send(&b"PASV\r\n".repeat(60)).await;
     let mut announced = Vec::new();
     for _ in 0..60 {
@@ -168,13 +121,13 @@ async fn a_client_holds_its_share_of_the_pool_and_no_more() {
     // Four sessions from one address, each with an unused pinhole.
     let mut sessions = Vec::new();
     for _ in 0..4 {
-        let mut s = Peer::logged_in(&gw, "127.0.0.2").await;
+        let mut s = logged_in(&gw, "127.0.0.2").await;
         let (code, text) = s.cmd("PASV").await;
         assert_eq!(code, 227, "{text}");
         sessions.push(s);
     }
     // A fifth is past the share: 425 with the reason, and a refusal line.
-    let mut fifth = Peer::logged_in(&gw, "127.0.0.2").await;
+    let mut fifth = logged_in(&gw, "127.0.0.2").await;
     let (code, text) = fifth.cmd("PASV").await;
     assert_eq!(code, 425, "{text}");
     assert!(

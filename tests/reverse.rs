@@ -4,9 +4,8 @@
 
 mod common;
 
-use common::{Gw, Harness, Upstream};
+use common::{digest, Gw, Harness, Upstream};
 
-use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::time::Duration;
 use suppaftp::tokio::AsyncFtpStream;
@@ -58,10 +57,6 @@ fn payload(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
-}
-
-fn digest(b: &[u8]) -> Vec<u8> {
-    Sha256::digest(b).to_vec()
 }
 
 /// Sends a raw command and returns the reply code, whatever it is.

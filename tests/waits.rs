@@ -8,13 +8,11 @@
 
 mod common;
 
-use common::{bounded, Gw, Harness, Upstream, LIMIT};
+use common::{bounded, digest, port_of_227, Gw, Harness, Peer, Upstream, LIMIT};
 
-use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// The gateway's `idle_timeout` in every test here.
@@ -60,54 +58,6 @@ async fn end_line(gw: &Gw) -> String {
         .find(|l| l.contains("session end"))
         .unwrap()
         .to_string()
-}
-
-/// One end of a control connection, read line by line.
-struct Peer {
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
-}
-
-impl Peer {
-    fn new(s: TcpStream) -> Self {
-        let (r, w) = s.into_split();
-        Peer {
-            r: BufReader::new(r),
-            w,
-        }
-    }
-    async fn send(&mut self, b: &[u8]) {
-        self.w.write_all(b).await.unwrap();
-    }
-    /// One line without CRLF; empty at end of stream.
-    async fn line(&mut self) -> String {
-        let mut buf = Vec::new();
-        let _ = bounded("line", self.r.read_until(b'\n', &mut buf)).await;
-        String::from_utf8_lossy(&buf)
-            .trim_end_matches(['\r', '\n'])
-            .to_string()
-    }
-    /// A one-line reply: (code, text).
-    async fn reply(&mut self) -> (u16, String) {
-        let line = self.line().await;
-        let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-        (code, line)
-    }
-    /// Reads to end of stream (or a reset).
-    async fn rest(&mut self) -> String {
-        let mut out = Vec::new();
-        let _ = bounded("end of stream", self.r.read_to_end(&mut out)).await;
-        String::from_utf8_lossy(&out).into_owned()
-    }
-}
-
-fn port_of_227(text: &str) -> u16 {
-    let inner = text.split('(').nth(1).unwrap().split(')').next().unwrap();
-    let n: Vec<u16> = inner
-        .split(',')
-        .map(|x| x.trim().parse().unwrap())
-        .collect();
-    n[4] * 256 + n[5]
 }
 
 /// The client asks for PASV; the script answers with a data listener of its
@@ -156,10 +106,6 @@ fn sockets(gw: u16, listen: u16, up: u16) -> usize {
             ours.contains(f[9]) && (local == gw || (listening && local == listen) || remote == up)
         })
         .count()
-}
-
-fn digest(b: &[u8]) -> Vec<u8> {
-    Sha256::digest(b).to_vec()
 }
 
 // ---- a control peer that never reads ---------------------------------------

@@ -10,13 +10,16 @@ use ftpgate::proxy::{serve, Gateway, Launched};
 use ftpgate::rules::Policy;
 use ftpgate::session::{Session, SessionParams};
 use libunftp::options::ActivePassiveMode;
+use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Notify};
 use unftp_sbe_fs::Filesystem;
 
@@ -465,6 +468,104 @@ impl Gw {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// One end of a control connection, read line by line.
+pub struct Peer {
+    pub r: BufReader<OwnedReadHalf>,
+    pub w: OwnedWriteHalf,
+}
+
+impl Peer {
+    /// Wraps a connected stream.
+    pub fn new(s: TcpStream) -> Self {
+        let (r, w) = s.into_split();
+        Peer {
+            r: BufReader::new(r),
+            w,
+        }
+    }
+
+    /// Connects to `addr`.
+    pub async fn connect(addr: SocketAddr) -> Self {
+        Peer::new(TcpStream::connect(addr).await.unwrap())
+    }
+
+    /// Writes `b` whole.
+    pub async fn send(&mut self, b: &[u8]) {
+        self.w.write_all(b).await.unwrap();
+    }
+
+    /// One line without CRLF; empty at end of stream.
+    pub async fn line(&mut self) -> String {
+        let mut buf = Vec::new();
+        let _ = bounded("line", self.r.read_until(b'\n', &mut buf)).await;
+        String::from_utf8_lossy(&buf)
+            .trim_end_matches(['\r', '\n'])
+            .to_string()
+    }
+
+    /// One line as received, CRLF included.
+    pub async fn raw_line(&mut self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let _ = bounded("raw line", self.r.read_until(b'\n', &mut buf)).await;
+        buf
+    }
+
+    /// A whole reply (multi-line included); returns (code, last line). The
+    /// code is 0 when the stream ended or the line has none.
+    pub async fn reply(&mut self) -> (u16, String) {
+        let first = self.line().await;
+        let code: u16 = first.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let mut last = first.clone();
+        if first.as_bytes().get(3) == Some(&b'-') {
+            let end = format!("{code} ");
+            while !last.starts_with(&end) {
+                last = self.line().await;
+                if last.is_empty() {
+                    break;
+                }
+            }
+        }
+        (code, last)
+    }
+
+    /// Sends `c` and CRLF; returns the reply.
+    pub async fn cmd(&mut self, c: &str) -> (u16, String) {
+        self.send(format!("{c}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+
+    /// Reads to end of stream (or a reset).
+    pub async fn rest(&mut self) -> String {
+        let mut out = Vec::new();
+        let _ = bounded("end of stream", self.r.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// The data port of a 227 reply's text.
+pub fn port_of_227(text: &str) -> u16 {
+    let inner = text.split('(').nth(1).unwrap().split(')').next().unwrap();
+    let n: Vec<u16> = inner
+        .split(',')
+        .map(|x| x.trim().parse().unwrap())
+        .collect();
+    n[4] * 256 + n[5]
+}
+
+/// The data port of a 229 reply's text.
+pub fn port_of_229(text: &str) -> u16 {
+    let inner = text.split("|||").nth(1).unwrap();
+    inner
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap()
+}
+
+/// SHA-256 of `b`, to compare the bytes that arrived with those sent.
+pub fn digest(b: &[u8]) -> Vec<u8> {
+    Sha256::digest(b).to_vec()
 }
 
 /// A reverse-mode session core past the server's greeting, both data modes
