@@ -15,6 +15,8 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -566,6 +568,65 @@ pub fn port_of_229(text: &str) -> u16 {
 /// SHA-256 of `b`, to compare the bytes that arrived with those sent.
 pub fn digest(b: &[u8]) -> Vec<u8> {
     Sha256::digest(b).to_vec()
+}
+
+/// The built `ftpgate` binary in a process of its own, its stderr read into
+/// a `LogBuf`; killed when dropped, so a failed test leaves none.
+pub struct Binary {
+    pub child: tokio::process::Child,
+    pub log: LogBuf,
+    keep: Arc<AtomicBool>,
+}
+
+impl Binary {
+    /// Runs `ftpgate` with `args` and `RUST_LOG=rust_log`; the log's waits
+    /// fail the test after `limit`. The log is read until the process ends.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S], rust_log: &str, limit: Duration) -> Binary {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ftpgate"))
+            .args(args)
+            .env("RUST_LOG", rust_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("ftpgate starts");
+        let log = LogBuf::with_limit(limit);
+        let keep = Arc::new(AtomicBool::new(true));
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (sink, kept) = (log.clone(), keep.clone());
+        // Read to the end, so that the pipe never fills and blocks the gateway.
+        tokio::spawn(async move {
+            while let Ok(Some(l)) = lines.next_line().await {
+                if kept.load(Ordering::Relaxed) {
+                    sink.append(format!("{l}\n").as_bytes());
+                }
+            }
+        });
+        Binary { child, log, keep }
+    }
+
+    /// Waits for a log line containing `what` and returns its `addr=`.
+    pub async fn addr_of(&self, what: &str) -> SocketAddr {
+        let text = self.log.wait_for(what).await;
+        let line = text.lines().find(|l| l.contains(what)).unwrap();
+        line.split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line}"))
+    }
+
+    /// Stops keeping log lines (they are still read): a long run's log
+    /// would otherwise grow without bound.
+    pub fn forget_log(&self) {
+        self.keep.store(false, Ordering::Relaxed);
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("ftpgate still running")
+    }
 }
 
 /// A reverse-mode session core past the server's greeting, both data modes
