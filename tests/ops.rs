@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Gw, Harness, Upstream};
+use common::{retr_all, Gw, Harness, Upstream};
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
-use suppaftp::{FtpError, Mode, Status};
+use suppaftp::{Mode, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -98,17 +98,7 @@ async fn login(env: &Gw) -> (AsyncFtpStream, SocketAddr) {
 }
 
 async fn download(ftp: &mut AsyncFtpStream, name: &str) -> Vec<u8> {
-    ftp.retr(name, |mut s| {
-        Box::pin(async move {
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf)
-                .await
-                .map_err(FtpError::ConnectionError)?;
-            Ok((buf, s))
-        })
-    })
-    .await
-    .unwrap()
+    retr_all(ftp, name).await.unwrap()
 }
 
 #[tokio::test(flavor = "current_thread")]

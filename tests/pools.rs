@@ -7,7 +7,7 @@
 mod common;
 
 use common::{
-    bounded, core_past_greeting as core, digest, port_of_227, Gw, Harness, Peer, Upstream,
+    bounded, core_past_greeting as core, digest, port_of_227, retr_all, Gw, Harness, Peer, Upstream,
 };
 
 use ftpgate::pinhole::{Leg, Opened};
@@ -15,7 +15,6 @@ use ftpgate::session::Action;
 use std::net::SocketAddr;
 use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
-use suppaftp::FtpError;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -54,20 +53,9 @@ async fn download_works(gw: &Gw) {
         .unwrap();
     ftp.login("anonymous", "x@").await.unwrap();
     ftp.transfer_type(FileType::Binary).await.unwrap();
-    let got = bounded(
-        "download",
-        ftp.retr("f.bin", |mut s| {
-            Box::pin(async move {
-                let mut buf = Vec::new();
-                s.read_to_end(&mut buf)
-                    .await
-                    .map_err(FtpError::ConnectionError)?;
-                Ok((buf, s))
-            })
-        }),
-    )
-    .await
-    .unwrap();
+    let got = bounded("download", retr_all(&mut ftp, "f.bin"))
+        .await
+        .unwrap();
     assert_eq!(digest(&got), digest(&data), "download arrived intact");
     let _ = ftp.quit().await;
 }

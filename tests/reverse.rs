@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{digest, Gw, Harness, Upstream};
+use common::{digest, retr_all, Gw, Harness, Upstream};
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -87,18 +87,7 @@ async fn round_trip(server_mode: &str, mode: Mode) {
     let on_disk = std::fs::read(env.root().join(&name)).unwrap();
     assert_eq!(digest(&on_disk), digest(&data), "upload arrived intact");
 
-    let got = ftp
-        .retr(&name, |mut s| {
-            Box::pin(async move {
-                let mut buf = Vec::new();
-                s.read_to_end(&mut buf)
-                    .await
-                    .map_err(FtpError::ConnectionError)?;
-                Ok((buf, s))
-            })
-        })
-        .await
-        .unwrap();
+    let got = retr_all(&mut ftp, &name).await.unwrap();
     assert_eq!(digest(&got), digest(&data), "download arrived intact");
 
     let list = ftp.list(None).await.unwrap();

@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{start_unftp_passive, Binary};
+use common::{retr_all, start_unftp_passive, Binary};
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
 use suppaftp::Mode;
-use tokio::io::AsyncReadExt;
 
 fn open_fds(pid: u32) -> usize {
     fd_targets(pid).len()
@@ -106,18 +105,7 @@ async fn client(gw: SocketAddr, n: u64, until: Instant, errors: Arc<AtomicU64>) 
             ftp.put_file(&name, &mut data.as_slice())
                 .await
                 .map_err(|e| e.to_string())?;
-            let got = ftp
-                .retr(&name, |mut s| {
-                    Box::pin(async move {
-                        let mut buf = Vec::new();
-                        s.read_to_end(&mut buf)
-                            .await
-                            .map_err(suppaftp::FtpError::ConnectionError)?;
-                        Ok((buf, s))
-                    })
-                })
-                .await
-                .map_err(|e| e.to_string())?;
+            let got = retr_all(&mut ftp, &name).await.map_err(|e| e.to_string())?;
             if got != data {
                 return Err(format!("{name}: content differs"));
             }

@@ -565,6 +565,23 @@ pub fn port_of_229(text: &str) -> u16 {
         .unwrap()
 }
 
+/// Downloads `name` whole through suppaftp's RETR.
+pub async fn retr_all(
+    ftp: &mut suppaftp::tokio::AsyncFtpStream,
+    name: &str,
+) -> Result<Vec<u8>, suppaftp::FtpError> {
+    ftp.retr(name, |mut s| {
+        Box::pin(async move {
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf)
+                .await
+                .map_err(suppaftp::FtpError::ConnectionError)?;
+            Ok((buf, s))
+        })
+    })
+    .await
+}
+
 /// SHA-256 of `b`, to compare the bytes that arrived with those sent.
 pub fn digest(b: &[u8]) -> Vec<u8> {
     Sha256::digest(b).to_vec()
