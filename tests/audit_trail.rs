@@ -4,131 +4,25 @@
 
 mod common;
 
-use common::{launch, start_unftp, LogBuf};
+use common::{bounded, Gw, Harness, Peer, Upstream};
 
 use ftpgate::session::MAX_REFUSALS;
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-
-/// Every wait in this file is bounded by this; past it the test fails.
-const LIMIT: Duration = Duration::from_secs(20);
-
-async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(LIMIT, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out: {what}"),
-    }
-}
-
-struct Gw {
-    addr: SocketAddr,
-    audit: PathBuf,
-    logs: LogBuf,
-    _dir: tempfile::TempDir,
-    _stop: oneshot::Sender<()>,
-    _guard: tracing::subscriber::DefaultGuard,
-}
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// The gateway in front of `upstream`, writing its audit log to a file.
-async fn gateway(upstream: SocketAddr) -> Gw {
-    let (logs, guard) = LogBuf::capture();
-    let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    let yaml = format!(
-        "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n\
-         data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
-         audit:\n  path: {}\n\
-         rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n",
-        audit.display()
-    );
-    let run = launch(&yaml, "audit.yaml").await;
-    Gw {
-        addr: run.addr,
-        audit,
-        logs,
-        _dir: dir,
-        _stop: run.stop,
-        _guard: guard,
-    }
+async fn gateway(upstream: Upstream) -> Gw {
+    Harness::new(upstream)
+        .file("audit.yaml")
+        .audit()
+        .start()
+        .await
 }
 
 /// The gateway in front of libunftp serving an empty directory.
-async fn with_unftp() -> (Gw, tempfile::TempDir) {
-    let root = tempfile::tempdir().unwrap();
-    let upstream = start_unftp(root.path()).await;
-    (gateway(upstream).await, root)
-}
-
-impl Gw {
-    /// Waits for `n` audit lines and returns them parsed.
-    async fn audit_lines(&self, n: usize) -> Vec<serde_json::Value> {
-        let limit = tokio::time::Instant::now() + LIMIT;
-        loop {
-            let text = std::fs::read_to_string(&self.audit).unwrap_or_default();
-            let complete = text.ends_with('\n') || text.is_empty();
-            if complete && text.lines().count() >= n {
-                return text
-                    .lines()
-                    .map(|l| serde_json::from_str(l).unwrap())
-                    .collect();
-            }
-            assert!(
-                tokio::time::Instant::now() < limit,
-                "wanted {n} audit lines: {text}"
-            );
-            // Polls a file that the gateway's task appends to.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-/// One end of a control connection, read line by line.
-struct Peer {
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
-}
-
-impl Peer {
-    fn new(s: TcpStream) -> Self {
-        let (r, w) = s.into_split();
-        Peer {
-            r: BufReader::new(r),
-            w,
-        }
-    }
-    async fn send(&mut self, b: &[u8]) {
-        self.w.write_all(b).await.unwrap();
-    }
-    async fn line(&mut self) -> String {
-        let mut buf = Vec::new();
-        let _ = bounded("line", self.r.read_until(b'\n', &mut buf)).await;
-        String::from_utf8_lossy(&buf)
-            .trim_end_matches(['\r', '\n'])
-            .to_string()
-    }
-    /// A whole reply; returns (code, last line).
-    async fn reply(&mut self) -> (u16, String) {
-        let first = self.line().await;
-        let code: u16 = first.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let mut last = first.clone();
-        if first.as_bytes().get(3) == Some(&b'-') {
-            let end = format!("{code} ");
-            while !last.starts_with(&end) && !last.is_empty() {
-                last = self.line().await;
-            }
-        }
-        (code, last)
-    }
-    async fn cmd(&mut self, c: &str) -> (u16, String) {
-        self.send(format!("{c}\r\n").as_bytes()).await;
-        self.reply().await
-    }
+async fn with_unftp() -> Gw {
+    gateway(Upstream::Unftp).await
 }
 
 async fn logged_in(gw: &Gw) -> Peer {
@@ -143,7 +37,7 @@ async fn logged_in(gw: &Gw) -> Peer {
 
 #[tokio::test(flavor = "current_thread")]
 async fn pipelined_transfers_each_get_a_record_or_a_4xx() {
-    let (gw, _root) = with_unftp().await;
+    let gw = with_unftp().await;
     let mut c = logged_in(&gw).await;
     // Forty transfer commands in one segment, none with a data connection:
     // the server answers each in turn, long after the gateway read them all.
@@ -191,7 +85,7 @@ async fn pipelined_transfers_each_get_a_record_or_a_4xx() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn record_carries_the_user_as_of_its_command() {
-    let (gw, _root) = with_unftp().await;
+    let gw = with_unftp().await;
     let mut c = Peer::new(TcpStream::connect(gw.addr).await.unwrap());
     assert_eq!(c.reply().await.0, 220);
     // A transfer command, and a USER right behind it before its reply: the
@@ -218,8 +112,8 @@ async fn record_carries_the_user_as_of_its_command() {
 
 /// A scripted server: the test answers each command by hand.
 async fn scripted() -> (Gw, Peer, Peer) {
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gw = gateway(upstream.local_addr().unwrap()).await;
+    let mut gw = gateway(Upstream::Scripted).await;
+    let upstream = gw.take_upstream();
     let mut c = Peer::new(TcpStream::connect(gw.addr).await.unwrap());
     let (s, _) = bounded("accept", upstream.accept()).await.unwrap();
     let mut s = Peer::new(s);
@@ -285,7 +179,7 @@ async fn user_refused_by_the_server_is_never_recorded() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn peer_text_in_the_text_log_is_escaped() {
-    let (gw, _root) = with_unftp().await;
+    let gw = with_unftp().await;
     let mut c = Peer::new(TcpStream::connect(gw.addr).await.unwrap());
     assert_eq!(c.reply().await.0, 220);
     assert_eq!(c.cmd("USER a\x1b[31m user=root").await.0, 331);
@@ -308,7 +202,7 @@ async fn peer_text_in_the_text_log_is_escaped() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn junk_flood_is_closed_at_the_refusal_limit_with_a_small_log() {
-    let (gw, _root) = with_unftp().await;
+    let gw = with_unftp().await;
     let mut c = Peer::new(TcpStream::connect(gw.addr).await.unwrap());
     assert_eq!(c.reply().await.0, 220);
     let before = gw.logs.text().len();
@@ -361,7 +255,7 @@ async fn junk_flood_is_closed_at_the_refusal_limit_with_a_small_log() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn client_sees_each_refusal_then_421() {
-    let (gw, _root) = with_unftp().await;
+    let gw = with_unftp().await;
     let mut c = Peer::new(TcpStream::connect(gw.addr).await.unwrap());
     assert_eq!(c.reply().await.0, 220);
     // Exactly as many junk lines as the limit, so none is left unread.

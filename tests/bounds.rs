@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{core_past_greeting as core, launch, LogBuf};
+use common::{core_past_greeting as core, Harness, Upstream};
 
 use ftpgate::pinhole::{DataEvent, DataOutcome, Opened};
 use ftpgate::session::{
@@ -259,15 +259,13 @@ fn read_from_client(log: &str) -> u64 {
 fn pipelined_flood_into_a_silent_server_is_pushed_back() {
     let _serial = serial();
     runtime().block_on(async {
-        let (logs, _guard) = LogBuf::capture();
         let (upstream, server_lines) = silent_server().await;
-        let yaml = format!(
-            "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n\
-             data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
-             limits:\n  idle_timeout: 2s\n\
-             rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n"
-        );
-        let run = launch(&yaml, "bounds.yaml").await;
+        let run = Harness::new(Upstream::At(upstream))
+            .file("bounds.yaml")
+            .limits("  idle_timeout: 2s\n")
+            .start()
+            .await;
+        let logs = &run.logs;
         const FLOOD: u64 = 50 << 20;
         reset_peak_rss();
         let before = status_kib("VmRSS");

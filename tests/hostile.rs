@@ -6,172 +6,36 @@
 
 mod common;
 
-use common::{launch, start_unftp, LogBuf};
+use common::{bounded, port_of_227, port_of_229, Gw, Harness, Peer, Upstream, LIMIT};
 
 use ftpgate::pinhole::Usage;
-use ftpgate::proxy::Gateway;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::oneshot;
-
-/// Every wait in this file is bounded by this; past it the test fails.
-const LIMIT: Duration = Duration::from_secs(20);
-
-async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(LIMIT, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out: {what}"),
-    }
-}
 
 // ---- the gateway -------------------------------------------------------
 
-struct Gw {
-    addr: SocketAddr,
-    gateway: Arc<Gateway>,
-    logs: LogBuf,
-    _stop: oneshot::Sender<()>,
-    _log_guard: tracing::subscriber::DefaultGuard,
-}
-
-impl Gw {
-    fn usage(&self) -> Usage {
-        self.gateway.backend.usage()
+/// Starts the gateway in front of `upstream`. `data` replaces the `data`
+/// section when not empty, `limits` are lines of a `limits` section, and
+/// `rule` extra lines of the one rule.
+async fn gateway(upstream: Upstream, data: &str, limits: &str, rule: &str) -> Gw {
+    let mut h = Harness::new(upstream)
+        .file("hostile.yaml")
+        .limits(limits)
+        .rule(rule);
+    if !data.is_empty() {
+        h = h.data_section(data);
     }
-
-    /// Waits until every plan and port is released (sessions may go on).
-    async fn wait_released(&self) {
-        let limit = tokio::time::Instant::now() + LIMIT;
-        while self.usage() != Usage::default() {
-            assert!(tokio::time::Instant::now() < limit, "{:?}", self.usage());
-            // Polls a counter that the gateway's tasks lower.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Waits until every plan and port is released and every session is
-    /// gone (plans are freed by tasks that run after the session ends).
-    async fn wait_idle(&self) {
-        let limit = tokio::time::Instant::now() + LIMIT;
-        loop {
-            let u = self.usage();
-            let open = self.gateway.limits.open();
-            if u == Usage::default() && open == 0 {
-                return;
-            }
-            if tokio::time::Instant::now() > limit {
-                panic!("still open: {u:?}, {open} sessions\n{}", self.logs.text());
-            }
-            // Polls a counter; the events that lower it are inside the
-            // gateway's tasks.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-/// Starts the gateway in front of `upstream`. `data` and `limits` are
-/// extra YAML lines under those keys; `rule` extra lines of the one rule.
-async fn gateway(upstream: SocketAddr, data: &str, limits: &str, rule: &str) -> Gw {
-    let (logs, guard) = LogBuf::capture();
-    let data = if data.is_empty() {
-        "  client_ports: 20000-29999\n  server_ports: 30000-39999\n".to_string()
-    } else {
-        data.to_string()
-    };
-    let limits = if limits.is_empty() {
-        String::new()
-    } else {
-        format!("limits:\n{limits}")
-    };
-    let yaml = format!(
-        "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n\
-         data:\n{data}{limits}\
-         rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n{rule}"
-    );
-    let run = launch(&yaml, "hostile.yaml").await;
-    Gw {
-        addr: run.addr,
-        gateway: run.gateway,
-        logs,
-        _stop: run.stop,
-        _log_guard: guard,
-    }
+    h.start().await
 }
 
 /// Gateway in front of libunftp serving a fresh directory.
-async fn with_unftp(data: &str, limits: &str, rule: &str) -> (Gw, tempfile::TempDir) {
-    let root = tempfile::tempdir().unwrap();
-    let upstream = start_unftp(root.path()).await;
-    (gateway(upstream, data, limits, rule).await, root)
+async fn with_unftp(data: &str, limits: &str, rule: &str) -> Gw {
+    gateway(Upstream::Unftp, data, limits, rule).await
 }
 
 // ---- a raw FTP peer ----------------------------------------------------
-
-/// One end of a control connection, read line by line.
-struct Peer {
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
-}
-
-impl Peer {
-    fn new(s: TcpStream) -> Self {
-        let (r, w) = s.into_split();
-        Peer {
-            r: BufReader::new(r),
-            w,
-        }
-    }
-    async fn connect(addr: SocketAddr) -> Self {
-        Peer::new(TcpStream::connect(addr).await.unwrap())
-    }
-    async fn send(&mut self, b: &[u8]) {
-        self.w.write_all(b).await.unwrap();
-    }
-    /// One line without CRLF; empty at end of stream.
-    async fn line(&mut self) -> String {
-        let mut buf = Vec::new();
-        let _ = bounded("line", self.r.read_until(b'\n', &mut buf)).await;
-        String::from_utf8_lossy(&buf)
-            .trim_end_matches(['\r', '\n'])
-            .to_string()
-    }
-    /// One line as received, CRLF included.
-    async fn raw_line(&mut self) -> Vec<u8> {
-        let mut buf = Vec::new();
-        let _ = bounded("raw line", self.r.read_until(b'\n', &mut buf)).await;
-        buf
-    }
-    /// A whole reply (multi-line included); returns (code, last line).
-    async fn reply(&mut self) -> (u16, String) {
-        let first = self.line().await;
-        let code: u16 = first.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let mut last = first.clone();
-        if first.as_bytes().get(3) == Some(&b'-') {
-            let end = format!("{code} ");
-            while !last.starts_with(&end) {
-                last = self.line().await;
-                if last.is_empty() {
-                    break;
-                }
-            }
-        }
-        (code, last)
-    }
-    async fn cmd(&mut self, c: &str) -> (u16, String) {
-        self.send(format!("{c}\r\n").as_bytes()).await;
-        self.reply().await
-    }
-    /// Reads to end of stream.
-    async fn rest(&mut self) -> String {
-        let mut out = Vec::new();
-        let _ = bounded("end of stream", self.r.read_to_end(&mut out)).await;
-        String::from_utf8_lossy(&out).into_owned()
-    }
-}
 
 /// Client logged in through the gateway to libunftp.
 async fn logged_in(gw: &Gw) -> Peer {
@@ -180,23 +44,6 @@ async fn logged_in(gw: &Gw) -> Peer {
     assert_eq!(c.cmd("USER anonymous").await.0, 331);
     assert_eq!(c.cmd("PASS x@").await.0, 230);
     c
-}
-
-fn port_of_227(text: &str) -> u16 {
-    let inner = text.split('(').nth(1).unwrap().split(')').next().unwrap();
-    let n: Vec<u16> = inner
-        .split(',')
-        .map(|x| x.trim().parse().unwrap())
-        .collect();
-    n[4] * 256 + n[5]
-}
-
-fn port_of_229(text: &str) -> u16 {
-    let inner = text.split("|||").nth(1).unwrap();
-    inner
-        .trim_end_matches(|c: char| !c.is_ascii_digit())
-        .parse()
-        .unwrap()
 }
 
 /// Asserts nothing is open while the session still runs.
@@ -208,7 +55,7 @@ fn nothing_open(gw: &Gw) {
 
 #[tokio::test(flavor = "current_thread")]
 async fn port_eprt_third_party_refused() {
-    let (gw, _root) = with_unftp("", "", "").await;
+    let gw = with_unftp("", "", "").await;
     let mut c = logged_in(&gw).await;
     for cmd in [
         "PORT 127,0,0,9,200,1",
@@ -227,7 +74,7 @@ async fn port_eprt_third_party_refused() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn port_privileged_and_outside_data_ports_refused() {
-    let (gw, _root) = with_unftp("", "", "    data_ports: 40000-40100\n").await;
+    let gw = with_unftp("", "", "    data_ports: 40000-40100\n").await;
     let mut c = logged_in(&gw).await;
     for cmd in [
         "PORT 127,0,0,1,0,22",
@@ -246,7 +93,7 @@ async fn port_privileged_and_outside_data_ports_refused() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn port_bad_octets_and_port_zero_refused() {
-    let (gw, _root) = with_unftp("", "", "").await;
+    let gw = with_unftp("", "", "").await;
     let mut c = logged_in(&gw).await;
     for cmd in [
         "PORT 127,0,0,256,200,1",
@@ -270,7 +117,7 @@ async fn port_bad_octets_and_port_zero_refused() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn command_split_at_every_byte() {
-    let (gw, _root) = with_unftp("", "", "").await;
+    let gw = with_unftp("", "", "").await;
     let mut c = logged_in(&gw).await;
     for (cmd, want) in [
         (&b"PORT 127,0,0,9,200,1\r\n"[..], 501),
@@ -295,7 +142,7 @@ async fn command_split_at_every_byte() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn pipelined_commands_in_one_segment() {
-    let (gw, _root) = with_unftp("", "", "    deny_commands: [SITE]\n").await;
+    let gw = with_unftp("", "", "    deny_commands: [SITE]\n").await;
     let mut c = logged_in(&gw).await;
     c.send(b"NOOP\r\nPORT 127,0,0,9,200,1\r\nSYST\r\nSITE X\r\nTYPE I\r\nNOOP\r\n")
         .await;
@@ -309,7 +156,7 @@ async fn pipelined_commands_in_one_segment() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn passive_reply_lines_sent_by_the_client() {
-    let (gw, _root) = with_unftp("", "", "").await;
+    let gw = with_unftp("", "", "").await;
     let mut c = logged_in(&gw).await;
     for line in [
         "227 Entering Passive Mode (127,0,0,1,200,1)",
@@ -324,7 +171,7 @@ async fn passive_reply_lines_sent_by_the_client() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn megabyte_line_without_crlf_gets_500_and_close() {
-    let (gw, _root) = with_unftp("", "", "").await;
+    let gw = with_unftp("", "", "").await;
     let mut c = Peer::connect(gw.addr).await;
     assert_eq!(c.reply().await.0, 220);
     let Peer { mut r, mut w } = c;
@@ -353,7 +200,7 @@ async fn megabyte_line_without_crlf_gets_500_and_close() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn session_flood_bounded_per_client() {
-    let (gw, _root) = with_unftp("", "  max_sessions_per_client: 3\n", "").await;
+    let gw = with_unftp("", "  max_sessions_per_client: 3\n", "").await;
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut c = Peer::connect(gw.addr).await;
@@ -368,7 +215,7 @@ async fn session_flood_bounded_per_client() {
             "{out}"
         );
     }
-    assert_eq!(gw.gateway.limits.open(), 3);
+    assert_eq!(gw.open_sessions(), 3);
     drop(held);
     gw.wait_idle().await;
     let mut c = Peer::connect(gw.addr).await;
@@ -377,7 +224,7 @@ async fn session_flood_bounded_per_client() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn slowloris_bounded_by_idle_timeout() {
-    let (gw, _root) = with_unftp("", "  idle_timeout: 1s\n", "").await;
+    let gw = with_unftp("", "  idle_timeout: 1s\n", "").await;
     let mut c = Peer::connect(gw.addr).await;
     assert_eq!(c.reply().await.0, 220);
     // Half a command, then nothing.
@@ -389,7 +236,7 @@ async fn slowloris_bounded_by_idle_timeout() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn complete_lines_keep_a_session_past_idle_timeout() {
-    let (gw, _root) = with_unftp("", "  idle_timeout: 1s\n", "").await;
+    let gw = with_unftp("", "  idle_timeout: 1s\n", "").await;
     let mut c = logged_in(&gw).await;
     let started = std::time::Instant::now();
     // A NOOP every 300 ms for 3 s: three idle timeouts long, each line
@@ -407,7 +254,7 @@ async fn complete_lines_keep_a_session_past_idle_timeout() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn trickle_of_single_bytes_is_idle_too() {
-    let (gw, _root) = with_unftp("", "  idle_timeout: 1s\n", "").await;
+    let gw = with_unftp("", "  idle_timeout: 1s\n", "").await;
     let mut c = Peer::connect(gw.addr).await;
     assert_eq!(c.reply().await.0, 220);
     let Peer {
@@ -442,7 +289,7 @@ async fn trickle_of_single_bytes_is_idle_too() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn auth_tls_refused_under_refuse() {
-    let (gw, _root) = with_unftp("", "", "").await;
+    let gw = with_unftp("", "", "").await;
     let mut c = Peer::connect(gw.addr).await;
     assert_eq!(c.reply().await.0, 220);
     assert_eq!(c.cmd("AUTH TLS").await.0, 534);
@@ -454,8 +301,8 @@ async fn auth_tls_refused_under_refuse() {
 
 /// A scripted upstream: the test plays the server by hand.
 async fn scripted(data: &str, rule: &str) -> (Gw, TcpListener) {
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gw = gateway(upstream.local_addr().unwrap(), data, "", rule).await;
+    let mut gw = gateway(Upstream::Scripted, data, "", rule).await;
+    let upstream = gw.take_upstream();
     (gw, upstream)
 }
 
@@ -636,7 +483,7 @@ async fn pinhole_wrong_host_then_reuse_then_timeout() {
         lo = p.min(q),
         hi = p.max(q)
     );
-    let (gw, _root) = with_unftp(&data, "", "").await;
+    let gw = with_unftp(&data, "", "").await;
     let mut c = logged_in(&gw).await;
     let (code, text) = c.cmd("EPSV").await;
     assert_eq!(code, 229);
@@ -714,7 +561,7 @@ async fn port_pool_exhausted_then_recovers() {
     let (lo, hi) = free_pair_below_ephemeral();
     // One client port; the server pool elsewhere.
     let data = format!("  client_ports: {lo}-{lo}\n  server_ports: {hi}-{hi}\n");
-    let (gw, _root) = with_unftp(&data, "", "").await;
+    let gw = with_unftp(&data, "", "").await;
     let mut a = logged_in(&gw).await;
     let mut b = logged_in(&gw).await;
     assert_eq!(a.cmd("EPSV").await.0, 229);
@@ -735,7 +582,7 @@ async fn port_pool_exhausted_then_recovers() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn max_sessions_reached_gets_421() {
-    let (gw, _root) = with_unftp("", "  max_sessions: 2\n  max_sessions_per_client: 2\n", "").await;
+    let gw = with_unftp("", "  max_sessions: 2\n  max_sessions_per_client: 2\n", "").await;
     let a = logged_in(&gw).await;
     let _b = logged_in(&gw).await;
     let mut c = Peer::connect(gw.addr).await;
@@ -746,7 +593,7 @@ async fn max_sessions_reached_gets_421() {
     );
     drop(a);
     let limit = tokio::time::Instant::now() + LIMIT;
-    while gw.gateway.limits.open() != 1 {
+    while gw.open_sessions() != 1 {
         assert!(tokio::time::Instant::now() < limit);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -792,8 +639,8 @@ async fn upstream_resets_mid_transfer() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn client_vanishes_mid_transfer() {
-    let (gw, root) = with_unftp("", "", "").await;
-    std::fs::write(root.path().join("big"), vec![1u8; 32 << 20]).unwrap();
+    let gw = with_unftp("", "", "").await;
+    std::fs::write(gw.root().join("big"), vec![1u8; 32 << 20]).unwrap();
     let mut c = logged_in(&gw).await;
     assert_eq!(c.cmd("TYPE I").await.0, 200);
     let (_, text) = c.cmd("EPSV").await;

@@ -4,55 +4,43 @@
 
 mod common;
 
-use common::{launch, start_unftp};
+use common::{retr_all, Gw, Harness, Upstream};
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
-use suppaftp::{FtpError, Mode, Status};
+use suppaftp::{Mode, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 
-struct Env {
-    gateway: SocketAddr,
-    upstream: SocketAddr,
-    metrics: SocketAddr,
-    root: tempfile::TempDir,
-    audit: PathBuf,
-    _stop: oneshot::Sender<()>,
-}
-
-async fn start() -> Env {
+/// The gateway in front of libunftp, with a metrics endpoint and an audit
+/// log; SITE is denied.
+async fn start() -> Gw {
     start_with("clients: [127.0.0.0/8]").await
 }
 
-async fn start_with(clients: &str) -> Env {
-    let root = tempfile::tempdir().unwrap();
-    let audit = root.path().join("audit.jsonl");
-    let upstream = start_unftp(root.path()).await;
-    let yaml = format!(
-        "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n\
-         data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
-         metrics:\n  listen: 127.0.0.1:0\n\
-         audit:\n  path: {}\n\
-         rules:\n  - name: loopback\n    {clients}\n    deny_commands: [SITE]\n",
-        audit.display()
-    );
-    let run = launch(&yaml, "ops.yaml").await;
-    let metrics = run.metrics.expect("metrics endpoint bound");
-    let gateway = run.addr;
-    Env {
-        gateway,
-        upstream,
-        metrics,
-        root,
-        audit,
-        _stop: run.stop,
-    }
+async fn start_with(clients: &str) -> Gw {
+    Harness::new(Upstream::Unftp)
+        .file("ops.yaml")
+        .metrics()
+        .audit()
+        .clients(clients)
+        .rule("    deny_commands: [SITE]\n")
+        .start()
+        .await
+}
+
+/// The gateway's metrics endpoint.
+fn metrics(env: &Gw) -> SocketAddr {
+    env.metrics.expect("metrics endpoint bound")
+}
+
+/// The gateway's audit log.
+fn audit(env: &Gw) -> &Path {
+    env.audit.as_deref().expect("audit log")
 }
 
 /// One plain HTTP/1.1 GET; returns (status line, body).
@@ -99,8 +87,8 @@ async fn scrape_until(addr: SocketAddr, want: &[(&str, f64)]) -> String {
     }
 }
 
-async fn login(env: &Env) -> (AsyncFtpStream, SocketAddr) {
-    let stream = TcpStream::connect(env.gateway).await.unwrap();
+async fn login(env: &Gw) -> (AsyncFtpStream, SocketAddr) {
+    let stream = TcpStream::connect(env.addr).await.unwrap();
     let local = stream.local_addr().unwrap();
     let mut ftp = AsyncFtpStream::connect_with_stream(stream).await.unwrap();
     ftp.set_mode(Mode::Passive);
@@ -110,32 +98,22 @@ async fn login(env: &Env) -> (AsyncFtpStream, SocketAddr) {
 }
 
 async fn download(ftp: &mut AsyncFtpStream, name: &str) -> Vec<u8> {
-    ftp.retr(name, |mut s| {
-        Box::pin(async move {
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf)
-                .await
-                .map_err(FtpError::ConnectionError)?;
-            Ok((buf, s))
-        })
-    })
-    .await
-    .unwrap()
+    retr_all(ftp, name).await.unwrap()
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn metrics_count_a_real_session() {
     let env = start().await;
-    let (status, _) = get(env.metrics, "/nope").await;
+    let (status, _) = get(metrics(&env), "/nope").await;
     assert_eq!(status, "HTTP/1.1 404 Not Found");
-    let before = scrape_until(env.metrics, &[]).await;
+    let before = scrape_until(metrics(&env), &[]).await;
     assert_eq!(
         sample(&before, "ftpgate_transfers_total{mode=\"passive/passive\"}"),
         None
     );
 
     let down = vec![7u8; 300_000];
-    std::fs::write(env.root.path().join("down.bin"), &down).unwrap();
+    std::fs::write(env.root().join("down.bin"), &down).unwrap();
     let up = vec![9u8; 123_457];
     let (mut ftp, _) = login(&env).await;
     assert_eq!(download(&mut ftp, "down.bin").await, down);
@@ -147,7 +125,7 @@ async fn metrics_count_a_real_session() {
 
     // While the control connection is open the session counts as open.
     scrape_until(
-        env.metrics,
+        metrics(&env),
         &[
             ("ftpgate_open_sessions{listener=\"test\"}", 1.0),
             ("ftpgate_transfers_total{mode=\"passive/passive\"}", 2.0),
@@ -157,7 +135,7 @@ async fn metrics_count_a_real_session() {
     ftp.quit().await.unwrap();
 
     let body = scrape_until(
-        env.metrics,
+        metrics(&env),
         &[
             ("ftpgate_sessions_total{listener=\"test\"}", 1.0),
             ("ftpgate_open_sessions{listener=\"test\"}", 0.0),
@@ -189,7 +167,7 @@ async fn metrics_count_a_real_session() {
 async fn audit_line_of_a_real_transfer() {
     let env = start().await;
     let data = vec![3u8; 65_536 + 11];
-    std::fs::write(env.root.path().join("a file.bin"), &data).unwrap();
+    std::fs::write(env.root().join("a file.bin"), &data).unwrap();
     let (mut ftp, client) = login(&env).await;
     let year = ftpgate::audit::rfc3339(std::time::SystemTime::now())[..4].to_string();
     assert_eq!(download(&mut ftp, "a file.bin").await, data);
@@ -197,7 +175,7 @@ async fn audit_line_of_a_real_transfer() {
 
     let limit = tokio::time::Instant::now() + Duration::from_secs(10);
     let text = loop {
-        let text = std::fs::read_to_string(&env.audit).unwrap_or_default();
+        let text = std::fs::read_to_string(audit(&env)).unwrap_or_default();
         if text.ends_with('\n') {
             break text;
         }
@@ -219,7 +197,7 @@ async fn audit_line_of_a_real_transfer() {
     assert_eq!(v["session"], 1);
     assert_eq!(v["listener"], "test");
     assert_eq!(v["client"], client.to_string());
-    assert_eq!(v["server"], env.upstream.to_string());
+    assert_eq!(v["server"], env.upstream_addr.to_string());
     assert_eq!(v["user"], "anonymous");
     assert_eq!(v["command"], "RETR");
     assert_eq!(v["path"], "a file.bin");
@@ -381,7 +359,7 @@ fn ready_is_sent_to_systemd() {
 async fn refused_session_is_counted_by_reason() {
     // The only rule admits a client that is not us: no rule matches.
     let env = start_with("clients: [192.0.2.1/32]").await;
-    let mut s = TcpStream::connect(env.gateway).await.unwrap();
+    let mut s = TcpStream::connect(env.addr).await.unwrap();
     let mut reply = String::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut reply))
         .await
@@ -389,7 +367,7 @@ async fn refused_session_is_counted_by_reason() {
         .unwrap();
     assert!(reply.starts_with("421 "), "{reply}");
     let body = scrape_until(
-        env.metrics,
+        metrics(&env),
         &[
             ("ftpgate_sessions_total{listener=\"test\"}", 1.0),
             ("ftpgate_open_sessions{listener=\"test\"}", 0.0),
@@ -403,7 +381,7 @@ async fn refused_session_is_counted_by_reason() {
         "{body}"
     );
     assert_eq!(
-        std::fs::read_to_string(&env.audit).unwrap(),
+        std::fs::read_to_string(audit(&env)).unwrap(),
         "",
         "no transfer, no audit line"
     );

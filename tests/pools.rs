@@ -6,147 +6,39 @@
 
 mod common;
 
-use common::{core_past_greeting as core, launch, start_unftp, LogBuf};
+use common::{
+    bounded, core_past_greeting as core, digest, port_of_227, retr_all, Gw, Harness, Peer, Upstream,
+};
 
 use ftpgate::pinhole::{Leg, Opened};
-use ftpgate::proxy::Gateway;
 use ftpgate::session::Action;
-use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
 use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
-use suppaftp::FtpError;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::oneshot;
-
-/// Every wait in this file is bounded by this; past it the test fails.
-const LIMIT: Duration = Duration::from_secs(20);
-
-async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(LIMIT, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out: {what}"),
-    }
-}
-
-struct Gw {
-    addr: SocketAddr,
-    gateway: Arc<Gateway>,
-    logs: LogBuf,
-    root: tempfile::TempDir,
-    _stop: oneshot::Sender<()>,
-    _log_guard: tracing::subscriber::DefaultGuard,
-}
-
-impl Gw {
-    /// Ports leased from both pools now.
-    fn ports(&self) -> usize {
-        self.gateway.backend.usage().ports
-    }
-
-    /// Waits until exactly `n` ports are leased; the count is lowered by
-    /// tasks inside the gateway.
-    async fn wait_ports(&self, n: usize) {
-        let limit = tokio::time::Instant::now() + LIMIT;
-        while self.ports() != n {
-            assert!(
-                tokio::time::Instant::now() < limit,
-                "{} ports leased, waited for {n}\n{}",
-                self.ports(),
-                self.logs.text()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
 
 /// The gateway in front of libunftp, with 40-port pools from `base` and
 /// `data` as extra lines of the `data` section.
 async fn gateway(base: u16, data: &str) -> Gw {
-    let (logs, guard) = LogBuf::capture();
-    let root = tempfile::tempdir().unwrap();
-    let upstream = start_unftp(root.path()).await;
-    let yaml = format!(
-        "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n\
-         data:\n  client_ports: {c_lo}-{c_hi}\n  server_ports: {s_lo}-{s_hi}\n{data}\
-         rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n",
-        c_lo = base,
-        c_hi = base + 39,
-        s_lo = base + 100,
-        s_hi = base + 139,
-    );
-    let run = launch(&yaml, "pools.yaml").await;
-    Gw {
-        addr: run.addr,
-        gateway: run.gateway,
-        logs,
-        root,
-        _stop: run.stop,
-        _log_guard: guard,
-    }
+    Harness::new(Upstream::Unftp)
+        .file("pools.yaml")
+        .pools(base..=base + 39, base + 100..=base + 139)
+        .data(data)
+        .start()
+        .await
 }
 
-/// A raw control connection, line by line.
-struct Peer {
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
-}
-
-impl Peer {
-    /// Connects from `from` (a loopback address) and logs in.
-    async fn logged_in(gw: &Gw, from: &str) -> Peer {
-        let sock = TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
-        let s = bounded("connect", sock.connect(gw.addr)).await.unwrap();
-        let (r, w) = s.into_split();
-        let mut p = Peer {
-            r: BufReader::new(r),
-            w,
-        };
-        assert_eq!(p.reply().await.0, 220);
-        assert_eq!(p.cmd("USER anonymous").await.0, 331);
-        assert_eq!(p.cmd("PASS x@").await.0, 230);
-        p
-    }
-
-    async fn send(&mut self, b: &[u8]) {
-        self.w.write_all(b).await.unwrap();
-    }
-
-    /// One reply (the last line of a multi-line one): code and text.
-    async fn reply(&mut self) -> (u16, String) {
-        loop {
-            let mut line = String::new();
-            let n = bounded("reply", self.r.read_line(&mut line)).await.unwrap();
-            assert!(n > 0, "control connection closed");
-            let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return (code, line.trim_end().to_string());
-            }
-        }
-    }
-
-    async fn cmd(&mut self, c: &str) -> (u16, String) {
-        self.send(format!("{c}\r\n").as_bytes()).await;
-        self.reply().await
-    }
-}
-
-fn port_of_227(text: &str) -> u16 {
-    let inner = text.split('(').nth(1).unwrap().split(')').next().unwrap();
-    let n: Vec<u16> = inner
-        .split(',')
-        .map(|x| x.trim().parse().unwrap())
-        .collect();
-    n[4] * 256 + n[5]
-}
-
-fn digest(b: &[u8]) -> Vec<u8> {
-    Sha256::digest(b).to_vec()
+/// Connects from `from` (a loopback address) and logs in.
+async fn logged_in(gw: &Gw, from: &str) -> Peer {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let s = bounded("connect", sock.connect(gw.addr)).await.unwrap();
+    let mut p = Peer::new(s);
+    assert_eq!(p.reply().await.0, 220);
+    assert_eq!(p.cmd("USER anonymous").await.0, 331);
+    assert_eq!(p.cmd("PASS x@").await.0, 230);
+    p
 }
 
 /// A well-behaved client (suppaftp, from 127.0.0.1) downloads a file in
@@ -155,26 +47,15 @@ async fn download_works(gw: &Gw) {
     let data: Vec<u8> = (0..256 * 1024u32)
         .map(|i| (i * 7 + i / 251) as u8)
         .collect();
-    std::fs::write(gw.root.path().join("f.bin"), &data).unwrap();
+    std::fs::write(gw.root().join("f.bin"), &data).unwrap();
     let mut ftp = bounded("connect", AsyncFtpStream::connect(gw.addr))
         .await
         .unwrap();
     ftp.login("anonymous", "x@").await.unwrap();
     ftp.transfer_type(FileType::Binary).await.unwrap();
-    let got = bounded(
-        "download",
-        ftp.retr("f.bin", |mut s| {
-            Box::pin(async move {
-                let mut buf = Vec::new();
-                s.read_to_end(&mut buf)
-                    .await
-                    .map_err(FtpError::ConnectionError)?;
-                Ok((buf, s))
-            })
-        }),
-    )
-    .await
-    .unwrap();
+    let got = bounded("download", retr_all(&mut ftp, "f.bin"))
+        .await
+        .unwrap();
     assert_eq!(digest(&got), digest(&data), "download arrived intact");
     let _ = ftp.quit().await;
 }
@@ -183,7 +64,7 @@ async fn download_works(gw: &Gw) {
 async fn pipelined_pasv_flood_holds_one_port() {
     // No share: this is about what one session holds on its own.
     let gw = gateway(24000, "  max_ports_per_client: 100%\n").await;
-    let mut hostile = Peer::logged_in(&gw, "127.0.0.2").await;
+    let mut hostile = logged_in(&gw, "127.0.0.2").await;
     hostile.send(&b"PASV\r\n".repeat(60)).await;
     let mut announced = Vec::new();
     for _ in 0..60 {
@@ -192,7 +73,7 @@ async fn pipelined_pasv_flood_holds_one_port() {
         announced.push(port_of_227(&text));
     }
     // Each 227 superseded the one before: one port of the pool is held.
-    assert_eq!(gw.ports(), 1, "{}", gw.logs.text());
+    assert_eq!(gw.usage().ports, 1, "{}", gw.logs.text());
     let last = announced[59];
     // The first pinhole is closed, not merely unannounced.
     if announced[0] != last {
@@ -228,13 +109,13 @@ async fn a_client_holds_its_share_of_the_pool_and_no_more() {
     // Four sessions from one address, each with an unused pinhole.
     let mut sessions = Vec::new();
     for _ in 0..4 {
-        let mut s = Peer::logged_in(&gw, "127.0.0.2").await;
+        let mut s = logged_in(&gw, "127.0.0.2").await;
         let (code, text) = s.cmd("PASV").await;
         assert_eq!(code, 227, "{text}");
         sessions.push(s);
     }
     // A fifth is past the share: 425 with the reason, and a refusal line.
-    let mut fifth = Peer::logged_in(&gw, "127.0.0.2").await;
+    let mut fifth = logged_in(&gw, "127.0.0.2").await;
     let (code, text) = fifth.cmd("PASV").await;
     assert_eq!(code, 425, "{text}");
     assert!(
@@ -250,11 +131,11 @@ async fn a_client_holds_its_share_of_the_pool_and_no_more() {
         line.contains("WARN") && line.contains("what=PASV") && line.contains("code=425"),
         "{line}"
     );
-    assert_eq!(gw.ports(), 4);
+    assert_eq!(gw.usage().ports, 4);
     // A session at the share can still renew its own pinhole: the old one
     // is given back before the new one is taken.
     assert_eq!(sessions[0].cmd("PASV").await.0, 227);
-    assert_eq!(gw.ports(), 4);
+    assert_eq!(gw.usage().ports, 4);
     // Another client is not affected.
     download_works(&gw).await;
     gw.wait_ports(4).await;
@@ -262,7 +143,7 @@ async fn a_client_holds_its_share_of_the_pool_and_no_more() {
     assert_eq!(sessions[0].cmd("QUIT").await.0, 221);
     gw.wait_ports(3).await;
     assert_eq!(fifth.cmd("PASV").await.0, 227);
-    assert_eq!(gw.ports(), 4);
+    assert_eq!(gw.usage().ports, 4);
 }
 
 // ---- the session core ------------------------------------------------

@@ -4,9 +4,8 @@
 
 mod common;
 
-use common::{launch, start_unftp, LogBuf};
+use common::{digest, retr_all, Gw, Harness, Upstream};
 
-use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::time::Duration;
 use suppaftp::tokio::AsyncFtpStream;
@@ -14,48 +13,29 @@ use suppaftp::types::FileType;
 use suppaftp::{FtpError, Mode, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::oneshot;
-
-struct Env {
-    gateway: SocketAddr,
-    root: tempfile::TempDir,
-    logs: LogBuf,
-    _stop: oneshot::Sender<()>,
-    _log_guard: tracing::subscriber::DefaultGuard,
-}
 
 /// Starts libunftp and ftpgate in front of it, both on 127.0.0.1: libunftp
 /// dials active-mode connections without binding, so its source address is
 /// the one the kernel picks for 127.0.0.1, and the gateway only admits the
 /// server's control-peer address on its server-side pinholes.
-async fn start(server_mode: &str, extra_data: &str) -> Env {
-    let (logs, guard) = LogBuf::capture();
-
-    let root = tempfile::tempdir().unwrap();
-    let upstream = start_unftp(root.path()).await;
+async fn start(server_mode: &str, extra_data: &str) -> Gw {
     // Each gateway in this process gets pools of its own, so a pinhole that
     // expires in one test cannot be re-bound by another test's pinhole.
     static NEXT_BLOCK: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
     let block = NEXT_BLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 20;
     let (c_lo, s_lo) = (20000 + block * 500, 30000 + block * 500);
-    let (c_hi, s_hi) = (c_lo + 499, s_lo + 499);
-    let yaml = format!(
-        "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n\
-         data:\n  client_ports: {c_lo}-{c_hi}\n  server_ports: {s_lo}-{s_hi}\n{extra_data}\
-         rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n    server_mode: {server_mode}\n    deny_commands: [SITE]\n"
-    );
-    let run = launch(&yaml, "test.yaml").await;
-    Env {
-        gateway: run.addr,
-        root,
-        logs,
-        _stop: run.stop,
-        _log_guard: guard,
-    }
+    Harness::new(Upstream::Unftp)
+        .pools(c_lo..=c_lo + 499, s_lo..=s_lo + 499)
+        .data(extra_data)
+        .rule(&format!(
+            "    server_mode: {server_mode}\n    deny_commands: [SITE]\n"
+        ))
+        .start()
+        .await
 }
 
-async fn login(env: &Env, mode: Mode) -> AsyncFtpStream {
-    let mut ftp = AsyncFtpStream::connect(env.gateway).await.unwrap();
+async fn login(env: &Gw, mode: Mode) -> AsyncFtpStream {
+    let mut ftp = AsyncFtpStream::connect(env.addr).await.unwrap();
     if mode == Mode::Active {
         ftp = ftp.active_mode(Duration::from_secs(10));
     } else {
@@ -77,10 +57,6 @@ fn payload(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
-}
-
-fn digest(b: &[u8]) -> Vec<u8> {
-    Sha256::digest(b).to_vec()
 }
 
 /// Sends a raw command and returns the reply code, whatever it is.
@@ -108,21 +84,10 @@ async fn round_trip(server_mode: &str, mode: Mode) {
     let data = payload(1 << 20, 7);
     let sent = ftp.put_file(&name, &mut data.as_slice()).await.unwrap();
     assert_eq!(sent, data.len() as u64);
-    let on_disk = std::fs::read(env.root.path().join(&name)).unwrap();
+    let on_disk = std::fs::read(env.root().join(&name)).unwrap();
     assert_eq!(digest(&on_disk), digest(&data), "upload arrived intact");
 
-    let got = ftp
-        .retr(&name, |mut s| {
-            Box::pin(async move {
-                let mut buf = Vec::new();
-                s.read_to_end(&mut buf)
-                    .await
-                    .map_err(FtpError::ConnectionError)?;
-                Ok((buf, s))
-            })
-        })
-        .await
-        .unwrap();
+    let got = retr_all(&mut ftp, &name).await.unwrap();
     assert_eq!(digest(&got), digest(&data), "download arrived intact");
 
     let list = ftp.list(None).await.unwrap();
@@ -224,7 +189,7 @@ async fn pinhole_refuses_the_wrong_peer_then_admits_the_client() {
     let sock = TcpSocket::new_v4().unwrap();
     sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
     let mut intruder = sock
-        .connect(SocketAddr::new(env.gateway.ip(), port))
+        .connect(SocketAddr::new(env.addr.ip(), port))
         .await
         .unwrap();
     let mut buf = [0u8; 16];
@@ -232,7 +197,7 @@ async fn pinhole_refuses_the_wrong_peer_then_admits_the_client() {
     assert_eq!(n, 0, "the intruder gets nothing");
     env.logs.wait_for("refused: expected 127.0.0.1").await;
     // The right peer still gets the listing through the same pinhole.
-    let mut data = TcpStream::connect(SocketAddr::new(env.gateway.ip(), port))
+    let mut data = TcpStream::connect(SocketAddr::new(env.addr.ip(), port))
         .await
         .unwrap();
     ftp.custom_command("NLST", &[Status::AboutToSend, Status::AlreadyOpen])
@@ -244,7 +209,7 @@ async fn pinhole_refuses_the_wrong_peer_then_admits_the_client() {
         .await
         .unwrap();
     // A second connection to the used pinhole is refused.
-    assert!(TcpStream::connect(SocketAddr::new(env.gateway.ip(), port))
+    assert!(TcpStream::connect(SocketAddr::new(env.addr.ip(), port))
         .await
         .is_err());
 }
@@ -256,7 +221,7 @@ async fn unused_pinhole_expires() {
     let port = pasv_port(&mut ftp).await;
     env.logs.wait_for("pinhole expired").await;
     assert!(
-        TcpStream::connect(SocketAddr::new(env.gateway.ip(), port))
+        TcpStream::connect(SocketAddr::new(env.addr.ip(), port))
             .await
             .is_err(),
         "an expired pinhole accepts nothing"
@@ -268,7 +233,7 @@ async fn unused_pinhole_expires() {
 #[tokio::test(flavor = "current_thread")]
 async fn overlong_line_gets_500_and_close() {
     let env = start("same", "").await;
-    let mut s = TcpStream::connect(env.gateway).await.unwrap();
+    let mut s = TcpStream::connect(env.addr).await.unwrap();
     let mut greet = [0u8; 256];
     let n = s.read(&mut greet).await.unwrap();
     assert!(greet[..n].starts_with(b"220"));
@@ -290,10 +255,7 @@ async fn upstream_down_gets_421() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let yaml = format!(
-        "listeners:\n  - name: t\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {dead}\nrules:\n  - name: all\n"
-    );
-    let run = launch(&yaml, "t.yaml").await;
+    let run = Harness::new(Upstream::At(dead)).start().await;
     let mut s = TcpStream::connect(run.addr).await.unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();

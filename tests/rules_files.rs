@@ -64,7 +64,7 @@ fn examples_say_what_their_comments_say() {
     assert_eq!(
         minimal.listeners[0].mode,
         ListenerMode::Reverse {
-            upstream: "127.0.0.1:21".parse().unwrap(),
+            upstream: "127.0.0.1:2100".parse().unwrap(),
             announce: None
         }
     );

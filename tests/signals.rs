@@ -4,15 +4,13 @@
 
 mod common;
 
-use common::{start_unftp, LogBuf};
+use common::{start_unftp, Binary, LogBuf};
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -24,7 +22,7 @@ async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T 
 }
 
 struct Gate {
-    child: Child,
+    bin: Binary,
     addr: SocketAddr,
     log: LogBuf,
 }
@@ -36,38 +34,22 @@ impl Gate {
 
     /// Runs with `extra` arguments after `run`'s own.
     async fn start_with(config: &Path, extra: &[&str]) -> Gate {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
-            .args(["run", "--grace", "10", "-c"])
-            .arg(config)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let log = LogBuf::with_limit(LIMIT);
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let sink = log.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(l)) = lines.next_line().await {
-                sink.append(format!("{l}\n").as_bytes());
-            }
-        });
-        let text = log.wait_for_n("listening", 1).await;
-        let line = text.lines().find(|l| l.contains("listening")).unwrap();
-        let addr = line
-            .split("addr=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line}"));
-        Gate { child, addr, log }
+        let mut args = vec![
+            "run".as_ref(),
+            "--grace".as_ref(),
+            "10".as_ref(),
+            "-c".as_ref(),
+            config.as_os_str(),
+        ];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        let bin = Binary::spawn(&args, "info", LIMIT);
+        let addr = bin.addr_of("listening").await;
+        let log = bin.log.clone();
+        Gate { bin, addr, log }
     }
 
     fn signal(&self, sig: &str) {
-        let pid = self.child.id().unwrap();
+        let pid = self.bin.pid();
         let ok = std::process::Command::new("kill")
             .args([sig, &pid.to_string()])
             .status()
@@ -180,7 +162,7 @@ async fn sigterm_stops_accepting_and_finishes_transfers() {
     assert_eq!(got, size);
     assert!(reply(&mut c).await.starts_with("226"));
     let _ = cmd(&mut c, "QUIT").await;
-    let status = bounded("exit", gate.child.wait()).await.unwrap();
+    let status = bounded("exit", gate.bin.child.wait()).await.unwrap();
     assert!(status.success(), "{status}\n{}", gate.log.text());
     let log = gate.log.text();
     assert!(!log.contains("grace period over"), "{log}");
@@ -213,7 +195,7 @@ async fn every_thread_count_serves_a_transfer() {
         );
         assert!(cmd(&mut c, "QUIT").await.starts_with("221"));
         gate.signal("-TERM");
-        let status = bounded("exit", gate.child.wait()).await.unwrap();
+        let status = bounded("exit", gate.bin.child.wait()).await.unwrap();
         assert!(
             status.success(),
             "--threads {threads}: {status}\n{}",

@@ -6,55 +6,23 @@
 
 mod common;
 
-use common::{launch, LogBuf};
+use common::{bounded, Gw, Harness, Upstream};
 
 use ftpgate::pinhole::Usage;
-use ftpgate::proxy::Gateway;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-
-/// Every wait in this file is bounded by this; past it the test fails.
-const LIMIT: Duration = Duration::from_secs(20);
-
-async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(LIMIT, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out: {what}"),
-    }
-}
-
-struct Gw {
-    addr: SocketAddr,
-    gateway: Arc<Gateway>,
-    logs: LogBuf,
-    _stop: oneshot::Sender<()>,
-    _log_guard: tracing::subscriber::DefaultGuard,
-}
 
 /// A gateway in reverse mode in front of a raw server, with DELE denied
 /// and `rule` as extra lines of the rule.
 async fn gateway_with(rule: &str) -> (Gw, TcpListener) {
-    let (logs, guard) = LogBuf::capture();
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let yaml = format!(
-        "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {}\n\
-         data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
-         rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n    deny_commands: [DELE]\n{rule}",
-        upstream.local_addr().unwrap()
-    );
-    let run = launch(&yaml, "smuggle.yaml").await;
-    let gw = Gw {
-        addr: run.addr,
-        gateway: run.gateway,
-        logs,
-        _stop: run.stop,
-        _log_guard: guard,
-    };
+    let mut gw = Harness::new(Upstream::Scripted)
+        .file("smuggle.yaml")
+        .rule("    deny_commands: [DELE]\n")
+        .rule(rule)
+        .start()
+        .await;
+    let upstream = gw.take_upstream();
     (gw, upstream)
 }
 
@@ -175,7 +143,7 @@ async fn port_behind_an_iac_passes_no_bounce_check() {
     assert_eq!(c.code().await, 501, "{:?}", c.seen);
     sync(&mut c, &mut s).await;
     assert_eq!(s.seen, b"NOOP\r\n");
-    assert_eq!(gw.gateway.backend.usage(), Usage::default());
+    assert_eq!(gw.usage(), Usage::default());
     let log = gw.logs.wait_for("(FTP bounce)").await;
     assert!(log.contains("Telnet sequence cut by the line end"), "{log}");
 }

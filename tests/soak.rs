@@ -12,18 +12,16 @@
 
 mod common;
 
-use common::start_unftp_passive;
+use common::{retr_all, start_unftp_passive, Binary};
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
 use suppaftp::Mode;
-use tokio::io::AsyncReadExt;
 
 fn open_fds(pid: u32) -> usize {
     fd_targets(pid).len()
@@ -54,71 +52,6 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-/// The gateway process; killed when dropped, so a failed test leaves none.
-struct Gateway {
-    child: Child,
-    listen: SocketAddr,
-    metrics: SocketAddr,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `addr=...` of the first log line containing `what`.
-fn addr_in(line: &str, what: &str) -> Option<SocketAddr> {
-    if !line.contains(what) {
-        return None;
-    }
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("addr="))
-        .and_then(|a| a.parse().ok())
-}
-
-/// Starts `ftpgate run` on `config`; returns once it logged both its
-/// listener's and its metrics endpoint's addresses. Its log is drained (and
-/// kept in `log_path`) for the rest of the run.
-fn start_gateway(config: &std::path::Path, log_path: std::path::PathBuf) -> Gateway {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn,ftpgate::proxy=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ftpgate starts");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut log = std::fs::File::create(log_path).unwrap();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = writeln!(log, "{line}");
-            let _ = tx.send(line);
-        }
-    });
-    let (mut listen, mut metrics) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while listen.is_none() || metrics.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("ftpgate did not log its addresses"));
-        listen = listen.or(addr_in(&line, " listening listener="));
-        metrics = metrics.or(addr_in(&line, "metrics endpoint listening"));
-    }
-    // Keep draining so the pipe never fills and blocks the gateway.
-    std::thread::spawn(move || while rx.recv().is_ok() {});
-    Gateway {
-        child,
-        listen: listen.unwrap(),
-        metrics: metrics.unwrap(),
-    }
 }
 
 /// Sum of a metric's samples over all label sets, from `/metrics`.
@@ -172,18 +105,7 @@ async fn client(gw: SocketAddr, n: u64, until: Instant, errors: Arc<AtomicU64>) 
             ftp.put_file(&name, &mut data.as_slice())
                 .await
                 .map_err(|e| e.to_string())?;
-            let got = ftp
-                .retr(&name, |mut s| {
-                    Box::pin(async move {
-                        let mut buf = Vec::new();
-                        s.read_to_end(&mut buf)
-                            .await
-                            .map_err(suppaftp::FtpError::ConnectionError)?;
-                        Ok((buf, s))
-                    })
-                })
-                .await
-                .map_err(|e| e.to_string())?;
+            let got = retr_all(&mut ftp, &name).await.map_err(|e| e.to_string())?;
             if got != data {
                 return Err(format!("{name}: content differs"));
             }
@@ -233,8 +155,13 @@ async fn soak_mixed_sessions() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("soak.yaml");
     std::fs::write(&config, yaml).unwrap();
-    let gw = start_gateway(&config, dir.path().join("ftpgate.log"));
-    let pid = gw.child.id();
+    // The gateway's fds and RSS are measured apart from this process's.
+    let args = ["run".as_ref(), "--config".as_ref(), config.as_os_str()];
+    let gw = Binary::spawn(&args, "warn,ftpgate::proxy=info", Duration::from_secs(20));
+    let listen = gw.addr_of(" listening listener=").await;
+    let metrics = gw.addr_of("metrics endpoint listening").await;
+    gw.forget_log();
+    let pid = gw.pid();
 
     let (fds_at_start, rss0) = (fd_targets(pid), rss_kib(pid));
     let fd0 = fds_at_start.len();
@@ -243,7 +170,7 @@ async fn soak_mixed_sessions() {
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for n in 0..clients {
-        tasks.push(tokio::spawn(client(gw.listen, n, until, errors.clone())));
+        tasks.push(tokio::spawn(client(listen, n, until, errors.clone())));
     }
     // RSS over time, to tell a warm-up step from steady growth.
     let sampler = tokio::spawn(async move {
@@ -261,7 +188,6 @@ async fn soak_mixed_sessions() {
     }
     let samples = sampler.await.unwrap();
     // Sessions that left without QUIT end when the gateway sees the close.
-    let metrics = gw.metrics;
     let limit = Instant::now() + Duration::from_secs(30);
     loop {
         let (sessions, pinholes) = tokio::task::spawn_blocking(move || {

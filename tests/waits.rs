@@ -8,160 +8,56 @@
 
 mod common;
 
-use common::{launch, LogBuf};
+use common::{bounded, digest, port_of_227, Gw, Harness, Peer, Upstream, LIMIT};
 
-use ftpgate::pinhole::Usage;
-use ftpgate::proxy::Gateway;
-use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::oneshot;
 
 /// The gateway's `idle_timeout` in every test here.
 const IDLE: Duration = Duration::from_secs(1);
 /// Room for scheduling and buffers filling, on top of `IDLE`, when a case
 /// must end "after about idle_timeout".
 const SLACK: Duration = Duration::from_secs(4);
-/// Every wait in this file is bounded by this; past it the test fails.
-const LIMIT: Duration = Duration::from_secs(20);
-
-async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(LIMIT, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out: {what}"),
-    }
-}
-
 // ---- the gateway and a scripted server ------------------------------------
 
-struct Gw {
-    addr: SocketAddr,
-    upstream: TcpListener,
-    gateway: Arc<Gateway>,
-    logs: LogBuf,
-    _stop: oneshot::Sender<()>,
-    _log_guard: tracing::subscriber::DefaultGuard,
+/// A gateway with `idle_timeout: 1s` in front of a listener the test plays
+/// the server on; `rule` is extra lines of the one rule.
+async fn start(rule: &str) -> Gw {
+    Harness::new(Upstream::Scripted)
+        .file("waits.yaml")
+        .limits("  idle_timeout: 1s\n")
+        .rule(rule)
+        .start()
+        .await
 }
 
-impl Gw {
-    /// A gateway with `idle_timeout: 1s` in front of a listener the test
-    /// plays the server on; `rule` is extra lines of the one rule.
-    async fn start(rule: &str) -> Gw {
-        let (logs, guard) = LogBuf::capture();
-        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let yaml = format!(
-            "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {}\n\
-             data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
-             limits:\n  idle_timeout: 1s\n\
-             rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n{rule}",
-            upstream.local_addr().unwrap()
-        );
-        let run = launch(&yaml, "waits.yaml").await;
-        Gw {
-            addr: run.addr,
-            upstream,
-            gateway: run.gateway,
-            logs,
-            _stop: run.stop,
-            _log_guard: guard,
-        }
-    }
-
-    /// Client connects (through `sock`, or a default socket); the script
-    /// accepts and greets. Returns (client, server).
-    async fn pair_from(&self, sock: TcpSocket) -> (Peer, Peer) {
-        let c = bounded("connect", sock.connect(self.addr)).await.unwrap();
-        let mut c = Peer::new(c);
-        let (s, _) = bounded("upstream accept", self.upstream.accept())
-            .await
-            .unwrap();
-        let mut s = Peer::new(s);
-        s.send(b"220 scripted\r\n").await;
-        assert_eq!(c.reply().await.0, 220);
-        (c, s)
-    }
-
-    async fn pair(&self) -> (Peer, Peer) {
-        self.pair_from(TcpSocket::new_v4().unwrap()).await
-    }
-
-    /// Waits for the session's end line and returns it.
-    async fn end_line(&self) -> String {
-        let log = self.logs.wait_for("session end").await;
-        log.lines()
-            .find(|l| l.contains("session end"))
-            .unwrap()
-            .to_string()
-    }
-
-    /// Waits until every plan, port and session is released.
-    async fn wait_idle(&self) {
-        let limit = tokio::time::Instant::now() + LIMIT;
-        loop {
-            let u = self.gateway.backend.usage();
-            let open = self.gateway.limits.open();
-            if u == Usage::default() && open == 0 {
-                return;
-            }
-            if tokio::time::Instant::now() > limit {
-                panic!("still open: {u:?}, {open} sessions\n{}", self.logs.text());
-            }
-            // Polls counters that the gateway's tasks lower.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+/// Client connects (through `sock`, or a default socket); the script
+/// accepts and greets. Returns (client, server).
+async fn pair_from(gw: &Gw, sock: TcpSocket) -> (Peer, Peer) {
+    let c = bounded("connect", sock.connect(gw.addr)).await.unwrap();
+    let mut c = Peer::new(c);
+    let (s, _) = bounded("upstream accept", gw.upstream().accept())
+        .await
+        .unwrap();
+    let mut s = Peer::new(s);
+    s.send(b"220 scripted\r\n").await;
+    assert_eq!(c.reply().await.0, 220);
+    (c, s)
 }
 
-/// One end of a control connection, read line by line.
-struct Peer {
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
+async fn pair(gw: &Gw) -> (Peer, Peer) {
+    pair_from(gw, TcpSocket::new_v4().unwrap()).await
 }
 
-impl Peer {
-    fn new(s: TcpStream) -> Self {
-        let (r, w) = s.into_split();
-        Peer {
-            r: BufReader::new(r),
-            w,
-        }
-    }
-    async fn send(&mut self, b: &[u8]) {
-        self.w.write_all(b).await.unwrap();
-    }
-    /// One line without CRLF; empty at end of stream.
-    async fn line(&mut self) -> String {
-        let mut buf = Vec::new();
-        let _ = bounded("line", self.r.read_until(b'\n', &mut buf)).await;
-        String::from_utf8_lossy(&buf)
-            .trim_end_matches(['\r', '\n'])
-            .to_string()
-    }
-    /// A one-line reply: (code, text).
-    async fn reply(&mut self) -> (u16, String) {
-        let line = self.line().await;
-        let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-        (code, line)
-    }
-    /// Reads to end of stream (or a reset).
-    async fn rest(&mut self) -> String {
-        let mut out = Vec::new();
-        let _ = bounded("end of stream", self.r.read_to_end(&mut out)).await;
-        String::from_utf8_lossy(&out).into_owned()
-    }
-}
-
-fn port_of_227(text: &str) -> u16 {
-    let inner = text.split('(').nth(1).unwrap().split(')').next().unwrap();
-    let n: Vec<u16> = inner
-        .split(',')
-        .map(|x| x.trim().parse().unwrap())
-        .collect();
-    n[4] * 256 + n[5]
+/// Waits for the session's end line and returns it.
+async fn end_line(gw: &Gw) -> String {
+    let log = gw.logs.wait_for("session end").await;
+    log.lines()
+        .find(|l| l.contains("session end"))
+        .unwrap()
+        .to_string()
 }
 
 /// The client asks for PASV; the script answers with a data listener of its
@@ -212,10 +108,6 @@ fn sockets(gw: u16, listen: u16, up: u16) -> usize {
         .count()
 }
 
-fn digest(b: &[u8]) -> Vec<u8> {
-    Sha256::digest(b).to_vec()
-}
-
 // ---- a control peer that never reads ---------------------------------------
 
 /// The server floods the client with one endless multi-line reply while the
@@ -224,17 +116,17 @@ fn digest(b: &[u8]) -> Vec<u8> {
 /// and its sockets.
 #[tokio::test(flavor = "current_thread")]
 async fn client_that_never_reads_is_cut_off() {
-    let gw = Gw::start("").await;
+    let gw = start("").await;
     let gw_port = gw.addr.port();
-    let up_port = gw.upstream.local_addr().unwrap().port();
+    let up_port = gw.upstream_addr.port();
     // A small receive window, so the flood backs up into the gateway early.
     let sock = TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     // The gateway's listening socket.
     let before = sockets(gw_port, 0, up_port);
-    let (mut c, mut s) = gw.pair_from(sock).await;
+    let (mut c, mut s) = pair_from(&gw, sock).await;
     let (data_port, data) = pasv(&mut c, &mut s).await;
-    assert_eq!(gw.gateway.backend.usage().plans, 1, "a pinhole is held");
+    assert_eq!(gw.usage().plans, 1, "a pinhole is held");
     // Client side, server side, pinhole.
     assert_eq!(sockets(gw_port, data_port, up_port), before + 3);
 
@@ -257,7 +149,7 @@ async fn client_that_never_reads_is_cut_off() {
         }
         sent
     });
-    let end = gw.end_line().await;
+    let end = end_line(&gw).await;
     let took = asked.elapsed();
     println!("client that never reads: session ended {took:?} after the flood began");
     assert!(end.contains("write to client timed out"), "{end}");
@@ -284,8 +176,8 @@ async fn client_that_never_reads_is_cut_off() {
 /// The client is pushed back and the session ends within idle_timeout.
 #[tokio::test(flavor = "current_thread")]
 async fn server_that_never_reads_is_cut_off() {
-    let gw = Gw::start("").await;
-    let (c, _s) = gw.pair().await;
+    let gw = start("").await;
+    let (c, _s) = pair(&gw).await;
     let Peer {
         r: mut cr,
         w: mut cw,
@@ -301,7 +193,7 @@ async fn server_that_never_reads_is_cut_off() {
         }
         sent
     });
-    let end = gw.end_line().await;
+    let end = end_line(&gw).await;
     let took = began.elapsed();
     // Either wait bounds it: the write toward the server times out, or the
     // bound on pending commands stops reading the client first and the
@@ -322,7 +214,7 @@ async fn server_that_never_reads_is_cut_off() {
 
 /// AUTH TLS under passthrough, answered 234 by the script.
 async fn passthrough(gw: &Gw) -> (Peer, Peer) {
-    let (mut c, mut s) = gw.pair().await;
+    let (mut c, mut s) = pair(gw).await;
     c.send(b"AUTH TLS\r\n").await;
     assert_eq!(s.line().await, "AUTH TLS");
     s.send(b"234 go ahead\r\n").await;
@@ -333,7 +225,7 @@ async fn passthrough(gw: &Gw) -> (Peer, Peer) {
 
 #[tokio::test(flavor = "current_thread")]
 async fn quiet_passthrough_ends_after_idle_timeout() {
-    let gw = Gw::start("    tls: passthrough\n").await;
+    let gw = start("    tls: passthrough\n").await;
     let (mut c, mut s) = passthrough(&gw).await;
     let quiet = Instant::now();
     c.rest().await;
@@ -344,14 +236,14 @@ async fn quiet_passthrough_ends_after_idle_timeout() {
         "ended {took:?} after the last byte"
     );
     s.rest().await;
-    let end = gw.end_line().await;
+    let end = end_line(&gw).await;
     assert!(end.contains("TLS passthrough idle for 1s"), "{end}");
     gw.wait_idle().await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn passthrough_trading_bytes_outlives_idle_timeout() {
-    let gw = Gw::start("    tls: passthrough\n").await;
+    let gw = start("    tls: passthrough\n").await;
     let (mut c, mut s) = passthrough(&gw).await;
     // Records every 200 ms, for three idle timeouts: first only from the
     // client, then only from the server, so either direction alone counts.
@@ -384,7 +276,7 @@ async fn passthrough_trading_bytes_outlives_idle_timeout() {
     // Both close: the usual end.
     drop(c.w);
     drop(s.w);
-    let end = gw.end_line().await;
+    let end = end_line(&gw).await;
     assert!(end.contains("reason=TLS passthrough ended"), "{end}");
     gw.wait_idle().await;
 }
@@ -393,7 +285,7 @@ async fn passthrough_trading_bytes_outlives_idle_timeout() {
 /// while the other direction keeps moving.
 #[tokio::test(flavor = "current_thread")]
 async fn passthrough_client_that_never_reads_is_cut_off() {
-    let gw = Gw::start("    tls: passthrough\n").await;
+    let gw = start("    tls: passthrough\n").await;
     let (c, s) = passthrough(&gw).await;
     let Peer {
         r: mut sr,
@@ -425,7 +317,7 @@ async fn passthrough_client_that_never_reads_is_cut_off() {
             }
         }
     });
-    let end = gw.end_line().await;
+    let end = end_line(&gw).await;
     assert!(end.contains("write to client timed out"), "{end}");
     let sent = bounded("flood stops", flood).await.unwrap();
     assert!(sent < 256 << 20);
@@ -454,8 +346,8 @@ async fn retr(c: &mut Peer, s: &mut Peer, port: u16, data: &TcpListener) -> (Tcp
 /// client gets 226 and the session goes on.
 #[tokio::test(flavor = "current_thread")]
 async fn transfer_longer_than_idle_timeout_completes() {
-    let gw = Gw::start("").await;
-    let (mut c, mut s) = gw.pair().await;
+    let gw = start("").await;
+    let (mut c, mut s) = pair(&gw).await;
     let (port, data) = pasv(&mut c, &mut s).await;
     let (mut cd, mut sd) = retr(&mut c, &mut s, port, &data).await;
     let file: Vec<u8> = (0..30 * 16 * 1024u32)
@@ -507,8 +399,8 @@ async fn transfer_longer_than_idle_timeout_completes() {
 /// the data connection with it.
 #[tokio::test(flavor = "current_thread")]
 async fn stalled_transfer_ends_after_idle_timeout() {
-    let gw = Gw::start("").await;
-    let (mut c, mut s) = gw.pair().await;
+    let gw = start("").await;
+    let (mut c, mut s) = pair(&gw).await;
     let (port, data) = pasv(&mut c, &mut s).await;
     let (mut cd, _sd) = retr(&mut c, &mut s, port, &data).await;
     let stalled = Instant::now();
@@ -523,7 +415,7 @@ async fn stalled_transfer_ends_after_idle_timeout() {
     let mut rest = Vec::new();
     let _ = bounded("data connection closed", cd.read_to_end(&mut rest)).await;
     assert!(rest.is_empty());
-    let end = gw.end_line().await;
+    let end = end_line(&gw).await;
     assert!(end.contains("reason=idle timeout"), "{end}");
     gw.wait_idle().await;
 }
@@ -533,8 +425,8 @@ async fn stalled_transfer_ends_after_idle_timeout() {
 /// idle_timeout, closing the data connection and releasing its ports.
 #[tokio::test(flavor = "current_thread")]
 async fn data_peer_that_never_reads_is_cut_off() {
-    let gw = Gw::start("").await;
-    let (mut c, mut s) = gw.pair().await;
+    let gw = start("").await;
+    let (mut c, mut s) = pair(&gw).await;
     let (port, data) = pasv(&mut c, &mut s).await;
     let sock = TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
@@ -565,7 +457,7 @@ async fn data_peer_that_never_reads_is_cut_off() {
     assert_eq!(code, 421, "{text}");
     let sent = bounded("flood stops", flood).await.unwrap();
     assert!(sent < 256 << 20, "the relay kept reading the flood");
-    let end = gw.end_line().await;
+    let end = end_line(&gw).await;
     assert!(end.contains("reason=idle timeout"), "{end}");
     drop(cd);
     gw.wait_idle().await;
@@ -579,16 +471,12 @@ async fn slow_upload_through_libunftp_completes() {
     use suppaftp::tokio::AsyncFtpStream;
     use suppaftp::types::FileType;
 
-    let (logs, _guard) = LogBuf::capture();
-    let root = tempfile::tempdir().unwrap();
-    let upstream = common::start_unftp(root.path()).await;
-    let yaml = format!(
-        "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n\
-         data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
-         limits:\n  idle_timeout: 1s\n\
-         rules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n"
-    );
-    let run = launch(&yaml, "waits.yaml").await;
+    let run = Harness::new(Upstream::Unftp)
+        .file("waits.yaml")
+        .limits("  idle_timeout: 1s\n")
+        .start()
+        .await;
+    let logs = &run.logs;
     let file: Vec<u8> = (0..60u32 << 16).map(|i| (i ^ (i >> 13)) as u8).collect();
     let mut ftp = AsyncFtpStream::connect(run.addr).await.unwrap();
     ftp.login("anonymous", "test@").await.unwrap();
@@ -610,7 +498,7 @@ async fn slow_upload_through_libunftp_completes() {
         panic!("NOOP after the upload: {e}\n{}", logs.text());
     }
     assert!(took > 2 * IDLE, "the upload took only {took:?}");
-    let on_disk = std::fs::read(root.path().join("slow.bin")).unwrap();
+    let on_disk = std::fs::read(run.root().join("slow.bin")).unwrap();
     assert_eq!(digest(&on_disk), digest(&file), "upload arrived intact");
     let log = logs.wait_for("command=STOR").await;
     let line = log.lines().find(|l| l.contains("command=STOR")).unwrap();

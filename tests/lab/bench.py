@@ -21,26 +21,22 @@ See tests/lab/README.md ("Benchmark") for what each figure means.
 """
 
 import argparse
-import atexit
 import hashlib
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.dont_write_bytecode = True
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import lab as labmain  # noqa: E402
+import prologue  # noqa: E402
 import servers  # noqa: E402
 import targets  # noqa: E402
-import topology  # noqa: E402
 from topology import FW_TABLE, host_addr  # noqa: E402
 
 TESTS = ("throughput", "rate", "latency")
@@ -172,20 +168,13 @@ def servers_needed(args):
 
 
 def missing_prerequisites(args):
-    missing = []
-    if os.geteuid() != 0:
-        missing.append("root")
-    for tool in ("ip", "nft", "ss", "curl"):
-        if not shutil.which(tool):
-            missing.append(tool)
+    missing = prologue.missing_basics(("ip", "nft", "ss", "curl"))
     bins = servers.binaries()
     for name in servers_needed(args):
         if not os.access(bins[name], os.X_OK):
             missing.append(f"{name} ({bins[name]})")
     missing += targets.missing_prerequisites(args.targets)
-    if any(t.startswith("ftpgate") for t in args.targets) and not (
-        args.ftpgate_bin and os.access(args.ftpgate_bin, os.X_OK)
-    ):
+    if any(t.startswith("ftpgate") for t in args.targets) and not prologue.has_binary(args.ftpgate_bin):
         missing.append("ftpgate binary (FTPGATE_BIN or --ftpgate-bin)")
     if not os.path.isdir(args.tmpfs):
         missing.append(f"tmpfs directory {args.tmpfs}")
@@ -526,25 +515,10 @@ def git_commit():
 
 def main(argv):
     args = parse_args(argv)
-    missing = missing_prerequisites(args)
-    if args.check or missing:
-        if missing:
-            print(f"bench: missing prerequisites: {', '.join(missing)}")
-            return 2
-        print("bench: prerequisites present")
-        return 0
-
-    teardown = labmain.Teardown()
-    atexit.register(teardown)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, labmain.on_signal(teardown))
-
-    workdir = tempfile.mkdtemp(prefix="ftpgate-bench-", dir=args.tmpfs)
-    os.chmod(workdir, 0o755)
-    if not args.keep:
-        teardown.actions.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
-    lab = topology.Lab()
-    teardown.actions.append(lab.down)
+    code = prologue.verdict("bench", missing_prerequisites(args), args.check)
+    if code is not None:
+        return code
+    teardown, workdir, lab = prologue.start("bench", keep=args.keep, tmp_dir=args.tmpfs)
     rec = Recorder(args.targets)
     started = time.monotonic()
     try:

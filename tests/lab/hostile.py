@@ -19,24 +19,20 @@ Run as root: tests/lab/hostile.py --ftpgate-bin target/debug/ftpgate
 """
 
 import argparse
-import atexit
 import ctypes
 import os
 import re
-import shutil
-import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import prologue  # noqa: E402
 import targets  # noqa: E402
 import topology  # noqa: E402
-from lab import Teardown, on_signal  # noqa: E402
 from topology import FW_TABLE, PUBLIC_V4, host_addr  # noqa: E402
 
 CTL_PORT = 2121  # one of the lab's control ports: the kernel helper and the DNAT apply
@@ -890,28 +886,14 @@ def main(argv):
     args = p.parse_args(argv)
     args.ipv6 = False
     names = [t for t in args.targets.split(",") if t]
-    missing = []
-    if os.geteuid() != 0:
-        missing.append("root")
-    for tool in ("ip", "nft", "ss"):
-        if not shutil.which(tool):
-            missing.append(tool)
-    if "ftpgate" in names and not (args.ftpgate_bin and os.access(args.ftpgate_bin, os.X_OK)):
+    missing = prologue.missing_basics()
+    if "ftpgate" in names and not prologue.has_binary(args.ftpgate_bin):
         missing.append("ftpgate binary (FTPGATE_BIN)")
-    if args.check or missing:
-        print(f"hostile: missing prerequisites: {', '.join(missing)}" if missing else "hostile: prerequisites present")
-        return 2 if missing else 0
-    if args.ftpgate_bin:
-        args.ftpgate_bin = os.path.abspath(args.ftpgate_bin)
-
-    teardown = Teardown()
-    atexit.register(teardown)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal(teardown))
-    workdir = tempfile.mkdtemp(prefix="ftpgate-hostile-")
-    teardown.actions.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
-    lab = topology.Lab()
-    teardown.actions.append(lab.down)
+    code = prologue.verdict("hostile", missing, args.check)
+    if code is not None:
+        return code
+    prologue.absolute_bin(args)
+    teardown, workdir, lab = prologue.start("hostile")
     only = [c for c in args.cases.split(",") if c]
     results = {}
     try:

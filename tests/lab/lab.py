@@ -6,19 +6,16 @@ Run as root. See tests/lab/README.md for the topology and the commands.
 """
 
 import argparse
-import atexit
 import concurrent.futures
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import threading
 
 sys.dont_write_bytecode = True  # keep the source tree clean when run from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import clients  # noqa: E402
+import prologue  # noqa: E402
 import servers  # noqa: E402
 import targets  # noqa: E402
 import topology  # noqa: E402
@@ -55,44 +52,12 @@ def parse_args(argv):
 
 
 def missing_prerequisites(args):
-    missing = []
-    if os.geteuid() != 0:
-        missing.append("root")
-    for tool in ("ip", "nft", "ss", "curl", "lftp"):
-        if not shutil.which(tool):
-            missing.append(tool)
+    missing = prologue.missing_basics(("ip", "nft", "ss", "curl", "lftp"))
     missing += servers.missing_prerequisites()
     missing += targets.missing_prerequisites(args.targets)
-    if "ftpgate" in args.targets and not (args.ftpgate_bin and os.access(args.ftpgate_bin, os.X_OK)):
+    if "ftpgate" in args.targets and not prologue.has_binary(args.ftpgate_bin):
         missing.append("ftpgate binary (FTPGATE_BIN)")
     return missing
-
-
-class Teardown:
-    """Runs once, whichever of finally, atexit or a signal gets there first."""
-
-    def __init__(self):
-        self.actions = []
-        self.done = False
-
-    def __call__(self, *_):
-        if self.done:
-            return
-        self.done = True
-        for action in reversed(self.actions):
-            try:
-                action()
-            except Exception as exc:  # keep tearing down the rest
-                print(f"lab: teardown: {exc}", file=sys.stderr)
-
-
-def on_signal(teardown):
-    def handler(signum, _frame):
-        teardown()
-        print(f"lab: interrupted by signal {signum}", file=sys.stderr)
-        os._exit(128 + signum)
-
-    return handler
 
 
 def cases_for(args, target):
@@ -166,27 +131,11 @@ def main(argv):
         removed = topology.cleanup_stale(all_runs=args.cleanup_all)
         print(f"lab: removed {len(removed)} namespaces" + (f": {' '.join(removed)}" if removed else ""))
         return 0
-    missing = missing_prerequisites(args)
-    if args.check or missing:
-        if missing:
-            print(f"lab: missing prerequisites: {', '.join(missing)}")
-            return 2
-        print("lab: prerequisites present")
-        return 0
-    if args.ftpgate_bin:
-        args.ftpgate_bin = os.path.abspath(args.ftpgate_bin)
-
-    teardown = Teardown()
-    atexit.register(teardown)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal(teardown))
-
-    workdir = tempfile.mkdtemp(prefix="ftpgate-lab-")
-    os.chmod(workdir, 0o755)  # server processes run as ftp/nobody and need to enter it
-    if not args.keep:
-        teardown.actions.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
-    lab = topology.Lab()
-    teardown.actions.append(lab.down)
+    code = prologue.verdict("lab", missing_prerequisites(args), args.check)
+    if code is not None:
+        return code
+    prologue.absolute_bin(args)
+    teardown, workdir, lab = prologue.start("lab", keep=args.keep)
     summaries = []
     gating_failed = 0
     try:

@@ -31,27 +31,23 @@ Run as root: tests/lab/pinholes.py --ftpgate-bin target/debug/ftpgate [--backend
 """
 
 import argparse
-import atexit
 import contextlib
 import ctypes
 import hashlib
 import json
 import os
 import re
-import shutil
-import signal
 import socket
 import sys
-import tempfile
 import time
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import prologue  # noqa: E402
 import servers  # noqa: E402
 import targets  # noqa: E402
 import topology  # noqa: E402
-from lab import Teardown, on_signal  # noqa: E402
 
 SERVER = "vsftpd"
 PINHOLE_TIMEOUT = 4  # seconds, written into the run's rule file
@@ -440,15 +436,10 @@ def parse_args(argv):
 
 
 def missing_prerequisites(args):
-    missing = []
-    if os.geteuid() != 0:
-        missing.append("root")
-    for tool in ("ip", "nft", "ss"):
-        if not shutil.which(tool):
-            missing.append(tool)
+    missing = prologue.missing_basics()
     if not os.access(servers.binaries()[SERVER], os.X_OK):
         missing.append(SERVER)
-    if not (args.ftpgate_bin and os.access(args.ftpgate_bin, os.X_OK)):
+    if not prologue.has_binary(args.ftpgate_bin):
         missing.append("ftpgate binary (FTPGATE_BIN)")
     return missing
 
@@ -459,23 +450,11 @@ class PinholeTarget(targets.FtpgateTarget):
 
 def main(argv):
     args = parse_args(argv)
-    missing = missing_prerequisites(args)
-    if args.check or missing:
-        if missing:
-            print(f"pinholes: missing prerequisites: {', '.join(missing)}")
-            return 2
-        print("pinholes: prerequisites present")
-        return 0
-    args.ftpgate_bin = os.path.abspath(args.ftpgate_bin)
-    teardown = Teardown()
-    atexit.register(teardown)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal(teardown))
-    workdir = tempfile.mkdtemp(prefix="ftpgate-pinholes-")
-    os.chmod(workdir, 0o755)
-    teardown.actions.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
-    lab = topology.Lab()
-    teardown.actions.append(lab.down)
+    code = prologue.verdict("pinholes", missing_prerequisites(args), args.check)
+    if code is not None:
+        return code
+    prologue.absolute_bin(args)
+    teardown, workdir, lab = prologue.start("pinholes")
     results = []
     try:
         lab.up()

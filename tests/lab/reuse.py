@@ -25,22 +25,18 @@ Run as root: tests/lab/reuse.py --ftpgate-bin target/debug/ftpgate
 """
 
 import argparse
-import atexit
 import os
-import shutil
-import signal
 import socket
 import sys
-import tempfile
 import time
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import prologue  # noqa: E402
 import servers  # noqa: E402
 import targets  # noqa: E402
 import topology  # noqa: E402
-from lab import Teardown, on_signal  # noqa: E402
 from pinholes import (  # noqa: E402
     REPLY_WAIT, Control, conntrack_source, in_netns, kernel_active_endpoint, read_all, transfer_bytes,
 )
@@ -137,38 +133,21 @@ def parse_args(argv):
 
 
 def missing_prerequisites(args):
-    missing = []
-    if os.geteuid() != 0:
-        missing.append("root")
-    for tool in ("ip", "nft", "ss"):
-        if not shutil.which(tool):
-            missing.append(tool)
+    missing = prologue.missing_basics()
     if not os.access(servers.binaries()["vsftpd"], os.X_OK):
         missing.append("vsftpd")
-    if not (args.ftpgate_bin and os.access(args.ftpgate_bin, os.X_OK)):
+    if not prologue.has_binary(args.ftpgate_bin):
         missing.append("ftpgate binary (FTPGATE_BIN)")
     return missing
 
 
 def main(argv):
     args = parse_args(argv)
-    missing = missing_prerequisites(args)
-    if args.check or missing:
-        if missing:
-            print(f"reuse: missing prerequisites: {', '.join(missing)}")
-            return 2
-        print("reuse: prerequisites present")
-        return 0
-    args.ftpgate_bin = os.path.abspath(args.ftpgate_bin)
-    teardown = Teardown()
-    atexit.register(teardown)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal(teardown))
-    workdir = tempfile.mkdtemp(prefix="ftpgate-reuse-")
-    os.chmod(workdir, 0o755)
-    teardown.actions.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
-    lab = topology.Lab()
-    teardown.actions.append(lab.down)
+    code = prologue.verdict("reuse", missing_prerequisites(args), args.check)
+    if code is not None:
+        return code
+    prologue.absolute_bin(args)
+    teardown, workdir, lab = prologue.start("reuse")
     on_time = total = 0
     sources = set()
     wrapped = restarted = 0
