@@ -5,14 +5,9 @@
 //! closes whatever is still open (listeners, relays, nftables elements), so a
 //! session that ends cannot leak a pinhole.
 
-pub mod ctnetlink;
 pub mod kernel;
-pub mod nft;
-pub mod nftnl;
 pub mod pool;
 pub mod relay;
-#[cfg(target_os = "linux")]
-mod splice;
 
 pub use pool::{PortLease, PortPool};
 

@@ -215,7 +215,7 @@ pub struct Launched {
     /// Each listener with its bound socket.
     pub listeners: Vec<(Listener, TcpListener)>,
     /// The gateway's own nftables table, if the configuration needs one.
-    pub table: Option<Arc<crate::pinhole::nft::InterceptTable>>,
+    pub table: Option<Arc<crate::netfilter::InterceptTable>>,
     /// Where the metrics endpoint listens, when configured (its task runs
     /// until the runtime stops).
     pub metrics_addr: Option<SocketAddr>,
@@ -226,7 +226,8 @@ impl Launched {
     /// nothing, when any part cannot be set up: a half-working gateway is
     /// worse than none.
     pub async fn new(config: Arc<Config>) -> anyhow::Result<Self> {
-        use crate::pinhole::{nft::InterceptTable, relay::RelayBackend, DataSettings, PortPool};
+        use crate::netfilter::InterceptTable;
+        use crate::pinhole::{relay::RelayBackend, DataSettings, PortPool};
         let kernel = config.data.backend == crate::config::BackendKind::Nftables;
         let audit = match &config.audit {
             Some(a) => Some(
@@ -319,7 +320,7 @@ impl Launched {
     }
 
     /// Removes what the gateway installed outside itself (its table).
-    pub async fn cleanup(table: Option<Arc<crate::pinhole::nft::InterceptTable>>) {
+    pub async fn cleanup(table: Option<Arc<crate::netfilter::InterceptTable>>) {
         if let Some(t) = table {
             if let Err(e) = t.destroy().await {
                 warn!("removing nftables table {}: {e}", t.name());

@@ -43,13 +43,13 @@
 //! both legs or listen on both, which address translation cannot do; so do
 //! plans whose legs differ in address family. Those go to the relay.
 
-use super::ctnetlink::{self, Conn, Record};
-use super::nft::{Element, InterceptTable};
 use super::relay::RelayBackend;
 use super::{
     Backend, DataEvent, DataOutcome, DataPlan, DataSettings, Leg, OpenError, OpenFuture, Opened,
     Pinhole, PlanId, PortPool, SessionInfo,
 };
+use crate::netfilter::ctnetlink::{self, Conn, Record};
+use crate::netfilter::{Element, InterceptTable};
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
