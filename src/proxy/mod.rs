@@ -27,7 +27,7 @@ pub struct Gateway {
     /// [`Gateway::reload`]. A session keeps the one it started with.
     config: RwLock<Arc<Config>>,
     /// Opens data plans.
-    pub backend: Arc<dyn Backend>,
+    pub backend: Backend,
     /// Counts sessions against `limits`.
     pub limits: SessionLimits,
     /// What the metrics endpoint serves; recorded whether or not it is served.
@@ -43,7 +43,7 @@ impl Gateway {
     /// transfers to `audit`.
     pub fn new(
         config: Arc<Config>,
-        backend: Arc<dyn Backend>,
+        backend: Backend,
         audit: Option<crate::audit::AuditLog>,
     ) -> Arc<Self> {
         let limits = SessionLimits::new(
@@ -159,8 +159,11 @@ pub async fn serve(
     while accepts.join_next().await.is_some() {}
     info!("shutting down: no new sessions");
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
+        let data = gateway.backend.usage();
         warn!(
             open = gateway.limits.open(),
+            data_plans = data.plans,
+            data_ports = data.ports,
             "grace period over: closing remaining sessions"
         );
     }
@@ -227,7 +230,7 @@ impl Launched {
     /// worse than none.
     pub async fn new(config: Arc<Config>) -> anyhow::Result<Self> {
         use crate::netfilter::InterceptTable;
-        use crate::pinhole::{relay::RelayBackend, DataSettings, PortPool};
+        use crate::pinhole::{kernel::KernelBackend, relay::RelayBackend, DataSettings, PortPool};
         let kernel = config.data.backend == crate::config::BackendKind::Nftables;
         let audit = match &config.audit {
             Some(a) => Some(
@@ -276,17 +279,16 @@ impl Launched {
             pinhole_timeout: config.data.pinhole_timeout,
             connect_timeout: config.limits.connect_timeout,
         };
-        let backend: Arc<dyn Backend> = match (&table, kernel) {
+        let relay = RelayBackend::new(
+            client_pool.clone(),
+            server_pool.clone(),
+            settings.clone(),
+            table.clone(),
+        );
+        let backend = match (&table, kernel) {
             (Some(t), true) => {
-                let made = crate::pinhole::kernel::KernelBackend::new(
-                    client_pool,
-                    server_pool,
-                    settings,
-                    t.clone(),
-                )
-                .await;
-                match made {
-                    Ok(b) => Arc::new(b),
+                match KernelBackend::new(client_pool, server_pool, settings, t.clone()).await {
+                    Ok(kernel) => Backend::Kernel { kernel, relay },
                     Err(e) => {
                         // Leave nothing behind: the gateway does not start.
                         Self::cleanup(table).await;
@@ -294,12 +296,7 @@ impl Launched {
                     }
                 }
             }
-            _ => Arc::new(RelayBackend::new(
-                client_pool,
-                server_pool,
-                settings,
-                table.clone(),
-            )),
+            _ => Backend::Relay(relay),
         };
         let gateway = Gateway::new(config, backend, audit);
         let metrics_addr = match metrics_socket {

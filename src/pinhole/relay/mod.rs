@@ -13,8 +13,8 @@ mod splice;
 pub use copy::{relay, Counts, DataPath};
 
 use super::{
-    Backend, DataEvent, DataOutcome, DataPlan, DataSettings, Leg, OpenError, OpenFuture, Opened,
-    Pinhole, PlanId, PortLease, PortPool, SessionInfo, Usage,
+    DataEvent, DataOutcome, DataPlan, DataSettings, Leg, OpenError, Opened, Pinhole, PlanId,
+    PortLease, PortPool, SessionInfo, Usage,
 };
 use crate::netfilter::{Element, InterceptTable};
 use copy::relay_metered;
@@ -37,7 +37,7 @@ pub struct RelayBackend {
     /// The gateway's table, for transparent plans; `None` in reverse-only
     /// deployments, which then refuse transparent plans.
     intercept: Option<Arc<InterceptTable>>,
-    /// Plans whose [`Held`] still exists: what [`Backend::usage`] reports.
+    /// Plans whose [`Held`] still exists: what [`RelayBackend::usage`] reports.
     live: Arc<AtomicUsize>,
 }
 
@@ -59,7 +59,9 @@ impl RelayBackend {
         }
     }
 
-    async fn open_plan(
+    /// Opens `plan` and returns at once, once its listen legs listen;
+    /// progress comes on `events`.
+    pub async fn open(
         &self,
         session: &SessionInfo,
         plan: DataPlan,
@@ -158,17 +160,9 @@ impl RelayBackend {
     }
 }
 
-impl Backend for RelayBackend {
-    fn open<'a>(
-        &'a self,
-        session: &'a SessionInfo,
-        plan: DataPlan,
-        events: mpsc::UnboundedSender<DataEvent>,
-    ) -> OpenFuture<'a> {
-        Box::pin(self.open_plan(session, plan, events))
-    }
-
-    fn usage(&self) -> Usage {
+impl RelayBackend {
+    /// Plans not yet released, and the ports leased from both pools.
+    pub fn usage(&self) -> Usage {
         Usage {
             plans: self.live.load(Ordering::Relaxed),
             ports: self.client_pool.in_use() + self.server_pool.in_use(),
