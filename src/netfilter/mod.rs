@@ -1,12 +1,14 @@
 //! Kernel plumbing, with no FTP in it: the netfilter netlink socket and the
-//! conntrack messages and events read from it ([`ctnetlink`]), nf_tables
+//! conntrack messages read from it ([`ctnetlink`]), the conntrack table's
+//! events and requests ([`conntrack`]), nf_tables
 //! element batches ([`nftnl`]), the gateway's own table and its lifecycle
 //! ([`table`], whose elements are [`element`]), and the ruleset text that
 //! `ftpgate nft` prints ([`ruleset`]).
 //!
-//! Imports go one way: `table` → `nftnl` → `ctnetlink`, and `table`,
-//! `nftnl` → `element`; `ruleset` → `table`.
+//! Imports go one way: `table` → `nftnl` → `ctnetlink` ← `conntrack`,
+//! `table`, `nftnl` → `element`; `ruleset` → `table`.
 
+pub mod conntrack;
 pub mod ctnetlink;
 pub mod element;
 #[cfg(test)]

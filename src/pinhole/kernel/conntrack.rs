@@ -2,6 +2,7 @@
 //! one watcher for every live plan, on the kernel's conntrack events.
 
 use super::Shape;
+use crate::netfilter::conntrack::Netlink;
 use crate::netfilter::ctnetlink::{self, Conn, Record};
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -10,12 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Turns on conntrack events (0 off, 1 on, 2 on while someone listens).
-const EVENTS: &str = "/proc/sys/net/netfilter/nf_conntrack_events";
-/// Room for a burst of events (forced past `rmem_max` where allowed).
-const EVENT_BUFFER: usize = 8 << 20;
-/// How long the kernel may take to answer one request.
-const REQUEST_WAIT: Duration = Duration::from_secs(2);
 /// How long the watcher waits after a failed read of its event socket
 /// before it reads again.
 const RETRY: Duration = Duration::from_millis(5);
@@ -77,9 +72,10 @@ impl Conntrack {
         // take the TIME_WAIT entry of an earlier connection from the same
         // peer to the same port and endpoint (ports are reused) for its own,
         // end at once, and its lingering claim would drop the real one.
-        let (netlink, all) = Netlink::open()
+        let mut netlink = Netlink::open()
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("conntrack netlink events: {e}")))?;
+        let all = dump(&mut netlink).await?;
         tracing::info!(entries = all.len(), "conntrack: following netlink events");
         tokio::spawn(watch_netlink(weak, netlink, Mirror::new(all)));
         Ok(conntrack)
@@ -122,111 +118,25 @@ fn publish(w: &Watched, flow: Option<Flow>) {
     });
 }
 
-/// The netlink side of the watcher: one socket subscribed to the conntrack
-/// events, one for requests (a dump, one entry's counters).
-struct Netlink {
-    events: ctnetlink::Socket,
-    requests: ctnetlink::Socket,
-    seq: u32,
+/// Every TCP entry of the table, subscribed or not: the watcher opens its
+/// event socket first, so that no entry falls between the two.
+async fn dump(netlink: &mut Netlink) -> io::Result<Vec<Entry>> {
+    let all = netlink.dump().await?;
+    Ok(all.iter().map(Entry::from_conn).collect())
 }
 
-impl Netlink {
-    /// Subscribes to the events, then reads the whole table (so that no
-    /// entry falls between the two).
-    async fn open() -> io::Result<(Netlink, Vec<Entry>)> {
-        let on = tokio::fs::read_to_string(EVENTS)
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("{EVENTS}: {e}")))?;
-        if on.trim() == "0" {
-            tokio::fs::write(EVENTS, b"1")
-                .await
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot enable {EVENTS}: {e}")))?;
-        }
-        let events = ctnetlink::Socket::open(ctnetlink::EVENT_GROUPS, EVENT_BUFFER)?;
-        let requests = ctnetlink::Socket::open(0, 1 << 20)?;
-        let mut netlink = Netlink {
-            events,
-            requests,
-            seq: 0,
-        };
-        let all = netlink.dump().await?;
-        Ok((netlink, all))
-    }
-
-    /// Sends `msg` (built for sequence number `seq`) and hands each answer
-    /// to `take` until it says the answer is complete.
-    async fn request(
-        &mut self,
-        msg: &[u8],
-        seq: u32,
-        mut take: impl FnMut(Record) -> io::Result<bool>,
-    ) -> io::Result<()> {
-        self.requests.send(msg).await?;
-        let answered = async {
-            loop {
-                for r in self.requests.recv().await? {
-                    // Late answers to an earlier request are not this one's.
-                    if r.seq() == seq && take(r)? {
-                        return Ok(());
-                    }
-                }
-            }
-        };
-        tokio::time::timeout(REQUEST_WAIT, answered)
-            .await
-            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer")))
-    }
-
-    fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1).max(1);
-        self.seq
-    }
-
-    /// Every TCP entry of the table.
-    async fn dump(&mut self) -> io::Result<Vec<Entry>> {
-        let seq = self.next_seq();
-        let mut all = Vec::new();
-        self.request(&ctnetlink::dump_request(seq), seq, |r| match r {
-            Record::Conn { conn, .. } => {
-                all.push(Entry::from_conn(&conn));
-                Ok(false)
-            }
-            Record::Done { .. } => Ok(true),
-            Record::Error { errno, .. } => Err(io::Error::from_raw_os_error(errno)),
-            Record::Other { .. } => Ok(false),
-        })
-        .await
-        .map_err(|e| io::Error::new(e.kind(), format!("conntrack dump: {e}")))?;
-        Ok(all)
-    }
-
-    /// The entry's byte counters (original, reply), or `None` if the entry
-    /// is gone (its destroy event, which carries them, is on its way). An
-    /// answer for another entry that has the tuple now counts as gone.
-    async fn counters(&mut self, e: &Entry) -> io::Result<Option<(u64, u64)>> {
-        let seq = self.next_seq();
-        let orig = ctnetlink::Tuple {
-            src: SocketAddr::new(e.peer, e.sport),
-            dst: SocketAddr::new(e.dst, e.dport),
-        };
-        let mut got = None;
-        self.request(&ctnetlink::get_request(seq, orig), seq, |r| match r {
-            Record::Conn { conn, .. } => {
-                if Entry::from_conn(&conn).continues(e) {
-                    got = Some(conn.bytes.unwrap_or_default());
-                }
-                Ok(true)
-            }
-            Record::Error { errno: 0, .. } => Ok(true),
-            Record::Error { errno, .. } if errno == rustix::io::Errno::NOENT.raw_os_error() => {
-                Ok(true)
-            }
-            Record::Error { errno, .. } => Err(io::Error::from_raw_os_error(errno)),
-            Record::Done { .. } | Record::Other { .. } => Ok(false),
-        })
-        .await?;
-        Ok(got)
-    }
+/// The entry's byte counters (original, reply), or `None` if the entry is
+/// gone (its destroy event, which carries them, is on its way). An answer
+/// for another entry that has the tuple now counts as gone.
+async fn counters(netlink: &mut Netlink, e: &Entry) -> io::Result<Option<(u64, u64)>> {
+    let orig = ctnetlink::Tuple {
+        src: SocketAddr::new(e.peer, e.sport),
+        dst: SocketAddr::new(e.dst, e.dport),
+    };
+    let got = netlink.get(orig).await?;
+    Ok(got
+        .filter(|conn| Entry::from_conn(conn).continues(e))
+        .map(|conn| conn.bytes.unwrap_or_default()))
 }
 
 /// The watcher's copy of the conntrack table's TCP entries, by port, and
@@ -383,7 +293,7 @@ async fn watch_netlink(
         // Wakes for events, for a new plan, and now and then to see
         // whether the backend is still there.
         let first = tokio::select! {
-            got = netlink.events.recv() => Some(got),
+            got = netlink.events().recv() => Some(got),
             _ = ct.wake.notified() => None,
             _ = tokio::time::sleep(Duration::from_secs(1)) => None,
         };
@@ -408,12 +318,12 @@ async fn watch_netlink(
             }
             n += 1;
             if n < BATCH {
-                next = netlink.events.try_recv().transpose();
+                next = netlink.events().try_recv().transpose();
             }
         }
         if lost {
             tracing::debug!("conntrack: events lost, reading the whole table");
-            match netlink.dump().await {
+            match dump(&mut netlink).await {
                 Ok(all) => mirror.replace(all, &mut gone),
                 Err(e) => tracing::warn!("conntrack: {e}"),
             }
@@ -450,7 +360,7 @@ async fn look(ct: &Conntrack, mirror: &mut Mirror, gone: &[Entry], netlink: &mut
         }
     }
     for (key, mut e) in uncounted {
-        match netlink.counters(&e).await {
+        match counters(netlink, &e).await {
             Ok(Some(bytes)) => {
                 mirror.count(&e, bytes);
                 (e.flow.orig_bytes, e.flow.reply_bytes) = bytes;
