@@ -1,7 +1,7 @@
 //! Following plans' connections in the kernel's connection tracking table:
 //! one watcher for every live plan, on the kernel's conntrack events.
 
-use super::Shape;
+use super::shape::Shape;
 use crate::netfilter::conntrack::Netlink;
 use crate::netfilter::ctnetlink::{self, Conn, Record};
 use std::collections::{HashMap, HashSet};
