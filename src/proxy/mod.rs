@@ -230,7 +230,6 @@ impl Launched {
     /// worse than none.
     pub async fn new(config: Arc<Config>) -> anyhow::Result<Self> {
         use crate::netfilter::InterceptTable;
-        use crate::pinhole::{kernel::KernelBackend, relay::RelayBackend, DataSettings, PortPool};
         let kernel = config.data.backend == crate::config::BackendKind::Nftables;
         let audit = match &config.audit {
             Some(a) => Some(
@@ -270,33 +269,13 @@ impl Launched {
         } else {
             None
         };
-        let share = config.data.max_ports_per_client;
-        let client_pool = PortPool::new("client", config.data.client_ports)
-            .with_client_share(share.of(config.data.client_ports.len()));
-        let server_pool = PortPool::new("server", config.data.server_ports)
-            .with_client_share(share.of(config.data.server_ports.len()));
-        let settings = DataSettings {
-            pinhole_timeout: config.data.pinhole_timeout,
-            connect_timeout: config.limits.connect_timeout,
-        };
-        let relay = RelayBackend::new(
-            client_pool.clone(),
-            server_pool.clone(),
-            settings.clone(),
-            table.clone(),
-        );
-        let backend = match (&table, kernel) {
-            (Some(t), true) => {
-                match KernelBackend::new(client_pool, server_pool, settings, t.clone()).await {
-                    Ok(kernel) => Backend::Kernel { kernel, relay },
-                    Err(e) => {
-                        // Leave nothing behind: the gateway does not start.
-                        Self::cleanup(table).await;
-                        anyhow::bail!("data.backend nftables: {e}");
-                    }
-                }
+        let backend = match Self::backend(&config, table.clone()).await {
+            Ok(b) => b,
+            Err(e) => {
+                // Leave nothing behind: the gateway does not start.
+                Self::cleanup(table).await;
+                return Err(e);
             }
-            _ => Backend::Relay(relay),
         };
         let gateway = Gateway::new(config, backend, audit);
         let metrics_addr = match metrics_socket {
@@ -314,6 +293,40 @@ impl Launched {
             table,
             metrics_addr,
         })
+    }
+
+    /// The backend `config` asks for, with its port pools. `table` is the
+    /// gateway's table, which the kernel backend needs.
+    async fn backend(
+        config: &Config,
+        table: Option<Arc<crate::netfilter::InterceptTable>>,
+    ) -> anyhow::Result<Backend> {
+        use crate::pinhole::{kernel::KernelBackend, relay::RelayBackend, DataSettings, PortPool};
+        let share = config.data.max_ports_per_client;
+        let client_pool = PortPool::new("client", config.data.client_ports)
+            .with_client_share(share.of(config.data.client_ports.len()));
+        let server_pool = PortPool::new("server", config.data.server_ports)
+            .with_client_share(share.of(config.data.server_ports.len()));
+        let settings = DataSettings {
+            pinhole_timeout: config.data.pinhole_timeout,
+            connect_timeout: config.limits.connect_timeout,
+        };
+        let relay = RelayBackend::new(
+            client_pool.clone(),
+            server_pool.clone(),
+            settings.clone(),
+            table.clone(),
+        );
+        let kernel = config.data.backend == crate::config::BackendKind::Nftables;
+        match table {
+            Some(t) if kernel => {
+                let kernel = KernelBackend::new(client_pool, server_pool, settings, t)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("data.backend nftables: {e}"))?;
+                Ok(Backend::Kernel { kernel, relay })
+            }
+            _ => Ok(Backend::Relay(relay)),
+        }
     }
 
     /// Removes what the gateway installed outside itself (its table).

@@ -270,12 +270,7 @@ async fn follow(
                         after_us = start.elapsed().as_micros() as u64,
                         "conntrack: connected"
                     );
-                    // The one connection is in; the rest of the elements
-                    // have done their job (conntrack keeps the NAT). In a
-                    // task of its own, so that an abort cannot stop it
-                    // half-way (shared keys counted down, not removed).
-                    let h = held.clone();
-                    let _ = tokio::spawn(async move { h.remove().await }).await;
+                    connected(&held).await;
                     unseen = Some(activity.unseen());
                     let _ = events.send(DataEvent::Connected { id });
                 }
@@ -314,12 +309,7 @@ async fn follow(
     // and a claim taken but not yet registered would be left behind.
     let ending = held.clone();
     let _ = tokio::spawn(async move { ending.end().await }).await;
-    // The originating side's bytes are the first direction of the entry.
-    let (to_client, to_server) = if shape.passive {
-        (last.reply_bytes, last.orig_bytes)
-    } else {
-        (last.orig_bytes, last.reply_bytes)
-    };
+    let (to_client, to_server) = directions(&shape, &last);
     drop(unseen);
     let _ = events.send(DataEvent::Closed {
         id,
@@ -327,4 +317,23 @@ async fn follow(
         to_server,
         outcome,
     });
+}
+
+/// The one connection is in; the rest of the plan's elements have done
+/// their job (conntrack keeps the NAT), and go. In a task of its own, so
+/// that an abort cannot stop it half-way (shared keys counted down, not
+/// removed).
+async fn connected(held: &Arc<Held>) {
+    let h = held.clone();
+    let _ = tokio::spawn(async move { h.remove().await }).await;
+}
+
+/// (to the client, to the server) from a flow's counters: the originating
+/// side's bytes are the first direction of the entry.
+fn directions(shape: &Shape, flow: &Flow) -> (u64, u64) {
+    if shape.passive {
+        (flow.reply_bytes, flow.orig_bytes)
+    } else {
+        (flow.orig_bytes, flow.reply_bytes)
+    }
 }

@@ -79,44 +79,7 @@ impl RelayBackend {
         };
         let mut elements = Vec::new();
 
-        let client = match plan.client {
-            Leg::Listen { bind, peer } => {
-                let ip = match plan.client_view {
-                    // Reached through the redirect, whose destination is the
-                    // incoming interface's address: listen on all of them.
-                    Some(_) => unspecified(bind),
-                    None => bind,
-                };
-                let (lease, listener) = self.client_pool.bind(ip, session.client.ip())?;
-                if let Some(view) = plan.client_view {
-                    // Client → (server, port) is redirected to our port.
-                    let e = Element::Passive {
-                        client: peer,
-                        server: view,
-                        port: lease.port(),
-                    };
-                    elements.push((e, self.settings.pinhole_timeout));
-                }
-                let (listener, addr) = held.listen(ip, lease, listener)?;
-                opened.client_listen = Some(addr);
-                Pending::Listen { listener, peer }
-            }
-            Leg::Connect { target, bind } => {
-                if let Some(view) = plan.client_view {
-                    // The client must see its data connection come from the
-                    // address it believes is the server.
-                    let e = Element::Active {
-                        client: target,
-                        source: view,
-                    };
-                    // Consulted when the dial starts, which can be up to
-                    // pinhole_timeout from now, plus the connect time.
-                    let timeout = self.settings.pinhole_timeout + self.settings.connect_timeout;
-                    elements.push((e, timeout));
-                }
-                Pending::Connect { target, bind }
-            }
-        };
+        let client = self.client_leg(session, &plan, &held, &mut opened, &mut elements)?;
         let server = match plan.server {
             Leg::Listen { bind, peer } => {
                 let (lease, listener) = self.server_pool.bind(bind, session.client.ip())?;
@@ -157,6 +120,57 @@ impl RelayBackend {
                 guard: Box::new(guard),
             },
         ))
+    }
+
+    /// The client leg of `plan`: its listener (with the redirect element
+    /// of a transparent plan), or where to connect (with the source NAT
+    /// element of a transparent plan).
+    fn client_leg(
+        &self,
+        session: &SessionInfo,
+        plan: &DataPlan,
+        held: &Held,
+        opened: &mut Opened,
+        elements: &mut Vec<(Element, Duration)>,
+    ) -> Result<Pending, OpenError> {
+        Ok(match plan.client {
+            Leg::Listen { bind, peer } => {
+                let ip = match plan.client_view {
+                    // Reached through the redirect, whose destination is the
+                    // incoming interface's address: listen on all of them.
+                    Some(_) => unspecified(bind),
+                    None => bind,
+                };
+                let (lease, listener) = self.client_pool.bind(ip, session.client.ip())?;
+                if let Some(view) = plan.client_view {
+                    // Client → (server, port) is redirected to our port.
+                    let e = Element::Passive {
+                        client: peer,
+                        server: view,
+                        port: lease.port(),
+                    };
+                    elements.push((e, self.settings.pinhole_timeout));
+                }
+                let (listener, addr) = held.listen(ip, lease, listener)?;
+                opened.client_listen = Some(addr);
+                Pending::Listen { listener, peer }
+            }
+            Leg::Connect { target, bind } => {
+                if let Some(view) = plan.client_view {
+                    // The client must see its data connection come from the
+                    // address it believes is the server.
+                    let e = Element::Active {
+                        client: target,
+                        source: view,
+                    };
+                    // Consulted when the dial starts, which can be up to
+                    // pinhole_timeout from now, plus the connect time.
+                    let timeout = self.settings.pinhole_timeout + self.settings.connect_timeout;
+                    elements.push((e, timeout));
+                }
+                Pending::Connect { target, bind }
+            }
+        })
     }
 }
 
