@@ -33,6 +33,7 @@ pub mod escape;
 pub mod explain;
 pub mod ftp;
 pub mod metrics;
+pub mod netfilter;
 pub mod pinhole;
 pub mod proxy;
 pub mod rules;

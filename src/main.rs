@@ -107,7 +107,7 @@ fn main() -> ExitCode {
         },
         Cmd::Nft { config } => match Config::load(&config) {
             Ok(c) => {
-                print!("{}", ftpgate::pinhole::nft::ruleset(&c));
+                print!("{}", ftpgate::netfilter::ruleset(&c));
                 ExitCode::SUCCESS
             }
             Err(errors) => {

@@ -127,13 +127,12 @@ fn lab_ftpgate_passes_every_case() {
 /// Runs pinholes.py for the nftables backend with `args`, and `env` set for the
 /// gateway; checks that every check passed and that `cases` cases ran, and returns
 /// its output.
-fn pinholes(args: &[&str], env: &[(&str, &str)], cases: usize) -> String {
+fn pinholes(args: &[&str], cases: usize) -> String {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/lab/pinholes.py");
     let out = Command::new("python3")
         .arg(script)
         .args(["--backend", "nftables", "--ftpgate-bin", ftpgate_bin()])
         .args(args)
-        .envs(env.iter().copied())
         .output()
         .expect("pinholes.py runs");
     print_output(&out);
@@ -174,37 +173,17 @@ fn lab_kernel_pinholes_drop_all_but_the_expected_connection() {
         return;
     }
     // 2 scenarios x 2 families x 2 modes, each with the same checks.
-    let stdout = pinholes(&[], &[], 8);
+    let stdout = pinholes(&[], 8);
     assert!(
         stdout.contains("pinholes nftables conntrack: netlink\n"),
         "the gateway did not follow conntrack events"
     );
 }
 
-/// The fallback for kernels without conntrack events: the same checks, with the
-/// gateway reading /proc/net/nf_conntrack (inbound only, to keep the run short).
-#[test]
-fn lab_kernel_pinholes_with_the_proc_conntrack_reader() {
-    let _turn = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    if !lab_available() {
-        return;
-    }
-    let stdout = pinholes(
-        &["--scenarios", "inbound"],
-        &[("FTPGATE_CONNTRACK", "proc")],
-        4,
-    );
-    assert!(
-        stdout.contains("pinholes nftables conntrack: proc\n"),
-        "the gateway did not read /proc"
-    );
-}
-
 /// A server that sends active-mode data from port 20 (vsftpd's Debian default):
 /// every data connection to one gateway port has the same tuple. reuse.py wraps a
 /// two-port `server_ports` pool and restarts the gateway between runs (4 runs of 3
-/// transfers), and needs every 226 well before `pinhole_timeout`, with netlink
-/// events and with the /proc reader.
+/// transfers), and needs every 226 well before `pinhole_timeout`.
 #[test]
 fn lab_kernel_reused_tuples_keep_every_transfer_on_time() {
     let _turn = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -212,29 +191,26 @@ fn lab_kernel_reused_tuples_keep_every_transfer_on_time() {
         return;
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/lab/reuse.py");
-    for source in ["netlink", "proc"] {
-        let mut cmd = Command::new("python3");
-        cmd.arg(&script).args(["--ftpgate-bin", ftpgate_bin()]);
-        if source == "proc" {
-            cmd.env("FTPGATE_CONNTRACK", "proc");
-        }
-        let out = cmd.output().expect("reuse.py runs");
-        print_output(&out);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            stdout.contains(&format!("reuse conntrack: {source}\n")),
-            "the gateway did not follow conntrack by {source}"
-        );
-        assert!(
-            stdout.contains("reuse: 12 of 12 on time\n"),
-            "{source}: not every transfer was on time"
-        );
-        assert!(
-            stdout.contains("reuse: 'data connection never made' logged 0 times"),
-            "{source}: the gateway missed a data connection"
-        );
-        assert!(out.status.success(), "{source}: reuse.py failed");
-    }
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["--ftpgate-bin", ftpgate_bin()])
+        .output()
+        .expect("reuse.py runs");
+    print_output(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("reuse conntrack: netlink\n"),
+        "the gateway did not follow conntrack events"
+    );
+    assert!(
+        stdout.contains("reuse: 12 of 12 on time\n"),
+        "not every transfer was on time"
+    );
+    assert!(
+        stdout.contains("reuse: 'data connection never made' logged 0 times"),
+        "the gateway missed a data connection"
+    );
+    assert!(out.status.success(), "reuse.py failed");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! tuple is well formed.
 #![no_main]
 
-use ftpgate::pinhole::ctnetlink::{get_request, parse, Record};
+use ftpgate::netfilter::ctnetlink::{get_request, parse, Record};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

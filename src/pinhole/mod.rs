@@ -1,24 +1,23 @@
-//! Data connections: port pools, and the backends that carry out a data plan.
+//! Data connections: what a data plan is, the port pools, and who carries a
+//! plan out.
 //!
-//! The session core decides a [`DataPlan`]; a [`Backend`] opens it and
+//! The session core decides a [`DataPlan`]; the [`Backend`] opens it and
 //! reports back through [`DataEvent`]s. Dropping the returned [`Pinhole`]
 //! closes whatever is still open (listeners, relays, nftables elements), so a
 //! session that ends cannot leak a pinhole.
+//!
+//! [`Backend::open`] is the one place that decides which backend carries a
+//! plan: the [`relay`] (the gateway ends both legs) or the [`kernel`]
+//! (nftables NAT, for the plans it can carry). Neither backend calls the
+//! other.
 
-pub mod ctnetlink;
 pub mod kernel;
-pub mod nft;
-pub mod nftnl;
 pub mod pool;
 pub mod relay;
-#[cfg(target_os = "linux")]
-mod splice;
 
 pub use pool::{PortLease, PortPool};
 
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -232,25 +231,68 @@ impl std::fmt::Debug for Pinhole {
     }
 }
 
-/// Future returned by [`Backend::open`].
-pub type OpenFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<(Opened, Pinhole), OpenError>> + Send + 'a>>;
-
 /// Carries out data plans. One instance serves every session.
-pub trait Backend: Send + Sync + 'static {
+#[derive(Debug)]
+pub enum Backend {
+    /// `data.backend: relay`: the relay carries every plan.
+    Relay(relay::RelayBackend),
+    /// `data.backend: nftables`: the kernel carries the plans it can (one
+    /// listen and one connect leg of one address family); the relay
+    /// carries the rest.
+    Kernel {
+        /// Carries plans by NAT in the gateway's table.
+        kernel: kernel::KernelBackend,
+        /// Carries conversion and mixed-family plans.
+        relay: relay::RelayBackend,
+    },
+}
+
+impl Backend {
     /// Opens `plan` and returns at once (after binding / installing
     /// elements); progress comes on `events`.
-    fn open<'a>(
-        &'a self,
-        session: &'a SessionInfo,
+    pub async fn open(
+        &self,
+        session: &SessionInfo,
         plan: DataPlan,
         events: mpsc::UnboundedSender<DataEvent>,
-    ) -> OpenFuture<'a>;
+    ) -> Result<(Opened, Pinhole), OpenError> {
+        let (kernel, relay) = match self {
+            Backend::Relay(relay) => return relay.open(session, plan, events).await,
+            Backend::Kernel { kernel, relay } => (kernel, relay),
+        };
+        if let Some(shape) = kernel::Shape::of(&plan) {
+            return kernel.open(session, plan, shape, events).await;
+        }
+        tracing::debug!(
+            session = session.id,
+            plan = plan.id,
+            "data plan needs the relay (conversion or mixed families)"
+        );
+        let (opened, pinhole) = relay.open(session, plan, events).await?;
+        // The relay listens on these ports: an earlier kernel plan's claim
+        // on them would drop its connections.
+        for addr in [opened.client_listen, opened.server_listen]
+            .into_iter()
+            .flatten()
+        {
+            kernel.release_claim(addr.port()).await;
+        }
+        Ok((opened, pinhole))
+    }
 
-    /// What is open now, for health checks and for tests that prove a
-    /// refused command opened nothing. Backends that do not count say zero.
-    fn usage(&self) -> Usage {
-        Usage::default()
+    /// What is open now: the data plans not yet fully released and the
+    /// ports they lease. The gateway logs it when the shutdown grace period
+    /// ends with sessions still open; tests use it to prove that a refused
+    /// command opened nothing.
+    pub fn usage(&self) -> Usage {
+        match self {
+            Backend::Relay(relay) => relay.usage(),
+            Backend::Kernel { kernel, relay } => Usage {
+                plans: kernel.plans() + relay.usage().plans,
+                // The two share the pools: the relay's count is the whole.
+                ports: relay.usage().ports,
+            },
+        }
     }
 }
 

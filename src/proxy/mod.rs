@@ -27,7 +27,7 @@ pub struct Gateway {
     /// [`Gateway::reload`]. A session keeps the one it started with.
     config: RwLock<Arc<Config>>,
     /// Opens data plans.
-    pub backend: Arc<dyn Backend>,
+    pub backend: Backend,
     /// Counts sessions against `limits`.
     pub limits: SessionLimits,
     /// What the metrics endpoint serves; recorded whether or not it is served.
@@ -43,7 +43,7 @@ impl Gateway {
     /// transfers to `audit`.
     pub fn new(
         config: Arc<Config>,
-        backend: Arc<dyn Backend>,
+        backend: Backend,
         audit: Option<crate::audit::AuditLog>,
     ) -> Arc<Self> {
         let limits = SessionLimits::new(
@@ -159,8 +159,11 @@ pub async fn serve(
     while accepts.join_next().await.is_some() {}
     info!("shutting down: no new sessions");
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
+        let data = gateway.backend.usage();
         warn!(
             open = gateway.limits.open(),
+            data_plans = data.plans,
+            data_ports = data.ports,
             "grace period over: closing remaining sessions"
         );
     }
@@ -215,7 +218,7 @@ pub struct Launched {
     /// Each listener with its bound socket.
     pub listeners: Vec<(Listener, TcpListener)>,
     /// The gateway's own nftables table, if the configuration needs one.
-    pub table: Option<Arc<crate::pinhole::nft::InterceptTable>>,
+    pub table: Option<Arc<crate::netfilter::InterceptTable>>,
     /// Where the metrics endpoint listens, when configured (its task runs
     /// until the runtime stops).
     pub metrics_addr: Option<SocketAddr>,
@@ -226,7 +229,7 @@ impl Launched {
     /// nothing, when any part cannot be set up: a half-working gateway is
     /// worse than none.
     pub async fn new(config: Arc<Config>) -> anyhow::Result<Self> {
-        use crate::pinhole::{nft::InterceptTable, relay::RelayBackend, DataSettings, PortPool};
+        use crate::netfilter::InterceptTable;
         let kernel = config.data.backend == crate::config::BackendKind::Nftables;
         let audit = match &config.audit {
             Some(a) => Some(
@@ -266,39 +269,13 @@ impl Launched {
         } else {
             None
         };
-        let share = config.data.max_ports_per_client;
-        let client_pool = PortPool::new("client", config.data.client_ports)
-            .with_client_share(share.of(config.data.client_ports.len()));
-        let server_pool = PortPool::new("server", config.data.server_ports)
-            .with_client_share(share.of(config.data.server_ports.len()));
-        let settings = DataSettings {
-            pinhole_timeout: config.data.pinhole_timeout,
-            connect_timeout: config.limits.connect_timeout,
-        };
-        let backend: Arc<dyn Backend> = match (&table, kernel) {
-            (Some(t), true) => {
-                let made = crate::pinhole::kernel::KernelBackend::new(
-                    client_pool,
-                    server_pool,
-                    settings,
-                    t.clone(),
-                )
-                .await;
-                match made {
-                    Ok(b) => Arc::new(b),
-                    Err(e) => {
-                        // Leave nothing behind: the gateway does not start.
-                        Self::cleanup(table).await;
-                        anyhow::bail!("data.backend nftables: {e}");
-                    }
-                }
+        let backend = match Self::backend(&config, table.clone()).await {
+            Ok(b) => b,
+            Err(e) => {
+                // Leave nothing behind: the gateway does not start.
+                Self::cleanup(table).await;
+                return Err(e);
             }
-            _ => Arc::new(RelayBackend::new(
-                client_pool,
-                server_pool,
-                settings,
-                table.clone(),
-            )),
         };
         let gateway = Gateway::new(config, backend, audit);
         let metrics_addr = match metrics_socket {
@@ -318,8 +295,42 @@ impl Launched {
         })
     }
 
+    /// The backend `config` asks for, with its port pools. `table` is the
+    /// gateway's table, which the kernel backend needs.
+    async fn backend(
+        config: &Config,
+        table: Option<Arc<crate::netfilter::InterceptTable>>,
+    ) -> anyhow::Result<Backend> {
+        use crate::pinhole::{kernel::KernelBackend, relay::RelayBackend, DataSettings, PortPool};
+        let share = config.data.max_ports_per_client;
+        let client_pool = PortPool::new("client", config.data.client_ports)
+            .with_client_share(share.of(config.data.client_ports.len()));
+        let server_pool = PortPool::new("server", config.data.server_ports)
+            .with_client_share(share.of(config.data.server_ports.len()));
+        let settings = DataSettings {
+            pinhole_timeout: config.data.pinhole_timeout,
+            connect_timeout: config.limits.connect_timeout,
+        };
+        let relay = RelayBackend::new(
+            client_pool.clone(),
+            server_pool.clone(),
+            settings.clone(),
+            table.clone(),
+        );
+        let kernel = config.data.backend == crate::config::BackendKind::Nftables;
+        match table {
+            Some(t) if kernel => {
+                let kernel = KernelBackend::new(client_pool, server_pool, settings, t)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("data.backend nftables: {e}"))?;
+                Ok(Backend::Kernel { kernel, relay })
+            }
+            _ => Ok(Backend::Relay(relay)),
+        }
+    }
+
     /// Removes what the gateway installed outside itself (its table).
-    pub async fn cleanup(table: Option<Arc<crate::pinhole::nft::InterceptTable>>) {
+    pub async fn cleanup(table: Option<Arc<crate::netfilter::InterceptTable>>) {
         if let Some(t) = table {
             if let Err(e) = t.destroy().await {
                 warn!("removing nftables table {}: {e}", t.name());

@@ -5,11 +5,19 @@
 //! Dropping the plan's [`Pinhole`] aborts the task, frees its ports and
 //! removes its nftables elements.
 
-use super::nft::{Element, InterceptTable};
+mod copy;
+mod meter;
+#[cfg(target_os = "linux")]
+mod splice;
+
+pub use copy::{relay, Counts, DataPath};
+
 use super::{
-    Activity, Backend, DataEvent, DataOutcome, DataPlan, DataSettings, Leg, OpenError, OpenFuture,
-    Opened, Pinhole, PlanId, PortLease, PortPool, SessionInfo, Usage,
+    DataEvent, DataOutcome, DataPlan, DataSettings, Leg, OpenError, Opened, Pinhole, PlanId,
+    PortLease, PortPool, SessionInfo, Usage,
 };
+use crate::netfilter::{Element, InterceptTable};
+use copy::relay_metered;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,10 +28,6 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-/// Size of a direction's buffer when the bytes are copied through user space
-/// (no splice): large enough that a bulk transfer moves in few syscalls.
-const BUF_SIZE: usize = 128 * 1024;
-
 /// Carries out data plans by relaying through the gateway.
 #[derive(Debug)]
 pub struct RelayBackend {
@@ -33,7 +37,7 @@ pub struct RelayBackend {
     /// The gateway's table, for transparent plans; `None` in reverse-only
     /// deployments, which then refuse transparent plans.
     intercept: Option<Arc<InterceptTable>>,
-    /// Plans whose [`Held`] still exists: what [`Backend::usage`] reports.
+    /// Plans whose [`Held`] still exists: what [`RelayBackend::usage`] reports.
     live: Arc<AtomicUsize>,
 }
 
@@ -55,7 +59,9 @@ impl RelayBackend {
         }
     }
 
-    async fn open_plan(
+    /// Opens `plan` and returns at once, once its listen legs listen;
+    /// progress comes on `events`.
+    pub async fn open(
         &self,
         session: &SessionInfo,
         plan: DataPlan,
@@ -73,44 +79,7 @@ impl RelayBackend {
         };
         let mut elements = Vec::new();
 
-        let client = match plan.client {
-            Leg::Listen { bind, peer } => {
-                let ip = match plan.client_view {
-                    // Reached through the redirect, whose destination is the
-                    // incoming interface's address: listen on all of them.
-                    Some(_) => unspecified(bind),
-                    None => bind,
-                };
-                let (lease, listener) = self.client_pool.bind(ip, session.client.ip())?;
-                if let Some(view) = plan.client_view {
-                    // Client → (server, port) is redirected to our port.
-                    let e = Element::Passive {
-                        client: peer,
-                        server: view,
-                        port: lease.port(),
-                    };
-                    elements.push((e, self.settings.pinhole_timeout));
-                }
-                let (listener, addr) = held.listen(ip, lease, listener)?;
-                opened.client_listen = Some(addr);
-                Pending::Listen { listener, peer }
-            }
-            Leg::Connect { target, bind } => {
-                if let Some(view) = plan.client_view {
-                    // The client must see its data connection come from the
-                    // address it believes is the server.
-                    let e = Element::Active {
-                        client: target,
-                        source: view,
-                    };
-                    // Consulted when the dial starts, which can be up to
-                    // pinhole_timeout from now, plus the connect time.
-                    let timeout = self.settings.pinhole_timeout + self.settings.connect_timeout;
-                    elements.push((e, timeout));
-                }
-                Pending::Connect { target, bind }
-            }
-        };
+        let client = self.client_leg(session, &plan, &held, &mut opened, &mut elements)?;
         let server = match plan.server {
             Leg::Listen { bind, peer } => {
                 let (lease, listener) = self.server_pool.bind(bind, session.client.ip())?;
@@ -152,19 +121,62 @@ impl RelayBackend {
             },
         ))
     }
+
+    /// The client leg of `plan`: its listener (with the redirect element
+    /// of a transparent plan), or where to connect (with the source NAT
+    /// element of a transparent plan).
+    fn client_leg(
+        &self,
+        session: &SessionInfo,
+        plan: &DataPlan,
+        held: &Held,
+        opened: &mut Opened,
+        elements: &mut Vec<(Element, Duration)>,
+    ) -> Result<Pending, OpenError> {
+        Ok(match plan.client {
+            Leg::Listen { bind, peer } => {
+                let ip = match plan.client_view {
+                    // Reached through the redirect, whose destination is the
+                    // incoming interface's address: listen on all of them.
+                    Some(_) => unspecified(bind),
+                    None => bind,
+                };
+                let (lease, listener) = self.client_pool.bind(ip, session.client.ip())?;
+                if let Some(view) = plan.client_view {
+                    // Client → (server, port) is redirected to our port.
+                    let e = Element::Passive {
+                        client: peer,
+                        server: view,
+                        port: lease.port(),
+                    };
+                    elements.push((e, self.settings.pinhole_timeout));
+                }
+                let (listener, addr) = held.listen(ip, lease, listener)?;
+                opened.client_listen = Some(addr);
+                Pending::Listen { listener, peer }
+            }
+            Leg::Connect { target, bind } => {
+                if let Some(view) = plan.client_view {
+                    // The client must see its data connection come from the
+                    // address it believes is the server.
+                    let e = Element::Active {
+                        client: target,
+                        source: view,
+                    };
+                    // Consulted when the dial starts, which can be up to
+                    // pinhole_timeout from now, plus the connect time.
+                    let timeout = self.settings.pinhole_timeout + self.settings.connect_timeout;
+                    elements.push((e, timeout));
+                }
+                Pending::Connect { target, bind }
+            }
+        })
+    }
 }
 
-impl Backend for RelayBackend {
-    fn open<'a>(
-        &'a self,
-        session: &'a SessionInfo,
-        plan: DataPlan,
-        events: mpsc::UnboundedSender<DataEvent>,
-    ) -> OpenFuture<'a> {
-        Box::pin(self.open_plan(session, plan, events))
-    }
-
-    fn usage(&self) -> Usage {
+impl RelayBackend {
+    /// Plans not yet released, and the ports leased from both pools.
+    pub fn usage(&self) -> Usage {
         Usage {
             plans: self.live.load(Ordering::Relaxed),
             ports: self.client_pool.in_use() + self.server_pool.in_use(),
@@ -486,160 +498,12 @@ fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// Bytes written to each side by [`relay`].
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Counts {
-    /// Written to the client leg (downloads, listings).
-    pub to_client: u64,
-    /// Written to the server leg (uploads).
-    pub to_server: u64,
-}
-
-/// How [`relay`] moves the bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DataPath {
-    /// splice(2) through a pipe per direction on Linux, so the payload never
-    /// enters user space; where splice cannot serve the sockets, and on
-    /// other systems, the same as [`DataPath::Buffered`].
-    Splice,
-    /// read(2) into a buffer per direction, then write(2).
-    Buffered,
-}
-
-/// Copies both directions until both have seen EOF, keeping half-closes: EOF
-/// from one side becomes shutdown(write) toward the other. An error in either
-/// direction ends both. A direction's pipe or buffer is made when its first
-/// byte (or its EOF) arrives, and freed when it ends.
-pub async fn relay(
-    client: &TcpStream,
-    server: &TcpStream,
-    path: DataPath,
-) -> (Counts, io::Result<()>) {
-    relay_metered(client, server, path, None).await
-}
-
-/// [`relay`], touching `activity` at every write, so that the session sees
-/// its transfer move.
-async fn relay_metered(
-    client: &TcpStream,
-    server: &TcpStream,
-    path: DataPath,
-    activity: Option<&Activity>,
-) -> (Counts, io::Result<()>) {
-    let mut up = Meter::new(activity);
-    let mut down = Meter::new(activity);
-    let result = {
-        let up = pump(client, server, path, &mut up);
-        let down = pump(server, client, path, &mut down);
-        tokio::try_join!(up, down).map(|_| ())
-    };
-    let counts = Counts {
-        to_client: down.bytes,
-        to_server: up.bytes,
-    };
-    (counts, result)
-}
-
-/// Bytes written in one direction of a relay, and the session's activity
-/// to touch with each write.
-#[derive(Debug, Default)]
-pub(super) struct Meter<'a> {
-    /// Bytes written so far.
-    pub(super) bytes: u64,
-    activity: Option<&'a Activity>,
-}
-
-impl<'a> Meter<'a> {
-    fn new(activity: Option<&'a Activity>) -> Self {
-        Meter { bytes: 0, activity }
-    }
-
-    /// `n` bytes were written just now.
-    pub(super) fn add(&mut self, n: usize) {
-        self.bytes += n as u64;
-        if let Some(a) = self.activity {
-            a.touch();
-        }
-    }
-}
-
-/// One direction of [`relay`], then the half-close.
-async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    path: DataPath,
-    count: &mut Meter<'_>,
-) -> io::Result<()> {
-    #[cfg(target_os = "linux")]
-    if path == DataPath::Splice {
-        match super::splice::pump(src, dst, count).await? {
-            super::splice::Spliced::Eof { spliced } => {
-                tracing::trace!(bytes = count.bytes, spliced, "relay direction ended");
-                return shutdown_write(dst);
-            }
-            super::splice::Spliced::Unsupported(e) => {
-                tracing::debug!(error = %e, "splice unavailable; copying through a buffer");
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = path;
-    copy(src, dst, count).await?;
-    shutdown_write(dst)
-}
-
-/// The buffered copy, until `src`'s EOF.
-async fn copy(src: &TcpStream, dst: &TcpStream, count: &mut Meter<'_>) -> io::Result<()> {
-    src.readable().await?;
-    let mut buf = vec![0u8; BUF_SIZE].into_boxed_slice();
-    loop {
-        src.readable().await?;
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        write_all(dst, &buf[..n], count).await?;
-    }
-}
-
-/// Writes all of `bytes` to `dst`, adding each byte written to `count`.
-pub(super) async fn write_all(
-    dst: &TcpStream,
-    bytes: &[u8],
-    count: &mut Meter<'_>,
-) -> io::Result<()> {
-    let mut sent = 0;
-    while sent < bytes.len() {
-        dst.writable().await?;
-        match dst.try_write(&bytes[sent..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                sent += n;
-                count.add(n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Passes an EOF on: FIN toward `dst`, which may still send.
-fn shutdown_write(dst: &TcpStream) -> io::Result<()> {
-    match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
-        // The other side is already fully closed; nothing to tell it.
-        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-        other => other,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::PortRange;
-    use crate::pinhole::nft::tests::Netns;
+    use crate::netfilter::netns::Netns;
+    use crate::pinhole::Activity;
     use std::collections::hash_map::DefaultHasher;
     use std::hash::Hasher;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -12,7 +12,7 @@
 //! "Performance"): while `dst` is full, `src`'s receive buffer, autotuned to
 //! megabytes, keeps taking the sender's bytes.
 
-use super::relay::{write_all, Meter};
+use super::meter::{write_all, Meter};
 use rustix::fd::OwnedFd;
 use rustix::pipe::{self, PipeFlags, SpliceFlags};
 use std::io;

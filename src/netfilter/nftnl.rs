@@ -24,7 +24,7 @@
 //! with an ack or an error, all of them once the batch has been run.
 
 use super::ctnetlink::{Builder, Record, Socket};
-use super::nft::Element;
+use super::element::Element;
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,94 @@
+//! Test network namespaces: each netns test gets a namespace of its own, with
+//! its own nftables ruleset and conntrack table.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A network namespace for one test, deleted when dropped.
+pub(crate) struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// A fresh namespace, or `None` (after saying why) when this host
+    /// cannot make one. With `FTPGATE_LAB=1` that is a failure instead.
+    pub(crate) fn new() -> Option<Netns> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "ftpgate-t{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let nft = std::process::Command::new("nft").arg("--version").output();
+        if !nft.map(|o| o.status.success()).unwrap_or(false) {
+            skip("nft is not installed");
+            return None;
+        }
+        let added = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .output();
+        match added {
+            Ok(o) if o.status.success() => Some(Netns { name }),
+            Ok(o) => {
+                skip(&format!(
+                    "cannot create a network namespace (not root?): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ));
+                None
+            }
+            Err(e) => {
+                skip(&format!("cannot run ip: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Command prefix that runs a program inside the namespace.
+    pub(crate) fn prefix(&self) -> Vec<String> {
+        ["ip", "netns", "exec", &self.name]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    /// Runs `nft ARGS` inside the namespace; (success, stdout+stderr).
+    pub(crate) fn nft(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+        use std::io::Write;
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, "nft"]).args(args);
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let Ok(mut child) = cmd.spawn() else {
+            return (false, "cannot spawn nft".into());
+        };
+        if let (Some(mut w), Some(text)) = (child.stdin.take(), stdin) {
+            let _ = w.write_all(text.as_bytes());
+        }
+        match child.wait_with_output() {
+            Ok(o) => (
+                o.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+            ),
+            Err(e) => (false, e.to_string()),
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub(crate) fn skip(why: &str) {
+    if std::env::var("FTPGATE_LAB").as_deref() == Ok("1") {
+        panic!("FTPGATE_LAB=1 but {why}");
+    }
+    eprintln!("skipped: {why}");
+}

@@ -1,0 +1,339 @@
+//! The kernel backend (`data.backend: nftables`): data bytes never enter
+//! user space.
+//!
+//! Here: a plan's shape and the elements it amounts to; in `claims`, what a
+//! plan holds in the table and the claims that outlive it; in `conntrack`,
+//! the watcher that follows each plan's connection.
+//!
+//! For a plan whose two legs are one listen and one connect of the same
+//! address family (PASV→PASV, PORT→PORT), the gateway adds five elements to
+//! its table, in one `nft` transaction:
+//!
+//! - `once`: admits one new connection from the expected peer to the
+//!   announced port. The prerouting rule deletes it at the first SYN.
+//! - `claim`: the announced address and port. A new connection to it that
+//!   `once` did not admit (another host, a second connection, one after the
+//!   timeout) is dropped: no SYN-ACK, no RST, nothing reaches the endpoint.
+//! - `dnat`: (peer, announced address, port) → the real endpoint.
+//! - `ksnat`: the real endpoint sees the address the invariant asks for (the
+//!   gateway's server-facing address, or the address the client believes is
+//!   the server).
+//! - `fwd`: the forward chain accepts exactly that flow.
+//!
+//! Each element has a timeout (the pinhole timeout; twice that for the
+//! claim), so the kernel removes it even if the gateway dies.
+//!
+//! The claim outlives the plan: it is refreshed while the connection runs,
+//! and when the plan ends it lingers for `pinhole_timeout` more, until the
+//! session ends, or until the port's next plan (kernel or relay, which
+//! listens on the port) removes it first, whichever comes first. The gateway follows the connection in the kernel's
+//! connection tracking table, through its netlink events, with
+//! `nf_conntrack_acct` on for byte counts: an entry for the flow means
+//! [`DataEvent::Connected`], the entry reaching a FIN state (or going
+//! away) means [`DataEvent::Closed`], with the entry's byte counters.
+//!
+//! A plan follows one conntrack *entry*, not a tuple. Servers that send
+//! active-mode data from a fixed port (vsftpd's `connect_from_port_20`,
+//! in.ftpd) give every data connection to one gateway port the same tuple,
+//! and a port is reused within conntrack's TIME_WAIT (when the pool wraps,
+//! after a restart). The kernel then destroys the old entry and creates a
+//! new one with the same tuple, in one batch of events. The watcher numbers
+//! each entry it sees, and goes by that number: a tuple seen again after its
+//! entry was destroyed, announced by a NEW event, with another kernel ID,
+//! another reply tuple, or counters that went down, is a new entry, which
+//! no earlier plan or process took.
+//!
+//! Conversion plans (PORT→PASV, PASV→PORT) need the gateway to originate
+//! both legs or listen on both, which address translation cannot do; so do
+//! plans whose legs differ in address family. [`Shape::of`] says which
+//! plans the kernel can carry; the router (`Backend::open`) gives the rest
+//! to the relay.
+
+mod claims;
+mod conntrack;
+mod shape;
+
+pub use shape::Shape;
+
+use super::{
+    Activity, DataEvent, DataOutcome, DataPlan, DataSettings, OpenError, Opened, Pinhole, PlanId,
+    PortPool, SessionInfo,
+};
+use crate::netfilter::{Element, InterceptTable};
+use claims::{Claims, Held, Shared};
+use conntrack::{Conntrack, Flow, Watch};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+/// Turns on per-connection byte counters.
+const ACCT: &str = "/proc/sys/net/netfilter/nf_conntrack_acct";
+
+/// Carries out the plans whose [`Shape`] the kernel can NAT.
+#[derive(Debug)]
+pub struct KernelBackend {
+    client_pool: PortPool,
+    server_pool: PortPool,
+    settings: DataSettings,
+    table: Arc<InterceptTable>,
+    claims: Arc<Claims>,
+    conntrack: Arc<Conntrack>,
+    shared: Arc<Shared>,
+    /// Plans whose [`Held`] still exists.
+    live: Arc<AtomicUsize>,
+}
+
+impl KernelBackend {
+    /// Checks that the kernel can do the job (conntrack events over
+    /// netlink, byte accounting on) and builds the backend. Fails with a
+    /// plain message otherwise, so that the gateway does not start
+    /// half-working.
+    pub async fn new(
+        client_pool: PortPool,
+        server_pool: PortPool,
+        settings: DataSettings,
+        table: Arc<InterceptTable>,
+    ) -> io::Result<Self> {
+        // Accounting applies to connections created after it is on.
+        tokio::fs::write(ACCT, b"1").await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot enable {ACCT} (needs CAP_NET_ADMIN and nf_conntrack): {e}"),
+            )
+        })?;
+        let conntrack = Conntrack::start().await?;
+        Ok(KernelBackend {
+            client_pool,
+            server_pool,
+            settings,
+            table,
+            claims: Arc::default(),
+            conntrack,
+            shared: Arc::default(),
+            live: Arc::default(),
+        })
+    }
+
+    /// Plans not yet fully released (elements, claim, lease).
+    pub fn plans(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Removes the lingering claim on `port`, if any: another backend
+    /// listens on the port now, and the claim would drop its connections.
+    pub async fn release_claim(&self, port: u16) {
+        self.claims.release(&self.table, port).await;
+    }
+
+    /// Opens `plan`, of shape `shape`: leases its port, adds its elements
+    /// and starts following its connection; progress comes on `events`.
+    pub async fn open(
+        &self,
+        session: &SessionInfo,
+        plan: DataPlan,
+        shape: Shape,
+        events: mpsc::UnboundedSender<DataEvent>,
+    ) -> Result<(Opened, Pinhole), OpenError> {
+        let pool = if shape.passive {
+            &self.client_pool
+        } else {
+            &self.server_pool
+        };
+        let lease = pool.lease(session.client.ip())?;
+        let port = lease.port();
+        self.claims.release(&self.table, port).await;
+        let (claim, elements) = shape.elements(port);
+        let timeout = self.settings.pinhole_timeout;
+        self.install(claim, &elements, timeout).await?;
+        let announced = SocketAddr::new(shape.dst, port);
+        let opened = Opened {
+            client_listen: shape.passive.then_some(announced),
+            server_listen: (!shape.passive).then_some(announced),
+        };
+        let held = Arc::new(Held {
+            table: self.table.clone(),
+            shared: self.shared.clone(),
+            claims: self.claims.clone(),
+            elements: Mutex::new(elements),
+            end: Mutex::new(Some((claim, lease))),
+            port,
+            linger: timeout,
+            session: events.clone(),
+            _live: claims::Live::enter(&self.live),
+        });
+        let watch = self.conntrack.watch(shape, port);
+        let activity = session.activity.clone();
+        let task = tokio::spawn(follow(
+            plan.id,
+            shape,
+            watch,
+            timeout,
+            held.clone(),
+            events,
+            activity,
+        ));
+        let guard = Guard {
+            held,
+            task: task.abort_handle(),
+        };
+        let pinhole = Pinhole {
+            id: plan.id,
+            guard: Box::new(guard),
+        };
+        Ok((opened, pinhole))
+    }
+
+    /// Adds a plan's elements and its claim in one transaction. Elements
+    /// that another live plan holds ([`Shared`]) get this plan's timeout.
+    async fn install(
+        &self,
+        claim: Element,
+        elements: &[Element],
+        timeout: Duration,
+    ) -> io::Result<()> {
+        // Held across the nft changes, so that a plan's adds and another's
+        // removal of a shared key keep their order.
+        let mut shared = self.shared.lock().await;
+        let mut timed = Vec::new();
+        let mut renew = Vec::new();
+        for e in elements {
+            if claims::keyed_by_endpoint(e) && shared.get(e).is_some_and(|&n| n > 0) {
+                // Another live plan holds it: give it this plan's timeout.
+                renew.push(*e);
+            } else {
+                timed.push((*e, timeout));
+            }
+        }
+        // Longer than the rest, so that it is still there when the plan
+        // hands it over to linger at the timeout.
+        timed.push((claim, 2 * timeout));
+        self.table.add(&timed).await?;
+        for e in renew {
+            self.table.refresh(e, timeout).await?;
+        }
+        for e in elements.iter().filter(|e| claims::keyed_by_endpoint(e)) {
+            *shared.entry(*e).or_insert(0) += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Dropping it stops following the plan and removes its elements.
+struct Guard {
+    held: Arc<Held>,
+    task: AbortHandle,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.task.abort();
+        let held = self.held.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { held.end().await });
+        }
+    }
+}
+
+/// Follows the plan's connection, as the shared [`Conntrack`] watcher sees
+/// it, until it ends or never comes.
+async fn follow(
+    id: PlanId,
+    shape: Shape,
+    mut watch: Watch,
+    timeout: Duration,
+    held: Arc<Held>,
+    events: mpsc::UnboundedSender<DataEvent>,
+    activity: Activity,
+) {
+    let start = Instant::now();
+    // Conntrack does not report bytes while they flow: the connection
+    // counts as the session's activity from its start to its end.
+    let mut unseen = None;
+    let deadline = start + timeout;
+    let mut refresh_at = deadline;
+    let mut seen = false;
+    let mut last = Flow::default();
+    let outcome = loop {
+        let current = watch.rx.borrow_and_update().clone();
+        match current {
+            Some(flow) => {
+                if !seen {
+                    seen = true;
+                    tracing::debug!(
+                        plan = id,
+                        port = watch.port,
+                        after_us = start.elapsed().as_micros() as u64,
+                        "conntrack: connected"
+                    );
+                    connected(&held).await;
+                    unseen = Some(activity.unseen());
+                    let _ = events.send(DataEvent::Connected { id });
+                }
+                let done = flow.done;
+                last = flow;
+                if done {
+                    tracing::debug!(
+                        plan = id,
+                        port = watch.port,
+                        after_us = start.elapsed().as_micros() as u64,
+                        orig_bytes = last.orig_bytes,
+                        reply_bytes = last.reply_bytes,
+                        "conntrack: closed"
+                    );
+                    break DataOutcome::Completed;
+                }
+                if Instant::now() >= refresh_at {
+                    held.refresh_claim(2 * timeout).await;
+                    refresh_at = Instant::now() + timeout;
+                }
+            }
+            None if seen => break DataOutcome::Completed,
+            None if Instant::now() >= deadline => break DataOutcome::Expired,
+            None => {}
+        }
+        let wake_at = if seen { refresh_at } else { deadline };
+        tokio::select! {
+            changed = watch.rx.changed() => if changed.is_err() {
+                break DataOutcome::Failed("conntrack watcher stopped".into());
+            },
+            _ = tokio::time::sleep_until(wake_at) => {}
+        }
+    };
+    drop(watch);
+    // In a task of its own: the guard may abort this one at any moment,
+    // and a claim taken but not yet registered would be left behind.
+    let ending = held.clone();
+    let _ = tokio::spawn(async move { ending.end().await }).await;
+    let (to_client, to_server) = directions(&shape, &last);
+    drop(unseen);
+    let _ = events.send(DataEvent::Closed {
+        id,
+        to_client,
+        to_server,
+        outcome,
+    });
+}
+
+/// The one connection is in; the rest of the plan's elements have done
+/// their job (conntrack keeps the NAT), and go. In a task of its own, so
+/// that an abort cannot stop it half-way (shared keys counted down, not
+/// removed).
+async fn connected(held: &Arc<Held>) {
+    let h = held.clone();
+    let _ = tokio::spawn(async move { h.remove().await }).await;
+}
+
+/// (to the client, to the server) from a flow's counters: the originating
+/// side's bytes are the first direction of the entry.
+fn directions(shape: &Shape, flow: &Flow) -> (u64, u64) {
+    if shape.passive {
+        (flow.reply_bytes, flow.orig_bytes)
+    } else {
+        (flow.orig_bytes, flow.reply_bytes)
+    }
+}

@@ -1,0 +1,128 @@
+//! Which plans the kernel can carry, and the elements of the gateway's
+//! table that one such plan amounts to.
+
+use crate::netfilter::Element;
+use crate::pinhole::{DataPlan, Leg};
+use std::net::{IpAddr, SocketAddr};
+
+/// A plan the kernel can carry: `peer` connects to (`dst`, port), which is
+/// translated to `to`, whose side sees `source`.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// The client connects (PASV); otherwise the server does (PORT).
+    pub(super) passive: bool,
+    pub(super) peer: IpAddr,
+    pub(super) dst: IpAddr,
+    pub(super) to: SocketAddr,
+    pub(super) source: IpAddr,
+}
+
+impl Shape {
+    /// The NAT-able shape of `plan`, or `None` when the relay must carry it.
+    pub fn of(plan: &DataPlan) -> Option<Shape> {
+        let view = plan.client_view;
+        let shape = match (plan.client, plan.server) {
+            // PASV same: the client connects to (announced, P).
+            (
+                Leg::Listen { bind, peer },
+                Leg::Connect {
+                    target,
+                    bind: source,
+                },
+            ) => Shape {
+                passive: true,
+                peer,
+                dst: view.unwrap_or(bind),
+                to: target,
+                source,
+            },
+            // PORT same: the server connects to (gateway, Q).
+            (Leg::Connect { target, bind }, Leg::Listen { bind: dst, peer }) => Shape {
+                passive: false,
+                peer,
+                dst,
+                to: target,
+                source: view.unwrap_or(bind),
+            },
+            _ => return None,
+        };
+        let same = [shape.dst, shape.to.ip(), shape.source]
+            .iter()
+            .all(|a| a.is_ipv4() == shape.peer.is_ipv4());
+        let specific = !shape.dst.is_unspecified() && !shape.source.is_unspecified();
+        (same && specific).then_some(shape)
+    }
+
+    /// The plan's claim on its announced `port`, and the elements that let
+    /// its one connection through. Each is shown as the element `nft`
+    /// would add to table `ftpgate` for a passive IPv4 plan (client
+    /// 198.51.100.2, announced 192.0.2.1 port 40001, server 10.71.2.2 port
+    /// 30000 seen from 10.71.2.1), with the rule of `table.nft` it feeds.
+    pub(super) fn elements(&self, port: u16) -> (Element, Vec<Element>) {
+        let Shape {
+            peer,
+            dst,
+            to,
+            source,
+            ..
+        } = *self;
+        // add element inet ftpgate claim4 { 192.0.2.1 . 40001 timeout 60000ms }
+        // prerouting, after the @once4/@dnat4 rule: ip daddr . tcp dport @claim4 drop
+        let claim = Element::Claim { dst, port };
+        let elements = vec![
+            // add element inet ftpgate once4 { 198.51.100.2 . 40001 timeout 30000ms }
+            // prerouting: the first SYN deletes it (... @once4 delete @once4 { ip saddr . tcp dport })
+            Element::Once { peer, port },
+            // add element inet ftpgate dnat4 { 198.51.100.2 . 192.0.2.1 . 40001 timeout 30000ms : 10.71.2.2 . 30000 }
+            // prerouting: dnat ip to ip saddr . ip daddr . tcp dport map @dnat4
+            Element::Dnat {
+                peer,
+                dst,
+                port,
+                to,
+            },
+            // add element inet ftpgate ksnat4 { 198.51.100.2 . 10.71.2.2 . 30000 timeout 30000ms : 10.71.2.1 }
+            // postrouting: snat ip to ip saddr . ip daddr . tcp dport map @ksnat4
+            Element::Snat { peer, to, source },
+            // add element inet ftpgate fwd4 { 198.51.100.2 . 10.71.2.2 . 30000 timeout 30000ms }
+            // forward: ct state new ip saddr . ip daddr . tcp dport @fwd4 accept
+            Element::Forward { peer, to },
+        ];
+        (claim, elements)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(client: Leg, server: Leg) -> DataPlan {
+        DataPlan {
+            id: 1,
+            client,
+            server,
+            client_view: None,
+        }
+    }
+
+    #[test]
+    fn conversion_and_mixed_families_go_to_the_relay() {
+        let l4 = Leg::Listen {
+            bind: "192.0.2.1".parse().unwrap(),
+            peer: "198.51.100.2".parse().unwrap(),
+        };
+        let c4 = Leg::Connect {
+            target: "10.71.2.2:30000".parse().unwrap(),
+            bind: "10.71.2.1".parse().unwrap(),
+        };
+        let c6 = Leg::Connect {
+            target: "[fd71:2::2]:30000".parse().unwrap(),
+            bind: "fd71:2::1".parse().unwrap(),
+        };
+        assert!(Shape::of(&plan(l4, c4)).is_some());
+        assert!(Shape::of(&plan(c4, l4)).is_some());
+        assert!(Shape::of(&plan(l4, l4)).is_none());
+        assert!(Shape::of(&plan(c4, c4)).is_none());
+        assert!(Shape::of(&plan(l4, c6)).is_none());
+    }
+}
