@@ -19,8 +19,7 @@ control connection through ftpgate to vsftpd opens a real pinhole, and:
             element (polled for a bounded time: removal is asynchronous).
 
 With --backend nftables one more check, `conntrack`, says how the gateway follows
-connections: `netlink` (events), or `proc` when FTPGATE_CONNTRACK=proc is set in the
-environment (the fallback that reads /proc/net/nf_conntrack).
+connections: it must say `netlink` (conntrack's netlink events; there is no other way).
 
 A connect attempt is `connected` (SYN-ACK), `refused` (RST) or `dropped` (no answer
 within CONNECT_WAIT). With --backend nftables every attempt but the legit one must be
@@ -290,9 +289,6 @@ def conntrack_source(target):
         text = f.read()
     if "following netlink events" in text:
         return "netlink"
-    for line in text.splitlines():
-        if "FTPGATE_CONNTRACK=proc" in line or "no netlink events" in line:
-            return "proc" if os.environ.get("FTPGATE_CONNTRACK") == "proc" else "proc: " + line
     return "unknown"
 
 
@@ -469,7 +465,7 @@ def main(argv):
         if args.backend == "nftables":
             # Startup lines are logged before "listening".
             source = conntrack_source(target)
-            want = "proc" if os.environ.get("FTPGATE_CONNTRACK") == "proc" else "netlink"
+            want = "netlink"
             ok = source == want
             results.append(("conntrack", source, want, ok))
             print(f"pinholes nftables conntrack: {source}{'' if ok else ' FAIL (expected ' + want + ')'}", flush=True)
