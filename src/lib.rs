@@ -6,19 +6,32 @@
 //!
 //! # Layout
 //!
+//! Imports point down this list, never back up:
+//!
 //! - [`ftp`]: pure wire handling — line framer, Telnet decoding and the
 //!   re-serialisation of checked lines, command and reply parsers, and the
 //!   formatting of rewritten lines.
-//! - [`config`]: the YAML rule file → validated [`config::Config`], with
-//!   errors located at `file:line:column`.
+//! - [`config`]: the YAML rule file → validated [`config::Config`]: the
+//!   types, the raw serde layer with positions, the checks (errors at
+//!   `file:line:column`) and the printer; each enum's rule-file names are
+//!   written once, beside its variants.
 //! - [`rules`]: (client, server) → [`rules::Decision`], once per session.
 //! - [`session`]: the sans-IO session core. Events in (lines, data events,
 //!   timers), actions out (bytes, pinholes, local replies, log events). All
-//!   protocol logic and policy lives here.
-//! - [`pinhole`]: port pools and the backends that carry out a data plan
-//!   (relay; the gateway's nftables table).
+//!   protocol logic and policy lives here: commands, replies, the life of
+//!   each data plan, and the transfer records.
+//! - [`pinhole`]: what a data plan is and who carries it — the plan and its
+//!   legs, the events and outcomes reported to the session, the port pools,
+//!   and [`pinhole::Backend`], the one place that routes a plan to the
+//!   user-space `relay` (per-plan task, copy, splice) or to the `kernel`
+//!   backend (a plan's shape → nftables elements, port claims, following the
+//!   plan's connection in conntrack).
+//! - [`netfilter`]: kernel plumbing with no FTP in it — the netfilter netlink
+//!   socket, conntrack messages and events, nf_tables element batches, the
+//!   gateway's table and its lifecycle, and the `ftpgate nft` ruleset
+//!   template.
 //! - [`proxy`]: the tokio shell — listeners, the control task per session,
-//!   original-destination lookup, shutdown.
+//!   original-destination lookup, per-client limits, shutdown.
 //! - [`metrics`], [`audit`], [`systemd`]: what the shell reports to
 //!   operators — Prometheus metrics, the per-transfer JSON audit log, and
 //!   readiness notifications.
