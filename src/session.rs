@@ -16,7 +16,9 @@ use crate::ftp::{
     self, parse_227, parse_229, parse_command, rewrite, CheckedCommand, CheckedReply, Command,
     CommandError, EpsvParam, Framer, Line, LineFault, ReplyPos, ReplyTracker,
 };
-use crate::pinhole::{DataEvent, DataOutcome, DataPlan, Leg, Opened, PlanId};
+use crate::pinhole::{
+    DataEvent, DataFailure, DataOutcome, DataPlan, Leg, OpenError, Opened, PlanId,
+};
 use crate::rules::Policy;
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
@@ -71,8 +73,8 @@ pub enum Action {
 pub enum LogEvent {
     /// A command, reply or connection was refused.
     Refusal {
-        /// What was refused (the verb, or "DATA" for a data connection).
-        what: String,
+        /// What was refused.
+        what: Refused,
         /// The reply code the client got (0 when none).
         code: u16,
         /// Why.
@@ -100,6 +102,114 @@ pub enum LogEvent {
     },
     /// A pinhole closed without being used.
     PinholeExpired(PlanId),
+}
+
+/// What a [`LogEvent::Refusal`] refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// A command, by its verb (`?` when no verb could be read).
+    Command(String),
+    /// A data connection from a peer other than the expected one.
+    DataPeer,
+}
+
+impl Refused {
+    /// The log line's `what` field: the verb, or `DATA`.
+    pub fn what(&self) -> &str {
+        match self {
+            Refused::Command(verb) => verb,
+            Refused::DataPeer => "DATA",
+        }
+    }
+}
+
+/// Why a data plan could not be opened, as the core sees it: the pinhole's
+/// [`OpenError`] without its `io::Error`, so that it can be cloned and
+/// compared. Its text follows the 425 reply's "Can't open data connection: ".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenFailure {
+    /// Every port of a pool is taken.
+    #[error("no free port in {0} pool")]
+    PoolExhausted(&'static str),
+    /// The client already holds its share of a pool.
+    #[error("client {client} already holds {share} ports of the {pool} pool, its share (data.max_ports_per_client)")]
+    ClientShare {
+        /// "client" or "server".
+        pool: &'static str,
+        /// The client address the ports are counted against.
+        client: IpAddr,
+        /// The most ports that address may hold.
+        share: usize,
+    },
+    /// A socket or nftables call failed; the error's text.
+    #[error("{0}")]
+    Io(String),
+}
+
+impl From<&OpenError> for OpenFailure {
+    fn from(e: &OpenError) -> Self {
+        match e {
+            OpenError::PoolExhausted(pool) => OpenFailure::PoolExhausted(pool),
+            OpenError::ClientShare {
+                pool,
+                client,
+                share,
+            } => OpenFailure::ClientShare {
+                pool,
+                client: *client,
+                share: *share,
+            },
+            OpenError::Io(e) => OpenFailure::Io(e.to_string()),
+        }
+    }
+}
+
+/// The data mode of one leg of a plan: passive where the peer connects to
+/// the gateway, active where the gateway connects to the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegMode {
+    /// The peer connects to the gateway.
+    Passive,
+    /// The gateway connects to the peer.
+    Active,
+}
+
+/// A transfer's data modes, the client leg's and the server leg's. Its
+/// label is the `mode` of the transfer log line, the audit record and the
+/// `ftpgate_transfers_total` metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferMode {
+    /// No data plan was armed for the transfer.
+    None,
+    /// The modes of the plan that carried it.
+    Legs {
+        /// The gateway↔client leg.
+        client: LegMode,
+        /// The gateway↔server leg.
+        server: LegMode,
+    },
+}
+
+impl TransferMode {
+    /// `client/server`, e.g. `passive/active`, or `none`.
+    pub fn as_label(self) -> &'static str {
+        use LegMode::{Active, Passive};
+        match self {
+            TransferMode::None => "none",
+            TransferMode::Legs { client, server } => match (client, server) {
+                (Passive, Passive) => "passive/passive",
+                (Passive, Active) => "passive/active",
+                (Active, Passive) => "active/passive",
+                (Active, Active) => "active/active",
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for TransferMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_label())
+    }
 }
 
 /// Which way a transfer's bytes went.
@@ -135,8 +245,8 @@ pub struct TransferRecord {
     pub user: Option<String>,
     /// Download, upload or listing.
     pub direction: Direction,
-    /// `client/server` data modes, e.g. `passive/active`.
-    pub mode: String,
+    /// The data modes, client leg and server leg.
+    pub mode: TransferMode,
     /// Bytes written to the client.
     pub to_client: u64,
     /// Bytes written to the server.
@@ -183,22 +293,6 @@ pub struct Totals {
     pub data_to_client: u64,
     /// Data bytes written to the server.
     pub data_to_server: u64,
-}
-
-/// The data mode of one leg.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LegMode {
-    Passive,
-    Active,
-}
-
-impl LegMode {
-    fn name(self) -> &'static str {
-        match self {
-            LegMode::Passive => "passive",
-            LegMode::Active => "active",
-        }
-    }
 }
 
 /// How the client asked for its data connection, so the answer uses the
@@ -285,7 +379,7 @@ struct Transfer {
     user: Option<String>,
     direction: Direction,
     plan: Option<PlanId>,
-    mode: String,
+    mode: TransferMode,
     /// The final reply code, once it came.
     reply: Option<u16>,
     /// (to_client, to_server, outcome) once the data connection closed.
@@ -534,7 +628,7 @@ impl Session {
     }
 
     /// The result of an [`Action::Open`].
-    pub fn opened(&mut self, id: PlanId, result: Result<Opened, String>) {
+    pub fn opened(&mut self, id: PlanId, result: Result<Opened, OpenFailure>) {
         let Some((want, after)) = self.opening else {
             return;
         };
@@ -574,7 +668,7 @@ impl Session {
             }
             DataEvent::Rejected { from, expected, .. } => {
                 self.log(LogEvent::Refusal {
-                    what: "DATA".into(),
+                    what: Refused::DataPeer,
                     code: 0,
                     reason: format!("data connection from {from} refused: expected {expected}"),
                 });
@@ -645,11 +739,8 @@ impl Session {
     pub fn finish(&mut self) {
         for t in &mut self.transfers {
             t.reply.get_or_insert(0);
-            t.data.get_or_insert((
-                0,
-                0,
-                DataOutcome::Failed("data connection's end not reported".into()),
-            ));
+            t.data
+                .get_or_insert((0, 0, DataOutcome::Failed(DataFailure::EndNotReported)));
         }
         self.flush_transfers();
     }
@@ -783,8 +874,11 @@ impl Session {
                 let plan = self.armed.take();
                 let mode = plan
                     .and_then(|id| self.plans.get(&id))
-                    .map(|p| format!("{}/{}", p.client_mode.name(), p.server_mode.name()))
-                    .unwrap_or_else(|| "none".into());
+                    .map(|p| TransferMode::Legs {
+                        client: p.client_mode,
+                        server: p.server_mode,
+                    })
+                    .unwrap_or(TransferMode::None);
                 let user = self.user_as_of_now();
                 self.transfers.push(Transfer {
                     command: verb,
@@ -1344,7 +1438,7 @@ impl Session {
                 let outcome = if code < 400 {
                     DataOutcome::Completed
                 } else {
-                    DataOutcome::Failed("no data connection".into())
+                    DataOutcome::Failed(DataFailure::NoDataConnection)
                 };
                 self.transfers[idx].data.get_or_insert((0, 0, outcome));
             }
@@ -1407,14 +1501,14 @@ impl Session {
                     (200..=299, DataOutcome::Completed) => "ok".to_string(),
                     (_, DataOutcome::Completed) => format!("server replied {reply}"),
                     (_, DataOutcome::Expired) => "data connection never made".to_string(),
-                    (_, DataOutcome::Failed(why)) => why.clone(),
+                    (_, DataOutcome::Failed(why)) => why.to_string(),
                 };
                 let rec = TransferRecord {
                     command: t.command.clone(),
                     path: t.path.clone(),
                     user: t.user.clone(),
                     direction: t.direction,
-                    mode: t.mode.clone(),
+                    mode: t.mode,
                     to_client: *to_client,
                     to_server: *to_server,
                     reply,
@@ -1506,7 +1600,7 @@ impl Session {
         // A closed plan sends no Closed event: settle its transfer here.
         if let Some(t) = self.transfers.iter_mut().find(|t| t.plan == Some(id)) {
             t.data
-                .get_or_insert((0, 0, DataOutcome::Failed("no data connection".into())));
+                .get_or_insert((0, 0, DataOutcome::Failed(DataFailure::NoDataConnection)));
         }
         self.listen_ports.remove(&id);
         if self.armed == Some(id) {
@@ -1588,7 +1682,7 @@ impl Session {
 
     fn refuse(&mut self, what: &str, code: u16, reason: &str) {
         self.log(LogEvent::Refusal {
-            what: what.to_string(),
+            what: Refused::Command(what.to_string()),
             code,
             reason: reason.to_string(),
         });
@@ -1599,7 +1693,7 @@ impl Session {
     /// A refusal that answers the command whose reply is due now.
     fn refuse_now(&mut self, what: &str, code: u16, reason: &str) {
         self.log(LogEvent::Refusal {
-            what: what.to_string(),
+            what: Refused::Command(what.to_string()),
             code,
             reason: reason.to_string(),
         });

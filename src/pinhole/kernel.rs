@@ -544,7 +544,7 @@ async fn follow(
         let wake_at = if seen { refresh_at } else { deadline };
         tokio::select! {
             changed = watch.rx.changed() => if changed.is_err() {
-                break DataOutcome::Failed("conntrack watcher stopped".into());
+                break DataOutcome::Failed(super::DataFailure::WatcherStopped);
             },
             _ = tokio::time::sleep_until(wake_at) => {}
         }
