@@ -11,6 +11,8 @@
 //! Replies it makes itself wait in the same queue, so the client always
 //! sees replies in the order of its commands, pipelined or not.
 
+mod plans;
+
 use crate::config::{DataMode, ServerMode, TlsPolicy};
 use crate::ftp::{
     self, parse_227, parse_229, parse_command, rewrite, CheckedCommand, CheckedReply, Command,
@@ -20,7 +22,8 @@ use crate::pinhole::{
     DataEvent, DataFailure, DataOutcome, DataPlan, Leg, OpenError, Opened, PlanId,
 };
 use crate::rules::Policy;
-use std::collections::{HashMap, VecDeque};
+use plans::Plans;
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 
 /// What a session is, fixed at connect.
@@ -358,19 +361,6 @@ enum AfterOpen {
     ReplyPortOk(ClientAsk),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PlanState {
-    Open,
-    Connected,
-}
-
-#[derive(Debug, Clone)]
-struct PlanInfo {
-    client_mode: LegMode,
-    server_mode: LegMode,
-    state: PlanState,
-}
-
 #[derive(Debug, Clone)]
 struct Transfer {
     command: String,
@@ -407,17 +397,11 @@ pub struct Session {
     /// Continuation lines, re-serialised, of a transfer's final reply that
     /// is held with it (see `defer_final`).
     held_transfer: Vec<Vec<u8>>,
-    /// While an open is in flight, no input is processed.
-    opening: Option<(PlanId, AfterOpen)>,
-    /// Where each open plan listens, for the announcements.
-    listen_ports: HashMap<PlanId, Opened>,
     /// A transfer's final reply held until its active-mode plan has ended
     /// (see `defer_final`); no input is processed meanwhile.
     deferred: Option<Deferred>,
-    next_plan: PlanId,
-    plans: HashMap<PlanId, PlanInfo>,
-    /// The plan the next transfer command will use.
-    armed: Option<PlanId>,
+    /// The data plans, from their open to their end.
+    plans: Plans,
     transfers: Vec<Transfer>,
     epsv_all: bool,
     /// The user the server accepted (230); `None` before a login succeeds.
@@ -499,12 +483,8 @@ impl Session {
             queue,
             held_reply: Vec::new(),
             held_transfer: Vec::new(),
-            opening: None,
-            listen_ports: HashMap::new(),
             deferred: None,
-            next_plan: 1,
-            plans: HashMap::new(),
-            armed: None,
+            plans: Plans::new(),
             transfers: Vec::new(),
             epsv_all: false,
             user: None,
@@ -537,9 +517,7 @@ impl Session {
     /// connection closed; the shell waits briefly so the transfer is logged.
     pub fn awaiting_data(&self) -> bool {
         self.transfers.iter().any(|t| {
-            t.reply.is_some()
-                && t.data.is_none()
-                && t.plan.is_some_and(|id| self.plans.contains_key(&id))
+            t.reply.is_some() && t.data.is_none() && t.plan.is_some_and(|id| self.plans.is_live(id))
         })
     }
 
@@ -629,20 +607,12 @@ impl Session {
 
     /// The result of an [`Action::Open`].
     pub fn opened(&mut self, id: PlanId, result: Result<Opened, OpenFailure>) {
-        let Some((want, after)) = self.opening else {
+        let Some(after) = self.plans.open_result(id, result.as_ref().ok().copied()) else {
             return;
         };
-        if want != id {
-            return;
-        }
-        self.opening = None;
         match result {
             Ok(opened) => self.after_open(id, after, opened),
             Err(reason) => {
-                self.plans.remove(&id);
-                if self.armed == Some(id) {
-                    self.armed = None;
-                }
                 let why = format!("Can't open data connection: {reason}");
                 match after {
                     // The client's PORT/EPRT/PASV is not answered yet and may
@@ -662,9 +632,7 @@ impl Session {
     pub fn data_event(&mut self, event: DataEvent) {
         match event {
             DataEvent::Connected { id } => {
-                if let Some(p) = self.plans.get_mut(&id) {
-                    p.state = PlanState::Connected;
-                }
+                self.plans.connected(id);
             }
             DataEvent::Rejected { from, expected, .. } => {
                 self.log(LogEvent::Refusal {
@@ -679,16 +647,7 @@ impl Session {
                 to_server,
                 outcome,
             } => {
-                let was_connected = self
-                    .plans
-                    .remove(&id)
-                    .map(|p| p.state == PlanState::Connected)
-                    .unwrap_or(false);
-                if self.armed == Some(id) {
-                    self.armed = None;
-                }
-                // Finished plans need no announcement any more.
-                self.listen_ports.remove(&id);
+                let was_connected = self.plans.remove(id).unwrap_or(false);
                 self.totals.data_to_client += to_client;
                 self.totals.data_to_server += to_server;
                 if let Some(t) = self.transfers.iter_mut().find(|t| t.plan == Some(id)) {
@@ -715,7 +674,7 @@ impl Session {
             return;
         }
         self.phase = Phase::Ended;
-        for id in self.plans.keys().copied().collect::<Vec<_>>() {
+        for id in self.plans.ids() {
             self.push(Action::Close(id));
         }
         // Every transfer gets its record: one the server never answered is
@@ -724,7 +683,7 @@ impl Session {
         for t in &mut self.transfers {
             if t.reply.is_none() {
                 t.reply = Some(0);
-                let live = t.plan.is_some_and(|id| self.plans.contains_key(&id));
+                let live = t.plan.is_some_and(|id| self.plans.is_live(id));
                 if !live {
                     t.data.get_or_insert((0, 0, DataOutcome::Completed));
                 }
@@ -749,7 +708,7 @@ impl Session {
     /// is in flight.
     fn process(&mut self) {
         while self.phase == Phase::Parsing
-            && self.opening.is_none()
+            && !self.plans.is_opening()
             && self.deferred.is_none()
             && self.actions.len() < MAX_ACTIONS
         {
@@ -773,7 +732,7 @@ impl Session {
                 }
             }
             if self.phase != Phase::Parsing
-                || self.opening.is_some()
+                || self.plans.is_opening()
                 || self.deferred.is_some()
                 || self.queue.len() >= MAX_PENDING
             {
@@ -871,14 +830,7 @@ impl Session {
                     "STOR" | "STOU" | "APPE" => Direction::Upload,
                     _ => Direction::Listing,
                 };
-                let plan = self.armed.take();
-                let mode = plan
-                    .and_then(|id| self.plans.get(&id))
-                    .map(|p| TransferMode::Legs {
-                        client: p.client_mode,
-                        server: p.server_mode,
-                    })
-                    .unwrap_or(TransferMode::None);
+                let (plan, mode) = self.plans.take_armed();
                 let user = self.user_as_of_now();
                 self.transfers.push(Transfer {
                     command: verb,
@@ -1252,10 +1204,7 @@ impl Session {
             .iter()
             .find(|t| t.reply.is_none())
             .and_then(|t| t.plan)?;
-        self.plans
-            .get(&plan)
-            .is_some_and(|p| p.client_mode == LegMode::Active)
-            .then_some(plan)
+        self.plans.dials_client(plan).then_some(plan)
     }
 
     /// Lets a held final reply go once its plan is over.
@@ -1370,7 +1319,6 @@ impl Session {
     }
 
     fn after_open(&mut self, id: PlanId, after: AfterOpen, opened: Opened) {
-        self.listen_ports.insert(id, opened);
         match after {
             AfterOpen::ReplyPassive(ask) => {
                 let reply = self.passive_announcement(ask, id);
@@ -1404,12 +1352,7 @@ impl Session {
 
     /// The 227/229 that tells the client where to connect for plan `id`.
     fn passive_announcement(&mut self, ask: ClientAsk, id: PlanId) -> Vec<u8> {
-        let Some(port) = self
-            .listen_ports
-            .get(&id)
-            .and_then(|o| o.client_listen)
-            .map(|a| a.port())
-        else {
+        let Some(port) = self.plans.client_listen(id).map(|a| a.port()) else {
             self.close_plan(id);
             return rewrite::reply(425, "Can't open data connection: no client listener");
         };
@@ -1443,8 +1386,7 @@ impl Session {
                 self.transfers[idx].data.get_or_insert((0, 0, outcome));
             }
             Some(id) => {
-                let connected = self.plans.get(&id).map(|p| p.state == PlanState::Connected);
-                if code >= 400 && connected == Some(false) {
+                if code >= 400 && self.plans.is_unconnected(id) {
                     // No data connection will carry this transfer: release
                     // the pinhole now rather than at its timeout.
                     self.close_plan(id);
@@ -1549,12 +1491,6 @@ impl Session {
         }
     }
 
-    fn plan_id(&mut self) -> PlanId {
-        let id = self.next_plan;
-        self.next_plan += 1;
-        id
-    }
-
     /// Opens a plan of these two legs. A leg where the gateway listens is
     /// passive on that side; one where it connects is active.
     ///
@@ -1565,36 +1501,18 @@ impl Session {
     /// the client's share) when the new plan takes its own.
     fn open(&mut self, client: Leg, server: Leg, after: AfterOpen) {
         self.drop_unused_plan();
-        let id = self.plan_id();
-        let client_mode = match client {
-            Leg::Listen { .. } => LegMode::Passive,
-            Leg::Connect { .. } => LegMode::Active,
-        };
-        let server_mode = match server {
-            Leg::Listen { .. } => LegMode::Active,
-            Leg::Connect { .. } => LegMode::Passive,
-        };
+        let id = self.plans.begin(&client, &server, after);
         let plan = DataPlan {
             id,
             client,
             server,
             client_view: self.client_view(),
         };
-        self.plans.insert(
-            id,
-            PlanInfo {
-                client_mode,
-                server_mode,
-                state: PlanState::Open,
-            },
-        );
-        self.armed = Some(id);
-        self.opening = Some((id, after));
         self.push(Action::Open(plan));
     }
 
     fn close_plan(&mut self, id: PlanId) {
-        if self.plans.remove(&id).is_some() {
+        if self.plans.remove(id).is_some() {
             self.push(Action::Close(id));
         }
         // A closed plan sends no Closed event: settle its transfer here.
@@ -1602,24 +1520,13 @@ impl Session {
             t.data
                 .get_or_insert((0, 0, DataOutcome::Failed(DataFailure::NoDataConnection)));
         }
-        self.listen_ports.remove(&id);
-        if self.armed == Some(id) {
-            self.armed = None;
-        }
     }
 
     /// A new PASV/PORT replaces a pinhole that was never used. A plan a
     /// transfer command took is no longer armed, and is left alone.
     fn drop_unused_plan(&mut self) {
-        if let Some(id) = self.armed.take() {
-            let unused = self
-                .plans
-                .get(&id)
-                .map(|p| p.state == PlanState::Open)
-                .unwrap_or(false);
-            if unused {
-                self.close_plan(id);
-            }
+        if let Some(id) = self.plans.disarm_unused() {
+            self.close_plan(id);
         }
     }
 
