@@ -1,9 +1,7 @@
 //! A session's data plans and the legs they are made of.
 
-use super::{AfterOpen, LegMode, TransferMode};
-use crate::pinhole::{Leg, Opened, PlanId};
+use super::*;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
 /// Where a plan is in its life. Done is its removal from [`Plans`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +166,162 @@ impl Plans {
     /// Every live plan, in no order.
     pub(super) fn ids(&self) -> Vec<PlanId> {
         self.live.keys().copied().collect()
+    }
+}
+
+impl Session {
+    pub(super) fn after_open(&mut self, id: PlanId, after: AfterOpen, opened: Opened) {
+        match after {
+            AfterOpen::ReplyPassive(ask) => {
+                let reply = self.passive_announcement(ask, id);
+                self.reply_now(reply);
+            }
+            AfterOpen::ReplyPortOk(ask) => {
+                self.reply_now(rewrite::reply(
+                    200,
+                    &format!("{} command successful", ask.verb()),
+                ));
+            }
+            AfterOpen::SendPort(ask) => {
+                let Some(addr) = opened.server_listen else {
+                    self.close_plan(id);
+                    self.refuse(
+                        ask.verb(),
+                        425,
+                        "Can't open data connection: no server listener",
+                    );
+                    return;
+                };
+                let cmd = match addr {
+                    SocketAddr::V4(a) => rewrite::port(a),
+                    SocketAddr::V6(_) => rewrite::eprt(addr),
+                };
+                self.queue.push_back(Pending::SentPort { ask, plan: id });
+                self.push(Action::ToServer(cmd));
+            }
+        }
+    }
+
+    /// The 227/229 that tells the client where to connect for plan `id`.
+    pub(super) fn passive_announcement(&mut self, ask: ClientAsk, id: PlanId) -> Vec<u8> {
+        let Some(port) = self.plans.client_listen(id).map(|a| a.port()) else {
+            self.close_plan(id);
+            return rewrite::reply(425, "Can't open data connection: no client listener");
+        };
+        match (ask, self.announce_ip()) {
+            (ClientAsk::Pasv, IpAddr::V4(ip)) => rewrite::reply_227(SocketAddrV4::new(ip, port)),
+            (ClientAsk::Pasv, IpAddr::V6(_)) => {
+                self.close_plan(id);
+                rewrite::reply(
+                    425,
+                    "Can't open data connection: no IPv4 address to announce",
+                )
+            }
+            _ => rewrite::reply_229(port),
+        }
+    }
+
+    /// The gateway listens for the client, and admits only the client.
+    pub(super) fn client_listen_leg(&self) -> Leg {
+        Leg::Listen {
+            bind: self.client_bind(),
+            peer: self.params.client.ip(),
+        }
+    }
+
+    /// The gateway connects to the client's (already checked) address.
+    pub(super) fn client_connect_leg(&self, target: SocketAddr) -> Leg {
+        Leg::Connect {
+            target,
+            bind: self.client_bind(),
+        }
+    }
+
+    /// The gateway listens for the server, and admits only the server.
+    pub(super) fn server_listen_leg(&self) -> Leg {
+        Leg::Listen {
+            bind: self.params.server_local.ip(),
+            peer: self.params.server.ip(),
+        }
+    }
+
+    /// Opens a plan of these two legs. A leg where the gateway listens is
+    /// passive on that side; one where it connects is active.
+    ///
+    /// The plan it supersedes, if still unused, is closed first: pipelined
+    /// PASVs are all read before the first 227 comes back, so this, not the
+    /// command, is where a session is held to one unused pinhole per leg.
+    /// Closed before the open, so its ports are back in the pools (and in
+    /// the client's share) when the new plan takes its own.
+    pub(super) fn open(&mut self, client: Leg, server: Leg, after: AfterOpen) {
+        self.drop_unused_plan();
+        let id = self.plans.begin(&client, &server, after);
+        let plan = DataPlan {
+            id,
+            client,
+            server,
+            client_view: self.client_view(),
+        };
+        self.push(Action::Open(plan));
+    }
+
+    pub(super) fn close_plan(&mut self, id: PlanId) {
+        if self.plans.remove(id).is_some() {
+            self.push(Action::Close(id));
+        }
+        // A closed plan sends no Closed event: settle its transfer here.
+        if let Some(t) = self.transfers.iter_mut().find(|t| t.plan == Some(id)) {
+            t.data
+                .get_or_insert((0, 0, DataOutcome::Failed(DataFailure::NoDataConnection)));
+        }
+    }
+
+    /// A new PASV/PORT replaces a pinhole that was never used. A plan a
+    /// transfer command took is no longer armed, and is left alone.
+    pub(super) fn drop_unused_plan(&mut self) {
+        if let Some(id) = self.plans.disarm_unused() {
+            self.close_plan(id);
+        }
+    }
+
+    /// Ports below 1024 are never accepted; others must be in `data_ports`.
+    pub(super) fn check_port(&self, port: u16) -> Result<(), String> {
+        if port < 1024 {
+            return Err(format!("privileged port {port}"));
+        }
+        let range = self.params.policy.data_ports;
+        if !range.contains(port) {
+            return Err(format!("port {port} outside allowed data ports {range}"));
+        }
+        Ok(())
+    }
+
+    pub(super) fn client_view(&self) -> Option<IpAddr> {
+        self.params.transparent.then(|| self.params.server.ip())
+    }
+
+    /// In transparent mode the local address may not be ours (tproxy), and
+    /// the backend makes the client see the server's address anyway.
+    pub(super) fn client_bind(&self) -> IpAddr {
+        if self.params.transparent {
+            match self.params.client {
+                SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            }
+        } else {
+            self.params.client_local.ip()
+        }
+    }
+
+    /// The address the client believes is the server.
+    pub(super) fn announce_ip(&self) -> IpAddr {
+        if self.params.transparent {
+            return self.params.server.ip();
+        }
+        match self.params.announce {
+            Some(ip) if ip.is_ipv4() == self.params.client.is_ipv4() => ip,
+            _ => self.params.client_local.ip(),
+        }
     }
 }
 
