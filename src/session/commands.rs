@@ -2,6 +2,7 @@
 //! refused.
 
 use super::*;
+use crate::ftp::ParsedCommand;
 
 impl Session {
     /// One command line, as checked: only its re-serialised form is ever
@@ -14,29 +15,10 @@ impl Session {
                 return;
             }
         };
-        let parsed = match parse_command(line.text()) {
-            Ok(p) => p,
-            Err(CommandError::Malformed) => {
-                self.refuse("?", 500, "Syntax error, command unrecognized");
-                return;
-            }
-            Err(CommandError::BadArgument { verb, reason }) => {
-                self.refuse(verb, 501, &format!("Syntax error in parameters: {reason}"));
-                return;
-            }
+        let Some(parsed) = self.admitted(&line) else {
+            return;
         };
         let verb = parsed.verb;
-        if self
-            .params
-            .policy
-            .deny_commands
-            .iter()
-            .any(|d| d.eq_ignore_ascii_case(verb))
-        {
-            let verb = verb.to_ascii_uppercase();
-            self.refuse(&verb, 502, &format!("{verb} not allowed by gateway policy"));
-            return;
-        }
         match parsed.command {
             Command::Port(addr) => self.client_active(ClientAsk::Port, SocketAddr::V4(addr)),
             Command::Eprt(addr) => self.client_active(ClientAsk::Eprt, addr),
@@ -57,37 +39,7 @@ impl Session {
                 TlsPolicy::Passthrough => self.forward(&line, Pending::Auth),
             },
             Command::User(name) => self.forward(&line, Pending::User(name)),
-            Command::Transfer => {
-                let verb = verb.to_ascii_uppercase();
-                if self.transfers.len() >= MAX_OPEN_TRANSFERS {
-                    self.refuse(
-                        &verb,
-                        450,
-                        &format!(
-                            "{verb} not taken: {MAX_OPEN_TRANSFERS} transfers await completion; retry after their replies"
-                        ),
-                    );
-                    return;
-                }
-                let direction = match verb.as_str() {
-                    "RETR" => Direction::Download,
-                    "STOR" | "STOU" | "APPE" => Direction::Upload,
-                    _ => Direction::Listing,
-                };
-                let (plan, mode) = self.plans.take_armed();
-                let user = self.user_as_of_now();
-                self.transfers.push(Transfer {
-                    command: verb,
-                    path: String::from_utf8_lossy(parsed.arg).into_owned(),
-                    user,
-                    direction,
-                    plan,
-                    mode,
-                    reply: None,
-                    data: None,
-                });
-                self.forward(&line, Pending::Transfer);
-            }
+            Command::Transfer => self.transfer_command(&line, verb, parsed.arg),
             Command::Other if verb.eq_ignore_ascii_case("FEAT") => {
                 self.forward(&line, Pending::Feat)
             }
@@ -104,6 +56,29 @@ impl Session {
             | Command::Quit
             | Command::Other => self.forward(&line, Pending::Forward),
         }
+    }
+
+    /// The command parsed, if it is well formed and the policy allows its
+    /// verb; otherwise it is refused.
+    fn admitted<'l>(&mut self, line: &'l CheckedCommand) -> Option<ParsedCommand<'l>> {
+        let parsed = match parse_command(line.text()) {
+            Ok(p) => p,
+            Err(CommandError::Malformed) => {
+                self.refuse("?", 500, "Syntax error, command unrecognized");
+                return None;
+            }
+            Err(CommandError::BadArgument { verb, reason }) => {
+                self.refuse(verb, 501, &format!("Syntax error in parameters: {reason}"));
+                return None;
+            }
+        };
+        let denied = &self.params.policy.deny_commands;
+        if denied.iter().any(|d| d.eq_ignore_ascii_case(parsed.verb)) {
+            let verb = parsed.verb.to_ascii_uppercase();
+            self.refuse(&verb, 502, &format!("{verb} not allowed by gateway policy"));
+            return None;
+        }
+        Some(parsed)
     }
 
     pub(super) fn forward(&mut self, line: &CheckedCommand, pending: Pending) {

@@ -90,21 +90,7 @@ impl Session {
     /// text of the lines before it that were held for rewriting.
     pub(super) fn server_reply(&mut self, code: u16, raw: Vec<u8>, held: Vec<Vec<u8>>) {
         if code < 200 {
-            // Preliminary: the command stays outstanding.
-            if matches!(
-                self.queue.front(),
-                Some(Pending::Transfer) | Some(Pending::Greeting)
-            ) {
-                if self.queue.front() == Some(&Pending::Transfer) {
-                    self.stamp_user();
-                }
-                self.push(Action::ToClient(raw));
-            } else {
-                self.log(LogEvent::IgnoredReply {
-                    code,
-                    reason: "preliminary reply to a command that has none".into(),
-                });
-            }
+            self.preliminary_reply(code, raw);
             return;
         }
         self.flush_locals();
@@ -131,37 +117,9 @@ impl Session {
             Pending::Greeting | Pending::Forward | Pending::Feat => {
                 self.forward_reply(code, raw);
             }
-            Pending::User(name) => {
+            Pending::User(_) | Pending::Login | Pending::Rein => {
                 self.forward_reply(code, raw);
-                match code {
-                    230 => self.accept_user(name),
-                    // A new login starts: the server dropped the old one.
-                    331 | 332 => {
-                        self.user = None;
-                        self.login = Some(name);
-                    }
-                    // Refused: the server keeps whatever login it had.
-                    _ => {}
-                }
-            }
-            Pending::Login => {
-                self.forward_reply(code, raw);
-                match code {
-                    230 => {
-                        if let Some(name) = self.login.take() {
-                            self.accept_user(name);
-                        }
-                    }
-                    332 => {}
-                    _ => self.login = None,
-                }
-            }
-            Pending::Rein => {
-                self.forward_reply(code, raw);
-                if (200..300).contains(&code) {
-                    self.user = None;
-                    self.login = None;
-                }
+                self.login_reply(head, code);
             }
             Pending::Transfer => {
                 self.forward_reply(code, raw);
@@ -172,14 +130,7 @@ impl Session {
                 // Not a PASV/EPSV answer either: a 227/229 loses its address.
                 self.forward_reply(code, raw);
                 if code == 234 {
-                    self.phase = Phase::Passthrough;
-                    let to_server = self.client_in.take_buffered();
-                    let to_client = self.server_in.take_buffered();
-                    self.log(LogEvent::TlsPassthrough);
-                    self.push(Action::Passthrough {
-                        to_server,
-                        to_client,
-                    });
+                    self.start_passthrough();
                     return;
                 }
             }
@@ -187,28 +138,86 @@ impl Session {
             Pending::ConvPassive { ask, target } => {
                 self.passive_reply(code, &held, raw, ask, Some(target))
             }
-            Pending::SentPort { ask, plan } => {
-                if (200..300).contains(&code) {
-                    match ask {
-                        ClientAsk::Port | ClientAsk::Eprt => self.forward_reply(code, raw),
-                        ClientAsk::Pasv | ClientAsk::Epsv => {
-                            // The plan's client listen port was stored at open.
-                            let reply = self.passive_announcement(ask, plan);
-                            self.push(Action::ToClient(reply));
-                        }
-                    }
-                } else {
-                    self.close_plan(plan);
-                    let text = lossy_tail(&raw);
-                    self.refuse_now(
-                        ask.verb(),
-                        425,
-                        &format!("Can't open data connection: server refused PORT ({code} {text})"),
-                    );
-                }
-            }
+            Pending::SentPort { ask, plan } => self.sent_port_reply(code, raw, ask, plan),
         }
         self.flush_locals();
+    }
+
+    /// A 1xx: the command stays outstanding. Only a transfer or the
+    /// greeting may have one.
+    fn preliminary_reply(&mut self, code: u16, raw: Vec<u8>) {
+        match self.queue.front() {
+            Some(Pending::Transfer) => {
+                self.stamp_user();
+                self.push(Action::ToClient(raw));
+            }
+            Some(Pending::Greeting) => self.push(Action::ToClient(raw)),
+            _ => self.log(LogEvent::IgnoredReply {
+                code,
+                reason: "preliminary reply to a command that has none".into(),
+            }),
+        }
+    }
+
+    /// Follows the login through the final reply to USER, PASS/ACCT or REIN.
+    fn login_reply(&mut self, head: Pending, code: u16) {
+        match (head, code) {
+            (Pending::User(name), 230) => self.accept_user(name),
+            // A new login starts: the server dropped the old one.
+            (Pending::User(name), 331 | 332) => {
+                self.user = None;
+                self.login = Some(name);
+            }
+            // Refused: the server keeps whatever login it had.
+            (Pending::User(_), _) => {}
+            (Pending::Login, 230) => {
+                if let Some(name) = self.login.take() {
+                    self.accept_user(name);
+                }
+            }
+            (Pending::Login, 332) => {}
+            (Pending::Login, _) => self.login = None,
+            (Pending::Rein, 200..=299) => {
+                self.user = None;
+                self.login = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// AUTH was accepted under `tls: passthrough`: parsing stops, and what
+    /// each side sent after it goes on as it is.
+    fn start_passthrough(&mut self) {
+        self.phase = Phase::Passthrough;
+        let to_server = self.client_in.take_buffered();
+        let to_client = self.server_in.take_buffered();
+        self.log(LogEvent::TlsPassthrough);
+        self.push(Action::Passthrough {
+            to_server,
+            to_client,
+        });
+    }
+
+    /// The server's reply to the gateway's own PORT/EPRT for plan `plan`.
+    fn sent_port_reply(&mut self, code: u16, raw: Vec<u8>, ask: ClientAsk, plan: PlanId) {
+        if (200..300).contains(&code) {
+            match ask {
+                ClientAsk::Port | ClientAsk::Eprt => self.forward_reply(code, raw),
+                ClientAsk::Pasv | ClientAsk::Epsv => {
+                    // The plan's client listen port was stored at open.
+                    let reply = self.passive_announcement(ask, plan);
+                    self.push(Action::ToClient(reply));
+                }
+            }
+        } else {
+            self.close_plan(plan);
+            let text = lossy_tail(&raw);
+            self.refuse_now(
+                ask.verb(),
+                425,
+                &format!("Can't open data connection: server refused PORT ({code} {text})"),
+            );
+        }
     }
 
     /// In an active plan the gateway dials the client only once the server's
@@ -308,31 +317,7 @@ impl Session {
             }
             return;
         }
-        let last = Line::new(&raw).text();
-        // The last line first, then the held ones, newest first.
-        let mut texts = std::iter::once(&*last)
-            .chain(held.iter().rev().map(Vec::as_slice))
-            .map(reply_text);
-        let port = if code == 227 {
-            texts.find_map(parse_227).map(|a| {
-                if IpAddr::V4(*a.ip()) != self.params.server.ip() {
-                    // Third-party address (or the server's private one):
-                    // the gateway only ever connects to the control peer.
-                    self.log(LogEvent::IgnoredReply {
-                        code,
-                        reason: format!(
-                            "server announced {}; connecting to the control peer {} instead",
-                            a.ip(),
-                            self.params.server.ip()
-                        ),
-                    });
-                }
-                a.port()
-            })
-        } else {
-            texts.find_map(parse_229)
-        };
-        let Some(port) = port else {
+        let Some(port) = self.announced_port(code, held, &raw) else {
             self.refuse_now(
                 ask.verb(),
                 425,
@@ -363,6 +348,32 @@ impl Session {
                 self.open(client, server, AfterOpen::ReplyPortOk(ask));
             }
         }
+    }
+
+    /// The port a 227/229 announces, read from its last line first, then
+    /// from the held lines, newest first. A 227's address is not used.
+    fn announced_port(&mut self, code: u16, held: &[Vec<u8>], raw: &[u8]) -> Option<u16> {
+        let last = Line::new(raw).text();
+        let mut texts = std::iter::once(&*last)
+            .chain(held.iter().rev().map(Vec::as_slice))
+            .map(reply_text);
+        if code != 227 {
+            return texts.find_map(parse_229);
+        }
+        let a = texts.find_map(parse_227)?;
+        if IpAddr::V4(*a.ip()) != self.params.server.ip() {
+            // Third-party address (or the server's private one):
+            // the gateway only ever connects to the control peer.
+            self.log(LogEvent::IgnoredReply {
+                code,
+                reason: format!(
+                    "server announced {}; connecting to the control peer {} instead",
+                    a.ip(),
+                    self.params.server.ip()
+                ),
+            });
+        }
+        Some(a.port())
     }
 
     pub(super) fn reply_local(&mut self, code: u16, text: &str) {

@@ -19,6 +19,40 @@ pub(super) struct Transfer {
 }
 
 impl Session {
+    /// A transfer command (RETR, STOR, LIST...): its record takes the armed
+    /// plan, and it is forwarded; past [`MAX_OPEN_TRANSFERS`] it is refused.
+    pub(super) fn transfer_command(&mut self, line: &CheckedCommand, verb: &str, arg: &[u8]) {
+        let verb = verb.to_ascii_uppercase();
+        if self.transfers.len() >= MAX_OPEN_TRANSFERS {
+            self.refuse(
+                &verb,
+                450,
+                &format!(
+                    "{verb} not taken: {MAX_OPEN_TRANSFERS} transfers await completion; retry after their replies"
+                ),
+            );
+            return;
+        }
+        let direction = match verb.as_str() {
+            "RETR" => Direction::Download,
+            "STOR" | "STOU" | "APPE" => Direction::Upload,
+            _ => Direction::Listing,
+        };
+        let (plan, mode) = self.plans.take_armed();
+        let user = self.user_as_of_now();
+        self.transfers.push(Transfer {
+            command: verb,
+            path: String::from_utf8_lossy(arg).into_owned(),
+            user,
+            direction,
+            plan,
+            mode,
+            reply: None,
+            data: None,
+        });
+        self.forward(line, Pending::Transfer);
+    }
+
     pub(super) fn transfer_reply(&mut self, code: u16) {
         // Replies come in command order: the oldest transfer still waiting
         // for its final reply is the one answered.
