@@ -25,8 +25,9 @@ struct Plan {
 
 /// The session's data plans, from the open asked of the shell to their
 /// end. A plan is armed from its open until a transfer command takes it or
-/// a newer plan replaces it. Every way out of a plan goes through
-/// [`Plans::remove`], so none leaves a stale armed or opening mark.
+/// a newer plan replaces it. Every way out of a plan (closed, failed to
+/// open, ended by its task) goes through [`Plans::remove`], which disarms
+/// it too, so no caller can forget to.
 #[derive(Debug)]
 pub(super) struct Plans {
     next: PlanId,
