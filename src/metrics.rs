@@ -5,6 +5,7 @@
 //! from fixed sets (listener names from the rule file, [`Refusal`] reasons,
 //! the core's data modes), never from what a peer sends.
 
+use crate::session::{Refused, TransferMode};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -36,6 +37,15 @@ pub enum Refusal {
     data_peer,
 }
 
+impl From<&Refused> for Refusal {
+    fn from(what: &Refused) -> Self {
+        match what {
+            Refused::Command(_) => Refusal::command,
+            Refused::DataPeer => Refusal::data_peer,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabel {
     listener: String,
@@ -48,7 +58,7 @@ struct ReasonLabel {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabel {
-    mode: String,
+    mode: &'static str,
 }
 
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -180,10 +190,10 @@ impl Metrics {
     }
 
     /// Counts one finished transfer.
-    pub fn transfer(&self, mode: &str, to_client: u64, to_server: u64, took: Duration) {
+    pub fn transfer(&self, mode: TransferMode, to_client: u64, to_server: u64, took: Duration) {
         self.transfers
             .get_or_create(&ModeLabel {
-                mode: mode.to_string(),
+                mode: mode.as_label(),
             })
             .inc();
         self.data_bytes
@@ -307,6 +317,30 @@ async fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::LegMode;
+
+    #[test]
+    fn labels_come_from_the_core_types() {
+        use LegMode::{Active, Passive};
+        let m = Metrics::new();
+        m.refused(Refusal::from(&Refused::Command("PORT".into())));
+        m.refused(Refusal::from(&Refused::DataPeer));
+        m.transfer(TransferMode::None, 0, 0, Duration::ZERO);
+        for (client, server) in [(Passive, Active), (Active, Passive), (Active, Active)] {
+            m.transfer(TransferMode::Legs { client, server }, 0, 0, Duration::ZERO);
+        }
+        let text = m.encode();
+        for line in [
+            "ftpgate_refusals_total{reason=\"command\"} 1",
+            "ftpgate_refusals_total{reason=\"data_peer\"} 1",
+            "ftpgate_transfers_total{mode=\"none\"} 1",
+            "ftpgate_transfers_total{mode=\"passive/active\"} 1",
+            "ftpgate_transfers_total{mode=\"active/passive\"} 1",
+            "ftpgate_transfers_total{mode=\"active/active\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
 
     #[test]
     fn guards_move_gauges_and_counters_accumulate() {
@@ -314,7 +348,11 @@ mod tests {
         let g = m.session_opened("edge");
         let p = m.pinhole_opened("edge");
         m.refused(Refusal::rule);
-        m.transfer("passive/passive", 10, 3, Duration::from_millis(5));
+        let mode = TransferMode::Legs {
+            client: LegMode::Passive,
+            server: LegMode::Passive,
+        };
+        m.transfer(mode, 10, 3, Duration::from_millis(5));
         let text = m.encode();
         for line in [
             "ftpgate_sessions_total{listener=\"edge\"} 1",

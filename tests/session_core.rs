@@ -1,9 +1,11 @@
 //! The sans-IO session core, fed lines: every data plan and every refusal.
 
 use ftpgate::config::{DataMode, PortRange, ServerMode, TlsPolicy};
-use ftpgate::pinhole::{DataEvent, DataOutcome, DataPlan, Leg, Opened};
+use ftpgate::pinhole::{DataEvent, DataFailure, DataOutcome, DataPlan, Leg, Opened};
 use ftpgate::rules::Policy;
-use ftpgate::session::{Action, Direction, EndReason, LogEvent, Session, SessionParams};
+use ftpgate::session::{
+    Action, Direction, EndReason, LogEvent, OpenFailure, Refused, Session, SessionParams,
+};
 use std::net::{IpAddr, SocketAddr};
 
 const CLIENT: &str = "198.51.100.7:50000";
@@ -618,7 +620,7 @@ fn transfer_is_logged_with_bytes_when_both_reply_and_data_end_arrive() {
     assert_eq!(t.command, "RETR");
     assert_eq!(t.path, "dir/file.bin");
     assert_eq!(t.direction, Direction::Download);
-    assert_eq!(t.mode, "passive/passive");
+    assert_eq!(t.mode.as_label(), "passive/passive");
     assert_eq!(t.to_client, 1048576);
     assert_eq!(t.reply, 226);
     assert_eq!(t.result, "ok");
@@ -646,9 +648,16 @@ fn open_failure_answers_425() {
     drain(&mut s);
     s.server_bytes(b"227 (10,0,0,3,195,80)\r\n");
     let plan = the_plan(&drain(&mut s));
-    s.opened(plan.id, Err("no free port in client pool".into()));
+    s.opened(plan.id, Err(OpenFailure::PoolExhausted("client")));
     let a = drain(&mut s);
-    assert!(to_client(&a).starts_with("425 "), "{a:?}");
+    assert_eq!(
+        to_client(&a),
+        "425 Can't open data connection: no free port in client pool\r\n"
+    );
+    assert!(logs(&a).iter().any(|l| matches!(
+        l,
+        LogEvent::Refusal { what: Refused::Command(verb), code: 425, .. } if verb == "PASV"
+    )));
     // And the session goes on.
     s.client_bytes(b"NOOP\r\n");
     assert_eq!(to_server(&acts(&mut s)), "NOOP\r\n");
@@ -878,11 +887,44 @@ fn held_226_is_released_when_the_plan_fails() {
         id: plan.id,
         to_client: 0,
         to_server: 0,
-        outcome: DataOutcome::Failed("connect refused".into()),
+        outcome: DataOutcome::Failed(DataFailure::Connect {
+            target: "192.0.2.7:2121".parse().unwrap(),
+            error: "Connection refused (os error 111)".into(),
+        }),
     });
     let a = drain(&mut s);
     assert_eq!(to_client(&a), "226 Done\r\n");
-    assert!(logs(&a)
-        .iter()
-        .any(|l| matches!(l, LogEvent::Transfer(t) if t.result == "connect refused")));
+    assert!(logs(&a).iter().any(|l| matches!(l, LogEvent::Transfer(t)
+            if t.result == "connect to 192.0.2.7:2121: Connection refused (os error 111)"
+                && t.mode.as_label() == "active/active")));
+}
+
+#[test]
+fn a_data_connection_from_the_wrong_peer_is_a_data_refusal() {
+    let mut s = reverse(ServerMode::Same);
+    drain(&mut s);
+    s.data_event(DataEvent::Rejected {
+        id: 1,
+        from: sa("192.0.2.9:1234"),
+        expected: sa(CLIENT).ip(),
+    });
+    let a = drain(&mut s);
+    assert_eq!(to_client(&a), "", "the client is not told");
+    let refusal = logs(&a)
+        .into_iter()
+        .find_map(|l| match l {
+            LogEvent::Refusal { what, code, reason } => Some((what, code, reason)),
+            _ => None,
+        })
+        .expect("refusal logged");
+    assert_eq!(refusal.0, Refused::DataPeer);
+    assert_eq!(refusal.0.what(), "DATA");
+    assert_eq!(refusal.1, 0);
+    assert_eq!(
+        refusal.2,
+        format!(
+            "data connection from 192.0.2.9:1234 refused: expected {}",
+            sa(CLIENT).ip()
+        )
+    );
 }

@@ -12,7 +12,7 @@ use ftpgate::config::{DataMode, PortRange, ServerMode, TlsPolicy};
 use ftpgate::ftp::{parse_227, parse_229, parse_command, Command};
 use ftpgate::pinhole::{DataEvent, DataOutcome, Leg, Opened};
 use ftpgate::rules::Policy;
-use ftpgate::session::{Action, Session, SessionParams};
+use ftpgate::session::{Action, OpenFailure, Session, SessionParams};
 use libfuzzer_sys::fuzz_target;
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -286,7 +286,7 @@ fuzz_target!(|data: &[u8]| {
                                 .then(|| sa(SERVER_LISTEN)),
                         })
                     } else {
-                        Err("no free port in client pool".into())
+                        Err(OpenFailure::PoolExhausted("client"))
                     };
                     core.opened(plan.id, result);
                 }

@@ -5,9 +5,9 @@
 #![no_main]
 
 use ftpgate::config::{DataMode, PortRange, ServerMode, TlsPolicy};
-use ftpgate::pinhole::{DataEvent, DataOutcome, Leg, Opened};
+use ftpgate::pinhole::{DataEvent, DataFailure, DataOutcome, Leg, Opened};
 use ftpgate::rules::Policy;
-use ftpgate::session::{Action, Session, SessionParams};
+use ftpgate::session::{Action, OpenFailure, Session, SessionParams};
 use libfuzzer_sys::fuzz_target;
 use std::net::SocketAddr;
 
@@ -86,7 +86,7 @@ fuzz_target!(|data: &[u8]| {
                 let outcome = match s.byte().unwrap_or(0) % 3 {
                     0 => DataOutcome::Completed,
                     1 => DataOutcome::Expired,
-                    _ => DataOutcome::Failed("fuzz".into()),
+                    _ => DataOutcome::Failed(DataFailure::Relay("fuzz".into())),
                 };
                 let n = u64::from(s.byte().unwrap_or(0));
                 core.data_event(DataEvent::Closed {
@@ -112,7 +112,7 @@ fuzz_target!(|data: &[u8]| {
             _ => {
                 // An open result for a plan that may or may not be pending.
                 let id = pick(&plans, s.byte());
-                core.opened(id, Err("fuzz".into()));
+                core.opened(id, Err(OpenFailure::Io("fuzz".into())));
             }
         }
         // Carry out the actions as the shell would, answering opens.
@@ -131,7 +131,7 @@ fuzz_target!(|data: &[u8]| {
                                 .then(|| sa("10.0.0.1:30001")),
                         })
                     } else {
-                        Err("no free port in client pool".into())
+                        Err(OpenFailure::PoolExhausted("client"))
                     };
                     core.opened(plan.id, result);
                 }

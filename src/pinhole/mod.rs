@@ -184,7 +184,37 @@ pub enum DataOutcome {
     /// Nobody (or only wrong peers) connected within `pinhole_timeout`.
     Expired,
     /// A connect leg failed, or a leg broke mid-transfer.
-    Failed(String),
+    Failed(DataFailure),
+}
+
+/// Why a data connection failed. Its text is the transfer log line's
+/// `result`. Errors are kept as their text, so that outcomes stay `Clone`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DataFailure {
+    /// A connect leg could not reach its target (refused, timed out...).
+    #[error("connect to {target}: {error}")]
+    Connect {
+        /// Where the leg dialled.
+        target: SocketAddr,
+        /// The error, or the time limit that passed.
+        error: String,
+    },
+    /// Accepting on a listen leg failed.
+    #[error("accept: {0}")]
+    Accept(String),
+    /// The relay's I/O broke mid-transfer.
+    #[error("relay: {0}")]
+    Relay(String),
+    /// The conntrack watcher that follows kernel-carried connections stopped.
+    #[error("conntrack watcher stopped")]
+    WatcherStopped,
+    /// The session ended before the backend reported the connection's end.
+    #[error("data connection's end not reported")]
+    EndNotReported,
+    /// No data connection carried the transfer (none armed, or its plan was
+    /// closed unused).
+    #[error("no data connection")]
+    NoDataConnection,
 }
 
 /// Reports from a plan's task to its session.

@@ -8,7 +8,7 @@ use crate::ftp::rewrite;
 use crate::metrics::{OpenGuard, Refusal};
 use crate::pinhole::{Activity, DataEvent, Pinhole, PlanId, SessionInfo};
 use crate::rules::{decide, Decision};
-use crate::session::{Action, EndReason, LogEvent, Session, SessionParams};
+use crate::session::{Action, EndReason, LogEvent, OpenFailure, Session, SessionParams};
 use socket2::SockRef;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -580,7 +580,7 @@ impl Conn<'_> {
                             self.pinholes.insert(id, (pinhole, open));
                             self.core.opened(id, Ok(opened));
                         }
-                        Err(e) => self.core.opened(id, Err(e.to_string())),
+                        Err(e) => self.core.opened(id, Err(OpenFailure::from(&e))),
                     }
                 }
                 Action::Close(id) => {
@@ -678,18 +678,15 @@ impl Conn<'_> {
         let metrics = &self.gateway.metrics;
         match ev {
             LogEvent::Refusal { what, code, reason } => {
-                metrics.refused(if what == "DATA" {
-                    Refusal::data_peer
-                } else {
-                    Refusal::command
-                });
+                metrics.refused(Refusal::from(&what));
+                let what = what.what();
                 match self.peer_lines.admit() {
                     None => {}
                     Some(0) => {
-                        warn!(what = %Escaped(&what), code, reason = %Escaped(&reason), "refused")
+                        warn!(what = %Escaped(what), code, reason = %Escaped(&reason), "refused")
                     }
                     Some(suppressed) => warn!(
-                        what = %Escaped(&what),
+                        what = %Escaped(what),
                         code,
                         reason = %Escaped(&reason),
                         suppressed,
@@ -710,7 +707,7 @@ impl Conn<'_> {
                     .take()
                     .map(|at| at.elapsed())
                     .unwrap_or_default();
-                metrics.transfer(&t.mode, t.to_client, t.to_server, took);
+                metrics.transfer(t.mode, t.to_client, t.to_server, took);
                 let user = t.user.as_deref().unwrap_or("");
                 info!(
                     command = %Escaped(&t.command),
@@ -736,7 +733,7 @@ impl Conn<'_> {
                         user: t.user.as_deref(),
                         command: &t.command,
                         path: &t.path,
-                        mode: &t.mode,
+                        mode: t.mode.as_label(),
                         direction: t.direction.to_string(),
                         bytes: t.to_client + t.to_server,
                         to_client: t.to_client,

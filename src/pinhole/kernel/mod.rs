@@ -56,8 +56,8 @@ mod shape;
 pub use shape::Shape;
 
 use super::{
-    Activity, DataEvent, DataOutcome, DataPlan, DataSettings, OpenError, Opened, Pinhole, PlanId,
-    PortPool, SessionInfo,
+    Activity, DataEvent, DataFailure, DataOutcome, DataPlan, DataSettings, OpenError, Opened,
+    Pinhole, PlanId, PortPool, SessionInfo,
 };
 use crate::netfilter::{Element, InterceptTable};
 use claims::{Claims, Held, Shared};
@@ -299,7 +299,7 @@ async fn follow(
         let wake_at = if seen { refresh_at } else { deadline };
         tokio::select! {
             changed = watch.rx.changed() => if changed.is_err() {
-                break DataOutcome::Failed("conntrack watcher stopped".into());
+                break DataOutcome::Failed(DataFailure::WatcherStopped);
             },
             _ = tokio::time::sleep_until(wake_at) => {}
         }

@@ -337,7 +337,7 @@ async fn run(
                 Err(e) => {
                     reset(&client);
                     reset(&server);
-                    DataOutcome::Failed(format!("relay: {e}"))
+                    DataOutcome::Failed(super::DataFailure::Relay(e.to_string()))
                 }
             };
             (counts.to_client, counts.to_server, outcome)
@@ -384,7 +384,11 @@ async fn connect_legs(
     .await;
     let (client, server) = match waited {
         Ok(Ok(pair)) => pair,
-        Ok(Err(e)) => return Err(DataOutcome::Failed(format!("accept: {e}"))),
+        Ok(Err(e)) => {
+            return Err(DataOutcome::Failed(super::DataFailure::Accept(
+                e.to_string(),
+            )))
+        }
         Err(_) => return Err(DataOutcome::Expired),
     };
 
@@ -472,7 +476,7 @@ fn same_ip(a: IpAddr, b: IpAddr) -> bool {
     a.to_canonical() == b.to_canonical()
 }
 
-async fn dial_leg(leg: Ready, limit: Duration) -> Result<TcpStream, String> {
+async fn dial_leg(leg: Ready, limit: Duration) -> Result<TcpStream, super::DataFailure> {
     let (target, bind) = match leg {
         Ready::Stream(s) => return Ok(s),
         Ready::Dial { target, bind } => (target, bind),
@@ -487,8 +491,14 @@ async fn dial_leg(leg: Ready, limit: Duration) -> Result<TcpStream, String> {
     };
     match tokio::time::timeout(limit, dial).await {
         Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(e)) => Err(format!("connect to {target}: {e}")),
-        Err(_) => Err(format!("connect to {target}: timed out after {limit:?}")),
+        Ok(Err(e)) => Err(super::DataFailure::Connect {
+            target,
+            error: e.to_string(),
+        }),
+        Err(_) => Err(super::DataFailure::Connect {
+            target,
+            error: format!("timed out after {limit:?}"),
+        }),
     }
 }
 
@@ -944,7 +954,7 @@ mod tests {
         let (c, s, outcome) = closed_counts(next(&mut rx).await, 8);
         assert_eq!((c, s), (0, 0));
         assert!(
-            matches!(&outcome, DataOutcome::Failed(why) if why.contains(&dead.to_string())),
+            matches!(&outcome, DataOutcome::Failed(why) if why.to_string().contains(&dead.to_string())),
             "{outcome:?}"
         );
         assert_eq!(cpool.in_use(), 0);
