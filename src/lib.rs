@@ -39,6 +39,7 @@
 //! - [`escape`]: peer-controlled text made safe for text log lines.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod audit;
 pub mod config;

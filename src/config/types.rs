@@ -23,10 +23,10 @@ macro_rules! named_enum {
         impl $ty {
             /// Every value with its rule-file name, in the order error
             /// messages list them.
-            pub const NAMES: &'static [(&'static str, $ty)] = &[$(($name, $ty::$variant)),+];
+            $vis const NAMES: &'static [(&'static str, $ty)] = &[$(($name, $ty::$variant)),+];
 
             /// The value's name in the rule file.
-            pub fn as_str(self) -> &'static str {
+            $vis fn as_str(self) -> &'static str {
                 match self {
                     $($ty::$variant => $name,)+
                 }

@@ -175,27 +175,27 @@ const fn verb_key(verb: &[u8]) -> u32 {
 mod verbs {
     use super::verb_key;
 
-    pub const PORT: u32 = verb_key(b"PORT");
-    pub const EPRT: u32 = verb_key(b"EPRT");
-    pub const PASV: u32 = verb_key(b"PASV");
-    pub const EPSV: u32 = verb_key(b"EPSV");
-    pub const LPRT: u32 = verb_key(b"LPRT");
-    pub const LPSV: u32 = verb_key(b"LPSV");
-    pub const AUTH: u32 = verb_key(b"AUTH");
-    pub const CCC: u32 = verb_key(b"CCC");
-    pub const PBSZ: u32 = verb_key(b"PBSZ");
-    pub const PROT: u32 = verb_key(b"PROT");
-    pub const USER: u32 = verb_key(b"USER");
-    pub const ABOR: u32 = verb_key(b"ABOR");
-    pub const QUIT: u32 = verb_key(b"QUIT");
-    pub const REIN: u32 = verb_key(b"REIN");
-    pub const RETR: u32 = verb_key(b"RETR");
-    pub const STOR: u32 = verb_key(b"STOR");
-    pub const STOU: u32 = verb_key(b"STOU");
-    pub const APPE: u32 = verb_key(b"APPE");
-    pub const LIST: u32 = verb_key(b"LIST");
-    pub const NLST: u32 = verb_key(b"NLST");
-    pub const MLSD: u32 = verb_key(b"MLSD");
+    pub(super) const PORT: u32 = verb_key(b"PORT");
+    pub(super) const EPRT: u32 = verb_key(b"EPRT");
+    pub(super) const PASV: u32 = verb_key(b"PASV");
+    pub(super) const EPSV: u32 = verb_key(b"EPSV");
+    pub(super) const LPRT: u32 = verb_key(b"LPRT");
+    pub(super) const LPSV: u32 = verb_key(b"LPSV");
+    pub(super) const AUTH: u32 = verb_key(b"AUTH");
+    pub(super) const CCC: u32 = verb_key(b"CCC");
+    pub(super) const PBSZ: u32 = verb_key(b"PBSZ");
+    pub(super) const PROT: u32 = verb_key(b"PROT");
+    pub(super) const USER: u32 = verb_key(b"USER");
+    pub(super) const ABOR: u32 = verb_key(b"ABOR");
+    pub(super) const QUIT: u32 = verb_key(b"QUIT");
+    pub(super) const REIN: u32 = verb_key(b"REIN");
+    pub(super) const RETR: u32 = verb_key(b"RETR");
+    pub(super) const STOR: u32 = verb_key(b"STOR");
+    pub(super) const STOU: u32 = verb_key(b"STOU");
+    pub(super) const APPE: u32 = verb_key(b"APPE");
+    pub(super) const LIST: u32 = verb_key(b"LIST");
+    pub(super) const NLST: u32 = verb_key(b"NLST");
+    pub(super) const MLSD: u32 = verb_key(b"MLSD");
 }
 
 /// A parse failure that carries the reason shown to the client and the log.

@@ -5,11 +5,11 @@
 //! Nothing here does I/O or panics on wire data. Addresses and ports are
 //! checked inside the parsers (octets ≤ 255, ports 1–65535).
 
-pub mod command;
-pub mod framer;
-pub mod reply;
-pub mod rewrite;
-pub mod telnet;
+pub(crate) mod command;
+pub(crate) mod framer;
+pub(crate) mod reply;
+pub(crate) mod rewrite;
+pub(crate) mod telnet;
 
 pub use command::{parse_command, Command, CommandError, EpsvParam, ParsedCommand};
 pub use framer::{FrameError, Framer, Line, MAX_LINE};

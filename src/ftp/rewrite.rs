@@ -16,7 +16,7 @@ fn host_port(addr: SocketAddrV4) -> String {
 /// `PORT h1,h2,h3,h4,p1,p2\r\n`
 ///
 /// `PORT 192,0,2,1,156,64\r\n` for 192.0.2.1:40000 — RFC 959 §4.1.2.
-pub fn port(addr: SocketAddrV4) -> Vec<u8> {
+pub(crate) fn port(addr: SocketAddrV4) -> Vec<u8> {
     format!("PORT {}\r\n", host_port(addr)).into_bytes()
 }
 
@@ -24,7 +24,7 @@ pub fn port(addr: SocketAddrV4) -> Vec<u8> {
 ///
 /// RFC 2428 §2, with `|` as the delimiter it suggests. An IPv6 scope or flow
 /// label has no place on the wire and is dropped.
-pub fn eprt(addr: SocketAddr) -> Vec<u8> {
+pub(crate) fn eprt(addr: SocketAddr) -> Vec<u8> {
     let (proto, ip) = match addr {
         SocketAddr::V4(a) => (1, a.ip().to_string()),
         SocketAddr::V6(a) => (2, a.ip().to_string()),
@@ -36,14 +36,14 @@ pub fn eprt(addr: SocketAddr) -> Vec<u8> {
 ///
 /// RFC 959 §4.1.2; the parentheses are there for clients that need them,
 /// RFC 1123 §4.1.2.6 scanners do not.
-pub fn reply_227(addr: SocketAddrV4) -> Vec<u8> {
+pub(crate) fn reply_227(addr: SocketAddrV4) -> Vec<u8> {
     format!("227 Entering Passive Mode ({}).\r\n", host_port(addr)).into_bytes()
 }
 
 /// `229 Entering Extended Passive Mode (|||port|)\r\n`
 ///
 /// RFC 2428 §3.
-pub fn reply_229(port: u16) -> Vec<u8> {
+pub(crate) fn reply_229(port: u16) -> Vec<u8> {
     format!("229 Entering Extended Passive Mode (|||{port}|)\r\n").into_bytes()
 }
 
@@ -52,7 +52,7 @@ pub fn reply_229(port: u16) -> Vec<u8> {
 /// `502 Command not implemented\r\n`. Replacing them keeps text that came
 /// from a peer or a rule file from forging a second reply line, under any
 /// framing. (A `str` holds no 0xFF byte, so there is no IAC to escape.)
-pub fn reply(code: u16, text: &str) -> Vec<u8> {
+pub(crate) fn reply(code: u16, text: &str) -> Vec<u8> {
     let mut out = format!("{code} ").into_bytes();
     out.extend(text.bytes().map(|b| {
         if matches!(b, b'\r' | b'\n' | 0) {

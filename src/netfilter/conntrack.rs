@@ -16,7 +16,7 @@ const REQUEST_BUFFER: usize = 1 << 20;
 const REQUEST_WAIT: Duration = Duration::from_secs(2);
 
 /// The conntrack event and request sockets.
-pub struct Netlink {
+pub(crate) struct Netlink {
     events: Socket,
     requests: Socket,
     seq: u32,
@@ -30,7 +30,7 @@ impl std::fmt::Debug for Netlink {
 
 impl Netlink {
     /// Turns conntrack events on if they are off, and subscribes to them.
-    pub async fn open() -> io::Result<Netlink> {
+    pub(crate) async fn open() -> io::Result<Netlink> {
         let on = tokio::fs::read_to_string(EVENTS)
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("{EVENTS}: {e}")))?;
@@ -47,12 +47,12 @@ impl Netlink {
     }
 
     /// The socket the kernel's events arrive on.
-    pub fn events(&mut self) -> &mut Socket {
+    pub(crate) fn events(&mut self) -> &mut Socket {
         &mut self.events
     }
 
     /// Every TCP entry of the table.
-    pub async fn dump(&mut self) -> io::Result<Vec<Conn>> {
+    pub(crate) async fn dump(&mut self) -> io::Result<Vec<Conn>> {
         let seq = self.next_seq();
         let mut all = Vec::new();
         self.request(&ctnetlink::dump_request(seq), seq, |r| match r {
@@ -71,7 +71,7 @@ impl Netlink {
 
     /// The entry whose original tuple is `orig` now, with its counters, or
     /// `None` if there is none.
-    pub async fn get(&mut self, orig: Tuple) -> io::Result<Option<Conn>> {
+    pub(crate) async fn get(&mut self, orig: Tuple) -> io::Result<Option<Conn>> {
         let seq = self.next_seq();
         let mut got = None;
         self.request(&ctnetlink::get_request(seq, orig), seq, |r| match r {

@@ -8,14 +8,14 @@
 //! Imports go one way: `table` → `nftnl` → `ctnetlink` ← `conntrack`,
 //! `table`, `nftnl` → `element`; `ruleset` → `table`.
 
-pub mod conntrack;
+pub(crate) mod conntrack;
 pub mod ctnetlink;
-pub mod element;
+pub(crate) mod element;
 #[cfg(test)]
 pub(crate) mod netns;
-pub mod nftnl;
-pub mod ruleset;
-pub mod table;
+pub(crate) mod nftnl;
+mod ruleset;
+pub(crate) mod table;
 
 pub use element::Element;
 pub use ruleset::ruleset;

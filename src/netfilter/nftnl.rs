@@ -54,7 +54,7 @@ const RCVBUF: usize = 4 << 20;
 
 /// One element change inside a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     /// `add element`: a no-op, old timeout kept, if the element exists.
     Add(Element, Duration),
     /// `delete element`: fails the transaction if the element is missing.
@@ -63,7 +63,7 @@ pub enum Op {
 
 impl Op {
     /// The element's set, or the error for an element that fits none.
-    pub fn check(&self) -> io::Result<&'static str> {
+    pub(crate) fn check(&self) -> io::Result<&'static str> {
         match self {
             Op::Add(e, _) | Op::Delete(e) => e.set(),
         }
@@ -145,7 +145,7 @@ fn cstr(s: &str) -> Vec<u8> {
 
 /// The datagram for one transaction on `table`: the batch begin at `seq`,
 /// `ops[i]` at `seq + 1 + i`, the batch end after them.
-pub fn batch(table: &str, ops: &[Op], seq: u32) -> io::Result<Vec<u8>> {
+pub(crate) fn batch(table: &str, ops: &[Op], seq: u32) -> io::Result<Vec<u8>> {
     let frame =
         |kind, seq| Builder::with_type(kind, NLM_F_REQUEST, seq, 0, NFNL_SUBSYS_NFTABLES).finish();
     let mut out = frame(NFNL_MSG_BATCH_BEGIN, seq);
@@ -185,7 +185,7 @@ pub fn batch(table: &str, ops: &[Op], seq: u32) -> io::Result<Vec<u8>> {
 
 /// The kernel's answers to one batch, as they arrive.
 #[derive(Debug)]
-pub struct Answers {
+pub(crate) struct Answers {
     seq: u32,
     answered: Vec<bool>,
     /// The first error: the op's index (`None` for the batch itself) and
@@ -195,7 +195,7 @@ pub struct Answers {
 
 impl Answers {
     /// Waiting for the answers to a batch of `n` ops that began at `seq`.
-    pub fn new(seq: u32, n: usize) -> Answers {
+    pub(crate) fn new(seq: u32, n: usize) -> Answers {
         Answers {
             seq,
             answered: vec![false; n],
@@ -205,7 +205,7 @@ impl Answers {
 
     /// Takes one message; anything not about this batch (an earlier batch's
     /// late answer, another message type) is ignored.
-    pub fn take(&mut self, r: &Record) {
+    pub(crate) fn take(&mut self, r: &Record) {
         let Record::Error { seq, errno } = *r else {
             return;
         };
@@ -225,12 +225,12 @@ impl Answers {
     }
 
     /// Every op answered, or the batch refused as a whole.
-    pub fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         self.answered.iter().all(|a| *a) || self.error.is_some_and(|(op, _)| op.is_none())
     }
 
     /// The first error, if any.
-    pub fn error(&self) -> Option<(Option<usize>, i32)> {
+    pub(crate) fn error(&self) -> Option<(Option<usize>, i32)> {
         self.error
     }
 }
@@ -240,7 +240,7 @@ const BATCH_LIMIT: Duration = Duration::from_secs(5);
 
 /// A `NETLINK_NETFILTER` socket that applies element changes; reopened
 /// after it broke.
-pub struct Netlink {
+pub(crate) struct Netlink {
     /// The network namespace to open the socket in (`/run/netns/NAME`), or
     /// the gateway's own.
     netns: Option<PathBuf>,
@@ -259,7 +259,7 @@ impl std::fmt::Debug for Netlink {
 
 impl Netlink {
     /// Opens the socket (in `netns` when given).
-    pub fn open(netns: Option<PathBuf>) -> io::Result<Netlink> {
+    pub(crate) fn open(netns: Option<PathBuf>) -> io::Result<Netlink> {
         let sock = open_socket(netns.as_deref())?;
         Ok(Netlink {
             netns,
@@ -269,7 +269,7 @@ impl Netlink {
     }
 
     /// Applies `ops` to `table` as one transaction.
-    pub async fn apply(&mut self, table: &str, ops: &[Op]) -> io::Result<()> {
+    pub(crate) async fn apply(&mut self, table: &str, ops: &[Op]) -> io::Result<()> {
         if ops.is_empty() {
             return Ok(());
         }

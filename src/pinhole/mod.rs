@@ -11,8 +11,8 @@
 //! (nftables NAT, for the plans it can carry). Neither backend calls the
 //! other.
 
-pub mod kernel;
-pub mod pool;
+pub(crate) mod kernel;
+pub(crate) mod pool;
 pub mod relay;
 
 pub use pool::{PortLease, PortPool};

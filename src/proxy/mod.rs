@@ -4,7 +4,7 @@
 
 mod control;
 mod limits;
-pub mod origdst;
+mod origdst;
 
 pub use limits::{SessionLimits, SessionSlot};
 

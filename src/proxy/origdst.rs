@@ -12,7 +12,10 @@ use tokio::net::TcpStream;
 /// the socket's local address *is* the original destination. A connection
 /// made straight to the listener has neither, and is refused, since proxying
 /// it would connect the gateway to itself.
-pub fn original_destination(stream: &TcpStream, listen: SocketAddr) -> io::Result<SocketAddr> {
+pub(super) fn original_destination(
+    stream: &TcpStream,
+    listen: SocketAddr,
+) -> io::Result<SocketAddr> {
     let local = stream.local_addr()?;
     let sock = SockRef::from(stream);
     let orig = match local {

@@ -53,7 +53,7 @@ mod claims;
 mod conntrack;
 mod shape;
 
-pub use shape::Shape;
+pub(crate) use shape::Shape;
 
 use super::{
     Activity, DataEvent, DataFailure, DataOutcome, DataPlan, DataSettings, OpenError, Opened,
