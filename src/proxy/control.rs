@@ -1,17 +1,19 @@
 //! One control connection: find the server, apply the rules, connect, then
 //! feed the session core and carry out its actions.
 
-use super::{origdst, Gateway};
-use crate::config::{Listener, ListenerMode};
+use super::{origdst, Gateway, SessionSlot};
+use crate::config::{Config, Limits, Listener, ListenerMode};
 use crate::escape::Escaped;
 use crate::ftp::rewrite;
 use crate::metrics::{OpenGuard, Refusal};
-use crate::pinhole::{Activity, DataEvent, Pinhole, PlanId, SessionInfo};
-use crate::rules::{decide, Decision};
-use crate::session::{Action, EndReason, LogEvent, OpenFailure, Session, SessionParams};
+use crate::pinhole::{Activity, DataEvent, DataPlan, Pinhole, PlanId, SessionInfo};
+use crate::rules::{decide, Decision, Policy};
+use crate::session::{
+    Action, EndReason, LogEvent, OpenFailure, Refused, Session, SessionParams, TransferRecord,
+};
 use socket2::SockRef;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
@@ -51,27 +53,78 @@ async fn run(
     let Ok(client_local) = client.local_addr() else {
         return;
     };
-    let (server, announce, transparent) = match &listener.mode {
-        ListenerMode::Reverse { upstream, announce } => (*upstream, *announce, false),
-        ListenerMode::Transparent => {
-            match origdst::original_destination(&client, listener.listen) {
-                Ok(dst) => (dst, None, true),
-                Err(e) => {
-                    refuse_session(
-                        &gateway,
-                        Refusal::no_destination,
-                        &mut client,
-                        peer,
-                        &format!("{e}"),
-                    )
-                    .await;
-                    return;
-                }
-            }
-        }
+    let Some((server, announce, transparent)) =
+        destination(&gateway, &listener, &mut client, peer).await
+    else {
+        return;
     };
-    let _slot = match gateway.limits.acquire(peer.ip()) {
-        Ok(slot) => slot,
+    // Held for the whole session, and while a later check refuses it.
+    let Some(_slot) = acquire_slot(&gateway, &mut client, peer).await else {
+        return;
+    };
+    // One configuration for the whole session, even across a reload.
+    let config = gateway.config();
+    let Some(policy) = allow(&gateway, &config, &mut client, peer, server).await else {
+        return;
+    };
+    let limits = &config.limits;
+    let Some(upstream) = connect(&gateway, limits, &mut client, peer, server).await else {
+        return;
+    };
+    let _ = upstream.set_nodelay(true);
+    let Ok(server_local) = upstream.local_addr() else {
+        return;
+    };
+    let server_local = SocketAddr::new(server_local.ip().to_canonical(), server_local.port());
+    let client_local = SocketAddr::new(client_local.ip().to_canonical(), client_local.port());
+    gateway.metrics.session_setup(started.elapsed());
+    info!(client = %peer, %server, rule = %policy.rule, mode = listener.mode.kind().as_str(), "session start");
+    let params = SessionParams {
+        client: peer,
+        client_local,
+        server,
+        server_local,
+        transparent,
+        announce,
+        policy,
+    };
+    let idle = limits.idle_timeout;
+    let mut conn = Conn::new(&gateway, &listener, id, params, client, upstream, idle);
+    let reason = conn.drive().await;
+    conn.end(started, reason);
+}
+
+/// Where the session goes, what 227 replies announce, and whether the
+/// listener is transparent: the listener's upstream, or the intercepted
+/// connection's original destination. Refuses the session when there is
+/// none.
+async fn destination(
+    gateway: &Gateway,
+    listener: &Listener,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+) -> Option<(SocketAddr, Option<IpAddr>, bool)> {
+    match &listener.mode {
+        ListenerMode::Reverse { upstream, announce } => Some((*upstream, *announce, false)),
+        ListenerMode::Transparent => match origdst::original_destination(client, listener.listen) {
+            Ok(dst) => Some((dst, None, true)),
+            Err(e) => {
+                let why = format!("{e}");
+                refuse_session(gateway, Refusal::no_destination, client, peer, &why).await;
+                None
+            }
+        },
+    }
+}
+
+/// The session's slot under the session limits, or the session refused.
+async fn acquire_slot(
+    gateway: &Gateway,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+) -> Option<SessionSlot> {
+    match gateway.limits.acquire(peer.ip()) {
+        Ok(slot) => Some(slot),
         Err(hit) => {
             let why = match hit {
                 super::limits::LimitHit::Total(n) => {
@@ -84,110 +137,53 @@ async fn run(
                     )
                 }
             };
-            refuse_session(&gateway, Refusal::limit, &mut client, peer, &why).await;
-            return;
+            refuse_session(gateway, Refusal::limit, client, peer, &why).await;
+            None
         }
-    };
-    // One configuration for the whole session, even across a reload.
-    let config = gateway.config();
-    let policy = match decide(&config, peer.ip(), server) {
-        Decision::Allow(p) => p,
+    }
+}
+
+/// The policy of the rule that allows this session, or the session refused.
+async fn allow(
+    gateway: &Gateway,
+    config: &Config,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    server: SocketAddr,
+) -> Option<Policy> {
+    match decide(config, peer.ip(), server) {
+        Decision::Allow(p) => Some(p),
         Decision::Deny(rule) => {
             let why = match rule {
                 Some(r) => format!("denied by rule '{r}'"),
                 None => "no rule allows this session".to_string(),
             };
-            refuse_session(
-                &gateway,
-                Refusal::rule,
-                &mut client,
-                peer,
-                &format!("{why} (server {server})"),
-            )
-            .await;
-            return;
+            let why = format!("{why} (server {server})");
+            refuse_session(gateway, Refusal::rule, client, peer, &why).await;
+            None
         }
+    }
+}
+
+/// The control connection to `server`, made within `connect_timeout`, or
+/// the session refused.
+async fn connect(
+    gateway: &Gateway,
+    limits: &Limits,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    server: SocketAddr,
+) -> Option<TcpStream> {
+    let why = match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(server)).await {
+        Ok(Ok(s)) => return Some(s),
+        Ok(Err(e)) => format!("cannot reach server {server}: {e}"),
+        Err(_) => format!(
+            "cannot reach server {server}: no answer within {:?}",
+            limits.connect_timeout
+        ),
     };
-    let limits = &config.limits;
-    let upstream =
-        match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(server)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                refuse_session(
-                    &gateway,
-                    Refusal::unreachable,
-                    &mut client,
-                    peer,
-                    &format!("cannot reach server {server}: {e}"),
-                )
-                .await;
-                return;
-            }
-            Err(_) => {
-                refuse_session(
-                    &gateway,
-                    Refusal::unreachable,
-                    &mut client,
-                    peer,
-                    &format!(
-                        "cannot reach server {server}: no answer within {:?}",
-                        limits.connect_timeout
-                    ),
-                )
-                .await;
-                return;
-            }
-        };
-    let _ = upstream.set_nodelay(true);
-    let Ok(server_local) = upstream.local_addr() else {
-        return;
-    };
-    let server_local = SocketAddr::new(server_local.ip().to_canonical(), server_local.port());
-    let client_local = SocketAddr::new(client_local.ip().to_canonical(), client_local.port());
-    gateway.metrics.session_setup(started.elapsed());
-    info!(client = %peer, %server, rule = %policy.rule, mode = if transparent { "transparent" } else { "reverse" }, "session start");
-    let core = Session::new(SessionParams {
-        client: peer,
-        client_local,
-        server,
-        server_local,
-        transparent,
-        announce,
-        policy,
-    });
-    let info = SessionInfo {
-        id,
-        client: peer,
-        server,
-        activity: Activity::default(),
-    };
-    let mut conn = Conn {
-        gateway: &gateway,
-        listener: &listener,
-        info,
-        core,
-        client,
-        upstream,
-        pinholes: HashMap::new(),
-        idle: limits.idle_timeout,
-        from_client: 0,
-        from_server: 0,
-        peer_lines: LogBudget::default(),
-        data_connected: None,
-    };
-    let reason = conn.drive().await;
-    let totals = conn.core.totals();
-    drop(conn.pinholes);
-    info!(
-        duration_ms = started.elapsed().as_millis() as u64,
-        control_from_client = conn.from_client,
-        control_from_server = conn.from_server,
-        data_to_client = totals.data_to_client,
-        data_to_server = totals.data_to_server,
-        transfers = totals.transfers,
-        %reason,
-        "session end"
-    );
+    refuse_session(gateway, Refusal::unreachable, client, peer, &why).await;
+    None
 }
 
 /// Tells the client why with 421, logs and counts it, and closes.
@@ -226,6 +222,56 @@ struct Conn<'a> {
     /// When the last data connection connected: the core has no clock, so
     /// a transfer's duration is measured here, up to its log event.
     data_connected: Option<Instant>,
+}
+
+impl<'a> Conn<'a> {
+    /// A connected session, before its first byte is read.
+    fn new(
+        gateway: &'a Gateway,
+        listener: &'a Listener,
+        id: u64,
+        params: SessionParams,
+        client: TcpStream,
+        upstream: TcpStream,
+        idle: Duration,
+    ) -> Self {
+        let info = SessionInfo {
+            id,
+            client: params.client,
+            server: params.server,
+            activity: Activity::default(),
+        };
+        Conn {
+            gateway,
+            listener,
+            info,
+            core: Session::new(params),
+            client,
+            upstream,
+            pinholes: HashMap::new(),
+            idle,
+            from_client: 0,
+            from_server: 0,
+            peer_lines: LogBudget::default(),
+            data_connected: None,
+        }
+    }
+
+    /// Closes the session's pinholes, then writes its last line.
+    fn end(self, started: Instant, reason: Ended) {
+        let totals = self.core.totals();
+        drop(self.pinholes);
+        info!(
+            duration_ms = started.elapsed().as_millis() as u64,
+            control_from_client = self.from_client,
+            control_from_server = self.from_server,
+            data_to_client = totals.data_to_client,
+            data_to_server = totals.data_to_server,
+            transfers = totals.transfers,
+            %reason,
+            "session end"
+        );
+    }
 }
 
 /// Refusal and ignored-reply lines a session logs before the rate limit.
@@ -433,34 +479,16 @@ impl Conn<'_> {
             // until the core has room again: TCP pushes back on it.
             tokio::select! {
                 r = self.client.readable(), if self.core.wants_client_input() => {
-                    let core = &mut self.core;
-                    match r.map(|()| read_now(&self.client, |b| core.client_bytes(b))) {
-                        Ok(Read::Spurious) => {}
-                        Ok(Read::Data(n)) => self.from_client += n as u64,
-                        Ok(Read::Closed) | Err(_) => self.core.client_closed(),
-                    }
+                    self.client_readable(r);
                 }
                 r = self.upstream.readable(), if self.core.wants_server_input() => {
-                    let core = &mut self.core;
-                    match r.map(|()| read_now(&self.upstream, |b| core.server_bytes(b))) {
-                        Ok(Read::Spurious) => {}
-                        Ok(Read::Data(n)) => self.from_server += n as u64,
-                        Ok(Read::Closed) | Err(_) => self.core.server_closed(),
-                    }
+                    self.server_readable(r);
                 }
                 Some(ev) = events.recv() => {
                     // A running transfer is activity: an idle control
                     // connection during a long download is normal.
                     deadline = tokio::time::Instant::now() + idle;
-                    if matches!(ev, DataEvent::Connected { .. }) {
-                        self.data_connected = Some(Instant::now());
-                    }
-                    // The plan's task is over: drop its guard now, or a long
-                    // session keeps one per transfer until it ends.
-                    if let DataEvent::Closed { id, .. } = &ev {
-                        self.pinholes.remove(id);
-                    }
-                    self.core.data_event(ev);
+                    self.data_event(ev);
                 }
                 () = &mut timer => {
                     if timer.deadline() < deadline {
@@ -480,23 +508,70 @@ impl Conn<'_> {
                 lines = seen;
                 deadline = tokio::time::Instant::now() + idle;
             }
-            loop {
-                if let Some(end) = self.act(&mut events, deadline).await {
-                    self.settle_data(&mut events).await;
-                    self.core.finish();
-                    self.log_pending();
-                    if self.peer_lines.suppressed > 0 {
-                        warn!(
-                            suppressed = self.peer_lines.suppressed,
-                            "refusal and reply lines suppressed by the rate limit"
-                        );
-                    }
-                    return end;
+            if let Some(end) = self.act_all(&mut events, deadline).await {
+                return end;
+            }
+        }
+    }
+
+    /// Feeds the core what the client sent, or tells it the client closed.
+    fn client_readable(&mut self, r: std::io::Result<()>) {
+        let core = &mut self.core;
+        match r.map(|()| read_now(&self.client, |b| core.client_bytes(b))) {
+            Ok(Read::Spurious) => {}
+            Ok(Read::Data(n)) => self.from_client += n as u64,
+            Ok(Read::Closed) | Err(_) => self.core.client_closed(),
+        }
+    }
+
+    /// Feeds the core what the server sent, or tells it the server closed.
+    fn server_readable(&mut self, r: std::io::Result<()>) {
+        let core = &mut self.core;
+        match r.map(|()| read_now(&self.upstream, |b| core.server_bytes(b))) {
+            Ok(Read::Spurious) => {}
+            Ok(Read::Data(n)) => self.from_server += n as u64,
+            Ok(Read::Closed) | Err(_) => self.core.server_closed(),
+        }
+    }
+
+    /// Hands a data plan's report to the core, noting when its connection
+    /// connected and dropping its guard when it closed.
+    fn data_event(&mut self, ev: DataEvent) {
+        if matches!(ev, DataEvent::Connected { .. }) {
+            self.data_connected = Some(Instant::now());
+        }
+        // The plan's task is over: drop its guard now, or a long
+        // session keeps one per transfer until it ends.
+        if let DataEvent::Closed { id, .. } = &ev {
+            self.pinholes.remove(id);
+        }
+        self.core.data_event(ev);
+    }
+
+    /// Carries out the core's actions, resuming it while it paused with
+    /// actions queued up (MAX_ACTIONS). When the session ends, lets late
+    /// data plans settle and writes the last log lines.
+    async fn act_all(
+        &mut self,
+        events: &mut DataEvents,
+        deadline: tokio::time::Instant,
+    ) -> Option<Ended> {
+        loop {
+            if let Some(end) = self.act(events, deadline).await {
+                self.settle_data(events).await;
+                self.core.finish();
+                self.log_pending();
+                if self.peer_lines.suppressed > 0 {
+                    warn!(
+                        suppressed = self.peer_lines.suppressed,
+                        "refusal and reply lines suppressed by the rate limit"
+                    );
                 }
-                // Processing paused while actions queued up (MAX_ACTIONS).
-                if !self.core.resume() {
-                    break;
-                }
+                return Some(end);
+            }
+            // Processing paused while actions queued up (MAX_ACTIONS).
+            if !self.core.resume() {
+                return None;
             }
         }
     }
@@ -567,22 +642,7 @@ impl Conn<'_> {
                         mute = true;
                     }
                 }
-                Action::Open(plan) => {
-                    let id = plan.id;
-                    let r = self
-                        .gateway
-                        .backend
-                        .open(&self.info, plan, events.sender())
-                        .await;
-                    match r {
-                        Ok((opened, pinhole)) => {
-                            let open = self.gateway.metrics.pinhole_opened(&self.listener.name);
-                            self.pinholes.insert(id, (pinhole, open));
-                            self.core.opened(id, Ok(opened));
-                        }
-                        Err(e) => self.core.opened(id, Err(OpenFailure::from(&e))),
-                    }
-                }
+                Action::Open(plan) => self.open(plan, events).await,
                 Action::Close(id) => {
                     // At the end, every pinhole is dropped after
                     // settle_data, so late data ends can still be logged.
@@ -605,6 +665,24 @@ impl Conn<'_> {
             }
         }
         None
+    }
+
+    /// Opens a data plan with the backend and tells the core how it went.
+    async fn open(&mut self, plan: DataPlan, events: &mut DataEvents) {
+        let id = plan.id;
+        let r = self
+            .gateway
+            .backend
+            .open(&self.info, plan, events.sender())
+            .await;
+        match r {
+            Ok((opened, pinhole)) => {
+                let open = self.gateway.metrics.pinhole_opened(&self.listener.name);
+                self.pinholes.insert(id, (pinhole, open));
+                self.core.opened(id, Ok(opened));
+            }
+            Err(e) => self.core.opened(id, Err(OpenFailure::from(&e))),
+        }
     }
 
     /// After AUTH TLS under passthrough: raw bytes both ways until both
@@ -675,25 +753,8 @@ impl Conn<'_> {
     /// Peer-controlled values go through [`Escaped`]; the audit log is JSON
     /// and takes them as they are.
     fn log_event(&mut self, ev: LogEvent) {
-        let metrics = &self.gateway.metrics;
         match ev {
-            LogEvent::Refusal { what, code, reason } => {
-                metrics.refused(Refusal::from(&what));
-                let what = what.what();
-                match self.peer_lines.admit() {
-                    None => {}
-                    Some(0) => {
-                        warn!(what = %Escaped(what), code, reason = %Escaped(&reason), "refused")
-                    }
-                    Some(suppressed) => warn!(
-                        what = %Escaped(what),
-                        code,
-                        reason = %Escaped(&reason),
-                        suppressed,
-                        "refused"
-                    ),
-                }
-            }
+            LogEvent::Refusal { what, code, reason } => self.log_refusal(&what, code, &reason),
             LogEvent::RefusalLimit { refusals } => {
                 let suppressed = std::mem::take(&mut self.peer_lines.suppressed);
                 warn!(
@@ -701,52 +762,7 @@ impl Conn<'_> {
                     suppressed, "too many refused commands: closing the session with 421"
                 );
             }
-            LogEvent::Transfer(t) => {
-                let took = self
-                    .data_connected
-                    .take()
-                    .map(|at| at.elapsed())
-                    .unwrap_or_default();
-                metrics.transfer(t.mode, t.to_client, t.to_server, took);
-                let user = t.user.as_deref().unwrap_or("");
-                info!(
-                    command = %Escaped(&t.command),
-                    path = %Escaped(&t.path),
-                    user = %Escaped(user),
-                    direction = %t.direction,
-                    mode = %t.mode,
-                    bytes = t.to_client + t.to_server,
-                    to_client = t.to_client,
-                    to_server = t.to_server,
-                    reply = t.reply,
-                    result = %Escaped(&t.result),
-                    duration_ms = took.as_millis() as u64,
-                    "transfer"
-                );
-                if let Some(audit) = &self.gateway.audit {
-                    let record = crate::audit::AuditRecord {
-                        time: crate::audit::rfc3339(std::time::SystemTime::now()),
-                        session: self.info.id,
-                        listener: &self.listener.name,
-                        client: self.info.client.to_string(),
-                        server: self.info.server.to_string(),
-                        user: t.user.as_deref(),
-                        command: &t.command,
-                        path: &t.path,
-                        mode: t.mode.as_label(),
-                        direction: t.direction.to_string(),
-                        bytes: t.to_client + t.to_server,
-                        to_client: t.to_client,
-                        to_server: t.to_server,
-                        duration_ms: took.as_millis() as u64,
-                        reply: t.reply,
-                        result: &t.result,
-                    };
-                    if let Err(e) = audit.write(&record) {
-                        warn!("audit log: {e}");
-                    }
-                }
-            }
+            LogEvent::Transfer(t) => self.log_transfer(&t),
             LogEvent::User(user) => info!(user = %Escaped(&user), "login accepted"),
             LogEvent::TlsPassthrough => {
                 info!("TLS started: control stream no longer parsed (tls: passthrough)")
@@ -764,6 +780,80 @@ impl Conn<'_> {
                 ),
             },
             LogEvent::PinholeExpired(id) => info!(plan = id, "pinhole expired unused"),
+        }
+    }
+
+    /// Counts a refusal, and logs it within the session's log budget.
+    fn log_refusal(&mut self, what: &Refused, code: u16, reason: &str) {
+        self.gateway.metrics.refused(Refusal::from(what));
+        let what = what.what();
+        match self.peer_lines.admit() {
+            None => {}
+            Some(0) => {
+                warn!(what = %Escaped(what), code, reason = %Escaped(reason), "refused")
+            }
+            Some(suppressed) => warn!(
+                what = %Escaped(what),
+                code,
+                reason = %Escaped(reason),
+                suppressed,
+                "refused"
+            ),
+        }
+    }
+
+    /// Counts a transfer, logs it, and writes its audit line.
+    fn log_transfer(&mut self, t: &TransferRecord) {
+        let took = self
+            .data_connected
+            .take()
+            .map(|at| at.elapsed())
+            .unwrap_or_default();
+        self.gateway
+            .metrics
+            .transfer(t.mode, t.to_client, t.to_server, took);
+        let user = t.user.as_deref().unwrap_or("");
+        info!(
+            command = %Escaped(&t.command),
+            path = %Escaped(&t.path),
+            user = %Escaped(user),
+            direction = %t.direction,
+            mode = %t.mode,
+            bytes = t.to_client + t.to_server,
+            to_client = t.to_client,
+            to_server = t.to_server,
+            reply = t.reply,
+            result = %Escaped(&t.result),
+            duration_ms = took.as_millis() as u64,
+            "transfer"
+        );
+        if let Some(audit) = &self.gateway.audit {
+            self.audit_transfer(audit, t, took);
+        }
+    }
+
+    /// Writes a transfer's line to the audit log.
+    fn audit_transfer(&self, audit: &crate::audit::AuditLog, t: &TransferRecord, took: Duration) {
+        let record = crate::audit::AuditRecord {
+            time: crate::audit::rfc3339(std::time::SystemTime::now()),
+            session: self.info.id,
+            listener: &self.listener.name,
+            client: self.info.client.to_string(),
+            server: self.info.server.to_string(),
+            user: t.user.as_deref(),
+            command: &t.command,
+            path: &t.path,
+            mode: t.mode.as_label(),
+            direction: t.direction.to_string(),
+            bytes: t.to_client + t.to_server,
+            to_client: t.to_client,
+            to_server: t.to_server,
+            duration_ms: took.as_millis() as u64,
+            reply: t.reply,
+            result: &t.result,
+        };
+        if let Err(e) = audit.write(&record) {
+            warn!("audit log: {e}");
         }
     }
 }

@@ -142,7 +142,7 @@ pub async fn serve(
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        info!(listener = %listener.name, %addr, mode = mode_name(&listener.mode), "listening");
+        info!(listener = %listener.name, %addr, mode = listener.mode.kind().as_str(), "listening");
         accepts.spawn(accept_loop(
             gateway.clone(),
             Arc::new(listener),
@@ -166,13 +166,6 @@ pub async fn serve(
             data_ports = data.ports,
             "grace period over: closing remaining sessions"
         );
-    }
-}
-
-fn mode_name(mode: &ListenerMode) -> &'static str {
-    match mode {
-        ListenerMode::Reverse { .. } => "reverse",
-        ListenerMode::Transparent => "transparent",
     }
 }
 
@@ -229,8 +222,6 @@ impl Launched {
     /// nothing, when any part cannot be set up: a half-working gateway is
     /// worse than none.
     pub async fn new(config: Arc<Config>) -> anyhow::Result<Self> {
-        use crate::netfilter::InterceptTable;
-        let kernel = config.data.backend == crate::config::BackendKind::Nftables;
         let audit = match &config.audit {
             Some(a) => Some(
                 crate::audit::AuditLog::open(&a.path)
@@ -251,24 +242,7 @@ impl Launched {
             ),
             None => None,
         };
-        let transparent = config
-            .listeners
-            .iter()
-            .any(|l| l.mode == ListenerMode::Transparent);
-        let table = if transparent || kernel {
-            let t = InterceptTable::create(&config.data.nftables_table)
-                .await
-                .with_context(|| {
-                    format!(
-                        "{} needs the nftables table '{}' (is nft installed, and do we have CAP_NET_ADMIN?)",
-                        if kernel { "data.backend nftables" } else { "a transparent listener" },
-                        config.data.nftables_table
-                    )
-                })?;
-            Some(Arc::new(t))
-        } else {
-            None
-        };
+        let table = Self::table(&config).await?;
         let backend = match Self::backend(&config, table.clone()).await {
             Ok(b) => b,
             Err(e) => {
@@ -293,6 +267,31 @@ impl Launched {
             table,
             metrics_addr,
         })
+    }
+
+    /// The gateway's nftables table, created when a transparent listener or
+    /// the kernel backend needs it.
+    async fn table(
+        config: &Config,
+    ) -> anyhow::Result<Option<Arc<crate::netfilter::InterceptTable>>> {
+        let kernel = config.data.backend == crate::config::BackendKind::Nftables;
+        let transparent = config
+            .listeners
+            .iter()
+            .any(|l| l.mode == ListenerMode::Transparent);
+        if !(transparent || kernel) {
+            return Ok(None);
+        }
+        let t = crate::netfilter::InterceptTable::create(&config.data.nftables_table)
+            .await
+            .with_context(|| {
+                format!(
+                    "{} needs the nftables table '{}' (is nft installed, and do we have CAP_NET_ADMIN?)",
+                    if kernel { "data.backend nftables" } else { "a transparent listener" },
+                    config.data.nftables_table
+                )
+            })?;
+        Ok(Some(Arc::new(t)))
     }
 
     /// The backend `config` asks for, with its port pools. `table` is the
