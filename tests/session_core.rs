@@ -928,3 +928,65 @@ fn a_data_connection_from_the_wrong_peer_is_a_data_refusal() {
         )
     );
 }
+
+/// A plan whose end is reported before its open result is refused with 425
+/// in every shape, and nothing points the client or the server at it.
+#[test]
+fn a_plan_that_ended_before_its_open_result_is_never_announced() {
+    let ended = |s: &mut Session, id| {
+        s.data_event(DataEvent::Closed {
+            id,
+            to_client: 0,
+            to_server: 0,
+            outcome: DataOutcome::Expired,
+        });
+    };
+    let refusal =
+        "425 Can't open data connection: the data connection ended before it was announced\r\n";
+
+    // PASV, same mode: no 227 for the dead plan's port.
+    let mut s = reverse(ServerMode::Same);
+    s.client_bytes(b"PASV\r\n");
+    drain(&mut s);
+    s.server_bytes(b"227 (10,0,0,3,195,80)\r\n");
+    let plan = the_plan(&drain(&mut s));
+    ended(&mut s, plan.id);
+    let opened = Opened {
+        client_listen: Some(sa("192.0.2.1:40000")),
+        server_listen: None,
+    };
+    s.opened(plan.id, Ok(opened));
+    assert_eq!(to_client(&drain(&mut s)), refusal);
+
+    // PASV → PORT toward the server: no PORT upstream, no 227.
+    let mut s = reverse(ServerMode::Active);
+    s.client_bytes(b"PASV\r\n");
+    let plan = the_plan(&drain(&mut s));
+    ended(&mut s, plan.id);
+    let opened = Opened {
+        client_listen: Some(sa("192.0.2.1:40003")),
+        server_listen: Some(sa("10.0.0.1:41003")),
+    };
+    s.opened(plan.id, Ok(opened));
+    let a = drain(&mut s);
+    assert_eq!(to_server(&a), "");
+    assert_eq!(to_client(&a), refusal);
+
+    // PORT → PASV toward the server: no 200 for the dead plan.
+    let mut s = reverse(ServerMode::Passive);
+    s.client_bytes(b"EPRT |1|198.51.100.7|50001|\r\n");
+    assert_eq!(to_server(&acts(&mut s)), "PASV\r\n");
+    s.server_bytes(b"227 Entering Passive Mode (10,0,0,3,195,81)\r\n");
+    let plan = the_plan(&drain(&mut s));
+    ended(&mut s, plan.id);
+    let opened = Opened {
+        client_listen: None,
+        server_listen: None,
+    };
+    s.opened(plan.id, Ok(opened));
+    assert_eq!(to_client(&drain(&mut s)), refusal);
+
+    // And the session goes on.
+    s.client_bytes(b"NOOP\r\n");
+    assert_eq!(to_server(&acts(&mut s)), "NOOP\r\n");
+}

@@ -152,6 +152,11 @@ pub enum OpenFailure {
     /// A socket or nftables call failed; the error's text.
     #[error("{0}")]
     Io(String),
+    /// The plan's task reported its end before its open result. The
+    /// gateway's shell reports the open first; a plan that is already over
+    /// must not be announced, whatever its shape.
+    #[error("the data connection ended before it was announced")]
+    EndedFirst,
 }
 
 impl From<&OpenError> for OpenFailure {
@@ -586,6 +591,10 @@ impl Session {
 
     /// The result of an [`Action::Open`].
     pub fn opened(&mut self, id: PlanId, result: Result<Opened, OpenFailure>) {
+        let result = match result {
+            Ok(_) if !self.plans.is_live(id) => Err(OpenFailure::EndedFirst),
+            other => other,
+        };
         let Some(after) = self.plans.open_result(id, result.as_ref().ok().copied()) else {
             return;
         };
