@@ -28,7 +28,7 @@ pub fn set_json(json: bool) {
 ///
 /// `a\x1b[31m user=root` → `a\x1b[31m user\x3droot`.
 #[derive(Debug, Clone, Copy)]
-pub struct Escaped<'a>(pub &'a str);
+pub(crate) struct Escaped<'a>(pub &'a str);
 
 impl fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -163,7 +163,7 @@ impl Metrics {
 
     /// A connection was accepted on `listener`; the returned guard counts it
     /// as open until dropped.
-    pub fn session_opened(&self, listener: &str) -> OpenGuard {
+    pub(crate) fn session_opened(&self, listener: &str) -> OpenGuard {
         let label = ListenerLabel {
             listener: listener.to_string(),
         };
@@ -172,7 +172,7 @@ impl Metrics {
     }
 
     /// A pinhole opened for a session on `listener`; open until the guard drops.
-    pub fn pinhole_opened(&self, listener: &str) -> OpenGuard {
+    pub(crate) fn pinhole_opened(&self, listener: &str) -> OpenGuard {
         let label = ListenerLabel {
             listener: listener.to_string(),
         };
@@ -185,7 +185,7 @@ impl Metrics {
     }
 
     /// The session core started this long after accept.
-    pub fn session_setup(&self, took: Duration) {
+    pub(crate) fn session_setup(&self, took: Duration) {
         self.setup_seconds.observe(took.as_secs_f64());
     }
 
@@ -210,7 +210,7 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition of every metric.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -220,7 +220,7 @@ impl Metrics {
 
 /// Holds a gauge up by one while it lives.
 #[derive(Debug)]
-pub struct OpenGuard(Gauge);
+pub(crate) struct OpenGuard(Gauge);
 
 impl OpenGuard {
     fn new(g: Gauge) -> Self {

@@ -22,7 +22,7 @@ pub struct Policy {
 
 /// The outcome of matching a new session against the rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// A rule allowed it.
     Allow(Policy),
     /// A rule denied it (its name), or no rule matched (`None`).
@@ -35,7 +35,7 @@ pub enum Decision {
 /// and the server's IP inside one of its `servers` networks. An IPv4-mapped
 /// IPv6 address (`::ffff:10.0.0.5`, as a dual-stack socket reports an IPv4
 /// peer) is matched as the IPv4 address it carries, so IPv4 rules apply.
-pub fn decide(config: &Config, client: IpAddr, server: SocketAddr) -> Decision {
+pub(crate) fn decide(config: &Config, client: IpAddr, server: SocketAddr) -> Decision {
     let client = client.to_canonical();
     let server = server.ip().to_canonical();
     let Some(rule) = config.rules.iter().find(|r| {

@@ -93,7 +93,7 @@ impl std::error::Error for ConfigErrors {}
 
 /// A rule file is written by hand; anything bigger is a mistake, and the
 /// limit keeps a hostile file from costing much memory before validation.
-pub const MAX_FILE_BYTES: usize = 1 << 20;
+pub(crate) const MAX_FILE_BYTES: usize = 1 << 20;
 
 /// Errors located beyond this many cost one extra parse each, so a file full
 /// of mistakes reports the first ones and a count.

@@ -299,7 +299,7 @@ impl Framer {
 
     /// How many lines have been terminated since the framer was made: bytes
     /// that complete no line (a trickle) leave it unchanged.
-    pub fn lines_completed(&self) -> u64 {
+    pub(crate) fn lines_completed(&self) -> u64 {
         self.completed
     }
 
@@ -352,7 +352,7 @@ impl Framer {
     /// This includes lines already split off but not yet returned by
     /// [`Framer::next_line`], in stream order, and leaves the framer empty.
     /// After an overflow, the bytes dropped past the cap are not included.
-    pub fn take_buffered(&mut self) -> Vec<u8> {
+    pub(crate) fn take_buffered(&mut self) -> Vec<u8> {
         let mut out = self.ready.split_off(self.read);
         self.ends.clear();
         self.drained();

@@ -177,7 +177,7 @@ impl CheckedCommand {
     /// The bytes to send: `text CR LF`, 0xFF doubled, and `IAC IP` /
     /// `IAC DM` in front of ABOR, STAT or QUIT when the client sent them
     /// (RFC 959 §4.1: `\xff\xf4\xff\xf2ABOR\r\n`).
-    pub fn to_wire(&self) -> Vec<u8> {
+    pub(crate) fn to_wire(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.text.len() + 6);
         let verb_len = self
             .text
@@ -233,7 +233,7 @@ impl CheckedReply {
     }
 
     /// The bytes to send: `text CR LF`, 0xFF doubled.
-    pub fn to_wire(&self) -> Vec<u8> {
+    pub(crate) fn to_wire(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.text.len() + 2);
         escape_into(&mut out, &self.text);
         out.extend_from_slice(b"\r\n");
@@ -246,7 +246,7 @@ impl CheckedReply {
     /// with a digit (other than the reply's own `nnn-`) gets a leading space,
     /// so that no client takes `227 ...` inside a `200-` reply as a reply of
     /// its own.
-    pub fn inner_wire(&self, open: u16) -> Vec<u8> {
+    pub(crate) fn inner_wire(&self, open: u16) -> Vec<u8> {
         let own =
             matches!(parse_reply_line(&self.text), ReplyLine::First { code, .. } if code == open);
         let pad = self.text.first().is_some_and(u8::is_ascii_digit) && !own;

@@ -27,7 +27,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Multicast groups NFNLGRP_CONNTRACK_NEW (1), _UPDATE (2) and _DESTROY (3),
 /// as the bind(2) group mask (bit n-1 for group n).
-pub const EVENT_GROUPS: u32 = 0b111;
+pub(crate) const EVENT_GROUPS: u32 = 0b111;
 
 const NLMSG_HDRLEN: usize = 16;
 const NLMSG_ERROR: u16 = 2;
@@ -143,7 +143,7 @@ pub enum Record {
 
 impl Record {
     /// The sequence number of the message.
-    pub fn seq(&self) -> u32 {
+    pub(crate) fn seq(&self) -> u32 {
         match self {
             Record::Conn { seq, .. }
             | Record::Done { seq }
@@ -365,12 +365,12 @@ pub fn get_request(seq: u32, orig: Tuple) -> Vec<u8> {
 }
 
 /// IPCTNL_MSG_CT_GET with NLM_F_DUMP: every entry of every family.
-pub fn dump_request(seq: u32) -> Vec<u8> {
+pub(crate) fn dump_request(seq: u32) -> Vec<u8> {
     Builder::new(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0).finish()
 }
 
 /// A non-blocking `NETLINK_NETFILTER` socket registered with tokio.
-pub struct Socket {
+pub(crate) struct Socket {
     /// Tokio's datagram socket type as the safe way to register the
     /// descriptor with the reactor (`AsyncFd`'s safe constructor is
     /// deprecated): only readiness, recv(2) and send(2) are used, which work
@@ -381,20 +381,20 @@ pub struct Socket {
 }
 
 /// Events lost: the socket's receive buffer overflowed.
-pub fn is_overflow(e: &io::Error) -> bool {
+pub(crate) fn is_overflow(e: &io::Error) -> bool {
     e.raw_os_error() == Some(rustix::io::Errno::NOBUFS.raw_os_error())
 }
 
 impl Socket {
     /// A socket subscribed to `groups` (0 for one that only sends requests),
     /// with a receive buffer of `rcvbuf` bytes.
-    pub fn open(groups: u32, rcvbuf: usize) -> io::Result<Socket> {
+    pub(crate) fn open(groups: u32, rcvbuf: usize) -> io::Result<Socket> {
         Socket::from_fd(Socket::open_fd(groups, rcvbuf)?)
     }
 
     /// The bound descriptor [`Socket::open`] registers: made apart so that
     /// a thread in another network namespace can make it (no tokio needed).
-    pub fn open_fd(groups: u32, rcvbuf: usize) -> io::Result<std::os::fd::OwnedFd> {
+    pub(crate) fn open_fd(groups: u32, rcvbuf: usize) -> io::Result<std::os::fd::OwnedFd> {
         use rustix::net::{netlink, AddressFamily, SocketFlags, SocketType};
         let fd = rustix::net::socket_with(
             AddressFamily::NETLINK,
@@ -412,7 +412,7 @@ impl Socket {
     }
 
     /// Registers a descriptor from [`Socket::open_fd`] with tokio.
-    pub fn from_fd(fd: std::os::fd::OwnedFd) -> io::Result<Socket> {
+    pub(crate) fn from_fd(fd: std::os::fd::OwnedFd) -> io::Result<Socket> {
         let sock = std::os::unix::net::UnixDatagram::from(fd);
         Ok(Socket {
             sock: tokio::net::UnixDatagram::from_std(sock)?,
@@ -421,19 +421,19 @@ impl Socket {
     }
 
     /// Sends one request to the kernel.
-    pub async fn send(&self, msg: &[u8]) -> io::Result<()> {
+    pub(crate) async fn send(&self, msg: &[u8]) -> io::Result<()> {
         self.sock.send(msg).await?;
         Ok(())
     }
 
     /// Waits for the next datagram and returns its messages.
-    pub async fn recv(&mut self) -> io::Result<Vec<Record>> {
+    pub(crate) async fn recv(&mut self) -> io::Result<Vec<Record>> {
         let n = self.sock.recv(&mut self.buf).await?;
         Ok(parse(&self.buf[..n]))
     }
 
     /// The next datagram's messages, if one is queued.
-    pub fn try_recv(&mut self) -> io::Result<Option<Vec<Record>>> {
+    pub(crate) fn try_recv(&mut self) -> io::Result<Option<Vec<Record>>> {
         match self.sock.try_recv(&mut self.buf) {
             Ok(n) => Ok(Some(parse(&self.buf[..n]))),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),

@@ -55,7 +55,7 @@ struct Change {
 impl InterceptTable {
     /// Creates the table `name`, replacing a stale one left by an earlier
     /// run. Fails if the netfilter netlink socket cannot be opened.
-    pub async fn create(name: &str) -> io::Result<Self> {
+    pub(crate) async fn create(name: &str) -> io::Result<Self> {
         Self::open(name, Vec::new(), None).await
     }
 
@@ -116,7 +116,7 @@ impl InterceptTable {
     /// gone. `add` of an existing element keeps its old timeout, hence the
     /// add-delete-add, which is one transaction and cannot fail on a missing
     /// element.
-    pub async fn refresh(&self, element: Element, timeout: Duration) -> io::Result<()> {
+    pub(crate) async fn refresh(&self, element: Element, timeout: Duration) -> io::Result<()> {
         let ops = vec![
             Op::Add(element, timeout),
             Op::Delete(element),
@@ -130,7 +130,7 @@ impl InterceptTable {
     /// (a no-op if present) and then deleted, so no delete can fail on a
     /// missing element. Errors are logged, not returned: the kernel's
     /// timeouts are the backstop.
-    pub async fn remove_each(&self, elements: &[Element]) {
+    pub(crate) async fn remove_each(&self, elements: &[Element]) {
         let mut ops = Vec::new();
         for e in elements {
             // The transaction is atomic: no packet ever sees the re-added
@@ -148,7 +148,7 @@ impl InterceptTable {
     }
 
     /// Deletes the table and everything in it.
-    pub async fn destroy(&self) -> io::Result<()> {
+    pub(crate) async fn destroy(&self) -> io::Result<()> {
         self.run(&format!("delete table inet {}\n", self.name))
             .await
     }

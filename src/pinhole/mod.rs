@@ -109,14 +109,14 @@ impl Default for Activity {
 
 impl Activity {
     /// Bytes moved just now.
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         let us = self.0.epoch.elapsed().as_micros() as u64;
         self.0.last.store(us + 1, Ordering::Relaxed);
     }
 
     /// A connection whose bytes this process cannot see is up; it counts as
     /// activity until the returned guard is dropped.
-    pub fn unseen(&self) -> UnseenGuard {
+    pub(crate) fn unseen(&self) -> UnseenGuard {
         self.0.unseen.fetch_add(1, Ordering::Relaxed);
         UnseenGuard(self.clone())
     }
@@ -124,7 +124,7 @@ impl Activity {
     /// Until when the session is busy with its data, given `idle`: the last
     /// byte plus `idle`, or now plus `idle` while an unseen connection is
     /// up. `None` if no byte ever moved.
-    pub fn busy_until(&self, idle: Duration) -> Option<Instant> {
+    pub(crate) fn busy_until(&self, idle: Duration) -> Option<Instant> {
         if self.0.unseen.load(Ordering::Relaxed) > 0 {
             return Some(Instant::now() + idle);
         }
@@ -137,7 +137,7 @@ impl Activity {
 
 /// Returned by [`Activity::unseen`]; ends that activity when dropped.
 #[derive(Debug)]
-pub struct UnseenGuard(Activity);
+pub(crate) struct UnseenGuard(Activity);
 
 impl Drop for UnseenGuard {
     fn drop(&mut self) {

@@ -81,7 +81,7 @@ impl PortPool {
 
     /// Limits each client address to `per_client` ports of this pool at
     /// once (at least one).
-    pub fn with_client_share(mut self, per_client: usize) -> Self {
+    pub(crate) fn with_client_share(mut self, per_client: usize) -> Self {
         self.per_client = per_client.max(1);
         self
     }
@@ -96,13 +96,8 @@ impl PortPool {
         self.range
     }
 
-    /// Most ports one client address may hold at once.
-    pub fn client_share(&self) -> usize {
-        self.per_client
-    }
-
     /// Number of ports currently leased.
-    pub fn in_use(&self) -> usize {
+    pub(crate) fn in_use(&self) -> usize {
         lock(&self.state).in_use
     }
 

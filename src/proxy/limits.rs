@@ -29,7 +29,7 @@ pub struct SessionSlot {
 
 /// Which limit refused a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitHit {
+pub(crate) enum LimitHit {
     /// `max_sessions`
     Total(usize),
     /// `max_sessions_per_client`
@@ -54,7 +54,7 @@ impl SessionLimits {
     }
 
     /// Takes a slot for `client`, or says which limit is reached.
-    pub fn acquire(&self, client: IpAddr) -> Result<SessionSlot, LimitHit> {
+    pub(crate) fn acquire(&self, client: IpAddr) -> Result<SessionSlot, LimitHit> {
         let max = self.max.load(Ordering::Relaxed);
         let per_client = self.per_client.load(Ordering::Relaxed);
         let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());

@@ -435,7 +435,7 @@ pub const MAX_INPUT_BACKLOG: usize = 2 * ftp::MAX_LINE;
 /// Transfers whose log record waits for the final reply or the data
 /// connection's end. Past it a transfer command is refused with 450 and not
 /// forwarded, so no record is ever dropped to make room.
-pub const MAX_OPEN_TRANSFERS: usize = 16;
+pub(crate) const MAX_OPEN_TRANSFERS: usize = 16;
 
 /// Refused commands per session. The one that reaches it closes the session
 /// with 421 and one log line.
@@ -452,7 +452,7 @@ const MAX_HELD_BYTES: usize = 8192;
 /// Actions waiting for the shell. Once this many wait, processing pauses
 /// until the shell has carried them out and calls [`Session::resume`], so
 /// one read of small lines cannot queue an action per byte.
-pub const MAX_ACTIONS: usize = 256;
+pub(crate) const MAX_ACTIONS: usize = 256;
 
 impl Session {
     /// A new session; the server's greeting is the first reply expected.
@@ -499,7 +499,7 @@ impl Session {
     /// data connection's end. A backend that learns of that end late (the
     /// kernel one polls conntrack) may report it after the control
     /// connection closed; the shell waits briefly so the transfer is logged.
-    pub fn awaiting_data(&self) -> bool {
+    pub(crate) fn awaiting_data(&self) -> bool {
         self.transfers.iter().any(|t| {
             t.reply.is_some() && t.data.is_none() && t.plan.is_some_and(|id| self.plans.is_live(id))
         })
@@ -513,7 +513,7 @@ impl Session {
     /// Complete lines received so far, from both peers: what counts as
     /// activity on a control connection (a peer trickling bytes that never
     /// end a line is idle).
-    pub fn lines_received(&self) -> u64 {
+    pub(crate) fn lines_received(&self) -> u64 {
         self.client_in.lines_completed() + self.server_in.lines_completed()
     }
 

@@ -126,7 +126,7 @@ impl KernelBackend {
 
     /// Removes the lingering claim on `port`, if any: another backend
     /// listens on the port now, and the claim would drop its connections.
-    pub async fn release_claim(&self, port: u16) {
+    pub(crate) async fn release_claim(&self, port: u16) {
         self.claims.release(&self.table, port).await;
     }
 
