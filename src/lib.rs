@@ -31,7 +31,9 @@
 //!   gateway's table and its lifecycle, and the `ftpgate nft` ruleset
 //!   template.
 //! - [`proxy`]: the tokio shell — listeners, the control task per session,
-//!   original-destination lookup, per-client limits, shutdown.
+//!   original-destination lookup, per-client limits, shutdown; and, pure,
+//!   the PROXY protocol header (v1/v2) by which a balancer names the real
+//!   client.
 //! - [`metrics`], [`audit`], [`systemd`]: what the shell reports to
 //!   operators — Prometheus metrics, the per-transfer JSON audit log, and
 //!   readiness notifications.

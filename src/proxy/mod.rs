@@ -1,10 +1,12 @@
 //! The tokio shell: listeners, one control task per session, limits and
 //! shutdown. It has no FTP knowledge beyond feeding the session core and
-//! carrying out its actions.
+//! carrying out its actions. [`proxy_protocol`] is the pure parser of the
+//! header a balancer sends before a relayed connection.
 
 mod control;
 mod limits;
 mod origdst;
+pub mod proxy_protocol;
 
 pub use limits::{SessionLimits, SessionSlot};
 
