@@ -3,7 +3,8 @@
 //! there are errors.
 
 use super::raw::{
-    at, Field, RawAudit, RawConfig, RawData, RawLimits, RawListener, RawMetrics, RawRule, Seg, Text,
+    at, Field, RawAudit, RawConfig, RawData, RawLimits, RawListener, RawMetrics, RawProxyProtocol,
+    RawRule, Seg, Text,
 };
 use super::types::*;
 use super::values::*;
@@ -234,6 +235,11 @@ impl Check {
             |s| parse_socket_addr(s, true),
         );
         let mode = self.listener_mode(r, path);
+        let proxy_protocol = match self.field(&r.proxy_protocol, path, "proxy_protocol") {
+            Ok(Some(p)) => self.proxy_protocol(p, path, mode.as_ref()).map(Some),
+            Ok(None) => Some(None),
+            Err(()) => None,
+        };
         if let Some(name) = &name {
             if let Some(first) = earlier.iter().position(|l| &l.name == name) {
                 self.err(
@@ -263,6 +269,54 @@ impl Check {
             name: name?,
             listen: listen?,
             mode: mode?,
+            proxy_protocol: proxy_protocol?,
+        })
+    }
+
+    /// A listener's `proxy_protocol` section; `mode` is the listener's, when
+    /// it is valid.
+    fn proxy_protocol(
+        &mut self,
+        r: &RawProxyProtocol,
+        listener: &[Seg],
+        mode: Option<&ListenerMode>,
+    ) -> Option<ProxyProtocol> {
+        let path = at(listener, "proxy_protocol");
+        if mode == Some(&ListenerMode::Transparent) {
+            self.err(
+                &path,
+                "proxy_protocol applies to reverse listeners only: a transparent listener's server is the original destination of a connection that no balancer relayed",
+            );
+        }
+        if matches!(&r.from, Field::Set(v) if v.is_empty()) {
+            // `list` would suggest a default, and `from` has none.
+            self.err(
+                &at(&path, "from"),
+                "`from` is an empty list: name the balancers, or remove `proxy_protocol`",
+            );
+            return None;
+        }
+        let from = match self.list(&r.from, &path, "from", false, parse_cidr) {
+            Ok(Some(from)) => Some(from),
+            Ok(None) => {
+                self.err(
+                    &path,
+                    "missing `from`: the balancers' addresses (CIDRs) that send a PROXY header",
+                );
+                None
+            }
+            Err(()) => None,
+        };
+        let timeout = self.value(
+            &r.timeout,
+            &path,
+            "timeout",
+            ProxyProtocol::DEFAULT_TIMEOUT,
+            parse_duration,
+        );
+        Some(ProxyProtocol {
+            from: from?,
+            timeout: timeout?,
         })
     }
 

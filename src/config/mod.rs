@@ -21,7 +21,7 @@ mod values;
 
 pub use types::{
     Action, AuditConfig, AuditTarget, BackendKind, DataConfig, DataMode, Limits, Listener,
-    ListenerMode, MetricsConfig, PortRange, PortShare, Rule, ServerMode, TlsPolicy,
+    ListenerMode, MetricsConfig, PortRange, PortShare, ProxyProtocol, Rule, ServerMode, TlsPolicy,
 };
 
 use check::Check;

@@ -65,6 +65,10 @@ impl From<&Listener> for OutListener {
             mode: l.mode.kind().as_str(),
             upstream,
             announce,
+            proxy_protocol: l.proxy_protocol.as_ref().map(|p| OutProxyProtocol {
+                from: p.from.iter().map(ToString::to_string).collect(),
+                timeout: format_duration(p.timeout),
+            }),
         }
     }
 }
@@ -142,6 +146,14 @@ struct OutListener {
     upstream: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     announce: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proxy_protocol: Option<OutProxyProtocol>,
+}
+
+#[derive(Serialize)]
+struct OutProxyProtocol {
+    from: Vec<String>,
+    timeout: String,
 }
 
 #[derive(Serialize)]

@@ -109,6 +109,20 @@ pub(super) struct RawListener {
     pub(super) upstream: Field<Text>,
     #[serde(default)]
     pub(super) announce: Field<Text>,
+    #[serde(default)]
+    pub(super) proxy_protocol: Field<RawProxyProtocol>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping (a listener's `proxy_protocol`: `from` and `timeout`)"
+)]
+pub(super) struct RawProxyProtocol {
+    #[serde(default)]
+    pub(super) from: Field<Vec<Text>>,
+    #[serde(default)]
+    pub(super) timeout: Field<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -45,6 +45,7 @@ fn minimal_file_gets_every_default() {
                 upstream: "127.0.0.1:21".parse().unwrap(),
                 announce: None
             },
+            proxy_protocol: None,
         }]
     );
     assert_eq!(c.data, DataConfig::default());
@@ -667,7 +668,7 @@ fn structural_errors_are_located() {
     let cases: Vec<(String, &str)> = vec![
             (
                 format!("{HEAD}    lisen: 1.2.3.4:21\nrules:\n  - name: all\n"),
-                "6:5: listeners[0]: unknown field `lisen`, expected one of `name`, `listen`, `mode`, `upstream`, `announce`",
+                "6:5: listeners[0]: unknown field `lisen`, expected one of `name`, `listen`, `mode`, `upstream`, `announce`, `proxy_protocol`",
             ),
             (
                 format!("{HEAD}rules:\n  - name: all\n    client: [10.0.0.0/8]\n"),
@@ -935,11 +936,19 @@ fn arb_listener() -> impl Strategy<Value = Listener> {
                 announce,
             }),
     ];
-    (arb_name(), arb_ip(), any::<u16>(), mode).prop_map(|(name, ip, port, mode)| Listener {
-        name,
-        listen: SocketAddr::new(ip, port),
-        mode,
-    })
+    let proxy = proptest::option::of(
+        (proptest::collection::vec(arb_net(), 1..4), arb_duration())
+            .prop_map(|(from, timeout)| ProxyProtocol { from, timeout }),
+    );
+    (arb_name(), arb_ip(), any::<u16>(), mode, proxy).prop_map(
+        |(name, ip, port, mode, proxy_protocol)| Listener {
+            name,
+            listen: SocketAddr::new(ip, port),
+            // Only a reverse listener takes a PROXY header.
+            proxy_protocol: proxy_protocol.filter(|_| mode != ListenerMode::Transparent),
+            mode,
+        },
+    )
 }
 
 fn arb_rule() -> impl Strategy<Value = Rule> {
@@ -1073,6 +1082,7 @@ fn arb_config() -> impl Strategy<Value = Config> {
                 if let ListenerMode::Reverse { upstream, .. } = l.mode {
                     if addrs.iter().any(|&a| reaches(upstream, a)) {
                         l.mode = ListenerMode::Transparent;
+                        l.proxy_protocol = None;
                     }
                 }
             }
@@ -1163,4 +1173,75 @@ fn a_listener_without_mode_is_told_the_modes() {
         errs,
         vec!["2:5: missing `mode`: reverse or transparent".to_string()]
     );
+}
+
+#[test]
+fn proxy_protocol_section() {
+    let rules = "rules:\n  - name: all\n";
+    let c = ok(&format!(
+        "{HEAD}    proxy_protocol: {{ from: [10.0.0.0/24, \"fd00::/64\", 192.0.2.9] }}\n{rules}"
+    ));
+    let p = c.listeners[0].proxy_protocol.clone().unwrap();
+    assert_eq!(
+        p.from,
+        vec![
+            "10.0.0.0/24".parse::<IpNet>().unwrap(),
+            "fd00::/64".parse().unwrap(),
+            "192.0.2.9/32".parse().unwrap(),
+        ]
+    );
+    assert_eq!(p.timeout, Duration::from_secs(5), "the default");
+    assert!(p.trusts("10.0.0.7".parse().unwrap()));
+    assert!(p.trusts("::ffff:10.0.0.7".parse().unwrap()), "mapped");
+    assert!(!p.trusts("10.0.1.7".parse().unwrap()));
+    let yaml = c.to_yaml();
+    assert!(yaml.contains("proxy_protocol:"), "{yaml}");
+    assert!(yaml.contains("timeout: 5s"), "{yaml}");
+    assert_eq!(parse(&yaml), Ok(c.clone()));
+    // Without the section, nothing is printed for it.
+    assert!(!ok(&format!("{HEAD}{rules}"))
+        .to_yaml()
+        .contains("proxy_protocol"));
+    let c = ok(&format!(
+        "{HEAD}    proxy_protocol:\n      from: [10.0.0.1]\n      timeout: 250ms\n{rules}"
+    ));
+    assert_eq!(
+        c.listeners[0].proxy_protocol.as_ref().unwrap().timeout,
+        Duration::from_millis(250)
+    );
+    let transparent =
+        "listeners:\n  - name: t\n    listen: 127.0.0.1:2121\n    mode: transparent\n";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("{HEAD}    proxy_protocol: {{ timeout: 5s }}\n{rules}"),
+            "6:21: missing `from`: the balancers' addresses (CIDRs) that send a PROXY header",
+        ),
+        (
+            format!("{HEAD}    proxy_protocol: {{ from: [] }}\n{rules}"),
+            "6:29: `from` is an empty list: name the balancers, or remove `proxy_protocol`",
+        ),
+        (
+            format!("{HEAD}    proxy_protocol:\n      from: [10.0.0.0/33]\n{rules}"),
+            "7:14: from: `10.0.0.0/33` is not a CIDR such as 10.0.0.0/24 or 2001:db8::/32, nor an address",
+        ),
+        (
+            format!("{HEAD}    proxy_protocol:\n      from: [10.0.0.1]\n      timeout: 0s\n{rules}"),
+            "8:16: timeout: `0s` is zero; a timeout must be longer than that",
+        ),
+        (
+            format!("{HEAD}    proxy_protocol:\n{rules}"),
+            "6:20: `proxy_protocol` has no value: give one, or remove the key",
+        ),
+        (
+            format!("{transparent}    proxy_protocol: {{ from: [10.0.0.1] }}\n{rules}"),
+            "5:21: proxy_protocol applies to reverse listeners only: a transparent listener's server is the original destination of a connection that no balancer relayed",
+        ),
+    ];
+    for (text, want) in &cases {
+        assert_eq!(errors(text), vec![want.to_string()], "{text}");
+    }
+    let errs = errors(&format!(
+        "{HEAD}    proxy_protocol: {{ from: [10.0.0.1], trusted: yes }}\n{rules}"
+    ));
+    assert!(errs[0].contains("unknown field `trusted`"), "{errs:?}");
 }

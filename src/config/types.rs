@@ -106,6 +106,31 @@ pub struct Listener {
     pub listen: SocketAddr,
     /// Reverse or transparent.
     pub mode: ListenerMode,
+    /// Balancers that put a PROXY header before each connection; none when
+    /// the `proxy_protocol` section is absent.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// A listener's `proxy_protocol:` section: which peers are balancers that
+/// must send a PROXY header (v1 or v2), and how long the header may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyProtocol {
+    /// Balancer CIDRs. A connection from one of them must start with a
+    /// header; from anywhere else, a header is refused.
+    pub from: Vec<IpNet>,
+    /// The whole header must arrive within this. Default 5s.
+    pub timeout: Duration,
+}
+
+impl ProxyProtocol {
+    /// The `timeout` when the file gives none.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// True when `peer` is one of the balancers.
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.from.iter().any(|net| net.contains(&peer))
+    }
 }
 
 named_enum! {

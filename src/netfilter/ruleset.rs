@@ -198,6 +198,7 @@ mod tests {
             name: name.into(),
             listen: listen.parse().unwrap(),
             mode,
+            proxy_protocol: None,
         }
     }
 
