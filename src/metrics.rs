@@ -35,6 +35,9 @@ pub enum Refusal {
     command,
     /// A data connection came from the wrong peer.
     data_peer,
+    /// A PROXY header missing, malformed or late from a balancer, or sent
+    /// by a peer that is not one.
+    proxy_header,
 }
 
 impl From<&Refused> for Refusal {

@@ -1,6 +1,7 @@
 //! One control connection: find the server, apply the rules, connect, then
 //! feed the session core and carry out its actions.
 
+use super::proxy_protocol::{self, Header, Sniff};
 use super::{origdst, Gateway, SessionSlot};
 use crate::config::{Config, Limits, Listener, ListenerMode};
 use crate::escape::Escaped;
@@ -53,6 +54,13 @@ async fn run(
     let Ok(client_local) = client.local_addr() else {
         return;
     };
+    // From here on `peer` is the real client: behind a balancer, the one
+    // its PROXY header names.
+    let Some((peer, via, sniff)) =
+        real_client(&gateway, &listener, &mut client, peer, client_local).await
+    else {
+        return;
+    };
     let Some((server, announce, transparent)) =
         destination(&gateway, &listener, &mut client, peer).await
     else {
@@ -78,7 +86,8 @@ async fn run(
     let server_local = SocketAddr::new(server_local.ip().to_canonical(), server_local.port());
     let client_local = SocketAddr::new(client_local.ip().to_canonical(), client_local.port());
     gateway.metrics.session_setup(started.elapsed());
-    info!(client = %peer, %server, rule = %policy.rule, mode = listener.mode.kind().as_str(), "session start");
+    let via = via.map(tracing::field::display);
+    info!(client = %peer, via, %server, rule = %policy.rule, mode = listener.mode.kind().as_str(), "session start");
     let params = SessionParams {
         client: peer,
         client_local,
@@ -90,8 +99,97 @@ async fn run(
     };
     let idle = limits.idle_timeout;
     let mut conn = Conn::new(&gateway, &listener, id, params, client, upstream, idle);
+    conn.sniff = sniff.then(Vec::new);
     let reason = conn.drive().await;
     conn.end(started, reason);
+}
+
+/// The session's client: the TCP peer, or the real client that a trusted
+/// balancer names in its PROXY header, with the balancer (`via`). The flag
+/// is set for a peer that is not a balancer on a listener that takes PROXY
+/// headers: its first bytes must not be one. Closes the connection, with a
+/// log line, when a balancer's header is missing, malformed, truncated or
+/// late.
+async fn real_client(
+    gateway: &Gateway,
+    listener: &Listener,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Option<(SocketAddr, Option<SocketAddr>, bool)> {
+    let Some(pp) = &listener.proxy_protocol else {
+        return Some((peer, None, false));
+    };
+    if !pp.trusts(peer.ip()) {
+        return Some((peer, None, true));
+    }
+    let why = match tokio::time::timeout(pp.timeout, read_header(client)).await {
+        // A health check, or a client the balancer cannot name: the
+        // session is the balancer's own, as the specification says.
+        Ok(Ok(Header::Local)) => return Some((peer, Some(peer), false)),
+        Ok(Ok(Header::Proxied { source, .. })) => {
+            let source = SocketAddr::new(source.ip().to_canonical(), source.port());
+            if source.is_ipv4() == local.ip().to_canonical().is_ipv4() {
+                return Some((source, Some(peer), false));
+            }
+            // Its data connections come straight to the gateway, on an
+            // address of the listener's family, which this client lacks.
+            let why = format!(
+                "the PROXY header names {source}, not of the address family of this listener ({local}), so its data connections could not reach the gateway"
+            );
+            refuse_session(gateway, Refusal::proxy_header, client, source, &why).await;
+            return None;
+        }
+        Ok(Err(why)) => why,
+        Err(_) => format!("no complete PROXY header within {:?}", pp.timeout),
+    };
+    gateway.metrics.refused(Refusal::proxy_header);
+    warn!(via = %peer, reason = %why, "PROXY header refused: connection closed");
+    let _ = client.shutdown().await;
+    None
+}
+
+/// Reads a PROXY header and not a byte more: the bytes are peeked, and
+/// only those that belong to the header are taken off the socket, so what
+/// follows it reaches the session core as the client's first bytes. At
+/// most [`proxy_protocol::MAX_HEADER`] bytes; the caller's timer bounds
+/// the wait.
+async fn read_header(client: &mut TcpStream) -> Result<Header, String> {
+    let mut got: Vec<u8> = Vec::with_capacity(proxy_protocol::MAX_HEADER);
+    let mut peeked = [0u8; proxy_protocol::MAX_HEADER];
+    loop {
+        let room = proxy_protocol::MAX_HEADER - got.len();
+        if room == 0 {
+            // The parser decides within MAX_HEADER bytes; kept total anyway.
+            return Err("PROXY header over its bound".to_string());
+        }
+        let n = client
+            .peek(&mut peeked[..room])
+            .await
+            .map_err(|e| format!("reading the PROXY header: {e}"))?;
+        if n == 0 {
+            return Err(if got.is_empty() {
+                "closed before sending a PROXY header".to_string()
+            } else {
+                format!("truncated PROXY header: closed after {} bytes", got.len())
+            });
+        }
+        let before = got.len();
+        got.extend_from_slice(&peeked[..n]);
+        let (header, take) = match proxy_protocol::parse(&got) {
+            Ok(Some((header, len))) => (Some(header), len - before),
+            // Every byte so far is part of the header.
+            Ok(None) => (None, n),
+            Err(e) => return Err(e.to_string()),
+        };
+        client
+            .read_exact(&mut peeked[..take])
+            .await
+            .map_err(|e| format!("reading the PROXY header: {e}"))?;
+        if let Some(header) = header {
+            return Ok(header);
+        }
+    }
 }
 
 /// Where the session goes, what 227 replies announce, and whether the
@@ -222,6 +320,11 @@ struct Conn<'a> {
     /// When the last data connection connected: the core has no clock, so
     /// a transfer's duration is measured here, up to its log event.
     data_connected: Option<Instant>,
+    /// The client's first bytes, held while they may still turn out to be
+    /// a PROXY header (a peer that is no balancer, on a listener that takes
+    /// them); `None` once they cannot, or where no check is needed. At most
+    /// a signature's length (12 bytes) is held.
+    sniff: Option<Vec<u8>>,
 }
 
 impl<'a> Conn<'a> {
@@ -254,6 +357,7 @@ impl<'a> Conn<'a> {
             from_server: 0,
             peer_lines: LogBudget::default(),
             data_connected: None,
+            sniff: None,
         }
     }
 
@@ -355,6 +459,27 @@ fn read_now(stream: &TcpStream, feed: impl FnOnce(&[u8])) -> Read {
     }
 }
 
+/// Hands client bytes to the core. While `sniff` holds the stream's first
+/// bytes, they are kept until they show a PROXY header (true: none is
+/// passed on) or cannot be one (all are passed on).
+fn feed_client(core: &mut Session, sniff: &mut Option<Vec<u8>>, bytes: &[u8]) -> bool {
+    let Some(held) = sniff else {
+        core.client_bytes(bytes);
+        return false;
+    };
+    held.extend_from_slice(bytes);
+    match proxy_protocol::sniff(held) {
+        Sniff::Header => true,
+        Sniff::Undecided => false,
+        Sniff::Clear => {
+            if let Some(held) = sniff.take() {
+                core.client_bytes(&held);
+            }
+            false
+        }
+    }
+}
+
 /// The channel on which a session's data plans report, made at the first
 /// plan: a session that never transfers does not pay for it.
 #[derive(Default)]
@@ -394,6 +519,8 @@ enum Ended {
     /// does not read.
     WriteTimeout(&'static str, Duration),
     Io(String),
+    /// A peer that is no balancer sent a PROXY header.
+    UntrustedHeader(IpAddr),
 }
 
 impl std::fmt::Display for Ended {
@@ -406,6 +533,7 @@ impl std::fmt::Display for Ended {
                 write!(f, "write to {to} timed out (idle_timeout {idle:?})")
             }
             Ended::Io(e) => write!(f, "{e}"),
+            Ended::UntrustedHeader(from) => write!(f, "PROXY header from untrusted {from}"),
         }
     }
 }
@@ -479,7 +607,9 @@ impl Conn<'_> {
             // until the core has room again: TCP pushes back on it.
             tokio::select! {
                 r = self.client.readable(), if self.core.wants_client_input() => {
-                    self.client_readable(r);
+                    if self.client_readable(r) {
+                        return self.refuse_untrusted_header().await;
+                    }
                 }
                 r = self.upstream.readable(), if self.core.wants_server_input() => {
                     self.server_readable(r);
@@ -515,13 +645,36 @@ impl Conn<'_> {
     }
 
     /// Feeds the core what the client sent, or tells it the client closed.
-    fn client_readable(&mut self, r: std::io::Result<()>) {
-        let core = &mut self.core;
-        match r.map(|()| read_now(&self.client, |b| core.client_bytes(b))) {
+    /// True when the client's first bytes are a PROXY header it may not
+    /// send.
+    fn client_readable(&mut self, r: std::io::Result<()>) -> bool {
+        let (core, sniff) = (&mut self.core, &mut self.sniff);
+        let mut header = false;
+        match r.map(|()| read_now(&self.client, |b| header = feed_client(core, sniff, b))) {
             Ok(Read::Spurious) => {}
             Ok(Read::Data(n)) => self.from_client += n as u64,
-            Ok(Read::Closed) | Err(_) => self.core.client_closed(),
+            Ok(Read::Closed) | Err(_) => {
+                if let Some(held) = self.sniff.take() {
+                    self.core.client_bytes(&held);
+                }
+                self.core.client_closed();
+            }
         }
+        header
+    }
+
+    /// A peer that is no balancer began with a PROXY header: it is never
+    /// trusted, and the session ends with 421.
+    async fn refuse_untrusted_header(&mut self) -> Ended {
+        let from = self.info.client.ip();
+        let why = format!("PROXY header from untrusted {from}");
+        self.gateway.metrics.refused(Refusal::proxy_header);
+        warn!(client = %self.info.client, what = "SESSION", code = 421u16, reason = %why, "refused");
+        let reply = rewrite::reply(421, &format!("Service not available: {why}"));
+        let deadline = tokio::time::Instant::now() + self.idle;
+        let _ = write_by(&mut self.client, "client", &reply, deadline, self.idle).await;
+        let _ = self.client.shutdown().await;
+        Ended::UntrustedHeader(from)
     }
 
     /// Feeds the core what the server sent, or tells it the server closed.

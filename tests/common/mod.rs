@@ -216,6 +216,7 @@ pub enum Upstream {
 pub struct Harness {
     upstream: Upstream,
     file: String,
+    listener: String,
     pools: String,
     data: String,
     limits: String,
@@ -231,6 +232,7 @@ impl Harness {
         Harness {
             upstream,
             file: "test.yaml".into(),
+            listener: String::new(),
             pools: "  client_ports: 20000-29999\n  server_ports: 30000-39999\n".into(),
             data: String::new(),
             limits: String::new(),
@@ -244,6 +246,12 @@ impl Harness {
     /// The config's file name, as parse errors give it.
     pub fn file(mut self, name: &str) -> Self {
         self.file = name.into();
+        self
+    }
+
+    /// Extra lines of the listener (indented four spaces).
+    pub fn listener(mut self, lines: &str) -> Self {
+        self.listener.push_str(lines);
         self
     }
 
@@ -319,9 +327,9 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let audit = self.audit.then(|| dir.path().join("audit.jsonl"));
         let mut yaml = format!(
-            "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream_addr}\n\
+            "listeners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream_addr}\n{}\
              data:\n{}{}",
-            self.pools, self.data
+            self.listener, self.pools, self.data
         );
         if !self.limits.is_empty() {
             yaml.push_str(&format!("limits:\n{}", self.limits));

@@ -1,0 +1,335 @@
+//! The PROXY protocol on a listener, in process: a test socket bound to a
+//! loopback address of its own plays the balancer (127.0.0.5), and the
+//! header it sends names the real client. libunftp serves behind the
+//! gateway; suppaftp or a raw peer is the client.
+
+mod common;
+
+use common::{bounded, digest, port_of_227, retr_all, Gw, Harness, Peer, Upstream};
+
+use std::net::SocketAddr;
+use suppaftp::tokio::AsyncFtpStream;
+use suppaftp::types::FileType;
+use suppaftp::Mode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// The balancer's address in every test.
+const BALANCER: &str = "127.0.0.5";
+
+/// The v2 signature (§2.2 of the specification), written out here rather
+/// than taken from the crate.
+const SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// The gateway in front of libunftp, its listener taking PROXY headers
+/// from the balancer; `more` adds lines to the `proxy_protocol` mapping.
+fn behind_balancer(more: &str) -> Harness {
+    Harness::new(Upstream::Unftp)
+        .file("proxy.yaml")
+        .listener(&format!(
+            "    proxy_protocol:\n      from: [{BALANCER}/32]\n{more}"
+        ))
+}
+
+/// A connection to the gateway from `ip` (any loopback address).
+async fn connect_from(ip: &str, to: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    bounded("connect", s.connect(to)).await.unwrap()
+}
+
+/// A connection from the balancer that has sent `header`.
+async fn via_balancer(gw: &Gw, header: &[u8]) -> TcpStream {
+    let mut s = connect_from(BALANCER, gw.addr).await;
+    s.write_all(header).await.unwrap();
+    s
+}
+
+/// `PROXY TCP4 <client> 127.0.0.1 <port> 21`.
+fn v1(client: &str, port: u16) -> Vec<u8> {
+    format!("PROXY TCP4 {client} 127.0.0.1 {port} 21\r\n").into_bytes()
+}
+
+/// A v2 PROXY header over TCP/IPv4 for `client`, with a NOOP TLV after the
+/// addresses (which the gateway skips).
+fn v2(client: [u8; 4], port: u16) -> Vec<u8> {
+    let mut b = SIG.to_vec();
+    b.extend_from_slice(&[0x21, 0x11, 0, 12 + 7]);
+    b.extend_from_slice(&client);
+    b.extend_from_slice(&[127, 0, 0, 1]);
+    b.extend_from_slice(&port.to_be_bytes());
+    b.extend_from_slice(&21u16.to_be_bytes());
+    b.extend_from_slice(&[0x04, 0, 4, 0, 0, 0, 0]);
+    b
+}
+
+/// Logs in over `stream` (its header already sent) as a suppaftp client.
+async fn ftp_over(stream: TcpStream) -> AsyncFtpStream {
+    let mut ftp = bounded("greeting", AsyncFtpStream::connect_with_stream(stream))
+        .await
+        .unwrap();
+    ftp.set_mode(Mode::Passive);
+    ftp.login("anonymous", "x@").await.unwrap();
+    ftp.transfer_type(FileType::Binary).await.unwrap();
+    ftp
+}
+
+/// Logs in over `stream` as a raw peer.
+async fn logged_in(stream: TcpStream) -> Peer {
+    let mut c = Peer::new(stream);
+    assert_eq!(c.reply().await.0, 220);
+    assert_eq!(c.cmd("USER anonymous").await.0, 331);
+    assert_eq!(c.cmd("PASS x@").await.0, 230);
+    c
+}
+
+/// The first line of `log` that contains `needle`.
+fn line_with<'a>(log: &'a str, needle: &str) -> &'a str {
+    log.lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no line with {needle:?}:\n{log}"))
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn v1_and_v2_headers_name_the_real_client_end_to_end() {
+    let gw = behind_balancer("").audit().start().await;
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(gw.root().join("data.bin"), &body).unwrap();
+    for (n, header) in [v1("127.0.0.1", 61001), v2([127, 0, 0, 1], 61002)]
+        .into_iter()
+        .enumerate()
+    {
+        let port = 61001 + n;
+        let mut ftp = ftp_over(via_balancer(&gw, &header).await).await;
+        let list = bounded("NLST", ftp.nlst(None)).await.unwrap();
+        assert!(list.iter().any(|l| l.ends_with("data.bin")), "{list:?}");
+        let got = bounded("RETR", retr_all(&mut ftp, "data.bin"))
+            .await
+            .unwrap();
+        assert_eq!(digest(&got), digest(&body), "header v{}", n + 1);
+        ftp.quit().await.unwrap();
+        // The session is the real client's, through the balancer.
+        let log = gw.logs.wait_for(&format!("client=127.0.0.1:{port}")).await;
+        let start = line_with(&log, &format!("client=127.0.0.1:{port}"));
+        assert!(start.contains("session start"), "{start}");
+        assert!(start.contains(&format!("via={BALANCER}:")), "{start}");
+    }
+    // Each transfer's audit line names the real client, not the balancer.
+    let lines = gw.audit_lines(4).await;
+    let records: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["command"].as_str().unwrap(),
+                l["client"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        records,
+        [
+            ("NLST", "127.0.0.1:61001"),
+            ("RETR", "127.0.0.1:61001"),
+            ("NLST", "127.0.0.1:61002"),
+            ("RETR", "127.0.0.1:61002"),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn rules_match_the_real_client_not_the_balancer() {
+    // The rule admits 127.0.0.2 only: neither the balancer nor 127.0.0.3.
+    let gw = behind_balancer("")
+        .clients("clients: [127.0.0.2/32]")
+        .start()
+        .await;
+    let mut c = logged_in(via_balancer(&gw, &v1("127.0.0.2", 40001)).await).await;
+    assert_eq!(c.cmd("PWD").await.0, 257);
+    let log = gw.logs.wait_for("client=127.0.0.2:40001").await;
+    assert!(line_with(&log, "session start").contains("rule=loopback"));
+
+    let mut other = Peer::new(via_balancer(&gw, &v2([127, 0, 0, 3], 40002)).await);
+    let (code, text) = other.reply().await;
+    assert_eq!(code, 421, "{text}");
+    assert!(text.contains("no rule allows this session"), "{text}");
+    let log = gw.logs.wait_for("client=127.0.0.3:40002").await;
+    assert!(line_with(&log, "client=127.0.0.3:40002").contains("refused"));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn per_client_limits_count_the_real_client() {
+    let gw = behind_balancer("")
+        .limits("  max_sessions_per_client: 1\n")
+        .start()
+        .await;
+    let _first = logged_in(via_balancer(&gw, &v1("127.0.0.2", 40001)).await).await;
+    // Same client through the same balancer: over its limit.
+    let mut second = Peer::new(via_balancer(&gw, &v1("127.0.0.2", 40002)).await);
+    let (code, text) = second.reply().await;
+    assert_eq!(code, 421, "{text}");
+    assert!(text.contains("too many sessions from 127.0.0.2"), "{text}");
+    // Another client through the same balancer is not.
+    let mut third = logged_in(via_balancer(&gw, &v1("127.0.0.3", 40003)).await).await;
+    assert_eq!(third.cmd("NOOP").await.0, 200);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn bad_headers_from_the_balancer_close_with_a_log_line() {
+    let gw = behind_balancer("      timeout: 300ms\n").start().await;
+    let mut over_bound = SIG.to_vec();
+    over_bound.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+    let cases: Vec<(&str, Vec<u8>, bool, &str)> = vec![
+        (
+            "malformed v1",
+            b"PROXY TCP4 127.0.0.999 127.0.0.1 1 21\r\n".to_vec(),
+            false,
+            "malformed PROXY header: v1 header is not",
+        ),
+        (
+            "malformed v2",
+            over_bound,
+            false,
+            "malformed PROXY header: v2 length above 548 bytes",
+        ),
+        (
+            "missing",
+            b"USER anonymous\r\n".to_vec(),
+            false,
+            "the first bytes are not a PROXY v1 or v2 header",
+        ),
+        (
+            "truncated",
+            b"PROXY TCP4 127.0".to_vec(),
+            true,
+            "truncated PROXY header: closed after 16 bytes",
+        ),
+        (
+            "late",
+            b"PROXY TCP4 127.0".to_vec(),
+            false,
+            "no complete PROXY header within 300ms",
+        ),
+    ];
+    for (what, bytes, half_close, reason) in cases {
+        let mut s = via_balancer(&gw, &bytes).await;
+        if half_close {
+            s.shutdown().await.unwrap();
+        }
+        // The gateway closes; the client never saw a greeting.
+        let mut got = Vec::new();
+        let _ = bounded("close", s.read_to_end(&mut got)).await;
+        assert!(got.is_empty(), "{what}: {}", String::from_utf8_lossy(&got));
+        let log = gw.logs.wait_for(reason).await;
+        let line = line_with(&log, reason);
+        assert!(line.contains("PROXY header refused"), "{what}: {line}");
+        assert!(line.contains("session{id="), "{what}: {line}");
+        assert!(line.contains(&format!("via={BALANCER}:")), "{what}: {line}");
+    }
+    assert!(!gw.logs.text().contains("session start"));
+    gw.wait_idle().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_header_from_an_untrusted_peer_is_refused() {
+    // Only 127.0.0.9 is a balancer; the tests connect from 127.0.0.1.
+    let gw = Harness::new(Upstream::Unftp)
+        .listener("    proxy_protocol: { from: [127.0.0.9/32] }\n")
+        .start()
+        .await;
+    let mut v2_split = v2([10, 0, 0, 1], 40000);
+    let tail = v2_split.split_off(5);
+    for (n, (first, rest)) in [(v1("10.0.0.1", 40000), vec![]), (v2_split, tail)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = Peer::connect(gw.addr).await;
+        assert_eq!(c.reply().await.0, 220);
+        c.send(&first).await;
+        if !rest.is_empty() {
+            // A start of the signature alone decides nothing.
+            c.send(&rest).await;
+        }
+        let (code, text) = c.reply().await;
+        assert_eq!(code, 421, "{text}");
+        assert!(
+            text.contains("PROXY header from untrusted 127.0.0.1"),
+            "{text}"
+        );
+        assert_eq!(c.rest().await, "");
+        gw.logs
+            .wait_for_n("PROXY header from untrusted 127.0.0.1", 2 * (n + 1))
+            .await;
+    }
+    // A direct client without a header goes on as on any listener, even
+    // with its first command split after a byte.
+    let mut c = Peer::connect(gw.addr).await;
+    assert_eq!(c.reply().await.0, 220);
+    c.send(b"U").await;
+    c.send(b"SER anonymous\r\n").await;
+    assert_eq!(c.reply().await.0, 331);
+    assert_eq!(c.cmd("PASS x@").await.0, 230);
+    assert_eq!(c.cmd("PWD").await.0, 257);
+    assert!(!gw.logs.text().contains("via="));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn data_connections_are_checked_against_the_real_client() {
+    let gw = behind_balancer("").start().await;
+    std::fs::write(gw.root().join("a.txt"), b"hello\n").unwrap();
+    let mut c = logged_in(via_balancer(&gw, &v1("127.0.0.3", 40001)).await).await;
+    // PORT naming the TCP peer's address is a third party now.
+    let (code, text) = c.cmd("PORT 127,0,0,1,200,1").await;
+    assert_eq!(code, 501, "{text}");
+    assert!(text.contains("not the client's own 127.0.0.3"), "{text}");
+    let (code, text) = c.cmd("PASV").await;
+    assert_eq!(code, 227, "{text}");
+    let data = SocketAddr::new(gw.addr.ip(), port_of_227(&text));
+    // From 127.0.0.1, the address the control connection came from
+    // in-process: refused.
+    let mut wrong = connect_from("127.0.0.1", data).await;
+    let mut buf = [0u8; 16];
+    assert_eq!(wrong.read(&mut buf).await.unwrap_or(0), 0);
+    gw.logs.wait_for("data connection from 127.0.0.1").await;
+    assert!(gw.logs.text().contains("refused: expected 127.0.0.3"));
+    // From the real client: the listing arrives.
+    let mut right = connect_from("127.0.0.3", data).await;
+    let (code, _) = c.cmd("NLST").await;
+    assert!(code == 150 || code == 125, "{code}");
+    let mut out = Vec::new();
+    bounded("listing", right.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out).contains("a.txt"));
+    assert_eq!(c.reply().await.0, 226);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_health_check_is_the_balancers_own_session() {
+    let gw = behind_balancer("").start().await;
+    let mut local = SIG.to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    for (n, header) in [local, b"PROXY UNKNOWN\r\n".to_vec()]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = Peer::new(via_balancer(&gw, &header).await);
+        // The server's greeting, as a `tcp-check expect string 220` wants.
+        assert_eq!(c.reply().await.0, 220);
+        assert_eq!(c.cmd("QUIT").await.0, 221);
+        let log = gw.logs.wait_for_n("session start", n + 1).await;
+        let start = log
+            .lines()
+            .filter(|l| l.contains("session start"))
+            .nth(n)
+            .unwrap();
+        assert!(start.contains(&format!("client={BALANCER}:")), "{start}");
+        assert!(start.contains(&format!("via={BALANCER}:")), "{start}");
+    }
+    // A check that sends its header and closes ends quietly.
+    let mut local = SIG.to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    drop(via_balancer(&gw, &local).await);
+    gw.logs.wait_for_n("session end", 3).await;
+    gw.wait_idle().await;
+    assert!(!gw.logs.text().contains("PROXY header refused"));
+}
