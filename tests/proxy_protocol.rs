@@ -333,3 +333,50 @@ async fn a_health_check_is_the_balancers_own_session() {
     gw.wait_idle().await;
     assert!(!gw.logs.text().contains("PROXY header refused"));
 }
+
+/// Bytes the client sent right behind the balancer's header, in the same
+/// segment, reach the session: the gateway takes only the header's bytes.
+#[tokio::test(flavor = "current_thread")]
+async fn bytes_behind_the_header_reach_the_session() {
+    let gw = behind_balancer("").start().await;
+    let mut both = v1("127.0.0.2", 40001);
+    both.extend_from_slice(b"USER anonymous\r\n");
+    let mut c = Peer::new(via_balancer(&gw, &both).await);
+    assert_eq!(c.reply().await.0, 220);
+    assert_eq!(c.reply().await.0, 331, "{}", gw.logs.text());
+    assert_eq!(c.cmd("PASS x@").await.0, 230);
+    let mut both = v2([127, 0, 0, 3], 40002);
+    both.extend_from_slice(b"USER anonymous\r\n");
+    let mut c = Peer::new(via_balancer(&gw, &both).await);
+    assert_eq!(c.reply().await.0, 220);
+    assert_eq!(c.reply().await.0, 331, "{}", gw.logs.text());
+}
+
+/// A header may not name an address no client can have: taken as the
+/// client, it would pass the PORT/EPRT check for the gateway's own
+/// services. Each gets 421 and a log line; no session starts.
+#[tokio::test(flavor = "current_thread")]
+async fn a_header_naming_no_possible_client_is_refused() {
+    let gw = behind_balancer("").start().await;
+    for (header, what) in [
+        (v1("0.0.0.0", 40001), "an unspecified address"),
+        (v1("224.0.0.1", 40002), "a multicast or broadcast address"),
+        (
+            v1("255.255.255.255", 40003),
+            "a multicast or broadcast address",
+        ),
+        (v2([127, 0, 0, 2], 0), "port 0"),
+    ] {
+        let mut c = Peer::new(via_balancer(&gw, &header).await);
+        let (code, text) = c.reply().await;
+        assert_eq!(code, 421, "{what}: {text}");
+        gw.logs
+            .wait_for(&format!("{what}, which no client can be"))
+            .await;
+    }
+    assert!(
+        !gw.logs.text().contains("session start"),
+        "{}",
+        gw.logs.text()
+    );
+}

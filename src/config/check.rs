@@ -312,7 +312,20 @@ impl Check {
             &path,
             "timeout",
             ProxyProtocol::DEFAULT_TIMEOUT,
-            parse_duration,
+            |s| {
+                // A peer inside `from` holds a connection this long before
+                // any session limit counts it.
+                parse_duration(s).and_then(|d| {
+                    if d > ProxyProtocol::MAX_TIMEOUT {
+                        Err(format!(
+                            "`{s}` is longer than {}s, the longest a header may take",
+                            ProxyProtocol::MAX_TIMEOUT.as_secs()
+                        ))
+                    } else {
+                        Ok(d)
+                    }
+                })
+            },
         );
         Some(ProxyProtocol {
             from: from?,

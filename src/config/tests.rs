@@ -1229,6 +1229,10 @@ fn proxy_protocol_section() {
             "8:16: timeout: `0s` is zero; a timeout must be longer than that",
         ),
         (
+            format!("{HEAD}    proxy_protocol:\n      from: [10.0.0.1]\n      timeout: 2m\n{rules}"),
+            "8:16: timeout: `2m` is longer than 60s, the longest a header may take",
+        ),
+        (
             format!("{HEAD}    proxy_protocol:\n{rules}"),
             "6:20: `proxy_protocol` has no value: give one, or remove the key",
         ),

@@ -125,6 +125,8 @@ pub struct ProxyProtocol {
 impl ProxyProtocol {
     /// The `timeout` when the file gives none.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// The longest `timeout` a rule file may set.
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 
     /// True when `peer` is one of the balancers.
     pub fn trusts(&self, peer: IpAddr) -> bool {

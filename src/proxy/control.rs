@@ -129,14 +129,19 @@ async fn real_client(
         Ok(Ok(Header::Local)) => return Some((peer, Some(peer), false)),
         Ok(Ok(Header::Proxied { source, .. })) => {
             let source = SocketAddr::new(source.ip().to_canonical(), source.port());
-            if source.is_ipv4() == local.ip().to_canonical().is_ipv4() {
+            let why = if let Some(what) = not_a_client(source, peer, local) {
+                // Taken as the client, such an address would pass the
+                // PORT/EPRT check for the gateway's own services (a bounce).
+                format!("the PROXY header names {source}, {what}, which no client can be")
+            } else if source.is_ipv4() == local.ip().to_canonical().is_ipv4() {
                 return Some((source, Some(peer), false));
-            }
-            // Its data connections come straight to the gateway, on an
-            // address of the listener's family, which this client lacks.
-            let why = format!(
-                "the PROXY header names {source}, not of the address family of this listener ({local}), so its data connections could not reach the gateway"
-            );
+            } else {
+                // Its data connections come straight to the gateway, on an
+                // address of the listener's family, which this client lacks.
+                format!(
+                    "the PROXY header names {source}, not of the address family of this listener ({local}), so its data connections could not reach the gateway"
+                )
+            };
             refuse_session(gateway, Refusal::proxy_header, client, source, &why).await;
             return None;
         }
@@ -147,6 +152,34 @@ async fn real_client(
     warn!(via = %peer, reason = %why, "PROXY header refused: connection closed");
     let _ = client.shutdown().await;
     None
+}
+
+/// What makes `source`, named by the PROXY header of the balancer at
+/// `balancer`, impossible as a client: an unspecified, multicast or
+/// broadcast address, or port 0; and, from a balancer on another host, a
+/// loopback address or the gateway's own address (a loopback client of that
+/// host is not one of this host's).
+fn not_a_client(
+    source: SocketAddr,
+    balancer: SocketAddr,
+    local: SocketAddr,
+) -> Option<&'static str> {
+    let ip = source.ip();
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    let same_host = balancer.ip().is_loopback();
+    if ip.is_loopback() && !same_host {
+        Some("a loopback address, from a balancer on another host")
+    } else if ip == local.ip().to_canonical() && !same_host {
+        Some("the gateway's own address")
+    } else if ip.is_unspecified() {
+        Some("an unspecified address")
+    } else if ip.is_multicast() || broadcast {
+        Some("a multicast or broadcast address")
+    } else if source.port() == 0 {
+        Some("port 0")
+    } else {
+        None
+    }
 }
 
 /// Reads a PROXY header and not a byte more: the bytes are peeked, and
@@ -1008,5 +1041,37 @@ impl Conn<'_> {
         if let Err(e) = audit.write(&record) {
             warn!("audit log: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_a_client;
+    use std::net::SocketAddr;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// A balancer on another host cannot have a client on this host's
+    /// loopback or at the gateway's own address; one on this host can.
+    #[test]
+    fn loopback_and_own_address_only_from_a_balancer_on_this_host() {
+        let local = sa("192.0.2.1:21");
+        let remote = sa("198.51.100.9:5000");
+        let here = sa("127.0.0.5:5000");
+        for source in [
+            "127.0.0.1:4000",
+            "[::ffff:127.0.0.1]:4000",
+            "192.0.2.1:4000",
+        ] {
+            let source: SocketAddr = sa(source);
+            let source = SocketAddr::new(source.ip().to_canonical(), source.port());
+            assert!(not_a_client(source, remote, local).is_some(), "{source}");
+            assert_eq!(not_a_client(source, here, local), None, "{source}");
+        }
+        assert_eq!(not_a_client(sa("203.0.113.7:4000"), remote, local), None);
+        assert!(not_a_client(sa("0.0.0.0:4000"), here, local).is_some());
+        assert!(not_a_client(sa("203.0.113.7:0"), remote, local).is_some());
     }
 }
