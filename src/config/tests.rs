@@ -937,7 +937,11 @@ fn arb_listener() -> impl Strategy<Value = Listener> {
             }),
     ];
     let proxy = proptest::option::of(
-        (proptest::collection::vec(arb_net(), 1..4), arb_duration())
+        (
+            proptest::collection::vec(arb_net(), 1..4),
+            // A header's timeout is at most ProxyProtocol::MAX_TIMEOUT.
+            arb_duration().prop_filter("a header timeout", |d| *d <= ProxyProtocol::MAX_TIMEOUT),
+        )
             .prop_map(|(from, timeout)| ProxyProtocol { from, timeout }),
     );
     (arb_name(), arb_ip(), any::<u16>(), mode, proxy).prop_map(
