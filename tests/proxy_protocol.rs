@@ -380,3 +380,149 @@ async fn a_header_naming_no_possible_client_is_refused() {
         gw.logs.text()
     );
 }
+
+/// Logs in through the balancer as `client` (127.0.0.x) and opens a
+/// passive data port: the session and where its data connection goes.
+async fn passive_via_balancer(gw: &Gw, client: [u8; 4]) -> (Peer, SocketAddr) {
+    let mut c = logged_in(via_balancer(gw, &v2(client, 40001)).await).await;
+    assert_eq!(c.cmd("TYPE I").await.0, 200);
+    let (code, text) = c.cmd("PASV").await;
+    assert_eq!(code, 227, "{text}");
+    (c, SocketAddr::new(gw.addr.ip(), port_of_227(&text)))
+}
+
+/// A data connection from the balancer that has sent `bytes` (a header,
+/// and maybe data behind it).
+async fn data_via_balancer(to: SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut s = connect_from(BALANCER, to).await;
+    s.write_all(bytes).await.unwrap();
+    s
+}
+
+/// What a refused data connection reads: nothing, then EOF or a reset.
+async fn refused(mut s: TcpStream) {
+    let mut got = Vec::new();
+    let r = bounded("refusal", s.read_to_end(&mut got)).await;
+    assert!(
+        got.is_empty(),
+        "a refused connection got {} bytes",
+        got.len()
+    );
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+}
+
+/// A 1 MiB download and an upload, each through a data connection that the
+/// balancer relays with a v2 header naming the session's client: the bytes
+/// behind the header (the upload's first bytes, in the header's segment)
+/// are data and arrive intact.
+#[tokio::test(flavor = "current_thread")]
+async fn data_connections_through_the_balancer_carry_a_header() {
+    let gw = behind_balancer("").start().await;
+    let body: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 13 % 251) as u8).collect();
+    std::fs::write(gw.root().join("big.bin"), &body).unwrap();
+    let (mut c, data) = passive_via_balancer(&gw, [127, 0, 0, 3]).await;
+    let mut d = data_via_balancer(data, &v2([127, 0, 0, 3], 50001)).await;
+    let (code, text) = c.cmd("RETR big.bin").await;
+    assert!(code == 150 || code == 125, "{code} {text}");
+    let mut got = Vec::new();
+    bounded("RETR", d.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(c.reply().await.0, 226);
+    assert_eq!(got.len(), body.len());
+    assert_eq!(digest(&got), digest(&body));
+
+    let (code, text) = c.cmd("PASV").await;
+    assert_eq!(code, 227, "{text}");
+    let data = SocketAddr::new(gw.addr.ip(), port_of_227(&text));
+    let mut first = v2([127, 0, 0, 3], 50002);
+    first.extend_from_slice(&body[..1000]);
+    let mut d = data_via_balancer(data, &first).await;
+    let (code, text) = c.cmd("STOR up.bin").await;
+    assert!(code == 150 || code == 125, "{code} {text}");
+    d.write_all(&body[1000..]).await.unwrap();
+    d.shutdown().await.unwrap();
+    drop(d);
+    assert_eq!(c.reply().await.0, 226);
+    let stored = std::fs::read(gw.root().join("up.bin")).unwrap();
+    assert_eq!(digest(&stored), digest(&body));
+    assert!(!gw.logs.text().contains("refused"), "{}", gw.logs.text());
+}
+
+/// A balancer's data connection whose header names another client is a
+/// wrong peer: refused before a byte moves, a knock in the session's log
+/// with the balancer and the reason, and the pinhole still waits for the
+/// session's own client.
+#[tokio::test(flavor = "current_thread")]
+async fn a_data_header_naming_another_client_is_refused() {
+    let gw = behind_balancer("").start().await;
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    std::fs::write(gw.root().join("f.bin"), &body).unwrap();
+    let (mut c, data) = passive_via_balancer(&gw, [127, 0, 0, 3]).await;
+    let wrong = data_via_balancer(data, &v2([127, 0, 0, 4], 50001)).await;
+    refused(wrong).await;
+    let log = gw
+        .logs
+        .wait_for("data connection from 127.0.0.4:50001 refused")
+        .await;
+    let knock = line_with(&log, "data connection from 127.0.0.4:50001 refused");
+    assert!(knock.contains("expected 127.0.0.3"), "{knock}");
+    assert!(knock.contains("session{id="), "{knock}");
+    let why = line_with(&log, "data connection from a balancer refused");
+    assert!(
+        why.contains("the PROXY header names 127.0.0.4:50001, not the session's client"),
+        "{why}"
+    );
+    assert!(why.contains(&format!("via={BALANCER}:")), "{why}");
+    assert!(why.contains("session="), "{why}");
+    // The right client, through the same balancer, still gets the file.
+    let mut right = data_via_balancer(data, &v2([127, 0, 0, 3], 50002)).await;
+    let (code, text) = c.cmd("RETR f.bin").await;
+    assert!(code == 150 || code == 125, "{code} {text}");
+    let mut got = Vec::new();
+    bounded("RETR", right.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(c.reply().await.0, 226);
+    assert_eq!(digest(&got), digest(&body));
+}
+
+/// A balancer's data connection without a header (other bytes, nothing
+/// within the timeout, or a close) is refused; a connection straight from
+/// the client is checked as on any listener, and gets the data.
+#[tokio::test(flavor = "current_thread")]
+async fn a_data_connection_from_the_balancer_without_a_header_is_refused() {
+    let gw = behind_balancer("      timeout: 300ms\n").start().await;
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i * 3 % 247) as u8).collect();
+    std::fs::write(gw.root().join("f.bin"), &body).unwrap();
+    let (mut c, data) = passive_via_balancer(&gw, [127, 0, 0, 3]).await;
+    let cases: [(&[u8], bool, &str); 3] = [
+        (
+            b"RETR f.bin\r\n",
+            false,
+            "the first bytes are not a PROXY v1 or v2 header",
+        ),
+        (b"", false, "no complete PROXY header within 300ms"),
+        (b"", true, "closed before sending a PROXY header"),
+    ];
+    for (n, (bytes, close, reason)) in cases.into_iter().enumerate() {
+        let mut s = data_via_balancer(data, bytes).await;
+        if close {
+            s.shutdown().await.unwrap();
+        }
+        refused(s).await;
+        let log = gw
+            .logs
+            .wait_for_n("data connection from a balancer refused", n + 1)
+            .await;
+        let why = line_with(&log, reason);
+        assert!(why.contains(&format!("via={BALANCER}:")), "{why}");
+        gw.logs
+            .wait_for_n(&format!("data connection from {BALANCER}:"), n + 1)
+            .await;
+    }
+    // Straight from the client, no header: checked as now, and let in.
+    let mut right = connect_from("127.0.0.3", data).await;
+    let (code, text) = c.cmd("RETR f.bin").await;
+    assert!(code == 150 || code == 125, "{code} {text}");
+    let mut got = Vec::new();
+    bounded("RETR", right.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(c.reply().await.0, 226);
+    assert_eq!(digest(&got), digest(&body));
+}

@@ -79,6 +79,10 @@ pub struct SessionInfo {
     /// the session's idle timer reads it, so that a long transfer on a
     /// quiet control connection is not taken for an idle session.
     pub activity: Activity,
+    /// The listener's trusted balancers (`proxy_protocol`), if it has
+    /// any: a data connection from one of them reaches a client listen leg
+    /// only behind a PROXY header that names `client`.
+    pub balancers: Option<Arc<crate::config::ProxyProtocol>>,
 }
 
 /// When bytes last moved, shared by a session and the tasks that move its
@@ -290,14 +294,22 @@ impl Backend {
             Backend::Relay(relay) => return relay.open(session, plan, events).await,
             Backend::Kernel { kernel, relay } => (kernel, relay),
         };
-        if let Some(shape) = kernel::Shape::of(&plan) {
-            return kernel.open(session, plan, shape, events).await;
+        // The kernel forwards a balancer's connection without reading its
+        // PROXY header, so it could not tell whose data connection it is.
+        let headers = session.balancers.is_some() && matches!(plan.client, Leg::Listen { .. });
+        match kernel::Shape::of(&plan) {
+            Some(shape) if !headers => return kernel.open(session, plan, shape, events).await,
+            Some(_) => tracing::debug!(
+                session = session.id,
+                plan = plan.id,
+                "data plan needs the relay (a balancer's data connection starts with a PROXY header, which only the relay reads)"
+            ),
+            None => tracing::debug!(
+                session = session.id,
+                plan = plan.id,
+                "data plan needs the relay (conversion or mixed families)"
+            ),
         }
-        tracing::debug!(
-            session = session.id,
-            plan = plan.id,
-            "data plan needs the relay (conversion or mixed families)"
-        );
         let (opened, pinhole) = relay.open(session, plan, events).await?;
         // The relay listens on these ports: an earlier kernel plan's claim
         // on them would drop its connections.

@@ -123,7 +123,7 @@ async fn real_client(
     if !pp.trusts(peer.ip()) {
         return Some((peer, None, true));
     }
-    let why = match tokio::time::timeout(pp.timeout, read_header(client)).await {
+    let why = match tokio::time::timeout(pp.timeout, proxy_protocol::read_header(client)).await {
         // A health check, or a client the balancer cannot name: the
         // session is the balancer's own, as the specification says.
         Ok(Ok(Header::Local)) => return Some((peer, Some(peer), false)),
@@ -179,49 +179,6 @@ fn not_a_client(
         Some("port 0")
     } else {
         None
-    }
-}
-
-/// Reads a PROXY header and not a byte more: the bytes are peeked, and
-/// only those that belong to the header are taken off the socket, so what
-/// follows it reaches the session core as the client's first bytes. At
-/// most [`proxy_protocol::MAX_HEADER`] bytes; the caller's timer bounds
-/// the wait.
-async fn read_header(client: &mut TcpStream) -> Result<Header, String> {
-    let mut got: Vec<u8> = Vec::with_capacity(proxy_protocol::MAX_HEADER);
-    let mut peeked = [0u8; proxy_protocol::MAX_HEADER];
-    loop {
-        let room = proxy_protocol::MAX_HEADER - got.len();
-        if room == 0 {
-            // The parser decides within MAX_HEADER bytes; kept total anyway.
-            return Err("PROXY header over its bound".to_string());
-        }
-        let n = client
-            .peek(&mut peeked[..room])
-            .await
-            .map_err(|e| format!("reading the PROXY header: {e}"))?;
-        if n == 0 {
-            return Err(if got.is_empty() {
-                "closed before sending a PROXY header".to_string()
-            } else {
-                format!("truncated PROXY header: closed after {} bytes", got.len())
-            });
-        }
-        let before = got.len();
-        got.extend_from_slice(&peeked[..n]);
-        let (header, take) = match proxy_protocol::parse(&got) {
-            Ok(Some((header, len))) => (Some(header), len - before),
-            // Every byte so far is part of the header.
-            Ok(None) => (None, n),
-            Err(e) => return Err(e.to_string()),
-        };
-        client
-            .read_exact(&mut peeked[..take])
-            .await
-            .map_err(|e| format!("reading the PROXY header: {e}"))?;
-        if let Some(header) = header {
-            return Ok(header);
-        }
     }
 }
 
@@ -376,6 +333,7 @@ impl<'a> Conn<'a> {
             client: params.client,
             server: params.server,
             activity: Activity::default(),
+            balancers: listener.proxy_protocol.clone().map(Arc::new),
         };
         Conn {
             gateway,

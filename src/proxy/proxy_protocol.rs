@@ -1,6 +1,8 @@
 //! The PROXY protocol header (HAProxy's `proxy-protocol.txt`, versions 1
 //! and 2) that a balancer puts before a relayed connection's first byte to
-//! name the real client. Pure: bytes in, a [`Header`] out, and back.
+//! name the real client. The parser is pure: bytes in, a [`Header`] out,
+//! and back. [`read_header`] is the one piece of I/O, shared by control and
+//! data connections: it takes exactly a header's bytes off a socket.
 //!
 //! Bounds: a v1 header is at most [`V1_MAX`] bytes, CRLF included (the
 //! specification's own limit). A v2 header is its 16-byte preamble plus a
@@ -12,6 +14,8 @@ use nom::bytes::complete::{tag, take, take_while1};
 use nom::number::complete::{be_u16, be_u8};
 use nom::IResult;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
 /// The v1 signature: `PROXY TCP4 192.0.2.7 198.51.100.1 51000 21\r\n`.
 pub const V1_SIGNATURE: &[u8] = b"PROXY ";
@@ -263,6 +267,49 @@ fn split<const N: usize>(b: &[u8]) -> Option<([u8; N], [u8; N], (u16, u16))> {
     let sport = u16::from_be_bytes([ports[0], ports[1]]);
     let dport = u16::from_be_bytes([ports[2], ports[3]]);
     Some((src, dst, (sport, dport)))
+}
+
+/// Reads a PROXY header and not a byte more: the bytes are peeked, and
+/// only those that belong to the header are taken off the socket, so what
+/// follows it (the client's first command, or a data connection's first
+/// byte) stays in the socket for whoever reads next. At most
+/// [`MAX_HEADER`] bytes; the caller's timer bounds the wait.
+pub async fn read_header(stream: &mut TcpStream) -> Result<Header, String> {
+    let mut got: Vec<u8> = Vec::with_capacity(MAX_HEADER);
+    let mut peeked = [0u8; MAX_HEADER];
+    loop {
+        let room = MAX_HEADER - got.len();
+        if room == 0 {
+            // The parser decides within MAX_HEADER bytes; kept total anyway.
+            return Err("PROXY header over its bound".to_string());
+        }
+        let n = stream
+            .peek(&mut peeked[..room])
+            .await
+            .map_err(|e| format!("reading the PROXY header: {e}"))?;
+        if n == 0 {
+            return Err(if got.is_empty() {
+                "closed before sending a PROXY header".to_string()
+            } else {
+                format!("truncated PROXY header: closed after {} bytes", got.len())
+            });
+        }
+        let before = got.len();
+        got.extend_from_slice(&peeked[..n]);
+        let (header, take) = match parse(&got) {
+            Ok(Some((header, len))) => (Some(header), len - before),
+            // Every byte so far is part of the header.
+            Ok(None) => (None, n),
+            Err(e) => return Err(e.to_string()),
+        };
+        stream
+            .read_exact(&mut peeked[..take])
+            .await
+            .map_err(|e| format!("reading the PROXY header: {e}"))?;
+        if let Some(header) = header {
+            return Ok(header);
+        }
+    }
 }
 
 /// `header` as a v1 line. A source and destination of different families

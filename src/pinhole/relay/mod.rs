@@ -17,6 +17,7 @@ use super::{
     PortLease, PortPool, SessionInfo, Usage,
 };
 use crate::netfilter::{Element, InterceptTable};
+use crate::proxy::proxy_protocol::{self, Header};
 use copy::relay_metered;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -25,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 /// Carries out data plans by relaying through the gateway.
@@ -326,7 +327,7 @@ async fn run(
     held: Arc<Held>,
     events: mpsc::UnboundedSender<DataEvent>,
 ) {
-    let outcome = connect_legs(id, client, server, &settings, &held, &events).await;
+    let outcome = connect_legs(id, &session, client, server, &settings, &held, &events).await;
     let (to_client, to_server, outcome) = match outcome {
         Ok((client, server)) => {
             let _ = events.send(DataEvent::Connected { id });
@@ -366,6 +367,7 @@ async fn run(
 /// Returns (client stream, server stream) or how the plan ended.
 async fn connect_legs(
     id: PlanId,
+    session: &SessionInfo,
     client: Pending,
     server: Pending,
     settings: &DataSettings,
@@ -375,10 +377,15 @@ async fn connect_legs(
     let deadline = Instant::now() + settings.pinhole_timeout;
     // Each listener is dropped as soon as its leg has its connection, so a
     // second connection is refused.
+    // Balancers relay data connections to the client side only.
+    let headers = session.balancers.as_ref().map(|pp| Balancers {
+        session: session.id,
+        pp: Arc::clone(pp),
+    });
     let waited = tokio::time::timeout_at(deadline, async {
         tokio::try_join!(
-            accept_leg(id, client, events),
-            accept_leg(id, server, events)
+            accept_leg(id, client, events, headers.as_ref()),
+            accept_leg(id, server, events, None)
         )
     })
     .await;
@@ -406,55 +413,186 @@ enum Ready {
     Dial { target: SocketAddr, bind: IpAddr },
 }
 
+/// The check a client listen leg makes of connections from the session's
+/// trusted balancers.
+struct Balancers {
+    /// For the log line of a refused connection.
+    session: u64,
+    pp: Arc<crate::config::ProxyProtocol>,
+}
+
+/// A balancer's connection and its PROXY header, read or failed.
+type HeaderRead = (TcpStream, SocketAddr, Result<Header, String>);
+
+/// Connections from balancers one listen leg reads headers from at once;
+/// one more is refused until a read ends. A balancer sends its header as
+/// its first segment, so reads end within a round trip, and the right
+/// client's connection never waits behind a stalled one.
+const MAX_HEADER_READS: usize = 4;
+
 /// Accepts on a listen leg until the expected peer arrives; a connect leg
 /// passes through untouched.
+///
+/// With `balancers`, a connection from one of them must begin with a PROXY
+/// header, read within the listener's `proxy_protocol.timeout`, whose
+/// source is the expected peer; only the header's bytes are taken, so the
+/// data behind it is relayed intact. Any other connection must come from
+/// the peer itself. A refused connection is reset and reported, and the
+/// leg goes on waiting for the right one.
 async fn accept_leg(
     id: PlanId,
     leg: Pending,
     events: &mpsc::UnboundedSender<DataEvent>,
+    balancers: Option<&Balancers>,
 ) -> io::Result<Ready> {
     let (listener, peer) = match leg {
         Pending::Listen { listener, peer } => (listener, peer),
         Pending::Connect { target, bind } => return Ok(Ready::Dial { target, bind }),
     };
-    let mut rejected = 0;
+    let mut refusals = Refusals {
+        id,
+        expected: peer,
+        events,
+        reported: 0,
+    };
+    // Dropped with the leg: a read still going is aborted, its stream closed.
+    let mut reading: JoinSet<HeaderRead> = JoinSet::new();
     loop {
-        let accepted = std::future::poll_fn(|cx| match &*lock_listener(&listener) {
+        let accept = std::future::poll_fn(|cx| match &*lock_listener(&listener) {
             Some(l) => l.poll_accept(cx),
             None => std::task::Poll::Ready(Err(io::Error::other("pinhole closed"))),
-        })
-        .await;
-        let (stream, from) = match accepted {
-            Ok(pair) => pair,
-            // The peer gave up before we got to it; keep waiting.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
-                ) =>
-            {
-                continue
-            }
-            Err(e) => return Err(e),
+        });
+        let (stream, from, header) = tokio::select! {
+            accepted = accept => match accepted {
+                Ok((stream, from)) => (stream, from, None),
+                // The peer gave up before we got to it; keep waiting.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            },
+            Some(read) = reading.join_next(), if !reading.is_empty() => match read {
+                Ok((stream, from, header)) => (stream, from, Some(header)),
+                // Only an abort or a panic of the read itself: nothing to answer.
+                Err(_) => continue,
+            },
         };
-        if same_ip(from.ip(), peer) {
-            // Closed now: a second connection is refused.
-            drop(take_listener(&listener));
-            return Ok(Ready::Stream(stream));
+        let from_balancer = balancers.filter(|b| b.pp.trusts(from.ip()));
+        let verdict = match (from_balancer, header) {
+            (None, _) if same_ip(from.ip(), peer) => Ok(()),
+            (None, _) => Err(Refusal::plain(from)),
+            (Some(b), None) if reading.len() >= MAX_HEADER_READS => Err(Refusal::via(
+                b,
+                from,
+                from,
+                format!("{MAX_HEADER_READS} connections from balancers already wait for their PROXY header"),
+            )),
+            (Some(b), None) => {
+                let timeout = b.pp.timeout;
+                reading.spawn(async move {
+                    let mut stream = stream;
+                    let read = proxy_protocol::read_header(&mut stream);
+                    let header = match tokio::time::timeout(timeout, read).await {
+                        Ok(r) => r,
+                        Err(_) => Err(format!("no complete PROXY header within {timeout:?}")),
+                    };
+                    (stream, from, header)
+                });
+                continue;
+            }
+            (Some(b), Some(Err(why))) => Err(Refusal::via(b, from, from, why)),
+            (Some(b), Some(Ok(header))) => {
+                // A LOCAL header is the balancer's own connection.
+                let source = match header {
+                    Header::Proxied { source, .. } => {
+                        SocketAddr::new(source.ip().to_canonical(), source.port())
+                    }
+                    Header::Local => from,
+                };
+                if same_ip(source.ip(), peer) {
+                    Ok(())
+                } else {
+                    let why = format!("the PROXY header names {source}, not the session's client");
+                    Err(Refusal::via(b, from, source, why))
+                }
+            }
+        };
+        match verdict {
+            Ok(()) => {
+                // Closed now: a second connection is refused.
+                drop(take_listener(&listener));
+                return Ok(Ready::Stream(stream));
+            }
+            Err(refusal) => refusals.refuse(stream, refusal),
         }
+    }
+}
+
+/// Why a connection to a listen leg was turned away.
+struct Refusal<'a> {
+    /// Who the connection says it is: its TCP peer, or the client its
+    /// balancer's header names.
+    from: SocketAddr,
+    /// The balancer it came through, the session, and why it was refused.
+    via: Option<(&'a Balancers, SocketAddr, String)>,
+}
+
+impl<'a> Refusal<'a> {
+    /// A connection straight from someone other than the peer.
+    fn plain(from: SocketAddr) -> Self {
+        Refusal { from, via: None }
+    }
+
+    /// A connection from balancer `at`, naming `from`, refused for `why`.
+    fn via(b: &'a Balancers, at: SocketAddr, from: SocketAddr, why: String) -> Self {
+        Refusal {
+            from,
+            via: Some((b, at, why)),
+        }
+    }
+}
+
+/// Turns wrong connections away and reports the first of them.
+struct Refusals<'a> {
+    id: PlanId,
+    expected: IpAddr,
+    events: &'a mpsc::UnboundedSender<DataEvent>,
+    reported: u32,
+}
+
+impl Refusals<'_> {
+    /// Resets `stream`; reports it as a knock while under the bound.
+    fn refuse(&mut self, stream: TcpStream, r: Refusal<'_>) {
         reset(&stream);
         drop(stream);
         // The event channel is unbounded and a session may be slow to drain
         // it (a write waiting on a client that does not read): a third party
         // knocking at the pinhole reports only its first knocks.
-        if rejected < MAX_REJECTED_EVENTS {
-            rejected += 1;
-            let _ = events.send(DataEvent::Rejected {
-                id,
-                from,
-                expected: peer,
-            });
+        if self.reported >= MAX_REJECTED_EVENTS {
+            return;
         }
+        self.reported += 1;
+        if let Some((b, at, why)) = &r.via {
+            // The session's own line says who and what was expected; this
+            // one says which balancer and why.
+            tracing::warn!(
+                session = b.session,
+                plan = self.id,
+                via = %at,
+                reason = %why,
+                "data connection from a balancer refused"
+            );
+        }
+        let _ = self.events.send(DataEvent::Rejected {
+            id: self.id,
+            from: r.from,
+            expected: self.expected,
+        });
     }
 }
 
@@ -567,6 +705,7 @@ mod tests {
             client: "127.0.0.1:1".parse().unwrap(),
             server: "127.0.0.1:2".parse().unwrap(),
             activity: Activity::default(),
+            balancers: None,
         }
     }
 
@@ -861,6 +1000,54 @@ mod tests {
         transfer(client, server_side).await;
         let (_, _, outcome) = closed_counts(next(&mut rx).await, 6);
         assert_eq!(outcome, DataOutcome::Completed);
+    }
+
+    /// At most MAX_HEADER_READS connections from balancers wait for their
+    /// header at once; the next is refused at once, and a connection
+    /// straight from the client is not held up by them.
+    #[tokio::test]
+    async fn header_reads_are_bounded_and_do_not_hold_up_the_client() {
+        let (b, _, _) = backend(Duration::from_secs(10));
+        let server = TcpListener::bind((lo(), 0)).await.unwrap();
+        let balancer: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+        let mut info = session();
+        info.balancers = Some(Arc::new(crate::config::ProxyProtocol {
+            from: vec!["127.0.0.2/32".parse().unwrap()],
+            timeout: Duration::from_secs(30),
+        }));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, _pinhole) = b.open(&info, passive_plan(9, &server), tx).await.unwrap();
+        let addr = opened.client_listen.unwrap();
+        // Connected, and silent: each holds a header read.
+        let mut stalled = Vec::new();
+        for _ in 0..MAX_HEADER_READS {
+            stalled.push(connect_from(balancer, addr).await.unwrap());
+        }
+        let mut over = connect_from(balancer, addr).await.unwrap();
+        let from = over.local_addr().unwrap();
+        assert_eq!(
+            next(&mut rx).await,
+            DataEvent::Rejected {
+                id: 9,
+                from,
+                expected: lo()
+            }
+        );
+        let mut byte = [0u8; 1];
+        let read = bounded(over.read(&mut byte)).await;
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        // The stalled reads do not hold up the client itself.
+        let client = connect_from(lo(), addr).await.unwrap();
+        let (server_side, _) = server.accept().await.unwrap();
+        assert_eq!(next(&mut rx).await, DataEvent::Connected { id: 9 });
+        transfer(client, server_side).await;
+        let (_, _, outcome) = closed_counts(next(&mut rx).await, 9);
+        assert_eq!(outcome, DataOutcome::Completed);
+        // The reads ended with the leg: their connections are closed.
+        for mut s in stalled {
+            let read = bounded(s.read(&mut byte)).await;
+            assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        }
     }
 
     #[tokio::test]
