@@ -8,6 +8,8 @@ mod common;
 use common::{bounded, digest, port_of_227, retr_all, Gw, Harness, Peer, Upstream};
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
 use suppaftp::Mode;
@@ -153,7 +155,10 @@ async fn rules_match_the_real_client_not_the_balancer() {
     assert_eq!(code, 421, "{text}");
     assert!(text.contains("no rule allows this session"), "{text}");
     let log = gw.logs.wait_for("client=127.0.0.3:40002").await;
-    assert!(line_with(&log, "client=127.0.0.3:40002").contains("refused"));
+    let refusal = line_with(&log, "client=127.0.0.3:40002");
+    assert!(refusal.contains("refused"), "{refusal}");
+    // The line names the balancer the refused client came through.
+    assert!(refusal.contains(&format!("via={BALANCER}:")), "{refusal}");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -168,6 +173,10 @@ async fn per_client_limits_count_the_real_client() {
     let (code, text) = second.reply().await;
     assert_eq!(code, 421, "{text}");
     assert!(text.contains("too many sessions from 127.0.0.2"), "{text}");
+    let log = gw.logs.wait_for("client=127.0.0.2:40002").await;
+    let refusal = line_with(&log, "client=127.0.0.2:40002");
+    assert!(refusal.contains("max_sessions_per_client"), "{refusal}");
+    assert!(refusal.contains(&format!("via={BALANCER}:")), "{refusal}");
     // Another client through the same balancer is not.
     let mut third = logged_in(via_balancer(&gw, &v1("127.0.0.3", 40003)).await).await;
     assert_eq!(third.cmd("NOOP").await.0, 200);
@@ -525,4 +534,227 @@ async fn a_data_connection_from_the_balancer_without_a_header_is_refused() {
     bounded("RETR", right.read_to_end(&mut got)).await.unwrap();
     assert_eq!(c.reply().await.0, 226);
     assert_eq!(digest(&got), digest(&body));
+}
+
+/// Behind a balancer's header, the client's own first bytes may not be a
+/// second header: 421, as for a direct client, and nothing reaches the
+/// server (which would answer an unknown command otherwise).
+#[tokio::test(flavor = "current_thread")]
+async fn a_second_header_behind_the_balancers_gets_421() {
+    let gw = behind_balancer("").start().await;
+    let mut second_v2 = v2([6, 6, 6, 6], 1);
+    second_v2.extend_from_slice(b"USER anonymous\r\n");
+    for (n, (pipelined, second)) in [
+        (false, v1("6.6.6.6", 1)),
+        (true, v1("6.6.6.6", 2)),
+        (false, second_v2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let port = 40001 + n as u16;
+        let mut first = v1("127.0.0.2", port);
+        if pipelined {
+            // In the header's own segment.
+            first.extend_from_slice(&second);
+        }
+        let mut c = Peer::new(via_balancer(&gw, &first).await);
+        let (mut code, mut text) = c.reply().await;
+        if !pipelined {
+            assert_eq!(code, 220, "{text}");
+            c.send(&second).await;
+            (code, text) = c.reply().await;
+        } else if code == 220 {
+            // The greeting may or may not get ahead of the refusal.
+            (code, text) = c.reply().await;
+        }
+        assert_eq!(code, 421, "{text}");
+        assert!(
+            text.contains("a second PROXY header, from 127.0.0.2"),
+            "{text}"
+        );
+        assert_eq!(c.rest().await, "");
+        let log = gw.logs.wait_for(&format!("client=127.0.0.2:{port}")).await;
+        let refusal = log
+            .lines()
+            .find(|l| l.contains(&format!("client=127.0.0.2:{port}")) && l.contains("refused"))
+            .unwrap_or_else(|| panic!("no refusal for {port}:\n{log}"));
+        assert!(refusal.contains(&format!("via={BALANCER}:")), "{refusal}");
+    }
+}
+
+/// At most `MAX_WAITING` (64) connections of a listener wait for their
+/// header at once: the next is closed at once with a log line, long before
+/// its timeout, and once the others are gone a balancer's session starts.
+#[tokio::test(flavor = "current_thread")]
+async fn connections_waiting_for_a_header_are_bounded() {
+    let gw = behind_balancer("      timeout: 30s\n").start().await;
+    let config = gw.gateway.config();
+    let waiting = &config.listeners[0].proxy_protocol.as_ref().unwrap().waiting;
+    let mut silent = Vec::new();
+    for _ in 0..64 {
+        silent.push(connect_from(BALANCER, gw.addr).await);
+    }
+    until("64 connections wait", || waiting.now() == 64).await;
+    let mut over = connect_from(BALANCER, gw.addr).await;
+    let mut got = Vec::new();
+    let _ = bounded("closed at once", over.read_to_end(&mut got)).await;
+    assert!(got.is_empty());
+    let log = gw.logs.wait_for("PROXY header not awaited").await;
+    let line = line_with(&log, "PROXY header not awaited");
+    assert!(line.contains("max=64"), "{line}");
+    assert!(line.contains(&format!("via={BALANCER}:")), "{line}");
+    assert_eq!(waiting.now(), 64, "the refused one never waited");
+    drop(silent);
+    until("the waits end", || waiting.now() == 0).await;
+    let mut c = logged_in(via_balancer(&gw, &v1("127.0.0.2", 40001)).await).await;
+    assert_eq!(c.cmd("NOOP").await.0, 200);
+}
+
+/// Polls `cond` (a state the test cannot be told about) until it holds.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    bounded(what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+/// A `from` network that covers everyone loads, with a warning where the
+/// file says it: in the log at start, and in what `ftpgate check` prints.
+#[tokio::test(flavor = "current_thread")]
+async fn a_balancer_network_covering_everyone_is_warned_about() {
+    let gw = Harness::new(Upstream::Unftp)
+        .file("proxy.yaml")
+        .listener("    proxy_protocol:\n      from: [127.0.0.5/32, 0.0.0.0/0]\n")
+        .start()
+        .await;
+    let want = "proxy.yaml:7:28: proxy_protocol.from 0.0.0.0/0 is every IPv4 address: any host in it may name any client";
+    let log = gw.logs.wait_for(want).await;
+    assert!(line_with(&log, want).contains("WARN"), "{log}");
+    assert!(!log.contains("127.0.0.5/32 is"), "{log}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broad.yaml");
+    std::fs::write(
+        &file,
+        "listeners:\n  - name: edge\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: 127.0.0.1:21\n    proxy_protocol: { from: [\"::/0\"] }\nrules:\n  - name: all\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ftpgate"))
+        .args(["check", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.starts_with(
+            "# warning: listeners[0] (edge): proxy_protocol.from ::/0 is every IPv6 address"
+        ),
+        "{printed}"
+    );
+}
+
+/// libunftp's log messages: in its PROXY protocol mode it logs the client
+/// that a control connection's header names.
+#[derive(Clone, Default)]
+struct UnftpLog(Arc<Mutex<Vec<String>>>);
+
+impl slog::Drain for UnftpLog {
+    type Ok = ();
+    type Err = slog::Never;
+    fn log(&self, r: &slog::Record, _: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        self.0.lock().unwrap().push(r.msg().to_string());
+        Ok(())
+    }
+}
+
+/// With `upstream_proxy_protocol: v1`, libunftp in its PROXY protocol mode
+/// serves a session the gateway relays for a client behind a balancer, and
+/// takes the real client from the gateway's header: libunftp refuses a
+/// connection without one, and a header to another port is a data
+/// connection to it.
+#[tokio::test(flavor = "current_thread")]
+async fn upstream_libunftp_sees_the_real_client() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().to_path_buf();
+    // libunftp binds in `listen` and cannot report a port 0: take one that
+    // was just free.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let unftp_log = UnftpLog::default();
+    let server = libunftp::ServerBuilder::new(Box::new(move || {
+        unftp_sbe_fs::Filesystem::new(path.clone()).unwrap()
+    }))
+    .logger(slog::Logger::root(unftp_log.clone(), slog::o!()))
+    // The control port the clients see: the balancer's front end, as the
+    // header names it.
+    .proxy_protocol_mode(21)
+    .build()
+    .unwrap();
+    tokio::spawn(server.listen(addr.to_string()));
+    bounded("libunftp listening", async {
+        while TcpStream::connect(addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let gw = Harness::new(Upstream::At(addr))
+        .file("proxy.yaml")
+        .listener(&format!(
+            "    proxy_protocol:\n      from: [{BALANCER}/32]\n    upstream_proxy_protocol: v1\n"
+        ))
+        .start()
+        .await;
+    // `v1` names 127.0.0.1:21 as what the client connected to.
+    let mut c = logged_in(via_balancer(&gw, &v1("127.0.0.3", 40001)).await).await;
+    let (code, text) = c.cmd("PWD").await;
+    assert_eq!(code, 257, "{text}");
+    assert_eq!(c.cmd("QUIT").await.0, 221);
+    let seen = unftp_log.0.lock().unwrap().clone();
+    let control = seen
+        .iter()
+        .find(|m| m.starts_with("Incoming control connection"))
+        .unwrap_or_else(|| panic!("libunftp logged no control connection: {seen:#?}"));
+    assert!(
+        control.contains("source: 127.0.0.3:40001, destination: 127.0.0.1:21"),
+        "{control}"
+    );
+}
+
+/// The v2 header the gateway sends a server for a direct client: exactly
+/// the client's address and the listener's, as the first bytes; the
+/// session's own bytes follow it.
+#[tokio::test(flavor = "current_thread")]
+async fn upstream_v2_header_names_a_direct_client_and_the_listener() {
+    let mut gw = Harness::new(Upstream::Scripted)
+        .listener("    upstream_proxy_protocol: v2\n")
+        .start()
+        .await;
+    let upstream = gw.take_upstream();
+    let client = connect_from("127.0.0.3", gw.addr).await;
+    let client_port = client.local_addr().unwrap().port();
+    let (mut server, _) = bounded("upstream connect", upstream.accept())
+        .await
+        .unwrap();
+    let mut want = SIG.to_vec();
+    want.extend_from_slice(&[0x21, 0x11, 0, 12, 127, 0, 0, 3, 127, 0, 0, 1]);
+    want.extend_from_slice(&client_port.to_be_bytes());
+    want.extend_from_slice(&gw.addr.port().to_be_bytes());
+    let mut got = vec![0u8; want.len()];
+    bounded("header", server.read_exact(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(got, want);
+    server.write_all(b"220 ready\r\n").await.unwrap();
+    let mut c = Peer::new(client);
+    assert_eq!(c.reply().await.0, 220);
+    c.send(b"NOOP\r\n").await;
+    let mut next = [0u8; 6];
+    bounded("NOOP", server.read_exact(&mut next)).await.unwrap();
+    assert_eq!(&next, b"NOOP\r\n");
 }

@@ -16,11 +16,17 @@ use std::path::Path;
 #[derive(Default)]
 pub(super) struct Check {
     pub(super) errors: Vec<(Vec<Seg>, String)>,
+    /// What loads but is probably a mistake; logged when the file loads.
+    pub(super) warnings: Vec<(Vec<Seg>, String)>,
 }
 
 impl Check {
     fn err(&mut self, path: &[Seg], message: impl Into<String>) {
         self.errors.push((path.to_vec(), message.into()));
+    }
+
+    fn warn(&mut self, path: &[Seg], message: impl Into<String>) {
+        self.warnings.push((path.to_vec(), message.into()));
     }
 
     /// The value of an optional key. `Err` after reporting an empty value.
@@ -240,6 +246,7 @@ impl Check {
             Ok(None) => Some(None),
             Err(()) => None,
         };
+        let upstream_proxy_protocol = self.upstream_proxy_protocol(r, path, mode.as_ref());
         if let Some(name) = &name {
             if let Some(first) = earlier.iter().position(|l| &l.name == name) {
                 self.err(
@@ -270,7 +277,32 @@ impl Check {
             listen: listen?,
             mode: mode?,
             proxy_protocol: proxy_protocol?,
+            upstream_proxy_protocol: upstream_proxy_protocol?,
         })
+    }
+
+    /// A listener's `upstream_proxy_protocol`: the header version it sends
+    /// its upstream, if any; `None` after reporting an error.
+    fn upstream_proxy_protocol(
+        &mut self,
+        r: &RawListener,
+        path: &[Seg],
+        mode: Option<&ListenerMode>,
+    ) -> Option<Option<ProxyVersion>> {
+        let key = "upstream_proxy_protocol";
+        let version = self
+            .optional(&r.upstream_proxy_protocol, path, key, |s| {
+                parse_enum(s, ProxyVersion::NAMES)
+            })
+            .ok()?;
+        if version.is_some() && mode == Some(&ListenerMode::Transparent) {
+            self.err(
+                &at(path, key),
+                "upstream_proxy_protocol applies to reverse listeners only: a transparent listener's server is whatever the client dialled, which expects no header",
+            );
+            return None;
+        }
+        Some(version)
     }
 
     /// A listener's `proxy_protocol` section; `mode` is the listener's, when
@@ -327,9 +359,16 @@ impl Check {
                 })
             },
         );
+        let from = from?;
+        for (i, net) in from.iter().enumerate() {
+            if let Some(why) = ProxyProtocol::too_broad(net) {
+                self.warn(&at(&at(&path, "from"), i), why);
+            }
+        }
         Some(ProxyProtocol {
-            from: from?,
+            from,
             timeout: timeout?,
+            waiting: HeaderWaits::default(),
         })
     }
 

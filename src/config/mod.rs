@@ -23,6 +23,7 @@ pub use types::{
     Action, AuditConfig, AuditTarget, BackendKind, DataConfig, DataMode, Limits, Listener,
     ListenerMode, MetricsConfig, PortRange, PortShare, ProxyProtocol, Rule, ServerMode, TlsPolicy,
 };
+pub use types::{HeaderWait, HeaderWaits, ProxyVersion};
 
 use check::Check;
 use raw::{locate, RawConfig, Seg};
@@ -163,6 +164,11 @@ impl Config {
         let mut check = Check::default();
         let config = check.config(&raw, path);
         if check.errors.is_empty() {
+            // At start and at each reload; `ftpgate check` prints them as
+            // comments in the effective configuration.
+            for (line, column, message) in located(text, check.warnings) {
+                tracing::warn!("{}:{line}:{column}: {message}", path.display());
+            }
             return Ok(config);
         }
         let errors = located(text, check.errors);

@@ -32,8 +32,26 @@ impl Config {
         // fallback keeps this total anyway.
         let yaml =
             serde_yaml::to_string(&out).unwrap_or_else(|e| format!("# cannot serialise: {e}\n"));
-        with_share_note(yaml, &self.data)
+        let mut out = broad_balancer_notes(&self.listeners);
+        out.push_str(&with_share_note(yaml, &self.data));
+        out
     }
+}
+
+/// A comment line for each network in a listener's `proxy_protocol.from`
+/// that is too broad to be only balancers (the warning the file's load
+/// logs), ahead of the YAML, which still loads.
+fn broad_balancer_notes(listeners: &[Listener]) -> String {
+    let mut out = String::new();
+    for (i, l) in listeners.iter().enumerate() {
+        let Some(pp) = &l.proxy_protocol else {
+            continue;
+        };
+        for why in pp.from.iter().filter_map(ProxyProtocol::too_broad) {
+            out.push_str(&format!("# warning: listeners[{i}] ({}): {why}\n", l.name));
+        }
+    }
+    out
 }
 
 /// What the share comes to in each pool, as a comment: the operator sees
@@ -69,6 +87,7 @@ impl From<&Listener> for OutListener {
                 from: p.from.iter().map(ToString::to_string).collect(),
                 timeout: format_duration(p.timeout),
             }),
+            upstream_proxy_protocol: l.upstream_proxy_protocol.map(ProxyVersion::as_str),
         }
     }
 }
@@ -148,6 +167,8 @@ struct OutListener {
     announce: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     proxy_protocol: Option<OutProxyProtocol>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_proxy_protocol: Option<&'static str>,
 }
 
 #[derive(Serialize)]

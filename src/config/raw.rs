@@ -111,6 +111,8 @@ pub(super) struct RawListener {
     pub(super) announce: Field<Text>,
     #[serde(default)]
     pub(super) proxy_protocol: Field<RawProxyProtocol>,
+    #[serde(default)]
+    pub(super) upstream_proxy_protocol: Field<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -46,6 +46,7 @@ fn minimal_file_gets_every_default() {
                 announce: None
             },
             proxy_protocol: None,
+            upstream_proxy_protocol: None,
         }]
     );
     assert_eq!(c.data, DataConfig::default());
@@ -668,7 +669,7 @@ fn structural_errors_are_located() {
     let cases: Vec<(String, &str)> = vec![
             (
                 format!("{HEAD}    lisen: 1.2.3.4:21\nrules:\n  - name: all\n"),
-                "6:5: listeners[0]: unknown field `lisen`, expected one of `name`, `listen`, `mode`, `upstream`, `announce`, `proxy_protocol`",
+                "6:5: listeners[0]: unknown field `lisen`, expected one of `name`, `listen`, `mode`, `upstream`, `announce`, `proxy_protocol`, `upstream_proxy_protocol`",
             ),
             (
                 format!("{HEAD}rules:\n  - name: all\n    client: [10.0.0.0/8]\n"),
@@ -942,15 +943,24 @@ fn arb_listener() -> impl Strategy<Value = Listener> {
             // A header's timeout is at most ProxyProtocol::MAX_TIMEOUT.
             arb_duration().prop_filter("a header timeout", |d| *d <= ProxyProtocol::MAX_TIMEOUT),
         )
-            .prop_map(|(from, timeout)| ProxyProtocol { from, timeout }),
+            .prop_map(|(from, timeout)| ProxyProtocol {
+                from,
+                timeout,
+                waiting: Default::default(),
+            }),
     );
-    (arb_name(), arb_ip(), any::<u16>(), mode, proxy).prop_map(
-        |(name, ip, port, mode, proxy_protocol)| Listener {
-            name,
-            listen: SocketAddr::new(ip, port),
-            // Only a reverse listener takes a PROXY header.
-            proxy_protocol: proxy_protocol.filter(|_| mode != ListenerMode::Transparent),
-            mode,
+    let send = proptest::option::of(prop_oneof![Just(ProxyVersion::V1), Just(ProxyVersion::V2)]);
+    (arb_name(), arb_ip(), any::<u16>(), mode, proxy, send).prop_map(
+        |(name, ip, port, mode, proxy_protocol, send)| {
+            // Only a reverse listener takes or sends a PROXY header.
+            let reverse = mode != ListenerMode::Transparent;
+            Listener {
+                name,
+                listen: SocketAddr::new(ip, port),
+                proxy_protocol: proxy_protocol.filter(|_| reverse),
+                upstream_proxy_protocol: send.filter(|_| reverse),
+                mode,
+            }
         },
     )
 }
@@ -1087,6 +1097,7 @@ fn arb_config() -> impl Strategy<Value = Config> {
                     if addrs.iter().any(|&a| reaches(upstream, a)) {
                         l.mode = ListenerMode::Transparent;
                         l.proxy_protocol = None;
+                        l.upstream_proxy_protocol = None;
                     }
                 }
             }
@@ -1252,4 +1263,71 @@ fn proxy_protocol_section() {
         "{HEAD}    proxy_protocol: {{ from: [10.0.0.1], trusted: yes }}\n{rules}"
     ));
     assert!(errs[0].contains("unknown field `trusted`"), "{errs:?}");
+}
+
+/// A network in `from` too broad to be only balancers loads, with a
+/// warning: a comment in the effective configuration, which still loads.
+#[test]
+fn a_broad_balancer_network_is_warned_about() {
+    let rules = "rules:\n  - name: all\n";
+    let c = ok(&format!(
+        "{HEAD}    proxy_protocol: {{ from: [0.0.0.0/0, \"::/0\", 10.0.0.0/7, 10.0.0.0/8, \"2001:db8::/31\", \"2001:db8::/32\"] }}\n{rules}"
+    ));
+    let yaml = c.to_yaml();
+    let notes: Vec<&str> = yaml
+        .lines()
+        .filter(|l| l.starts_with("# warning:"))
+        .collect();
+    assert_eq!(notes.len(), 4, "{yaml}");
+    assert!(notes[0].contains("listeners[0] (lo): proxy_protocol.from 0.0.0.0/0 is every IPv4 address: any host in it may name any client"), "{yaml}");
+    assert!(notes[1].contains("::/0 is every IPv6 address"), "{yaml}");
+    assert!(
+        notes[2].contains("10.0.0.0/7 is a network shorter than /8"),
+        "{yaml}"
+    );
+    assert!(
+        notes[3].contains("2001:db8::/31 is a network shorter than /32"),
+        "{yaml}"
+    );
+    assert_eq!(parse(&yaml), Ok(c));
+    let narrow = ok(&format!(
+        "{HEAD}    proxy_protocol: {{ from: [10.0.0.0/8] }}\n{rules}"
+    ));
+    assert!(!narrow.to_yaml().contains("warning"));
+}
+
+#[test]
+fn upstream_proxy_protocol_key() {
+    let rules = "rules:\n  - name: all\n";
+    for (text, want) in [("v1", ProxyVersion::V1), ("v2", ProxyVersion::V2)] {
+        let c = ok(&format!(
+            "{HEAD}    upstream_proxy_protocol: {text}\n{rules}"
+        ));
+        assert_eq!(c.listeners[0].upstream_proxy_protocol, Some(want));
+        let yaml = c.to_yaml();
+        assert!(
+            yaml.contains(&format!("upstream_proxy_protocol: {text}")),
+            "{yaml}"
+        );
+        assert_eq!(parse(&yaml), Ok(c));
+    }
+    assert_eq!(
+        ok(&format!("{HEAD}{rules}")).listeners[0].upstream_proxy_protocol,
+        None
+    );
+    let transparent =
+        "listeners:\n  - name: t\n    listen: 127.0.0.1:2121\n    mode: transparent\n";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("{HEAD}    upstream_proxy_protocol: v3\n{rules}"),
+            "6:30: upstream_proxy_protocol: unknown value `v3`, expected one of: v1, v2",
+        ),
+        (
+            format!("{transparent}    upstream_proxy_protocol: v2\n{rules}"),
+            "5:30: upstream_proxy_protocol applies to reverse listeners only: a transparent listener's server is whatever the client dialled, which expects no header",
+        ),
+    ];
+    for (text, want) in &cases {
+        assert_eq!(errors(text), vec![want.to_string()], "{text}");
+    }
 }

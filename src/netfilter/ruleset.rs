@@ -199,6 +199,7 @@ mod tests {
             listen: listen.parse().unwrap(),
             mode,
             proxy_protocol: None,
+            upstream_proxy_protocol: None,
         }
     }
 

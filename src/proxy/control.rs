@@ -3,7 +3,7 @@
 
 use super::proxy_protocol::{self, Header, Sniff};
 use super::{origdst, Gateway, SessionSlot};
-use crate::config::{Config, Limits, Listener, ListenerMode};
+use crate::config::{Config, Limits, Listener, ListenerMode, ProxyProtocol, ProxyVersion};
 use crate::escape::Escaped;
 use crate::ftp::rewrite;
 use crate::metrics::{OpenGuard, Refusal};
@@ -54,29 +54,29 @@ async fn run(
     let Ok(client_local) = client.local_addr() else {
         return;
     };
-    // From here on `peer` is the real client: behind a balancer, the one
+    // From here on the client is the real one: behind a balancer, the one
     // its PROXY header names.
-    let Some((peer, via, sniff)) =
-        real_client(&gateway, &listener, &mut client, peer, client_local).await
-    else {
+    let Some(who) = real_client(&gateway, &listener, &mut client, peer, client_local).await else {
         return;
     };
+    let peer = who.addr;
     let Some((server, announce, transparent)) =
-        destination(&gateway, &listener, &mut client, peer).await
+        destination(&gateway, &listener, &mut client, &who).await
     else {
         return;
     };
     // Held for the whole session, and while a later check refuses it.
-    let Some(_slot) = acquire_slot(&gateway, &mut client, peer).await else {
+    let Some(_slot) = acquire_slot(&gateway, &mut client, &who).await else {
         return;
     };
     // One configuration for the whole session, even across a reload.
     let config = gateway.config();
-    let Some(policy) = allow(&gateway, &config, &mut client, peer, server).await else {
+    let Some(policy) = allow(&gateway, &config, &mut client, &who, server).await else {
         return;
     };
     let limits = &config.limits;
-    let Some(upstream) = connect(&gateway, limits, &mut client, peer, server).await else {
+    let Some(upstream) = connect(&gateway, &listener, limits, &mut client, &who, server).await
+    else {
         return;
     };
     let _ = upstream.set_nodelay(true);
@@ -86,7 +86,7 @@ async fn run(
     let server_local = SocketAddr::new(server_local.ip().to_canonical(), server_local.port());
     let client_local = SocketAddr::new(client_local.ip().to_canonical(), client_local.port());
     gateway.metrics.session_setup(started.elapsed());
-    let via = via.map(tracing::field::display);
+    let via = who.via.map(tracing::field::display);
     info!(client = %peer, via, %server, rule = %policy.rule, mode = listener.mode.kind().as_str(), "session start");
     let params = SessionParams {
         client: peer,
@@ -99,42 +99,89 @@ async fn run(
     };
     let idle = limits.idle_timeout;
     let mut conn = Conn::new(&gateway, &listener, id, params, client, upstream, idle);
-    conn.sniff = sniff.then(Vec::new);
+    conn.sniff = who.sniff.then(Vec::new);
+    conn.via = who.via;
     let reason = conn.drive().await;
     conn.end(started, reason);
 }
 
+/// Who a session is for, as its listener learns it.
+struct Client {
+    /// The real client: the TCP peer, or the one a balancer's header names.
+    addr: SocketAddr,
+    /// The balancer the connection came through.
+    via: Option<SocketAddr>,
+    /// What the client connected to: the balancer's front end (from its
+    /// header), or this listener. A header sent upstream names it.
+    front: SocketAddr,
+    /// The client's first bytes must not be a PROXY header: the listener
+    /// takes headers from balancers only, and from each connection once.
+    sniff: bool,
+}
+
 /// The session's client: the TCP peer, or the real client that a trusted
-/// balancer names in its PROXY header, with the balancer (`via`). The flag
-/// is set for a peer that is not a balancer on a listener that takes PROXY
-/// headers: its first bytes must not be one. Closes the connection, with a
-/// log line, when a balancer's header is missing, malformed, truncated or
-/// late.
+/// balancer names in its PROXY header. Closes the connection, with a log
+/// line, when a balancer's header is missing, malformed, truncated or
+/// late, or when [`ProxyProtocol::MAX_WAITING`] connections of the
+/// listener already wait for theirs.
 async fn real_client(
     gateway: &Gateway,
     listener: &Listener,
     client: &mut TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-) -> Option<(SocketAddr, Option<SocketAddr>, bool)> {
+) -> Option<Client> {
+    let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+    let direct = |sniff| Client {
+        addr: peer,
+        via: None,
+        front: local,
+        sniff,
+    };
     let Some(pp) = &listener.proxy_protocol else {
-        return Some((peer, None, false));
+        return Some(direct(false));
     };
     if !pp.trusts(peer.ip()) {
-        return Some((peer, None, true));
+        return Some(direct(true));
     }
+    // Taken before the wait: a host inside `from` that connects and sends
+    // nothing holds a bounded number of connections.
+    let Some(_waiting) = pp.waiting.enter(ProxyProtocol::MAX_WAITING) else {
+        gateway.metrics.refused(Refusal::proxy_header);
+        warn!(
+            via = %peer,
+            max = ProxyProtocol::MAX_WAITING,
+            "PROXY header not awaited: as many connections of this listener already wait for theirs; connection closed"
+        );
+        let _ = client.shutdown().await;
+        return None;
+    };
     let why = match tokio::time::timeout(pp.timeout, proxy_protocol::read_header(client)).await {
         // A health check, or a client the balancer cannot name: the
         // session is the balancer's own, as the specification says.
-        Ok(Ok(Header::Local)) => return Some((peer, Some(peer), false)),
-        Ok(Ok(Header::Proxied { source, .. })) => {
+        Ok(Ok(Header::Local)) => {
+            return Some(Client {
+                via: Some(peer),
+                ..direct(true)
+            })
+        }
+        Ok(Ok(Header::Proxied {
+            source,
+            destination,
+        })) => {
             let source = SocketAddr::new(source.ip().to_canonical(), source.port());
             let why = if let Some(what) = not_a_client(source, peer, local) {
                 // Taken as the client, such an address would pass the
                 // PORT/EPRT check for the gateway's own services (a bounce).
                 format!("the PROXY header names {source}, {what}, which no client can be")
-            } else if source.is_ipv4() == local.ip().to_canonical().is_ipv4() {
-                return Some((source, Some(peer), false));
+            } else if source.is_ipv4() == local.is_ipv4() {
+                let front = SocketAddr::new(destination.ip().to_canonical(), destination.port());
+                return Some(Client {
+                    addr: source,
+                    via: Some(peer),
+                    front,
+                    sniff: true,
+                });
             } else {
                 // Its data connections come straight to the gateway, on an
                 // address of the listener's family, which this client lacks.
@@ -142,7 +189,12 @@ async fn real_client(
                     "the PROXY header names {source}, not of the address family of this listener ({local}), so its data connections could not reach the gateway"
                 )
             };
-            refuse_session(gateway, Refusal::proxy_header, client, source, &why).await;
+            let who = Client {
+                addr: source,
+                via: Some(peer),
+                ..direct(false)
+            };
+            refuse_session(gateway, Refusal::proxy_header, client, &who, &why).await;
             return None;
         }
         Ok(Err(why)) => why,
@@ -190,7 +242,7 @@ async fn destination(
     gateway: &Gateway,
     listener: &Listener,
     client: &mut TcpStream,
-    peer: SocketAddr,
+    who: &Client,
 ) -> Option<(SocketAddr, Option<IpAddr>, bool)> {
     match &listener.mode {
         ListenerMode::Reverse { upstream, announce } => Some((*upstream, *announce, false)),
@@ -198,7 +250,7 @@ async fn destination(
             Ok(dst) => Some((dst, None, true)),
             Err(e) => {
                 let why = format!("{e}");
-                refuse_session(gateway, Refusal::no_destination, client, peer, &why).await;
+                refuse_session(gateway, Refusal::no_destination, client, who, &why).await;
                 None
             }
         },
@@ -209,9 +261,9 @@ async fn destination(
 async fn acquire_slot(
     gateway: &Gateway,
     client: &mut TcpStream,
-    peer: SocketAddr,
+    who: &Client,
 ) -> Option<SessionSlot> {
-    match gateway.limits.acquire(peer.ip()) {
+    match gateway.limits.acquire(who.addr.ip()) {
         Ok(slot) => Some(slot),
         Err(hit) => {
             let why = match hit {
@@ -221,11 +273,11 @@ async fn acquire_slot(
                 super::limits::LimitHit::PerClient(n) => {
                     format!(
                         "too many sessions from {} (max_sessions_per_client {n})",
-                        peer.ip()
+                        who.addr.ip()
                     )
                 }
             };
-            refuse_session(gateway, Refusal::limit, client, peer, &why).await;
+            refuse_session(gateway, Refusal::limit, client, who, &why).await;
             None
         }
     }
@@ -236,10 +288,10 @@ async fn allow(
     gateway: &Gateway,
     config: &Config,
     client: &mut TcpStream,
-    peer: SocketAddr,
+    who: &Client,
     server: SocketAddr,
 ) -> Option<Policy> {
-    match decide(config, peer.ip(), server) {
+    match decide(config, who.addr.ip(), server) {
         Decision::Allow(p) => Some(p),
         Decision::Deny(rule) => {
             let why = match rule {
@@ -247,43 +299,71 @@ async fn allow(
                 None => "no rule allows this session".to_string(),
             };
             let why = format!("{why} (server {server})");
-            refuse_session(gateway, Refusal::rule, client, peer, &why).await;
+            refuse_session(gateway, Refusal::rule, client, who, &why).await;
             None
         }
     }
 }
 
 /// The control connection to `server`, made within `connect_timeout`, or
-/// the session refused.
+/// the session refused. With `upstream_proxy_protocol`, a PROXY header
+/// naming the real client and what it connected to goes first, within the
+/// same time.
 async fn connect(
     gateway: &Gateway,
+    listener: &Listener,
     limits: &Limits,
     client: &mut TcpStream,
-    peer: SocketAddr,
+    who: &Client,
     server: SocketAddr,
 ) -> Option<TcpStream> {
-    let why = match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(server)).await {
+    let header = listener.upstream_proxy_protocol.map(|version| {
+        let h = Header::Proxied {
+            source: who.addr,
+            destination: who.front,
+        };
+        match version {
+            ProxyVersion::V1 => proxy_protocol::encode_v1(&h),
+            ProxyVersion::V2 => proxy_protocol::encode_v2(&h),
+        }
+    });
+    let dial = async {
+        let mut upstream = TcpStream::connect(server)
+            .await
+            .map_err(|e| format!("cannot reach server {server}: {e}"))?;
+        if let Some(header) = &header {
+            // A fresh connection's send buffer takes the header at once.
+            upstream
+                .write_all(header)
+                .await
+                .map_err(|e| format!("cannot send the PROXY header to server {server}: {e}"))?;
+        }
+        Ok::<_, String>(upstream)
+    };
+    let why = match tokio::time::timeout(limits.connect_timeout, dial).await {
         Ok(Ok(s)) => return Some(s),
-        Ok(Err(e)) => format!("cannot reach server {server}: {e}"),
+        Ok(Err(why)) => why,
         Err(_) => format!(
             "cannot reach server {server}: no answer within {:?}",
             limits.connect_timeout
         ),
     };
-    refuse_session(gateway, Refusal::unreachable, client, peer, &why).await;
+    refuse_session(gateway, Refusal::unreachable, client, who, &why).await;
     None
 }
 
-/// Tells the client why with 421, logs and counts it, and closes.
+/// Tells the client why with 421, logs and counts it, and closes. The line
+/// names the balancer the client came through, if any.
 async fn refuse_session(
     gateway: &Gateway,
     reason: Refusal,
     client: &mut TcpStream,
-    peer: SocketAddr,
+    who: &Client,
     why: &str,
 ) {
     gateway.metrics.refused(reason);
-    warn!(client = %peer, what = "SESSION", code = 421u16, reason = %why, "refused");
+    let via = who.via.map(tracing::field::display);
+    warn!(client = %who.addr, via, what = "SESSION", code = 421u16, reason = %why, "refused");
     let reply = rewrite::reply(421, &format!("Service not available: {why}"));
     // A fresh connection's send buffer takes one line at once; the timer
     // is there for the exception.
@@ -315,6 +395,8 @@ struct Conn<'a> {
     /// them); `None` once they cannot, or where no check is needed. At most
     /// a signature's length (12 bytes) is held.
     sniff: Option<Vec<u8>>,
+    /// The balancer the client came through, if any.
+    via: Option<SocketAddr>,
 }
 
 impl<'a> Conn<'a> {
@@ -349,6 +431,7 @@ impl<'a> Conn<'a> {
             peer_lines: LogBudget::default(),
             data_connected: None,
             sniff: None,
+            via: None,
         }
     }
 
@@ -510,8 +593,9 @@ enum Ended {
     /// does not read.
     WriteTimeout(&'static str, Duration),
     Io(String),
-    /// A peer that is no balancer sent a PROXY header.
-    UntrustedHeader(IpAddr),
+    /// A PROXY header where none may be: from a peer that is no balancer,
+    /// or a second one behind a balancer's.
+    UntrustedHeader(String),
 }
 
 impl std::fmt::Display for Ended {
@@ -524,7 +608,7 @@ impl std::fmt::Display for Ended {
                 write!(f, "write to {to} timed out (idle_timeout {idle:?})")
             }
             Ended::Io(e) => write!(f, "{e}"),
-            Ended::UntrustedHeader(from) => write!(f, "PROXY header from untrusted {from}"),
+            Ended::UntrustedHeader(why) => f.write_str(why),
         }
     }
 }
@@ -654,18 +738,24 @@ impl Conn<'_> {
         header
     }
 
-    /// A peer that is no balancer began with a PROXY header: it is never
-    /// trusted, and the session ends with 421.
+    /// The client began with a PROXY header: from a peer that is no
+    /// balancer it is never trusted, and behind a balancer's header it is a
+    /// second one, which the specification forbids. Either way it is not
+    /// passed on, and the session ends with 421.
     async fn refuse_untrusted_header(&mut self) -> Ended {
         let from = self.info.client.ip();
-        let why = format!("PROXY header from untrusted {from}");
+        let why = match self.via {
+            None => format!("PROXY header from untrusted {from}"),
+            Some(_) => format!("a second PROXY header, from {from} behind its balancer's"),
+        };
         self.gateway.metrics.refused(Refusal::proxy_header);
-        warn!(client = %self.info.client, what = "SESSION", code = 421u16, reason = %why, "refused");
+        let via = self.via.map(tracing::field::display);
+        warn!(client = %self.info.client, via, what = "SESSION", code = 421u16, reason = %why, "refused");
         let reply = rewrite::reply(421, &format!("Service not available: {why}"));
         let deadline = tokio::time::Instant::now() + self.idle;
         let _ = write_by(&mut self.client, "client", &reply, deadline, self.idle).await;
         let _ = self.client.shutdown().await;
-        Ended::UntrustedHeader(from)
+        Ended::UntrustedHeader(why)
     }
 
     /// Feeds the core what the server sent, or tells it the server closed.

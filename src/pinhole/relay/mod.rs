@@ -1014,6 +1014,7 @@ mod tests {
         info.balancers = Some(Arc::new(crate::config::ProxyProtocol {
             from: vec!["127.0.0.2/32".parse().unwrap()],
             timeout: Duration::from_secs(30),
+            waiting: Default::default(),
         }));
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, _pinhole) = b.open(&info, passive_plan(9, &server), tx).await.unwrap();
