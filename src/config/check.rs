@@ -159,6 +159,10 @@ impl Check {
 
     pub(super) fn config(&mut self, raw: &RawConfig, path: &Path) -> Config {
         let root: &[Seg] = &[];
+        let instance = self
+            .optional(&raw.instance, root, "instance", parse_name)
+            .ok()
+            .flatten();
         let listeners = self
             .required_list(
                 &raw.listeners,
@@ -187,6 +191,7 @@ impl Check {
         };
         Config {
             path: path.to_path_buf(),
+            instance,
             listeners,
             data,
             limits,

@@ -1061,45 +1061,50 @@ fn arb_config() -> impl Strategy<Value = Config> {
             Just(AuditTarget::Stdout),
             arb_name().prop_map(|n| AuditTarget::File(PathBuf::from(n))),
         ]),
+        proptest::option::of(arb_name()),
     )
-        .prop_map(|(mut listeners, data, limits, mut rules, metrics, audit)| {
-            let metrics = metrics.map(|(ip, port)| MetricsConfig {
-                listen: SocketAddr::new(ip, port),
-            });
-            let audit = audit
-                .filter(|t| t != &AuditTarget::File(PathBuf::from("-")))
-                .map(|path| AuditConfig { path });
-            // Names and listen addresses are unique in a valid file.
-            for (i, l) in listeners.iter_mut().enumerate() {
-                l.name = format!("{}#{i}", l.name);
-                l.listen
-                    .set_port(l.listen.port().wrapping_add(i as u16).max(1));
-            }
-            for (i, r) in rules.iter_mut().enumerate() {
-                r.name = format!("{}#{i}", r.name);
-            }
-            listeners.dedup_by_key(|l| l.listen);
-            // An upstream that is one of the listeners is a loop, which
-            // a valid file cannot hold.
-            let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.listen).collect();
-            for l in &mut listeners {
-                if let ListenerMode::Reverse { upstream, .. } = l.mode {
-                    if addrs.iter().any(|&a| reaches(upstream, a)) {
-                        l.mode = ListenerMode::Transparent;
-                        l.proxy_protocol = None;
+        .prop_map(
+            |(mut listeners, data, limits, mut rules, metrics, audit, instance)| {
+                let metrics = metrics.map(|(ip, port)| MetricsConfig {
+                    listen: SocketAddr::new(ip, port),
+                });
+                let audit = audit
+                    .filter(|t| t != &AuditTarget::File(PathBuf::from("-")))
+                    .map(|path| AuditConfig { path });
+                // Names and listen addresses are unique in a valid file.
+                for (i, l) in listeners.iter_mut().enumerate() {
+                    l.name = format!("{}#{i}", l.name);
+                    l.listen
+                        .set_port(l.listen.port().wrapping_add(i as u16).max(1));
+                }
+                for (i, r) in rules.iter_mut().enumerate() {
+                    r.name = format!("{}#{i}", r.name);
+                }
+                listeners.dedup_by_key(|l| l.listen);
+                // An upstream that is one of the listeners is a loop, which
+                // a valid file cannot hold.
+                let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.listen).collect();
+                for l in &mut listeners {
+                    if let ListenerMode::Reverse { upstream, .. } = l.mode {
+                        if addrs.iter().any(|&a| reaches(upstream, a)) {
+                            l.mode = ListenerMode::Transparent;
+                            l.proxy_protocol = None;
+                        }
                     }
                 }
-            }
-            Config {
-                path: PathBuf::from("t.yaml"),
-                listeners,
-                data,
-                limits,
-                rules,
-                metrics,
-                audit,
-            }
-        })
+                Config {
+                    path: PathBuf::from("t.yaml"),
+                    // A blank name is an error; the suffix keeps it a name.
+                    instance: instance.map(|n| format!("{n}#i")),
+                    listeners,
+                    data,
+                    limits,
+                    rules,
+                    metrics,
+                    audit,
+                }
+            },
+        )
 }
 
 proptest! {
@@ -1252,4 +1257,30 @@ fn proxy_protocol_section() {
         "{HEAD}    proxy_protocol: {{ from: [10.0.0.1], trusted: yes }}\n{rules}"
     ));
     assert!(errs[0].contains("unknown field `trusted`"), "{errs:?}");
+}
+
+#[test]
+fn instance_name_is_optional_printed_and_checked() {
+    let rules = "rules:\n  - name: all\n";
+    assert_eq!(ok(&format!("{HEAD}{rules}")).instance, None);
+    let c = ok(&format!("instance: gw-1\n{HEAD}{rules}"));
+    assert_eq!(c.instance.as_deref(), Some("gw-1"));
+    let printed = c.to_yaml();
+    assert!(printed.starts_with("instance: gw-1\n"), "{printed}");
+    assert_eq!(ok(&printed), c);
+    // Absent, it is not printed at all.
+    assert!(!ok(&format!("{HEAD}{rules}")).to_yaml().contains("instance"));
+    assert_eq!(
+        errors(&format!("instance:\n{HEAD}{rules}")),
+        ["1:10: `instance` has no value: give one, or remove the key"]
+    );
+    assert_eq!(
+        errors(&format!("instance: \"  \"\n{HEAD}{rules}")),
+        ["1:11: instance: the name is blank"]
+    );
+    assert_eq!(
+        errors(&format!("instance: [a]\n{HEAD}{rules}")).len(),
+        1,
+        "a list is not a name"
+    );
 }
