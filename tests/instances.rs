@@ -2,9 +2,14 @@
 //! --peer` on good and broken sets of instance files, and `ftpgate balancer`,
 //! whose output HAProxy and nft accept.
 //!
+//! In process, a named instance says its name in its startup line and in
+//! each audit line.
+//!
 //! The HAProxy and nft checks need `haproxy`, and root and `unshare` and
 //! `nft`. Without them those tests print `skipped (<reason>)` and pass,
 //! unless `FTPGATE_LAB=1` is set, in which case they fail.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -275,4 +280,45 @@ fn balancer_prints_an_nftables_table_that_nft_accepts() {
     );
     let out = nft_check(&nft.replace("jhash ip saddr", "jhash ip sadr"));
     assert!(!out.status.success(), "nft -c took a misspelt key");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_named_instance_says_so_at_startup_and_in_the_audit_log() {
+    use suppaftp::tokio::AsyncFtpStream;
+    use suppaftp::types::FileType;
+    use suppaftp::Mode;
+
+    let (logs, _guard) = common::LogBuf::capture();
+    let root = tempfile::tempdir().unwrap();
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(root.path().join("f.bin"), &body).unwrap();
+    let upstream = common::start_unftp(root.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let yaml = format!(
+        "instance: gw7\nlisteners:\n  - name: test\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n\
+         data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
+         audit:\n  path: {}\nrules:\n  - name: loopback\n    clients: [127.0.0.0/8]\n",
+        audit.display()
+    );
+    let run = common::launch(&yaml, "gw7.yaml").await;
+    let line = logs.wait_for("listening").await;
+    let line = line.lines().find(|l| l.contains("listening")).unwrap();
+    assert!(line.contains("instance=\"gw7\" listener=test"), "{line}");
+
+    let mut ftp = AsyncFtpStream::connect(run.addr).await.unwrap();
+    ftp.set_mode(Mode::ExtendedPassive);
+    ftp.login("anonymous", "test@").await.unwrap();
+    ftp.transfer_type(FileType::Binary).await.unwrap();
+    let got = common::retr_all(&mut ftp, "f.bin").await.unwrap();
+    assert_eq!(common::digest(&got), common::digest(&body));
+    let _ = ftp.quit().await;
+
+    // The audit line is written right after the log line, with no await between.
+    logs.wait_for("command=RETR").await;
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let record: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(record["instance"], "gw7", "{text}");
+    assert_eq!(record["command"], "RETR");
+    assert_eq!(record["to_client"], body.len() as u64);
 }
