@@ -7,8 +7,8 @@
 //! instances see the real client.
 
 use super::{plan, sources, Control, SetError, Slice};
-use crate::config::Config;
 use crate::config::PortRange;
+use crate::config::{BackendKind, Config};
 use std::fmt::Write;
 use std::time::Duration;
 
@@ -22,6 +22,12 @@ const RISE: u32 = 2;
 pub(super) fn generate(set: &[Config]) -> Result<String, Vec<SetError>> {
     let mut errors = Vec::new();
     for c in set {
+        if c.data.backend == BackendKind::Nftables {
+            errors.push(SetError(format!(
+                "{}: data.backend nftables: the kernel carries data connections and cannot read the PROXY header HAProxy puts before each; use the relay backend behind HAProxy, or `--format nftables`, which keeps the client's address",
+                super::set::who(c)
+            )));
+        }
         for l in &c.listeners {
             if l.proxy_protocol.is_none() {
                 errors.push(SetError(format!(
@@ -45,7 +51,6 @@ pub(super) fn generate(set: &[Config]) -> Result<String, Vec<SetError>> {
     let (Some(idle), Some(connect)) = (idle, connect) else {
         return Err(vec![SetError("no instance files".to_string())]);
     };
-    let maxconn: usize = set.iter().map(|c| c.limits.max_sessions * 2).sum();
     let mut out = String::new();
     let names: Vec<&str> = slices.iter().map(|s| s.instance).collect();
     let _ = write!(
@@ -56,9 +61,9 @@ pub(super) fn generate(set: &[Config]) -> Result<String, Vec<SetError>> {
 # generate it again when an instance file changes, rather than editing it.
 
 global
-    # A session holds its control connection and, while it transfers, one
-    # data connection.
-    maxconn {maxconn}
+    # No maxconn: HAProxy derives it from its file descriptor limit. A fixed
+    # figure above that limit stops HAProxy from starting, and the instances
+    # enforce their own max_sessions.
 
 defaults
     mode tcp

@@ -279,6 +279,16 @@ fn haproxy_needs_proxy_protocol_a_vip_and_a_reachable_address() {
     )
     .unwrap_err();
     assert!(e[0].0.contains("instance name `gw one` cannot name"));
+    // The kernel backend cannot take a PROXY header on data connections.
+    let mut kernel = load(&inst("gw1", "10.0.1.1:21", "40000-40299"));
+    kernel.data.backend = crate::config::BackendKind::Nftables;
+    let e = generate(std::slice::from_ref(&kernel), Format::Haproxy).unwrap_err();
+    assert!(
+        e[0].0
+            .contains("gw1.yaml (instance `gw1`): data.backend nftables"),
+        "{e:?}"
+    );
+    assert!(generate(&[kernel], Format::Nftables).is_ok());
     // The set check comes first.
     let overlapping = set(&[
         inst("gw1", "10.0.1.1:21", "40000-40499"),
