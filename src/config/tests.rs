@@ -1057,54 +1057,55 @@ fn arb_config() -> impl Strategy<Value = Config> {
         arb_limits(),
         proptest::collection::vec(arb_rule(), 1..5),
         proptest::option::of((arb_ip(), any::<u16>())),
-        proptest::option::of(prop_oneof![
-            Just(AuditTarget::Stdout),
-            arb_name().prop_map(|n| AuditTarget::File(PathBuf::from(n))),
-        ]),
-        proptest::option::of(arb_name()),
+        (
+            proptest::option::of(prop_oneof![
+                Just(AuditTarget::Stdout),
+                arb_name().prop_map(|n| AuditTarget::File(PathBuf::from(n))),
+            ]),
+            proptest::option::of(arb_name()),
+        ),
     )
-        .prop_map(
-            |(mut listeners, data, limits, mut rules, metrics, audit, instance)| {
-                let metrics = metrics.map(|(ip, port)| MetricsConfig {
-                    listen: SocketAddr::new(ip, port),
-                });
-                let audit = audit
-                    .filter(|t| t != &AuditTarget::File(PathBuf::from("-")))
-                    .map(|path| AuditConfig { path });
-                // Names and listen addresses are unique in a valid file.
-                for (i, l) in listeners.iter_mut().enumerate() {
-                    l.name = format!("{}#{i}", l.name);
-                    l.listen
-                        .set_port(l.listen.port().wrapping_add(i as u16).max(1));
-                }
-                for (i, r) in rules.iter_mut().enumerate() {
-                    r.name = format!("{}#{i}", r.name);
-                }
-                listeners.dedup_by_key(|l| l.listen);
-                // An upstream that is one of the listeners is a loop, which
-                // a valid file cannot hold.
-                let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.listen).collect();
-                for l in &mut listeners {
-                    if let ListenerMode::Reverse { upstream, .. } = l.mode {
-                        if addrs.iter().any(|&a| reaches(upstream, a)) {
-                            l.mode = ListenerMode::Transparent;
-                            l.proxy_protocol = None;
-                        }
+        .prop_map(|(mut listeners, data, limits, mut rules, metrics, audit)| {
+            let metrics = metrics.map(|(ip, port)| MetricsConfig {
+                listen: SocketAddr::new(ip, port),
+            });
+            let (audit, instance) = audit;
+            let audit = audit
+                .filter(|t| t != &AuditTarget::File(PathBuf::from("-")))
+                .map(|path| AuditConfig { path });
+            // Names and listen addresses are unique in a valid file.
+            for (i, l) in listeners.iter_mut().enumerate() {
+                l.name = format!("{}#{i}", l.name);
+                l.listen
+                    .set_port(l.listen.port().wrapping_add(i as u16).max(1));
+            }
+            for (i, r) in rules.iter_mut().enumerate() {
+                r.name = format!("{}#{i}", r.name);
+            }
+            listeners.dedup_by_key(|l| l.listen);
+            // An upstream that is one of the listeners is a loop, which
+            // a valid file cannot hold.
+            let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.listen).collect();
+            for l in &mut listeners {
+                if let ListenerMode::Reverse { upstream, .. } = l.mode {
+                    if addrs.iter().any(|&a| reaches(upstream, a)) {
+                        l.mode = ListenerMode::Transparent;
+                        l.proxy_protocol = None;
                     }
                 }
-                Config {
-                    path: PathBuf::from("t.yaml"),
-                    // A blank name is an error; the suffix keeps it a name.
-                    instance: instance.map(|n| format!("{n}#i")),
-                    listeners,
-                    data,
-                    limits,
-                    rules,
-                    metrics,
-                    audit,
-                }
-            },
-        )
+            }
+            Config {
+                path: PathBuf::from("t.yaml"),
+                // A blank name is an error; the suffix keeps it a name.
+                instance: instance.map(|n| format!("{n}#i")),
+                listeners,
+                data,
+                limits,
+                rules,
+                metrics,
+                audit,
+            }
+        })
 }
 
 proptest! {
