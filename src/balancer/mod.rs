@@ -72,15 +72,6 @@ fn plan(set: &[Config]) -> Result<(Vec<Control<'_>>, Vec<Slice<'_>>), Vec<SetErr
     for c in set {
         // The set check made sure each file has a name.
         let instance = c.instance.as_deref().unwrap_or_default();
-        if !instance
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || "-_.:".contains(ch))
-        {
-            errors.push(format!(
-                "{}: instance name `{instance}` cannot name a balancer's server: use letters, digits, `-`, `_`, `.` and `:`",
-                set::who(c)
-            ));
-        }
         for l in &c.listeners {
             let at = format!("{}, listener `{}`", set::who(c), l.name);
             let ListenerMode::Reverse {

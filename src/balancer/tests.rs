@@ -278,7 +278,12 @@ fn haproxy_needs_proxy_protocol_a_vip_and_a_reachable_address() {
         Format::Haproxy,
     )
     .unwrap_err();
-    assert!(e[0].0.contains("instance name `gw one` cannot name"));
+    assert!(e[0]
+        .0
+        .contains("instance name `gw one` cannot name an HAProxy server"));
+    // nft only shows the name in a comment.
+    let named = set(&[inst("gw one", "10.0.1.1:21", "40000-40299")]);
+    assert!(generate(&named, Format::Nftables).is_ok());
     // The kernel backend cannot take a PROXY header on data connections.
     let mut kernel = load(&inst("gw1", "10.0.1.1:21", "40000-40299"));
     kernel.data.backend = crate::config::BackendKind::Nftables;
