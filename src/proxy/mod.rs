@@ -159,6 +159,21 @@ fn check_migrate_req() {
     }
 }
 
+/// The metrics endpoint's socket; with `reuse_port` it can share its port
+/// with the next process, as the listeners do (a scrape during the overlap
+/// then reaches either process).
+fn bind_metrics(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// How `ftpgate run` comes by its listening sockets.
 #[derive(Debug)]
 pub struct Sockets {
@@ -351,19 +366,24 @@ impl Launched {
             ),
             None => None,
         };
-        let listeners = sockets.listeners(&config)?;
         // Bound before the table exists, so a failure leaves nothing behind.
         let metrics_socket = match &config.metrics {
             Some(m) => Some(
-                crate::metrics::bind(m.listen)
-                    .await
+                bind_metrics(m.listen, sockets.reuse_port)
                     .with_context(|| format!("metrics endpoint: bind {}", m.listen))?,
             ),
             None => None,
         };
         let table = Self::table(&config).await?;
-        let backend = match Self::backend(&config, table.clone()).await {
-            Ok(b) => b,
+        // Listeners last: a process that fails to start after joining a
+        // port's SO_REUSEPORT group would take a share of the connections
+        // with it (they are reset unless net.ipv4.tcp_migrate_req is 1).
+        let started = match Self::backend(&config, table.clone()).await {
+            Ok(b) => sockets.listeners(&config).map(|l| (b, l)),
+            Err(e) => Err(e),
+        };
+        let (backend, listeners) = match started {
+            Ok(s) => s,
             Err(e) => {
                 // Leave nothing behind: the gateway does not start.
                 Self::cleanup(table).await;
@@ -401,15 +421,22 @@ impl Launched {
         if !(transparent || kernel) {
             return Ok(None);
         }
-        let t = crate::netfilter::InterceptTable::create(&config.data.nftables_table)
-            .await
-            .with_context(|| {
-                format!(
-                    "{} needs the nftables table '{}' (is nft installed, and do we have CAP_NET_ADMIN?)",
-                    if kernel { "data.backend nftables" } else { "a transparent listener" },
-                    config.data.nftables_table
-                )
-            })?;
+        let name = &config.data.nftables_table;
+        let t = match crate::netfilter::InterceptTable::create(name).await {
+            Ok(t) => t,
+            // Another gateway owns the table: the message says what to do.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(e.into()),
+            Err(e) => {
+                let needs = if kernel {
+                    "data.backend nftables"
+                } else {
+                    "a transparent listener"
+                };
+                return Err(anyhow::Error::from(e).context(format!(
+                    "{needs} needs the nftables table '{name}' (is nft installed, and do we have CAP_NET_ADMIN?)"
+                )));
+            }
+        };
         Ok(Some(Arc::new(t)))
     }
 
