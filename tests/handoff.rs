@@ -455,3 +455,252 @@ async fn handoff_under_load() {
     b.signal("-TERM");
     b.exit_ok().await;
 }
+
+/// A second gateway with the same listener joins the first's port; with
+/// `--no-reuse-port` it fails to start instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_shares_the_port_unless_told_not_to() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("f"), body(1000)).unwrap();
+    let want = digest(&body(1000));
+    let upstream = start_unftp(root.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file_a = dir.path().join("a.yaml");
+    std::fs::write(&file_a, rule_file("127.0.0.1:0", upstream)).unwrap();
+    let mut a = Proc::gateway(&file_a);
+    let addr = a.addr_of("listening").await;
+    let file_b = dir.path().join("b.yaml");
+    std::fs::write(&file_b, rule_file(&addr.to_string(), upstream)).unwrap();
+
+    let args = [OsStr::new("run"), OsStr::new("--no-reuse-port")];
+    let args = [&args[..], &[OsStr::new("-c"), file_b.as_os_str()]].concat();
+    let mut alone = Proc::spawn(bin(), &args, Stdio::null());
+    let status = bounded("exit", alone.child.wait()).await.unwrap();
+    assert!(!status.success());
+    let log = alone.log.wait_for("ftpgate: starting").await;
+    assert!(
+        log.contains(&format!("bind {addr}: Address already in use")),
+        "{log}"
+    );
+
+    let mut b = Proc::gateway(&file_b);
+    assert_eq!(b.addr_of("listening").await, addr);
+    let tally = Tally::default();
+    bounded("session", session(addr, &want, &tally))
+        .await
+        .unwrap();
+    assert_eq!(a.sessions() + b.sessions(), 1);
+    for p in [&mut a, &mut b] {
+        p.signal("-TERM");
+        p.exit_ok().await;
+    }
+}
+
+/// Starts `ftpgate run -c config` as systemd starts a socket-activated
+/// service: `socket` is descriptor 3, `LISTEN_FDS=1` and `LISTEN_PID` its
+/// own pid. `sh` moves the socket from its stdin to 3 and then execs the
+/// gateway, which keeps the pid.
+fn activated(socket: std::net::TcpListener, config: &Path) -> Proc {
+    let script = r#"exec 3<&0 0</dev/null; LISTEN_FDS=1 LISTEN_PID=$$ exec "$0" "$@""#;
+    let args = [
+        OsStr::new("-c"),
+        OsStr::new(script),
+        OsStr::new(bin()),
+        OsStr::new("run"),
+        OsStr::new("-c"),
+        config.as_os_str(),
+    ];
+    let fd = std::os::fd::OwnedFd::from(socket);
+    Proc::spawn("sh", &args, Stdio::from(fd))
+}
+
+/// A listener whose address is that of the inherited socket takes it (the
+/// gateway could not bind it: the socket holds the port without
+/// SO_REUSEPORT); another listener is bound as usual. Both carry sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_fds_socket_carries_sessions() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("f"), body(300_000)).unwrap();
+    let want = digest(&body(300_000));
+    let upstream = start_unftp(root.path()).await;
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let inherited = socket.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gate.yaml");
+    let yaml = rule_file(&inherited.to_string(), upstream).replace(
+        "data:",
+        &format!("  - name: own\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\ndata:"),
+    );
+    std::fs::write(&file, yaml).unwrap();
+    let mut gate = activated(socket, &file);
+    let log = gate.log.wait_for_n("listening", 2).await;
+    let took = log
+        .lines()
+        .find(|l| l.contains("inherited from the service manager"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        took.contains("listener=t ") && took.contains(&format!("addr={inherited}")),
+        "{took}"
+    );
+    let own: SocketAddr = log
+        .lines()
+        .find(|l| l.contains("listening listener=own"))
+        .and_then(|l| l.split("addr=").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_ne!(own.port(), inherited.port());
+    let tally = Tally::default();
+    for addr in [inherited, own] {
+        bounded("session", session(addr, &want, &tally))
+            .await
+            .unwrap_or_else(|e| panic!("{addr}: {e}\n{}", gate.log.text()));
+    }
+    assert_eq!(gate.sessions(), 2);
+    gate.signal("-TERM");
+    gate.exit_ok().await;
+}
+
+/// An inherited socket that no listener has the address of would queue
+/// connections nobody accepts: the gateway refuses to start, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_fds_socket_without_a_listener_is_refused() {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stray = socket.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gate.yaml");
+    let upstream: SocketAddr = "127.0.0.1:21".parse().unwrap();
+    std::fs::write(&file, rule_file("127.0.0.1:0", upstream)).unwrap();
+    let mut gate = activated(socket, &file);
+    let status = bounded("exit", gate.child.wait()).await.unwrap();
+    assert!(!status.success());
+    let log = gate.log.wait_for("ftpgate: starting").await;
+    assert!(
+        log.contains(&format!(
+            "inherited socket {stray} (LISTEN_FDS) matches no listener's `listen` (listeners: t 127.0.0.1:0)"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("listening"), "{log}");
+}
+
+/// `systemd-socket-activate` (shipped with systemd) holds the socket and
+/// starts the gateway at the first connection, which the gateway then
+/// serves. In a namespace of its own, where a port learnt from the kernel
+/// stays free until the tool binds it.
+#[test]
+fn systemd_socket_activate_hands_over_its_socket() {
+    if Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        skip("systemd-socket-activate not found (package systemd)");
+        return;
+    }
+    let Some(ns) = Netns::new("activate") else {
+        return;
+    };
+    ns.run(|| runtime().block_on(socket_activate()));
+}
+
+async fn socket_activate() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("f"), body(100_000)).unwrap();
+    let want = digest(&body(100_000));
+    let upstream = start_unftp(root.path()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gate.yaml");
+    std::fs::write(&file, rule_file(&addr.to_string(), upstream)).unwrap();
+    let listen = addr.to_string();
+    let args = [
+        OsStr::new("-l"),
+        OsStr::new(&listen),
+        OsStr::new("-E"),
+        OsStr::new("RUST_LOG=info"),
+        OsStr::new(bin()),
+        OsStr::new("run"),
+        OsStr::new("-c"),
+        file.as_os_str(),
+    ];
+    let mut gate = Proc::spawn("systemd-socket-activate", &args, Stdio::null());
+    gate.log.wait_for(&format!("Listening on {addr}")).await;
+    let tally = Tally::default();
+    bounded("session", session(addr, &want, &tally))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", gate.log.text()));
+    let log = gate.log.text();
+    assert!(
+        log.contains(&format!(
+            "listener socket inherited from the service manager (LISTEN_FDS) listener=t addr={addr}"
+        )),
+        "{log}"
+    );
+    assert_eq!(gate.sessions(), 1);
+    gate.signal("-TERM");
+    gate.exit_ok().await;
+}
+
+/// Two gateways with one nftables table: the second refuses to start,
+/// saying why, and the first's table stays; once the first is gone, the
+/// table is gone too.
+#[test]
+fn a_second_gateway_refuses_a_table_in_use() {
+    if Command::new("nft").arg("--version").output().is_err() {
+        skip("nft not found");
+        return;
+    }
+    let Some(ns) = Netns::new("table") else {
+        return;
+    };
+    let list = || {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.0,
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "fgt_handoff",
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    ns.run(|| {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("gate.yaml");
+            let yaml = "listeners:\n  - name: t\n    listen: 127.0.0.1:0\n    mode: transparent\n\
+                        data:\n  nftables_table: fgt_handoff\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
+                        rules:\n  - name: r\n    clients: [127.0.0.0/8]\n";
+            std::fs::write(&file, yaml).unwrap();
+            let mut a = Proc::gateway(&file);
+            a.addr_of("listening").await;
+            assert!(list(), "A's table");
+            let mut b = Proc::gateway(&file);
+            let status = bounded("exit", b.child.wait()).await.unwrap();
+            assert!(!status.success());
+            let log = b.log.wait_for("ftpgate: starting").await;
+            assert!(
+                log.contains("nftables table 'fgt_handoff' belongs to another running ftpgate")
+                    && log.contains("@ftpgate-nft:fgt_handoff"),
+                "{log}"
+            );
+            assert!(!log.contains("listening"), "{log}");
+            assert!(list(), "A's table survives B");
+            a.signal("-TERM");
+            a.exit_ok().await;
+            assert!(!list(), "A removes its table at exit");
+        })
+    });
+}
