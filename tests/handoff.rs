@@ -704,3 +704,59 @@ fn a_second_gateway_refuses_a_table_in_use() {
         })
     });
 }
+
+/// The socket unit with its service, and an instance of the blue/green
+/// template, pass `systemd-analyze verify` (with their paths pointed at
+/// this build, whose binary must exist), and carry what the upgrade path
+/// relies on.
+#[test]
+fn systemd_units_verify() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        skip("systemd-analyze not found (package systemd)");
+        return;
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd");
+    let dir = tempfile::tempdir().unwrap();
+    let mut texts = std::collections::HashMap::new();
+    for name in ["ftpgate.service", "ftpgate.socket", "ftpgate@.service"] {
+        let text = std::fs::read_to_string(src.join(name)).unwrap();
+        std::fs::write(
+            dir.path().join(name),
+            text.replace("/usr/local/bin/ftpgate", bin()),
+        )
+        .unwrap();
+        texts.insert(name, text);
+    }
+    let socket = &texts["ftpgate.socket"];
+    assert!(socket.contains("\nListenStream=0.0.0.0:21\n"), "{socket}");
+    assert!(socket.contains("\nBindIPv6Only=ipv6-only\n"), "{socket}");
+    let template = &texts["ftpgate@.service"];
+    for line in [
+        "\nDynamicUser=yes\nUser=ftpgate\n",
+        "\nType=notify\n",
+        "tcp_migrate_req=1",
+    ] {
+        assert!(template.contains(line), "template lacks {line:?}");
+    }
+    for units in [
+        &["ftpgate.socket", "ftpgate.service"][..],
+        &["ftpgate@blue.service"][..],
+    ] {
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .args(units.iter().map(|u| dir.path().join(u)))
+            .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.path().display()))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            // Unknown keys are only warnings, naming the file they are in.
+            out.status.success() && !stderr.contains(&*dir.path().to_string_lossy()),
+            "systemd-analyze verify {units:?}:\n{stderr}"
+        );
+    }
+}
