@@ -208,7 +208,12 @@ impl Sockets {
                 .context("inherited socket (LISTEN_FDS): local address")?;
             inherited.push((addr, Some(s)));
         }
-        for (addr, _) in &inherited {
+        for (i, (addr, _)) in inherited.iter().enumerate() {
+            if inherited[..i].iter().any(|(a, _)| a == addr) {
+                anyhow::bail!(
+                    "inherited socket {addr} (LISTEN_FDS): more than one socket has this address"
+                );
+            }
             if !config.listeners.iter().any(|l| l.listen == *addr) {
                 let configured: Vec<String> = config
                     .listeners
@@ -226,7 +231,7 @@ impl Sockets {
         for l in &config.listeners {
             let taken = inherited
                 .iter_mut()
-                .find(|(addr, s)| *addr == l.listen && s.is_some())
+                .find(|(addr, _)| *addr == l.listen)
                 .and_then(|(_, s)| s.take());
             let socket = match taken {
                 Some(s) => {
@@ -240,12 +245,6 @@ impl Sockets {
                 }
             };
             out.push((l.clone(), socket));
-        }
-        if let Some((addr, _)) = inherited.iter().find(|(_, s)| s.is_some()) {
-            // Two inherited sockets with one address: the second is unused.
-            anyhow::bail!(
-                "inherited socket {addr} (LISTEN_FDS): more than one socket has this address"
-            );
         }
         if bound_here && self.reuse_port {
             check_migrate_req();
