@@ -31,7 +31,8 @@ use tokio::process::Command;
 const TABLE: &str = include_str!("table.nft");
 
 /// The gateway's own nftables table (family `inet`). Created at start,
-/// removed by [`InterceptTable::destroy`] at a clean exit.
+/// removed by [`InterceptTable::destroy`] at a clean exit. One gateway owns
+/// a table name per network namespace while it runs (see `claim_name`).
 ///
 /// Element changes are nf_tables netlink batches the gateway writes itself
 /// (see `nftnl`): each change (all the elements of a pinhole, say) is one

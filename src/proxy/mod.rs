@@ -286,7 +286,8 @@ pub async fn serve(
     shutdown.await;
     let _ = stop_tx.send(true);
     // Each loop drops its listening socket as it ends: once all have, a new
-    // connection is refused, and only then does the log say so.
+    // connection is refused (or goes to a process that shares the port
+    // through SO_REUSEPORT), and only then does the log say so.
     while accepts.join_next().await.is_some() {}
     info!("shutting down: no new sessions");
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
