@@ -76,8 +76,9 @@ SERVER = "vsftpd"  # forks per session; pyftpdlib stalls with several transfers 
 RATE = 2 << 20  # bytes/s per anonymous transfer: the 1 MiB download takes about 0.5 s
 GRACE = 20  # seconds: --grace for the restart's old process
 CHECK_INTER_MS = 500
-STATE_WAIT = 15.0  # seconds for HAProxy to see an instance go DOWN or come UP
+STATE_WAIT = 30.0  # seconds for HAProxy to see an instance go DOWN or come UP
 CLONE_NEWNET = 0x40000000
+CONTROL_BACKEND = "ftp-ftp"  # what `ftpgate balancer` names listener `ftp`'s backend
 
 # The mix: (tool, variant name, per-tool arguments). lftp-passive, curl-pasvip and
 # python-pasvtrust connect to the address in the 227; the rest to the VIP.
@@ -132,7 +133,9 @@ def build(lab):
         lab.link("bal", name, f"{bal_end}/24", name, "eth0", f"{gw_end}/24")
         lab.run(name, ["ip", "addr", "add", f"{own}/32", "dev", "lo"])
         lab.run(name, ["ip", "route", "add", "default", "via", bal_end])
-        lab.run("bal", ["ip", "route", "add", f"{own}/32", "via", gw_end])
+        # HAProxy connects from the balancer's one address, the one the
+        # instances trust, whichever link it leaves by.
+        lab.run("bal", ["ip", "route", "add", f"{own}/32", "via", gw_end, "src", BALANCER])
         # A request still in the old process's accept queue moves to the new
         # process's listener when the old one closes (the restart phase).
         lab.run(name, ["sysctl", "-qw", "net.ipv4.tcp_migrate_req=1"])
@@ -256,7 +259,8 @@ class Instance:
         table = lab.prefix.rstrip("-").replace("-", "_") + "_" + name
         with open(self.conf, "w") as f:
             f.write(
-                f"""listeners:
+                f"""instance: {name}
+listeners:
   - name: ftp
     listen: {self.own}:{CTL_PORT}
     mode: reverse
@@ -306,17 +310,27 @@ rules:
             p.stop()
 
 
-def haproxy_config(workdir, variant):
+def haproxy_config(workdir, variant, instances, binary):
+    """HAProxy's configuration: for variant b, what `ftpgate balancer --format
+    haproxy` prints for the three instance files; for variant a (which that
+    command does not cover: its instances announce their own addresses), the
+    control part written here. Either way the lab adds a stats socket and a
+    log to stderr. Checked with `haproxy -c`."""
     sock = os.path.join(workdir, f"haproxy-{variant}.sock")
-    servers_ = "\n".join(f"    server {n} {GW[n][0]}:{CTL_PORT}" for n in INSTANCES)
-    text = f"""global
-    stats socket {sock} mode 600 level admin
-    log stderr format raw local0 info
+    if variant == "b":
+        argv = [binary, "balancer", "--format", "haproxy"]
+        for inst in instances.values():
+            argv += ["-c", inst.conf]
+        gen = subprocess.run(argv, capture_output=True, text=True)
+        if gen.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: exit {gen.returncode}: {gen.stderr.strip()}")
+        text = gen.stdout
+    else:
+        servers_ = "\n".join(f"    server {n} {GW[n][0]}:{CTL_PORT}" for n in INSTANCES)
+        text = f"""global
 
 defaults
     mode tcp
-    log global
-    option tcplog
     timeout connect 5s
     timeout client 2m
     timeout server 2m
@@ -327,27 +341,20 @@ defaults
 
 frontend ftp_control
     bind {VIP}:{CTL_PORT}
-    default_backend gateways
+    default_backend ftp-ftp
 
-backend gateways
+backend ftp-ftp
     balance source
     hash-type consistent
-    source {BALANCER}
     default-server send-proxy-v2 check check-send-proxy inter {CHECK_INTER_MS}ms fall 2 rise 2
 {servers_}
 """
-    if variant == "b":
-        for n in INSTANCES:
-            lo, hi = CLIENT_PORTS[n]
-            text += f"""
-frontend ftp_data_{n}
-    bind {VIP}:{lo}-{hi}
-    default_backend data_{n}
-
-backend data_{n}
-    source {BALANCER}
-    server {n} {GW[n][0]} send-proxy-v2
-"""
+    lab_global = f"    stats socket {sock} mode 600 level admin\n    log stderr format raw local0 info\n"
+    lab_defaults = "    log global\n    option tcplog\n"
+    if text.count("\nglobal\n") + text.startswith("global\n") != 1 or text.count("\ndefaults\n") != 1:
+        raise RuntimeError(f"no single global and defaults section in:\n{text}")
+    text = re.sub(r"(^|\n)global\n", lambda m: f"{m.group(1)}global\n{lab_global}", text, count=1)
+    text = text.replace("\ndefaults\n", f"\ndefaults\n{lab_defaults}", 1)
     path = os.path.join(workdir, f"haproxy-{variant}.cfg")
     with open(path, "w") as f:
         f.write(text)
@@ -375,7 +382,7 @@ def haproxy_states(sock):
     states = {}
     for line in lines[1:]:
         row = dict(zip(header, line.split(",")))
-        if row.get("pxname") == "gateways" and row.get("svname") in INSTANCES:
+        if row.get("pxname") == CONTROL_BACKEND and row.get("svname") in INSTANCES:
             states[row["svname"]] = row["status"]
     return states
 
@@ -492,6 +499,7 @@ class Run:
         self.lock = threading.Lock()
         self.active = set()
         self.done = 0
+        self.stop = threading.Event()  # set: workers start no further session
         for i in range(first, first + count):
             tool, variant, _ = MIX[i % len(MIX)]
             self.sessions.append(Session(i, None, tool, variant))
@@ -500,6 +508,8 @@ class Run:
     def _worker(self, w):
         addrs = WAN_CLIENTS[w::self.jobs]
         for k, s in enumerate(self.sessions[w::self.jobs]):
+            if self.stop.is_set():
+                return
             s.addr = addrs[k % len(addrs)]
             s.start = time.monotonic()
             with self.lock:
@@ -534,8 +544,11 @@ class Run:
             time.sleep(0.02)
         return False
 
+    def ran(self):
+        return [s for s in self.sessions if s.end is not None]
+
     def failed(self):
-        return [s for s in self.sessions if s.reason is not None]
+        return [s for s in self.ran() if s.reason is not None]
 
 
 SESSION_START = re.compile(r"session start.*?\bclient=([\d.]+):(\d+)")
@@ -656,11 +669,12 @@ def read_code(sock):
     return int(m.group(1)) if m else None
 
 
-def transfers_open(lab, name):
-    """Data connections established on the instance's client_ports slice now."""
+def transfers_open(lab, name, pid=None):
+    """Data connections established on the instance's client_ports slice now
+    (of process `pid` only, if given)."""
     lo, hi = CLIENT_PORTS[name]
-    out = lab.run(name, ["ss", "-Htn", "state", "established", f"( sport >= :{lo} and sport <= :{hi} )"], check=False)
-    return len(out.stdout.splitlines())
+    out = lab.run(name, ["ss", "-Htnp", "state", "established", f"( sport >= :{lo} and sport <= :{hi} )"], check=False)
+    return sum(1 for line in out.stdout.splitlines() if pid is None or f"pid={pid}," in line)
 
 
 SESSION_LINE = re.compile(r"session\{id=(\d+) [^}]*\}: \S+ (session start|session end)(?:.*?\bclient=([\d.]+):)?")
@@ -677,59 +691,85 @@ def open_sessions(text):
     return [a for sid, a in started.items() if sid not in ended]
 
 
+def drained_after_term(text):
+    """Client sessions a log shows ending after the process began shutting down."""
+    head, sep, tail = text.partition("shutting down")
+    if not sep:
+        return 0
+    clients_ = {sid for sid, what, addr in SESSION_LINE.findall(text)
+                if what == "session start" and addr and addr != BALANCER}
+    return sum(1 for sid, what, _ in SESSION_LINE.findall(tail) if what == "session end" and sid in clients_)
+
+
 def phase_kill(ctx, count):
-    """SIGKILL one instance while it relays a download."""
+    """SIGKILL one instance while it relays a download: count/4 sessions
+    before, then sessions until HAProxy marks it DOWN, then count/2 more."""
     victim = "gw2"
     inst = ctx.instances[victim]
-    run = Run(ctx.lab, ctx.workdir, ctx.digest, ctx.jobs, count, ctx.next_index(count))
+    victim_addrs = {a for a, ns in ctx.addr_map.items() if victim in ns}
+    # Room for the sessions while the health check decides (up to 30 s).
+    run = Run(ctx.lab, ctx.workdir, ctx.digest, ctx.jobs, count + 3000, ctx.next_index(count + 3000))
     when = {}
 
     def during(r):
-        ok = r.wait_until(lambda r: r.done >= count // 4, 300)
-        deadline = time.monotonic() + 60
-        while ok and transfers_open(ctx.lab, victim) == 0:
-            ok = time.monotonic() < deadline
-        if not ok:
-            raise PhaseFailed(f"{victim} relayed no download to kill it in")
-        with r.lock:
-            when["active"] = list(r.active)
-            when["kill"] = time.monotonic()
-            inst.current.signal(signal.SIGKILL)
-        when["down"] = wait_state(ctx.sock, victim, "DOWN")
+        try:
+            ok = r.wait_until(lambda r: r.done >= count // 4, 300)
+            deadline = time.monotonic() + 60
+            while ok and transfers_open(ctx.lab, victim) == 0:
+                ok = time.monotonic() < deadline
+            if not ok:
+                raise PhaseFailed(f"{victim} relayed no download to kill it in")
+            with r.lock:
+                when["active"] = list(r.active)
+                when["kill"] = time.monotonic()
+                inst.current.signal(signal.SIGKILL)
+            when["down"] = t_down = wait_state(ctx.sock, victim, "DOWN")
+            r.wait_until(lambda r: sum(1 for s in r.sessions if s.start and s.start >= t_down) >= count // 2, 300)
+        finally:
+            r.stop.set()
 
     run.run(during)
     t_kill, t_down = when["kill"], when["down"]
     inst.current.reader.join(5)  # its log is complete once the pipe closed
-    # The client sessions the victim had open: each address runs one session at a time.
-    open_addrs = set(open_sessions(inst.current.text()))
-    open_at_kill = {s for s in when["active"] if s.addr in open_addrs}
+    # The victim's sessions: balance source sends an address to one instance,
+    # and each address runs one session at a time. Its log shows those that
+    # got as far as `session start` (the rest were still being set up).
+    open_logged = set(open_sessions(inst.current.text()))
+    open_at_kill = {s for s in when["active"] if s.addr in victim_addrs}
+    ran = run.ran()
     failed = run.failed()
-    stray = [s for s in failed if s not in open_at_kill]
-    later = [s for s in run.sessions if s.start >= t_down]
+    window = {s for s in ran if t_kill <= s.start < t_down and s.addr in victim_addrs}
+    failed_open = [s for s in failed if s in open_at_kill]
+    failed_window = [s for s in failed if s in window]
+    stray = [s for s in failed if s not in open_at_kill and s not in window]
+    later = [s for s in ran if s.start >= t_down]
     later_failed = [s for s in later if s.reason is not None]
-    log_down = [ln for ln in ctx.haproxy.text().splitlines() if f"gateways/{victim} is DOWN" in ln]
+    log_down = [ln for ln in ctx.haproxy.text().splitlines() if f"{CONTROL_BACKEND}/{victim} is DOWN" in ln]
     p = f"balancer {ctx.variant} kill"
-    print(f"{p}: {count} sessions, {victim} SIGKILLed with {len(open_at_kill)} sessions open; "
-          f"{len(failed)} failed ({len(failed) - len(stray)} of them open on {victim}, {len(stray)} other); "
-          f"HAProxy marked it DOWN {t_down - t_kill:.2f}s after the kill; "
-          f"{len(later)} sessions started after that, {len(later_failed)} failed", flush=True)
+    print(f"{p}: {len(ran)} sessions; {victim} SIGKILLed with {len(open_at_kill)} sessions open "
+          f"({len(open_logged)} of them past `session start` in its log), {len(failed_open)} of them failed", flush=True)
+    print(f"{p}: HAProxy marked {victim} DOWN {t_down - t_kill:.2f}s after the kill; in between "
+          f"{len(window)} sessions went to it, {len(failed_window)} failed", flush=True)
+    print(f"{p}: {len(failed)} failed in all, {len(stray)} of them elsewhere; "
+          f"{len(later)} sessions started after DOWN, {len(later_failed)} failed", flush=True)
     for s in sorted(open_at_kill, key=lambda s: s.index):
         print(f"{p}: open on {victim} at the kill: {s.label}: {s.reason or 'passed'}", flush=True)
     if log_down:
         print(f"{p}: HAProxy logged: {log_down[0].strip()}", flush=True)
-    report_failures(run)
+    report_failures(run, 5)
     # Bring it back for the phases after this one.
     inst.start()
     wait_state(ctx.sock, victim, "UP")
     if stray:
-        raise PhaseFailed(f"{len(stray)} sessions failed that were not open on {victim}: {stray[0].label}: {stray[0].reason}")
-    if not open_at_kill:
+        raise PhaseFailed(f"{len(stray)} sessions failed that were not {victim}'s: {stray[0].label}: {stray[0].reason}")
+    if not open_logged:
         raise PhaseFailed(f"the kill did not land inside a session of {victim}")
-    if later_failed or not later:
+    if not open_logged <= victim_addrs:
+        raise PhaseFailed(f"{victim} had sessions of addresses balanced elsewhere: {open_logged - victim_addrs}")
+    if later_failed or len(later) < count // 2:
         raise PhaseFailed(f"sessions after DOWN: {len(later_failed)} of {len(later)} failed")
     if not log_down:
         raise PhaseFailed("HAProxy logged no DOWN line for the killed instance")
-    ctx.kill_figures = (count, len(failed), len(open_at_kill))
 
 
 def phase_restart(ctx, count):
@@ -751,6 +791,11 @@ def phase_restart(ctx, count):
         info["old"] = old
         new = inst.start()  # raises when the new process cannot bind beside the old one
         info["new"] = new
+        # SIGTERM while the old process relays a download: it must finish it.
+        deadline = time.monotonic() + 60
+        while transfers_open(ctx.lab, name, old.pid) == 0:
+            if time.monotonic() > deadline:
+                raise PhaseFailed(f"the old process of {name} relayed no download to stop it in")
         info["open"] = open_sessions(old.text())
         info["term"] = time.monotonic()
         old.signal(signal.SIGTERM)
@@ -767,10 +812,12 @@ def phase_restart(ctx, count):
         raise
     failed = run.failed()
     new_starts = len(starts_by_client(info["new"].text()))
+    drained = drained_after_term(info["old"].text())
     code, took = info["exit"]
     p = f"balancer {ctx.variant} restart"
     print(f"{p}: {count} sessions; {name} replaced with {len(info['open'])} of its sessions open; "
-          f"old process exited {code} {took:.1f}s after SIGTERM; new process served {new_starts}; "
+          f"old process ended {drained} sessions after SIGTERM and exited {code} {took:.1f}s after it; "
+          f"new process served {new_starts}; "
           f"{len(failed)} failed", flush=True)
     report_failures(run)
     if failed:
@@ -779,6 +826,8 @@ def phase_restart(ctx, count):
         raise PhaseFailed(f"the old process had not exited {GRACE + 10}s after SIGTERM")
     if new_starts == 0:
         raise PhaseFailed("the new process served no session")
+    if drained == 0:
+        raise PhaseFailed("the old process ended no session after SIGTERM: nothing drained")
     ctx.restart_figures = (count, len(failed))
 
 
@@ -804,12 +853,15 @@ def run_variant(args, lab, workdir, digest, variant, teardown):
     ctx = Ctx(lab, workdir, digest, args.jobs, variant)
     verdicts = []
     data_dnat(lab, variant == "a")
-    cfg, ctx.sock = haproxy_config(workdir, variant)
-    ctx.haproxy = Proc(lab, "bal", ["haproxy", "-db", "-f", cfg], os.path.join(workdir, f"haproxy-{variant}.log"))
+    for name in INSTANCES:
+        ctx.instances[name] = Instance(lab, workdir, name, variant, args.ftpgate_bin)
+    ctx.haproxy = None
     try:
-        for name in INSTANCES:
-            ctx.instances[name] = Instance(lab, workdir, name, variant, args.ftpgate_bin)
-            ctx.instances[name].start()
+        cfg, ctx.sock = haproxy_config(workdir, variant, ctx.instances, args.ftpgate_bin)
+        print(f"balancer {variant}: HAProxy configuration {cfg}", flush=True)
+        for inst in ctx.instances.values():
+            inst.start()
+        ctx.haproxy = Proc(lab, "bal", ["haproxy", "-db", "-f", cfg], os.path.join(workdir, f"haproxy-{variant}.log"))
         for name in INSTANCES:
             wait_state(ctx.sock, name, "UP")
         phases = [
@@ -837,7 +889,8 @@ def run_variant(args, lab, workdir, digest, variant, teardown):
     finally:
         for inst in ctx.instances.values():
             inst.stop()
-        ctx.haproxy.stop()
+        if ctx.haproxy:
+            ctx.haproxy.stop()
         data_dnat(lab, False)
     return verdicts
 
