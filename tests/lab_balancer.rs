@@ -7,7 +7,7 @@
 //! client, one instance killed mid-run, and one replaced under load.
 //!
 //! A shorter run than the full 1,000 sessions: 120 in the mixed phase of each
-//! variant, about two minutes on two cores.
+//! variant, about 90 s on two cores.
 //!
 //! Needs root, `ip`, `nft`, `ss`, curl, lftp, haproxy and the lab's servers
 //! (`.ci/install-lab-deps`). Without them the test prints `lab balancer:
