@@ -848,7 +848,7 @@ class Ctx:
         return i
 
 
-def run_variant(args, lab, workdir, digest, variant, teardown):
+def run_variant(args, lab, workdir, digest, variant):
     """Runs every phase of one data variant; returns the verdict lines."""
     ctx = Ctx(lab, workdir, digest, args.jobs, variant)
     verdicts = []
@@ -935,7 +935,7 @@ def main(argv):
         teardown.actions.append(srv.stop)
         srv.wait_ready()
         for variant in args.variants:
-            verdicts += run_variant(args, lab, workdir, digest, variant, teardown)
+            verdicts += run_variant(args, lab, workdir, digest, variant)
     finally:
         teardown()
     ok = sum(1 for _, v in verdicts if v == "ok")
