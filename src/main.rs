@@ -46,6 +46,12 @@ enum Cmd {
         /// relaying).
         #[arg(long, default_value = "0", value_name = "N")]
         threads: usize,
+        /// Bind listeners without SO_REUSEPORT, so that a second gateway on
+        /// the same address fails to start instead of sharing the port
+        /// (SO_REUSEPORT, the default, lets a new process take over while
+        /// this one drains; only the same user can join).
+        #[arg(long)]
+        no_reuse_port: bool,
     },
     /// Validate a rule file; print the effective configuration or each error.
     Check {
@@ -156,8 +162,23 @@ fn main() -> ExitCode {
             config,
             grace,
             threads,
+            no_reuse_port,
         } => {
             init_tracing(cli.log_format);
+            // Before any thread starts: taking them unsets LISTEN_FDS and
+            // LISTEN_PID, and changing the environment is safe only while
+            // the process has one thread.
+            let inherited = match inherited_sockets() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("ftpgate: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let sockets = ftpgate::proxy::Sockets {
+                reuse_port: !no_reuse_port,
+                inherited,
+            };
             let path = config;
             let config = match Config::load(&path) {
                 Ok(c) => Arc::new(c),
@@ -173,7 +194,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(run(config, path, Duration::from_secs(grace))) {
+            match rt.block_on(run(config, path, sockets, Duration::from_secs(grace))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -185,9 +206,16 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Arc<Config>, path: PathBuf, grace: Duration) -> anyhow::Result<()> {
+async fn run(
+    config: Arc<Config>,
+    path: PathBuf,
+    sockets: ftpgate::proxy::Sockets,
+    grace: Duration,
+) -> anyhow::Result<()> {
     raise_nofile_limit();
-    let launched = Launched::new(config).await.context("starting")?;
+    let launched = Launched::with_sockets(config, sockets)
+        .await
+        .context("starting")?;
     let table = launched.table.clone();
     let shutdown = shutdown_signal()?;
     // Installed before READY=1, so an early SIGHUP reloads instead of
@@ -201,6 +229,33 @@ async fn run(config: Arc<Config>, path: PathBuf, grace: Duration) -> anyhow::Res
     reloader.abort();
     Launched::cleanup(table).await;
     Ok(())
+}
+
+/// The listening sockets a service manager handed over (systemd socket
+/// activation: `LISTEN_FDS` descriptors from 3 on, for this `LISTEN_PID`);
+/// none when the variables are unset. A descriptor that is not a TCP
+/// socket is an error.
+fn inherited_sockets() -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let mut fds = listenfd::ListenFd::from_env();
+    let mut out = Vec::new();
+    for i in 0..fds.len() {
+        let fd = 3 + i;
+        match fds.take_tcp_listener(i) {
+            Ok(Some(l)) => {
+                // A connected socket passes the type check; only a
+                // listener has connections to accept.
+                if !socket2::SockRef::from(&l).is_listener().unwrap_or(false) {
+                    anyhow::bail!("inherited descriptor {fd} (LISTEN_FDS): not a listening socket");
+                }
+                out.push(l)
+            }
+            Ok(None) => {}
+            Err(e) => {
+                anyhow::bail!("inherited descriptor {fd} (LISTEN_FDS): not a TCP socket: {e}")
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The runtime for `ftpgate run` with `threads` worker threads (see the

@@ -96,11 +96,26 @@ async fn cmd(r: &mut BufReader<TcpStream>, c: &str) -> String {
 /// and starts `RETR path`: the control connection (150 read) and the data
 /// connection.
 async fn retr(addr: SocketAddr, path: &str) -> (BufReader<TcpStream>, TcpStream) {
+    let c = login(addr).await;
+    retr_on(c, addr, path).await
+}
+
+/// A control connection through the gateway at `addr`, logged in, TYPE I.
+async fn login(addr: SocketAddr) -> BufReader<TcpStream> {
     let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
     assert!(reply(&mut c).await.starts_with("220"));
     assert!(cmd(&mut c, "USER anonymous").await.starts_with("331"));
     assert!(cmd(&mut c, "PASS x@").await.starts_with("230"));
     assert!(cmd(&mut c, "TYPE I").await.starts_with("200"));
+    c
+}
+
+/// On the logged-in `c`: EPSV, a data connection, and `RETR path` started.
+async fn retr_on(
+    mut c: BufReader<TcpStream>,
+    addr: SocketAddr,
+    path: &str,
+) -> (BufReader<TcpStream>, TcpStream) {
     let epsv = cmd(&mut c, "EPSV").await;
     let port: u16 = epsv
         .split("|||")
@@ -142,6 +157,8 @@ async fn sigterm_stops_accepting_and_finishes_transfers() {
     let mut buf = vec![0u8; 64 * 1024];
     let mut got = bounded("first bytes", d.read(&mut buf)).await.unwrap();
     assert!(got > 0);
+    std::fs::write(root.path().join("small"), b"drained\n").unwrap();
+    let idle = login(gate.addr).await;
 
     gate.signal("-TERM");
     gate.log.wait_for_n("shutting down", 1).await;
@@ -150,6 +167,16 @@ async fn sigterm_stops_accepting_and_finishes_transfers() {
         !refused.starts_with("220"),
         "accepting stopped: {refused:?}"
     );
+
+    // A session that was open at the SIGTERM still gets new data pinholes.
+    let (mut ic, mut id) = retr_on(idle, gate.addr, "small").await;
+    let mut small = Vec::new();
+    bounded("download", id.read_to_end(&mut small))
+        .await
+        .unwrap();
+    assert_eq!(small, b"drained\n");
+    assert!(reply(&mut ic).await.starts_with("226"));
+    let _ = cmd(&mut ic, "QUIT").await;
 
     // The running transfer completes.
     loop {

@@ -31,7 +31,8 @@ use tokio::process::Command;
 const TABLE: &str = include_str!("table.nft");
 
 /// The gateway's own nftables table (family `inet`). Created at start,
-/// removed by [`InterceptTable::destroy`] at a clean exit.
+/// removed by [`InterceptTable::destroy`] at a clean exit. One gateway owns
+/// a table name per network namespace while it runs (see `claim_name`).
 ///
 /// Element changes are nf_tables netlink batches the gateway writes itself
 /// (see `nftnl`): each change (all the elements of a pinhole, say) is one
@@ -40,6 +41,8 @@ const TABLE: &str = include_str!("table.nft");
 #[derive(Debug)]
 pub struct InterceptTable {
     name: String,
+    /// Held for the table's life: see [`claim_name`].
+    _owner: std::os::unix::net::UnixListener,
     /// Runs before `nft` (e.g. `ip netns exec NS`); empty outside tests.
     prefix: Vec<String>,
     /// The task that applies element changes.
@@ -76,10 +79,14 @@ impl InterceptTable {
     /// changes on a netlink socket in `netns`.
     async fn open(name: &str, prefix: Vec<String>, netns: Option<PathBuf>) -> io::Result<Self> {
         check_name(name)?;
+        // Before anything touches the table: another live gateway's table
+        // must not be replaced under its sessions.
+        let owner = claim_name(name, netns.clone())?;
         let netlink = Netlink::open(netns)
             .map_err(|e| io::Error::new(e.kind(), format!("nftables netlink socket: {e}")))?;
         let table = InterceptTable {
             name: name.to_owned(),
+            _owner: owner,
             prefix,
             changes: spawn_applier(name.to_owned(), netlink),
         };
@@ -218,6 +225,54 @@ fn nft_command(prefix: &[String]) -> Command {
         }
         None => Command::new("nft"),
     }
+}
+
+/// Makes this process the owner of the table `name` in its network
+/// namespace (or `netns`), for as long as the returned socket lives.
+///
+/// Creating the table replaces any table of that name, and a clean exit
+/// deletes it: a second gateway with the same table would delete the
+/// first one's pinholes at start, and the first would delete the
+/// second's table at exit. The owner holds the abstract Unix socket
+/// `@ftpgate-nft:NAME`; abstract names belong to the network namespace,
+/// as nftables tables do, and the kernel frees the name when the process
+/// dies, so a table left by a crash is still replaced. Fails with
+/// `AddrInUse` and a message naming the socket while another owner lives.
+fn claim_name(name: &str, netns: Option<PathBuf>) -> io::Result<std::os::unix::net::UnixListener> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    let socket = format!("ftpgate-nft:{name}");
+    let bind = {
+        let socket = socket.clone();
+        move || UnixListener::bind_addr(&SocketAddr::from_abstract_name(socket.as_bytes())?)
+    };
+    let bound = match netns {
+        None => bind(),
+        // A socket belongs to the namespace of the thread that made it.
+        Some(path) => std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            let ns = std::fs::File::open(&path)?;
+            rustix::thread::move_into_link_name_space(
+                ns.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )?;
+            bind()
+        })
+        .join()
+        .map_err(|_| io::Error::other("netns thread failed"))?,
+    };
+    bound.map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => io::Error::new(
+            e.kind(),
+            format!(
+                "nftables table '{name}' belongs to another running ftpgate in this network namespace \
+                 (it holds the socket @{socket}: `ss -xlp | grep {socket}` names it). Two gateways \
+                 cannot share a table: stop that one first, or give each its own data.nftables_table \
+                 and data ports that do not overlap"
+            ),
+        ),
+        _ => io::Error::new(e.kind(), format!("socket @{socket}: {e}")),
+    })
 }
 
 /// At most this many changes share one transaction.
@@ -465,7 +520,22 @@ mod tests {
             "{listed}"
         );
 
-        // A second create replaces the stale table, elements and all.
+        // While its owner lives, a second create fails and leaves the
+        // table, elements and all.
+        let err = InterceptTable::create_with_prefix("ftpgate_t", ns.prefix())
+            .await
+            .expect_err("a second owner");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(err.to_string().contains("@ftpgate-nft:ftpgate_t"), "{err}");
+        let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_t"], None);
+        assert!(
+            listed.contains("10.0.0.5 . 198.51.100.7 . 40001"),
+            "{listed}"
+        );
+
+        // Its owner gone without deleting it (as after a crash), a second
+        // create replaces the stale table, elements and all.
+        drop(table);
         let table = InterceptTable::create_with_prefix("ftpgate_t", ns.prefix())
             .await
             .expect("re-create");

@@ -431,6 +431,61 @@ mod tests {
     }
 
     #[test]
+    fn bind_never_joins_a_reuse_port_group() {
+        // A listener that admits SO_REUSEPORT peers, as a gateway's control
+        // listener does: a pinhole socket must not share its port, or a
+        // second process could take connections meant for the first.
+        let holder = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        holder.set_reuse_address(true).unwrap();
+        holder.set_reuse_port(true).unwrap();
+        holder
+            .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+            .unwrap();
+        holder.listen(8).unwrap();
+        let port = holder.local_addr().unwrap().as_socket().unwrap().port();
+        let p = pool(port, port);
+        let got = p.bind(Ipv4Addr::LOCALHOST.into(), ip(1));
+        assert!(
+            matches!(got, Err(OpenError::PoolExhausted("test"))),
+            "{got:?}"
+        );
+        assert_eq!(p.in_use(), 0);
+    }
+
+    #[test]
+    fn two_pools_over_one_range_never_share_a_port() {
+        // Two gateways started from one rule file (the old one draining, the
+        // new one taking over) each have a pool over the same range: a
+        // port the first listens on is skipped by the second.
+        let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let Some(hi) = port.checked_add(1) else {
+            return; // the kernel gave us 65535; nothing above it to try
+        };
+        drop(taken);
+        let lo = IpAddr::from(Ipv4Addr::LOCALHOST);
+        let (old, new) = (pool(port, hi), pool(port, hi));
+        let Ok((old_lease, _old_listener)) = old.bind(lo, ip(1)) else {
+            return; // someone else took both ports meanwhile
+        };
+        let mut held = Vec::new();
+        loop {
+            match new.bind(lo, ip(2)) {
+                Ok(pair) => {
+                    assert_ne!(pair.0.port(), old_lease.port(), "port shared");
+                    held.push(pair);
+                }
+                Err(e) => {
+                    assert!(matches!(e, OpenError::PoolExhausted("test")), "{e:?}");
+                    break;
+                }
+            }
+        }
+        // At most the one port the old pool does not hold.
+        assert!(held.len() <= 1, "{} ports", held.len());
+    }
+
+    #[test]
     fn bind_on_v6_is_v6_only() {
         let p = pool(20000, 60000);
         let Ok((lease, listener)) = p.bind(std::net::Ipv6Addr::UNSPECIFIED.into(), ip(1)) else {

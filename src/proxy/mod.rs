@@ -94,15 +94,30 @@ impl Gateway {
     }
 }
 
+/// Binds a listener's socket, with SO_REUSEPORT (see [`bind_with`]).
+pub fn bind(listener: &Listener) -> anyhow::Result<TcpListener> {
+    bind_with(listener, true)
+}
+
 /// Binds a listener's socket. IPv6 sockets are v6-only, so `0.0.0.0:P` and
 /// `[::]:P` can be two listeners. Transparent listeners ask for
 /// IP_TRANSPARENT so that tproxy works; without CAP_NET_ADMIN that is
 /// skipped and `redirect` still works.
-pub fn bind(listener: &Listener) -> anyhow::Result<TcpListener> {
+///
+/// With `reuse_port`, SO_REUSEPORT lets a second gateway bind beside this
+/// one, so a new process takes over the port while this one drains. Linux
+/// admits a socket to the group only under the same effective UID as the
+/// first, so another user cannot take a share of the connections.
+pub fn bind_with(listener: &Listener, reuse_port: bool) -> anyhow::Result<TcpListener> {
     let addr = listener.listen;
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)
         .with_context(|| format!("listener {}: socket", listener.name))?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket
+            .set_reuse_port(true)
+            .with_context(|| format!("listener {}: SO_REUSEPORT", listener.name))?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -122,6 +137,120 @@ pub fn bind(listener: &Listener) -> anyhow::Result<TcpListener> {
     socket.listen(1024)?;
     let std: std::net::TcpListener = socket.into();
     Ok(TcpListener::from_std(std)?)
+}
+
+/// Where the kernel says whether a closing listener's queued connections
+/// move to another listener of its SO_REUSEPORT group (Linux 5.14 and
+/// later; one value per network namespace).
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Warns when connections queued on a listener that closes would be reset
+/// rather than handed to the process beside it: the handoff then drops
+/// the few that arrive in the moment before the old process closes.
+fn check_migrate_req() {
+    match std::fs::read_to_string(MIGRATE_REQ) {
+        Ok(v) if v.trim() == "0" => warn!(
+            "net.ipv4.tcp_migrate_req is 0: when this process stops, connections still queued on its listeners are reset instead of moving to the process that shares the port; set it to 1 for restarts that drop nothing"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(
+            "cannot read {MIGRATE_REQ} ({e}; it needs Linux 5.14): when this process stops, connections still queued on its listeners are reset instead of moving to the process that shares the port"
+        ),
+    }
+}
+
+/// The metrics endpoint's socket; with `reuse_port` it can share its port
+/// with the next process, as the listeners do (a scrape during the overlap
+/// then reaches either process).
+fn bind_metrics(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// How `ftpgate run` comes by its listening sockets.
+#[derive(Debug)]
+pub struct Sockets {
+    /// Bind listeners with SO_REUSEPORT (see [`bind_with`]).
+    pub reuse_port: bool,
+    /// Listening sockets handed over by the service manager (systemd socket
+    /// activation, `LISTEN_FDS`). Each must have the address of exactly one
+    /// configured listener, which then uses it instead of binding its own.
+    pub inherited: Vec<std::net::TcpListener>,
+}
+
+impl Default for Sockets {
+    /// SO_REUSEPORT on, nothing inherited.
+    fn default() -> Self {
+        Sockets {
+            reuse_port: true,
+            inherited: Vec::new(),
+        }
+    }
+}
+
+impl Sockets {
+    /// Pairs each configured listener with a socket: the inherited one with
+    /// its address, else one bound now. An inherited socket that no
+    /// listener has the address of is an error naming it: it would
+    /// otherwise queue connections that nobody accepts.
+    fn listeners(self, config: &Config) -> anyhow::Result<Vec<(Listener, TcpListener)>> {
+        let mut inherited = Vec::new();
+        for s in self.inherited {
+            let addr = s
+                .local_addr()
+                .context("inherited socket (LISTEN_FDS): local address")?;
+            inherited.push((addr, Some(s)));
+        }
+        for (i, (addr, _)) in inherited.iter().enumerate() {
+            if inherited[..i].iter().any(|(a, _)| a == addr) {
+                anyhow::bail!(
+                    "inherited socket {addr} (LISTEN_FDS): more than one socket has this address"
+                );
+            }
+            if !config.listeners.iter().any(|l| l.listen == *addr) {
+                let configured: Vec<String> = config
+                    .listeners
+                    .iter()
+                    .map(|l| format!("{} {}", l.name, l.listen))
+                    .collect();
+                anyhow::bail!(
+                    "inherited socket {addr} (LISTEN_FDS) matches no listener's `listen` (listeners: {})",
+                    configured.join(", ")
+                );
+            }
+        }
+        let mut out = Vec::new();
+        let mut bound_here = false;
+        for l in &config.listeners {
+            let taken = inherited
+                .iter_mut()
+                .find(|(addr, _)| *addr == l.listen)
+                .and_then(|(_, s)| s.take());
+            let socket = match taken {
+                Some(s) => {
+                    s.set_nonblocking(true)?;
+                    info!(listener = %l.name, addr = %l.listen, "listener socket inherited from the service manager (LISTEN_FDS)");
+                    TcpListener::from_std(s)?
+                }
+                None => {
+                    bound_here = true;
+                    bind_with(l, self.reuse_port)?
+                }
+            };
+            out.push((l.clone(), socket));
+        }
+        if bound_here && self.reuse_port {
+            check_migrate_req();
+        }
+        Ok(out)
+    }
 }
 
 /// Accepts sessions on every listener until `shutdown` resolves, then waits
@@ -157,7 +286,8 @@ pub async fn serve(
     shutdown.await;
     let _ = stop_tx.send(true);
     // Each loop drops its listening socket as it ends: once all have, a new
-    // connection is refused, and only then does the log say so.
+    // connection is refused (or goes to a process that shares the port
+    // through SO_REUSEPORT), and only then does the log say so.
     while accepts.join_next().await.is_some() {}
     info!("shutting down: no new sessions");
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
@@ -224,6 +354,11 @@ impl Launched {
     /// nothing, when any part cannot be set up: a half-working gateway is
     /// worse than none.
     pub async fn new(config: Arc<Config>) -> anyhow::Result<Self> {
+        Self::with_sockets(config, Sockets::default()).await
+    }
+
+    /// As [`Launched::new`], with listening sockets as `sockets` says.
+    pub async fn with_sockets(config: Arc<Config>, sockets: Sockets) -> anyhow::Result<Self> {
         let audit = match &config.audit {
             Some(a) => Some(
                 crate::audit::AuditLog::open(&a.path)
@@ -231,22 +366,24 @@ impl Launched {
             ),
             None => None,
         };
-        let mut listeners = Vec::new();
-        for l in &config.listeners {
-            listeners.push((l.clone(), bind(l)?));
-        }
         // Bound before the table exists, so a failure leaves nothing behind.
         let metrics_socket = match &config.metrics {
             Some(m) => Some(
-                crate::metrics::bind(m.listen)
-                    .await
+                bind_metrics(m.listen, sockets.reuse_port)
                     .with_context(|| format!("metrics endpoint: bind {}", m.listen))?,
             ),
             None => None,
         };
         let table = Self::table(&config).await?;
-        let backend = match Self::backend(&config, table.clone()).await {
-            Ok(b) => b,
+        // Listeners last: a process that fails to start after joining a
+        // port's SO_REUSEPORT group would take a share of the connections
+        // with it (they are reset unless net.ipv4.tcp_migrate_req is 1).
+        let started = match Self::backend(&config, table.clone()).await {
+            Ok(b) => sockets.listeners(&config).map(|l| (b, l)),
+            Err(e) => Err(e),
+        };
+        let (backend, listeners) = match started {
+            Ok(s) => s,
             Err(e) => {
                 // Leave nothing behind: the gateway does not start.
                 Self::cleanup(table).await;
@@ -284,15 +421,22 @@ impl Launched {
         if !(transparent || kernel) {
             return Ok(None);
         }
-        let t = crate::netfilter::InterceptTable::create(&config.data.nftables_table)
-            .await
-            .with_context(|| {
-                format!(
-                    "{} needs the nftables table '{}' (is nft installed, and do we have CAP_NET_ADMIN?)",
-                    if kernel { "data.backend nftables" } else { "a transparent listener" },
-                    config.data.nftables_table
-                )
-            })?;
+        let name = &config.data.nftables_table;
+        let t = match crate::netfilter::InterceptTable::create(name).await {
+            Ok(t) => t,
+            // Another gateway owns the table: the message says what to do.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(e.into()),
+            Err(e) => {
+                let needs = if kernel {
+                    "data.backend nftables"
+                } else {
+                    "a transparent listener"
+                };
+                return Err(anyhow::Error::from(e).context(format!(
+                    "{needs} needs the nftables table '{name}' (is nft installed, and do we have CAP_NET_ADMIN?)"
+                )));
+            }
+        };
         Ok(Some(Arc::new(t)))
     }
 
