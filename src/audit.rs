@@ -21,6 +21,10 @@ pub struct AuditRecord<'a> {
     pub time: String,
     /// The session id that every log line of the session carries.
     pub session: u64,
+    /// The gateway's `instance` name, among several instances of one
+    /// service; absent from the line when the rule file names none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<&'a str>,
     /// The listener's name.
     pub listener: &'a str,
     /// Client address:port.
@@ -173,6 +177,7 @@ mod tests {
         AuditRecord {
             time: rfc3339(SystemTime::now()),
             session: 7,
+            instance: None,
             listener: "l",
             client: "127.0.0.1:1".into(),
             server: "127.0.0.1:2".into(),
@@ -203,5 +208,26 @@ mod tests {
         let count = |p: &Path| std::fs::read_to_string(p).unwrap().lines().count();
         assert_eq!(count(&rotated), 1);
         assert_eq!(count(&path), 2);
+    }
+
+    #[test]
+    fn instance_is_written_only_when_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&AuditTarget::File(path.clone())).unwrap();
+        log.write(&record()).unwrap();
+        log.write(&AuditRecord {
+            instance: Some("gw2"),
+            ..record()
+        })
+        .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0].get("instance"), None, "{text}");
+        assert_eq!(lines[1]["instance"], "gw2", "{text}");
+        assert_eq!(lines[1]["listener"], "l");
     }
 }

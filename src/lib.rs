@@ -44,6 +44,7 @@
 #![warn(unreachable_pub)]
 
 pub mod audit;
+pub mod balancer;
 pub mod config;
 pub mod escape;
 pub mod explain;

@@ -1,4 +1,4 @@
-//! The `ftpgate` command: run, check, nft, explain.
+//! The `ftpgate` command: run, check, nft, explain, balancer.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -54,10 +54,26 @@ enum Cmd {
         no_reuse_port: bool,
     },
     /// Validate a rule file; print the effective configuration or each error.
+    /// With --peer, also check the files as instances of one service.
     Check {
         /// The rule file.
         #[arg(long, short)]
         config: PathBuf,
+        /// The rule file of another instance of the same service (repeat
+        /// for each): instance names must be unique, client_ports disjoint
+        /// where instances share an address, listeners and rules the same.
+        #[arg(long, value_name = "FILE")]
+        peer: Vec<PathBuf>,
+    },
+    /// Print the balancer configuration for a set of instances, after the
+    /// same checks as `check --peer`.
+    Balancer {
+        /// What to print.
+        #[arg(long, value_enum)]
+        format: BalancerFormat,
+        /// Each instance's rule file (repeat for each instance).
+        #[arg(long, short, required = true)]
+        config: Vec<PathBuf>,
     },
     /// Print the nftables ruleset an operator needs for this configuration.
     Nft {
@@ -87,6 +103,14 @@ enum Cmd {
     },
 }
 
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum BalancerFormat {
+    /// HAProxy: PROXY v2 to each instance, health checks.
+    Haproxy,
+    /// An nftables table that DNATs, keeping the client's address.
+    Nftables,
+}
+
 #[derive(Subcommand, Debug)]
 enum Generate {
     /// The man page, ftpgate(1), in roff.
@@ -101,16 +125,45 @@ enum Generate {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Check { config } => match Config::load(&config) {
+        Cmd::Check { config, peer } => match Config::load(&config) {
             Ok(c) => {
                 print!("{}", c.to_yaml());
-                ExitCode::SUCCESS
+                if peer.is_empty() {
+                    return ExitCode::SUCCESS;
+                }
+                let Some(mut set) = load_all(&peer) else {
+                    return ExitCode::from(2);
+                };
+                set.insert(0, c);
+                match ftpgate::balancer::check_set(&set) {
+                    Ok(()) => {
+                        eprintln!("{}", one_service(&set));
+                        ExitCode::SUCCESS
+                    }
+                    Err(errors) => set_errors(&errors),
+                }
             }
             Err(errors) => {
                 eprintln!("{errors}");
                 ExitCode::from(2)
             }
         },
+        Cmd::Balancer { format, config } => {
+            let Some(set) = load_all(&config) else {
+                return ExitCode::from(2);
+            };
+            let format = match format {
+                BalancerFormat::Haproxy => ftpgate::balancer::Format::Haproxy,
+                BalancerFormat::Nftables => ftpgate::balancer::Format::Nftables,
+            };
+            match ftpgate::balancer::generate(&set, format) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => set_errors(&errors),
+            }
+        }
         Cmd::Nft { config } => match Config::load(&config) {
             Ok(c) => {
                 print!("{}", ftpgate::netfilter::ruleset(&c));
@@ -204,6 +257,47 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Every file loaded, or `None` after printing each error of each file.
+fn load_all(paths: &[PathBuf]) -> Option<Vec<Config>> {
+    let mut set = Vec::with_capacity(paths.len());
+    let mut ok = true;
+    for path in paths {
+        match Config::load(path) {
+            Ok(c) => set.push(c),
+            Err(errors) => {
+                eprintln!("{errors}");
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(set)
+}
+
+/// Prints why a set of files is not one service; exit status 2, as for an
+/// invalid file.
+fn set_errors(errors: &[ftpgate::balancer::SetError]) -> ExitCode {
+    for e in errors {
+        eprintln!("{e}");
+    }
+    ExitCode::from(2)
+}
+
+/// One line saying which instances passed the set check, with their slices.
+fn one_service(set: &[Config]) -> String {
+    let each: Vec<String> = set
+        .iter()
+        .map(|c| {
+            format!(
+                "{} ({}, client_ports {})",
+                c.instance.as_deref().unwrap_or_default(),
+                c.path.display(),
+                c.data.client_ports
+            )
+        })
+        .collect();
+    format!("instances of one service: {}", each.join(", "))
 }
 
 async fn run(

@@ -165,6 +165,10 @@ impl Check {
 
     pub(super) fn config(&mut self, raw: &RawConfig, path: &Path) -> Config {
         let root: &[Seg] = &[];
+        let instance = self
+            .optional(&raw.instance, root, "instance", parse_name)
+            .ok()
+            .flatten();
         let listeners = self
             .required_list(
                 &raw.listeners,
@@ -193,6 +197,7 @@ impl Check {
         };
         Config {
             path: path.to_path_buf(),
+            instance,
             listeners,
             data,
             limits,

@@ -34,6 +34,9 @@ use std::path::{Path, PathBuf};
 pub struct Config {
     /// Where it was loaded from (for reload and messages).
     pub path: PathBuf,
+    /// This gateway's name among the instances of one service (`instance:`),
+    /// shown at startup and in the audit log; none when the key is absent.
+    pub instance: Option<String>,
     /// At least one listener; names are unique.
     pub listeners: Vec<Listener>,
     /// Data-connection settings.

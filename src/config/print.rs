@@ -14,6 +14,7 @@ impl Config {
     /// below a millisecond, which no rule file can express, are rounded up).
     pub fn to_yaml(&self) -> String {
         let out = OutConfig {
+            instance: self.instance.clone(),
             listeners: self.listeners.iter().map(OutListener::from).collect(),
             data: OutData::from(&self.data),
             limits: OutLimits::from(&self.limits),
@@ -136,6 +137,8 @@ impl From<&Rule> for OutRule {
 
 #[derive(Serialize)]
 struct OutConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instance: Option<String>,
     listeners: Vec<OutListener>,
     data: OutData,
     limits: OutLimits,

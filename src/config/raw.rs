@@ -66,6 +66,8 @@ impl<'de> Deserialize<'de> for Text {
 )]
 pub(super) struct RawConfig {
     #[serde(default)]
+    pub(super) instance: Field<Text>,
+    #[serde(default)]
     pub(super) listeners: Field<Vec<RawListener>>,
     #[serde(default)]
     pub(super) data: Field<RawData>,

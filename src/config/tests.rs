@@ -1067,15 +1067,19 @@ fn arb_config() -> impl Strategy<Value = Config> {
         arb_limits(),
         proptest::collection::vec(arb_rule(), 1..5),
         proptest::option::of((arb_ip(), any::<u16>())),
-        proptest::option::of(prop_oneof![
-            Just(AuditTarget::Stdout),
-            arb_name().prop_map(|n| AuditTarget::File(PathBuf::from(n))),
-        ]),
+        (
+            proptest::option::of(prop_oneof![
+                Just(AuditTarget::Stdout),
+                arb_name().prop_map(|n| AuditTarget::File(PathBuf::from(n))),
+            ]),
+            proptest::option::of(arb_name()),
+        ),
     )
         .prop_map(|(mut listeners, data, limits, mut rules, metrics, audit)| {
             let metrics = metrics.map(|(ip, port)| MetricsConfig {
                 listen: SocketAddr::new(ip, port),
             });
+            let (audit, instance) = audit;
             let audit = audit
                 .filter(|t| t != &AuditTarget::File(PathBuf::from("-")))
                 .map(|path| AuditConfig { path });
@@ -1103,6 +1107,8 @@ fn arb_config() -> impl Strategy<Value = Config> {
             }
             Config {
                 path: PathBuf::from("t.yaml"),
+                // A blank name is an error; the suffix keeps it a name.
+                instance: instance.map(|n| format!("{n}#i")),
                 listeners,
                 data,
                 limits,
@@ -1330,4 +1336,30 @@ fn upstream_proxy_protocol_key() {
     for (text, want) in &cases {
         assert_eq!(errors(text), vec![want.to_string()], "{text}");
     }
+}
+
+#[test]
+fn instance_name_is_optional_printed_and_checked() {
+    let rules = "rules:\n  - name: all\n";
+    assert_eq!(ok(&format!("{HEAD}{rules}")).instance, None);
+    let c = ok(&format!("instance: gw-1\n{HEAD}{rules}"));
+    assert_eq!(c.instance.as_deref(), Some("gw-1"));
+    let printed = c.to_yaml();
+    assert!(printed.starts_with("instance: gw-1\n"), "{printed}");
+    assert_eq!(ok(&printed), c);
+    // Absent, it is not printed at all.
+    assert!(!ok(&format!("{HEAD}{rules}")).to_yaml().contains("instance"));
+    assert_eq!(
+        errors(&format!("instance:\n{HEAD}{rules}")),
+        ["1:10: `instance` has no value: give one, or remove the key"]
+    );
+    assert_eq!(
+        errors(&format!("instance: \"  \"\n{HEAD}{rules}")),
+        ["1:11: instance: the name is blank"]
+    );
+    assert_eq!(
+        errors(&format!("instance: [a]\n{HEAD}{rules}")).len(),
+        1,
+        "a list is not a name"
+    );
 }

@@ -153,6 +153,7 @@ mod tests {
     fn config(listeners: Vec<Listener>) -> Config {
         Config {
             path: PathBuf::from("rules/test.yaml"),
+            instance: None,
             listeners,
             data: DataConfig {
                 backend: BackendKind::Relay,

@@ -1068,9 +1068,11 @@ impl Conn<'_> {
 
     /// Writes a transfer's line to the audit log.
     fn audit_transfer(&self, audit: &crate::audit::AuditLog, t: &TransferRecord, took: Duration) {
+        let config = self.gateway.config();
         let record = crate::audit::AuditRecord {
             time: crate::audit::rfc3339(std::time::SystemTime::now()),
             session: self.info.id,
+            instance: config.instance.as_deref(),
             listener: &self.listener.name,
             client: self.info.client.to_string(),
             server: self.info.server.to_string(),

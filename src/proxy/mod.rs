@@ -273,7 +273,8 @@ pub async fn serve(
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        info!(listener = %listener.name, %addr, mode = listener.mode.kind().as_str(), "listening");
+        let instance = gateway.config().instance.clone();
+        info!(instance, listener = %listener.name, %addr, mode = listener.mode.kind().as_str(), "listening");
         accepts.spawn(accept_loop(
             gateway.clone(),
             Arc::new(listener),
