@@ -157,6 +157,21 @@ class Lab:
             self.run(host, ["ip", "-6", "route", "add", "default", "via", e6])
         self.nft(firewall_script())
 
+    def add_host(self, host):
+        """One more namespace of this run (beyond HOSTS), torn down with the rest."""
+        run(["ip", "netns", "add", self.ns(host)])
+        self.created.append(self.ns(host))
+        self.run(host, ["ip", "link", "set", "lo", "up"])
+
+    def link(self, a, a_if, a_addr, b, b_if, b_addr):
+        """A routed veth pair between two of this run's namespaces: `a_if` in `a`
+        with `a_addr` (CIDR), `b_if` in `b` with `b_addr`, both up. Made inside
+        `a`, so no name ever exists in the host's namespace."""
+        run(["ip", "-n", self.ns(a), "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", self.ns(b)])
+        for host, ifname, addr in ((a, a_if, a_addr), (b, b_if, b_addr)):
+            self.run(host, ["ip", "addr", "add", addr, "dev", ifname])
+            self.run(host, ["ip", "link", "set", ifname, "up"])
+
     def down(self):
         for ns in reversed(self.created):
             delete_netns(ns)
