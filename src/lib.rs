@@ -55,3 +55,4 @@ pub mod proxy;
 pub mod rules;
 pub mod session;
 pub mod systemd;
+pub mod tls;
