@@ -97,6 +97,9 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::Check { config } => match Config::load(&config) {
             Ok(c) => {
+                for warning in ftpgate::config::tls_warnings(&config) {
+                    eprintln!("warning: {warning}");
+                }
                 print!("{}", c.to_yaml());
                 ExitCode::SUCCESS
             }

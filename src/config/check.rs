@@ -16,15 +16,16 @@ use std::path::Path;
 #[derive(Default)]
 pub(super) struct Check {
     pub(super) errors: Vec<(Vec<Seg>, String)>,
+    pub(super) tls: super::tls::TlsState,
 }
 
 impl Check {
-    fn err(&mut self, path: &[Seg], message: impl Into<String>) {
+    pub(super) fn err(&mut self, path: &[Seg], message: impl Into<String>) {
         self.errors.push((path.to_vec(), message.into()));
     }
 
     /// The value of an optional key. `Err` after reporting an empty value.
-    fn field<'a, T>(
+    pub(super) fn field<'a, T>(
         &mut self,
         f: &'a Field<T>,
         path: &[Seg],
@@ -44,7 +45,7 @@ impl Check {
     }
 
     /// An optional scalar, parsed. `Err` after reporting why it is unusable.
-    fn optional<T>(
+    pub(super) fn optional<T>(
         &mut self,
         f: &Field<Text>,
         path: &[Seg],
@@ -64,7 +65,7 @@ impl Check {
     }
 
     /// A scalar with a default; `None` after reporting an error.
-    fn value<T>(
+    pub(super) fn value<T>(
         &mut self,
         f: &Field<Text>,
         path: &[Seg],
@@ -78,7 +79,7 @@ impl Check {
     }
 
     /// A scalar that must be present; `missing` says what it is for.
-    fn required<T>(
+    pub(super) fn required<T>(
         &mut self,
         f: &Field<Text>,
         path: &[Seg],
@@ -158,6 +159,7 @@ impl Check {
     }
 
     pub(super) fn config(&mut self, raw: &RawConfig, path: &Path) -> Config {
+        self.tls.base = super::tls::base_dir(path);
         let root: &[Seg] = &[];
         let listeners = self
             .required_list(
@@ -235,6 +237,8 @@ impl Check {
             |s| parse_socket_addr(s, true),
         );
         let mode = self.listener_mode(r, path);
+        // Checked (the pair loaded) but not kept until the proxy serves TLS.
+        let _tls = self.listener_tls(r, path, mode.as_ref());
         let proxy_protocol = match self.field(&r.proxy_protocol, path, "proxy_protocol") {
             Ok(Some(p)) => self.proxy_protocol(p, path, mode.as_ref()).map(Some),
             Ok(None) => Some(None),
@@ -584,9 +588,8 @@ impl Check {
             parse_enum(s, ServerMode::NAMES)
         });
         let data_ports = self.value(&r.data_ports, path, "data_ports", d.data_ports, parse_range);
-        let tls = self.value(&r.tls, path, "tls", d.tls, |s| {
-            parse_enum(s, TlsPolicy::NAMES)
-        });
+        let tls = self.value(&r.tls, path, "tls", d.tls, super::tls::parse_rule_tls);
+        self.rule_tls(r, path);
         let deny_commands = self.list(&r.deny_commands, path, "deny_commands", true, parse_verb);
         if let Ok(Some(verbs)) = &deny_commands {
             self.unique_verbs(verbs, path);
