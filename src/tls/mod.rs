@@ -67,10 +67,11 @@ impl Handshake {
 /// The negotiated version and cipher suite of one leg, for the session
 /// log and the audit line, e.g. `TLSv1.3 TLS13_AES_256_GCM_SHA384`.
 pub fn describe(state: &rustls::CommonState) -> String {
-    let version = state
-        .protocol_version()
-        .and_then(|v| v.as_str())
-        .unwrap_or("TLS?");
+    let version = match state.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "TLS?",
+    };
     let suite = state
         .negotiated_cipher_suite()
         .and_then(|s| s.suite().as_str())

@@ -345,6 +345,8 @@ async fn tls12_data_connections_resume_too() {
             c.get_ref().1.protocol_version(),
             Some(rustls::ProtocolVersion::TLSv1_2)
         );
+        let described = super::describe(s.get_ref().1);
+        assert!(described.starts_with("TLSv1.2 TLS_ECDHE_"), "{described}");
         exchange(&mut s, &mut c).await;
         kinds.push(Handshake::of(s.get_ref().1));
     }
@@ -494,4 +496,42 @@ async fn a_stalled_handshake_times_out() {
     let (a, _b) = duplex(1024);
     let err = session.accept_control(a).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+}
+
+/// TLS 1.3 tickets reach the client's store only when it reads from the
+/// connection that carried them. A data connection that is never read
+/// (an upload, with a copy that only writes) brings no fresh ticket, so
+/// the control session's supply runs out: the relay's TLS copy must poll
+/// the server leg for reading during uploads too.
+#[tokio::test]
+async fn tickets_are_only_taken_in_by_reading() {
+    let pki = pki("ftp.example");
+    let session = ServerTls::new(pki.store.clone(), true)
+        .unwrap()
+        .for_session()
+        .unwrap();
+    let client = ClientTls::new(Trust::CaFile(pki.ca_path.clone()), "ftp.example")
+        .unwrap()
+        .for_session();
+    control(&session, &client).await;
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        let (a, b) = duplex(64 * 1024);
+        let (s, c) = tokio::join!(session.accept_control(a), client.connect(b));
+        let (mut s, mut c) = (s.unwrap(), c.unwrap());
+        // Upload-style: the client writes, the server reads; the client
+        // never reads its side.
+        c.write_all(b"payload").await.unwrap();
+        c.flush().await.unwrap();
+        let mut got = [0u8; 7];
+        s.read_exact(&mut got).await.unwrap();
+        kinds.push(Handshake::of(c.get_ref().1));
+        let described = super::describe(c.get_ref().1);
+        assert!(described.starts_with("TLSv1.3 TLS13_"), "{described}");
+    }
+    // The control handshake's two tickets cover two data connections.
+    assert_eq!(
+        kinds,
+        [Handshake::Resumed, Handshake::Resumed, Handshake::Full]
+    );
 }
