@@ -56,3 +56,4 @@ pub mod proxy;
 pub mod rules;
 pub mod session;
 pub mod systemd;
+pub mod tls;

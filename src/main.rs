@@ -127,6 +127,9 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::Check { config, peer } => match Config::load(&config) {
             Ok(c) => {
+                for warning in ftpgate::config::tls_warnings(&config) {
+                    eprintln!("warning: {warning}");
+                }
                 print!("{}", c.to_yaml());
                 if peer.is_empty() {
                     return ExitCode::SUCCESS;

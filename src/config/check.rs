@@ -18,10 +18,11 @@ pub(super) struct Check {
     pub(super) errors: Vec<(Vec<Seg>, String)>,
     /// What loads but is probably a mistake; logged when the file loads.
     pub(super) warnings: Vec<(Vec<Seg>, String)>,
+    pub(super) tls: super::tls::TlsState,
 }
 
 impl Check {
-    fn err(&mut self, path: &[Seg], message: impl Into<String>) {
+    pub(super) fn err(&mut self, path: &[Seg], message: impl Into<String>) {
         self.errors.push((path.to_vec(), message.into()));
     }
 
@@ -30,7 +31,7 @@ impl Check {
     }
 
     /// The value of an optional key. `Err` after reporting an empty value.
-    fn field<'a, T>(
+    pub(super) fn field<'a, T>(
         &mut self,
         f: &'a Field<T>,
         path: &[Seg],
@@ -50,7 +51,7 @@ impl Check {
     }
 
     /// An optional scalar, parsed. `Err` after reporting why it is unusable.
-    fn optional<T>(
+    pub(super) fn optional<T>(
         &mut self,
         f: &Field<Text>,
         path: &[Seg],
@@ -70,7 +71,7 @@ impl Check {
     }
 
     /// A scalar with a default; `None` after reporting an error.
-    fn value<T>(
+    pub(super) fn value<T>(
         &mut self,
         f: &Field<Text>,
         path: &[Seg],
@@ -84,7 +85,7 @@ impl Check {
     }
 
     /// A scalar that must be present; `missing` says what it is for.
-    fn required<T>(
+    pub(super) fn required<T>(
         &mut self,
         f: &Field<Text>,
         path: &[Seg],
@@ -164,6 +165,7 @@ impl Check {
     }
 
     pub(super) fn config(&mut self, raw: &RawConfig, path: &Path) -> Config {
+        self.tls.base = super::tls::base_dir(path);
         let root: &[Seg] = &[];
         let instance = self
             .optional(&raw.instance, root, "instance", parse_name)
@@ -246,6 +248,8 @@ impl Check {
             |s| parse_socket_addr(s, true),
         );
         let mode = self.listener_mode(r, path);
+        // Checked (the pair loaded) but not kept until the proxy serves TLS.
+        let _tls = self.listener_tls(r, path, mode.as_ref());
         let proxy_protocol = match self.field(&r.proxy_protocol, path, "proxy_protocol") {
             Ok(Some(p)) => self.proxy_protocol(p, path, mode.as_ref()).map(Some),
             Ok(None) => Some(None),
@@ -628,9 +632,8 @@ impl Check {
             parse_enum(s, ServerMode::NAMES)
         });
         let data_ports = self.value(&r.data_ports, path, "data_ports", d.data_ports, parse_range);
-        let tls = self.value(&r.tls, path, "tls", d.tls, |s| {
-            parse_enum(s, TlsPolicy::NAMES)
-        });
+        let tls = self.value(&r.tls, path, "tls", d.tls, super::tls::parse_rule_tls);
+        self.rule_tls(r, path);
         let deny_commands = self.list(&r.deny_commands, path, "deny_commands", true, parse_verb);
         if let Ok(Some(verbs)) = &deny_commands {
             self.unique_verbs(verbs, path);

@@ -9,13 +9,16 @@
 //! - `raw`: the file's shape as serde reads it, and locating a node in it;
 //! - `check`: raw → validated, collecting every mistake with its place;
 //! - `values`: one scalar's text → its typed value, or how to fix it;
-//! - `print`: the effective configuration as YAML (`ftpgate check`).
+//! - `print`: the effective configuration as YAML (`ftpgate check`);
+//! - `tls`: FTPS settings (listener `tls`, `upstream_tls`, a rule's
+//!   `require_*`), the certificate pair loaded at check time.
 
 mod check;
 mod print;
 mod raw;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod types;
 mod values;
 
@@ -24,6 +27,8 @@ pub use types::{
     ListenerMode, MetricsConfig, PortRange, PortShare, ProxyProtocol, Rule, ServerMode, TlsPolicy,
 };
 pub use types::{HeaderWait, HeaderWaits, ProxyVersion};
+
+pub use tls::{tls_warnings, ListenerTls, UpstreamMode, UpstreamTls};
 
 use check::Check;
 use raw::{locate, RawConfig, Seg};

@@ -115,6 +115,10 @@ pub(super) struct RawListener {
     pub(super) proxy_protocol: Field<RawProxyProtocol>,
     #[serde(default)]
     pub(super) upstream_proxy_protocol: Field<Text>,
+    #[serde(default)]
+    pub(super) tls: Field<super::tls::RawListenerTls>,
+    #[serde(default)]
+    pub(super) upstream_tls: Field<super::tls::RawUpstreamTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +187,10 @@ pub(super) struct RawRule {
     pub(super) tls: Field<Text>,
     #[serde(default)]
     pub(super) deny_commands: Field<Vec<Text>>,
+    #[serde(default)]
+    pub(super) require_tls: Field<Text>,
+    #[serde(default)]
+    pub(super) require_prot_p: Field<Text>,
 }
 
 /// One step of a path into the document: a mapping key or a list index.

@@ -669,11 +669,11 @@ fn structural_errors_are_located() {
     let cases: Vec<(String, &str)> = vec![
             (
                 format!("{HEAD}    lisen: 1.2.3.4:21\nrules:\n  - name: all\n"),
-                "6:5: listeners[0]: unknown field `lisen`, expected one of `name`, `listen`, `mode`, `upstream`, `announce`, `proxy_protocol`, `upstream_proxy_protocol`",
+                "6:5: listeners[0]: unknown field `lisen`, expected one of `name`, `listen`, `mode`, `upstream`, `announce`, `proxy_protocol`, `upstream_proxy_protocol`, `tls`, `upstream_tls`",
             ),
             (
                 format!("{HEAD}rules:\n  - name: all\n    client: [10.0.0.0/8]\n"),
-                "8:5: rules[0]: unknown field `client`, expected one of `name`, `clients`, `servers`, `action`, `modes`, `server_mode`, `data_ports`, `tls`, `deny_commands`",
+                "8:5: rules[0]: unknown field `client`, expected one of `name`, `clients`, `servers`, `action`, `modes`, `server_mode`, `data_ports`, `tls`, `deny_commands`, `require_tls`, `require_prot_p`",
             ),
             (
                 format!("{HEAD}rules:\n  - name: all\n    clients: 10.0.0.0/8\n"),
