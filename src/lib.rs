@@ -11,6 +11,11 @@
 //! - [`ftp`]: pure wire handling — line framer, Telnet decoding and the
 //!   re-serialisation of checked lines, command and reply parsers, and the
 //!   formatting of rewritten lines.
+//! - [`tls`]: FTPS building blocks with no FTP in them — certificate chain
+//!   and key from PEM (errors at file:line, key-match check, expiry), the
+//!   reloadable served certificate, the TLS server side with per-control-
+//!   session resumption and the data-resumption check, and the verifying TLS
+//!   client side with a per-control-session resumption store.
 //! - [`config`]: the YAML rule file → validated [`config::Config`]: the
 //!   types, the raw serde layer with positions, the checks (errors at
 //!   `file:line:column`) and the printer; each enum's rule-file names are
@@ -37,6 +42,9 @@
 //! - [`metrics`], [`audit`], [`systemd`]: what the shell reports to
 //!   operators — Prometheus metrics, the per-transfer JSON audit log, and
 //!   readiness notifications.
+//! - [`balancer`]: several instances of one service — the set check behind
+//!   `ftpgate check --peer`, and the HAProxy and nftables configurations
+//!   `ftpgate balancer` prints.
 //! - [`explain`]: which rule a (client, server) pair meets, for the CLI.
 //! - [`escape`]: peer-controlled text made safe for text log lines.
 #![forbid(unsafe_code)]
