@@ -110,7 +110,7 @@ fn bad_files_are_reported_at_the_offending_value() {
         (
             "unknown-key.yaml",
             "listeners:\n  - name: a\n    listen: 127.0.0.1:2121\n    mode: reverse\n    upstrem: 127.0.0.1:21\nrules:\n  - name: all\n",
-            &["5:5: listeners[0]: unknown field `upstrem`, expected one of `name`, `listen`, `mode`, `upstream`, `announce`, `proxy_protocol`, `upstream_proxy_protocol`"],
+            &["5:5: listeners[0]: unknown field `upstrem`, expected one of `name`, `listen`, `mode`, `upstream`, `announce`, `proxy_protocol`, `upstream_proxy_protocol`, `tls`, `upstream_tls`"],
         ),
         (
             "several.yaml",
