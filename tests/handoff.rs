@@ -61,10 +61,11 @@ impl Proc {
         Proc { child, log }
     }
 
-    /// `ftpgate run -c config --grace 30`.
+    /// `ftpgate run --reuse-port -c config --grace 30`.
     fn gateway(config: &Path) -> Proc {
         let args = [
             OsStr::new("run"),
+            OsStr::new("--reuse-port"),
             OsStr::new("--grace"),
             OsStr::new("30"),
             OsStr::new("-c"),
@@ -456,10 +457,10 @@ async fn handoff_under_load() {
     b.exit_ok().await;
 }
 
-/// A second gateway with the same listener joins the first's port; with
-/// `--no-reuse-port` it fails to start instead.
+/// A second gateway with the same listener fails to start unless both were
+/// told `--reuse-port`: then it joins the first's port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_gateway_shares_the_port_unless_told_not_to() {
+async fn a_second_gateway_shares_the_port_only_with_reuse_port() {
     let root = tempfile::tempdir().unwrap();
     std::fs::write(root.path().join("f"), body(1000)).unwrap();
     let want = digest(&body(1000));
@@ -469,12 +470,24 @@ async fn a_second_gateway_shares_the_port_unless_told_not_to() {
     std::fs::write(&file_a, rule_file("127.0.0.1:0", upstream)).unwrap();
     let mut a = Proc::gateway(&file_a);
     let addr = a.addr_of("listening").await;
+    // The warnings that belong to --reuse-port, where they apply here.
+    let migrate_off = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        .map_or(true, |v| v.trim() == "0");
+    let root = rustix::process::geteuid().is_root();
+    let log_a = a.log.text();
+    assert_eq!(log_a.contains("tcp_migrate_req"), migrate_off, "{log_a}");
+    assert_eq!(log_a.contains("--reuse-port as root"), root, "{log_a}");
+    assert_eq!(
+        log_a.matches("--reuse-port as root").count(),
+        usize::from(root)
+    );
     let file_b = dir.path().join("b.yaml");
     std::fs::write(&file_b, rule_file(&addr.to_string(), upstream)).unwrap();
 
-    let args = [OsStr::new("run"), OsStr::new("--no-reuse-port")];
-    let args = [&args[..], &[OsStr::new("-c"), file_b.as_os_str()]].concat();
-    let mut alone = Proc::spawn(bin(), &args, Stdio::null());
+    // Without the flag: A (with it) and a plain one; a plain A and B with
+    // the flag. Neither joins.
+    let plain = [OsStr::new("run"), OsStr::new("-c"), file_b.as_os_str()];
+    let mut alone = Proc::spawn(bin(), &plain, Stdio::null());
     let status = bounded("exit", alone.child.wait()).await.unwrap();
     assert!(!status.success());
     let log = alone.log.wait_for("ftpgate: starting").await;
@@ -482,6 +495,28 @@ async fn a_second_gateway_shares_the_port_unless_told_not_to() {
         log.contains(&format!("bind {addr}: Address already in use")),
         "{log}"
     );
+    let file_c = dir.path().join("c.yaml");
+    std::fs::write(&file_c, rule_file("127.0.0.1:0", upstream)).unwrap();
+    let plain_c = [OsStr::new("run"), OsStr::new("-c"), file_c.as_os_str()];
+    let mut c = Proc::spawn(bin(), &plain_c, Stdio::null());
+    let addr_c = c.addr_of("listening").await;
+    let log_c = c.log.text();
+    assert!(
+        !log_c.contains("tcp_migrate_req") && !log_c.contains("as root"),
+        "warned without --reuse-port:\n{log_c}"
+    );
+    let file_d = dir.path().join("d.yaml");
+    std::fs::write(&file_d, rule_file(&addr_c.to_string(), upstream)).unwrap();
+    let mut d = Proc::gateway(&file_d);
+    let status = bounded("exit", d.child.wait()).await.unwrap();
+    assert!(!status.success());
+    let log = d.log.wait_for("ftpgate: starting").await;
+    assert!(
+        log.contains(&format!("bind {addr_c}: Address already in use")),
+        "{log}"
+    );
+    c.signal("-TERM");
+    c.exit_ok().await;
 
     let mut b = Proc::gateway(&file_b);
     assert_eq!(b.addr_of("listening").await, addr);
@@ -739,9 +774,13 @@ fn systemd_units_verify() {
         "\nDynamicUser=yes\nUser=ftpgate\n",
         "\nType=notify\n",
         "tcp_migrate_req=1",
+        " run --reuse-port ",
     ] {
         assert!(template.contains(line), "template lacks {line:?}");
     }
+    // Only the blue/green template shares its ports.
+    let single = &texts["ftpgate.service"];
+    assert!(!single.contains("--reuse-port"), "{single}");
     for units in [
         &["ftpgate.socket", "ftpgate.service"][..],
         &["ftpgate@blue.service"][..],

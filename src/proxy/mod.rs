@@ -94,9 +94,9 @@ impl Gateway {
     }
 }
 
-/// Binds a listener's socket, with SO_REUSEPORT (see [`bind_with`]).
+/// Binds a listener's socket, without SO_REUSEPORT (see [`bind_with`]).
 pub fn bind(listener: &Listener) -> anyhow::Result<TcpListener> {
-    bind_with(listener, true)
+    bind_with(listener, false)
 }
 
 /// Binds a listener's socket. IPv6 sockets are v6-only, so `0.0.0.0:P` and
@@ -107,7 +107,8 @@ pub fn bind(listener: &Listener) -> anyhow::Result<TcpListener> {
 /// With `reuse_port`, SO_REUSEPORT lets a second gateway bind beside this
 /// one, so a new process takes over the port while this one drains. Linux
 /// admits a socket to the group only under the same effective UID as the
-/// first, so another user cannot take a share of the connections.
+/// first, so another user cannot take a share of the connections; any
+/// process of the same user can, hence opt-in (`run --reuse-port`).
 pub fn bind_with(listener: &Listener, reuse_port: bool) -> anyhow::Result<TcpListener> {
     let addr = listener.listen;
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)
@@ -174,10 +175,19 @@ fn bind_metrics(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListen
     TcpListener::from_std(socket.into())
 }
 
+/// Says once, at start, that root shares the port with every root process:
+/// root is the one user that many unrelated daemons have in common.
+fn check_reuse_port_user() {
+    if rustix::process::geteuid().is_root() {
+        warn!("--reuse-port as root: any other process running as root can bind the same addresses with SO_REUSEPORT and take a share of the connections; run ftpgate as its own user (CAP_NET_BIND_SERVICE for ports below 1024)");
+    }
+}
+
 /// How `ftpgate run` comes by its listening sockets.
 #[derive(Debug)]
 pub struct Sockets {
-    /// Bind listeners with SO_REUSEPORT (see [`bind_with`]).
+    /// Bind listeners and the metrics endpoint with SO_REUSEPORT (see
+    /// [`bind_with`]); off unless `run --reuse-port`.
     pub reuse_port: bool,
     /// Listening sockets handed over by the service manager (systemd socket
     /// activation, `LISTEN_FDS`). Each must have the address of exactly one
@@ -186,10 +196,10 @@ pub struct Sockets {
 }
 
 impl Default for Sockets {
-    /// SO_REUSEPORT on, nothing inherited.
+    /// SO_REUSEPORT off, nothing inherited.
     fn default() -> Self {
         Sockets {
-            reuse_port: true,
+            reuse_port: false,
             inherited: Vec::new(),
         }
     }
@@ -367,6 +377,9 @@ impl Launched {
             ),
             None => None,
         };
+        if sockets.reuse_port {
+            check_reuse_port_user();
+        }
         // Bound before the table exists, so a failure leaves nothing behind.
         let metrics_socket = match &config.metrics {
             Some(m) => Some(
