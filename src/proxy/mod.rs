@@ -38,6 +38,9 @@ pub struct Gateway {
     pub audit: Option<crate::audit::AuditLog>,
     /// Session ids: unique for the process's life, carried by every log line.
     next_id: AtomicU64,
+    /// Set once shutdown starts: the metrics endpoint then closes, so a
+    /// health check that scrapes it sees this process go.
+    stopping: watch::Sender<bool>,
 }
 
 impl Gateway {
@@ -59,6 +62,7 @@ impl Gateway {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             audit,
             next_id: AtomicU64::new(1),
+            stopping: watch::channel(false).0,
         })
     }
 
@@ -296,10 +300,14 @@ pub async fn serve(
     drop(done_tx);
     shutdown.await;
     let _ = stop_tx.send(true);
+    gateway.stopping.send_replace(true);
     // Each loop drops its listening socket as it ends: once all have, a new
     // connection is refused (or goes to a process that shares the port
-    // through SO_REUSEPORT), and only then does the log say so.
+    // through SO_REUSEPORT), and only then does the log say so. The
+    // metrics endpoint drops its receiver with its socket.
     while accepts.join_next().await.is_some() {}
+    let closing = gateway.stopping.closed();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), closing).await;
     info!("shutting down: no new sessions");
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
         let data = gateway.backend.usage();
@@ -355,8 +363,8 @@ pub struct Launched {
     pub listeners: Vec<(Listener, TcpListener)>,
     /// The gateway's own nftables table, if the configuration needs one.
     pub table: Option<Arc<crate::netfilter::InterceptTable>>,
-    /// Where the metrics endpoint listens, when configured (its task runs
-    /// until the runtime stops).
+    /// Where the metrics endpoint listens, when configured (it closes when
+    /// [`serve`] begins to shut down).
     pub metrics_addr: Option<SocketAddr>,
 }
 
@@ -409,7 +417,11 @@ impl Launched {
             Some(socket) => {
                 let addr = socket.local_addr()?;
                 info!(%addr, "metrics endpoint listening");
-                tokio::spawn(crate::metrics::serve(socket, gateway.metrics.clone()));
+                tokio::spawn(crate::metrics::serve(
+                    socket,
+                    gateway.metrics.clone(),
+                    gateway.stopping.subscribe(),
+                ));
                 Some(addr)
             }
             None => None,
