@@ -758,3 +758,46 @@ async fn upstream_v2_header_names_a_direct_client_and_the_listener() {
     bounded("NOOP", server.read_exact(&mut next)).await.unwrap();
     assert_eq!(&next, b"NOOP\r\n");
 }
+
+/// The balancer's own session (a health check: a v2 LOCAL or a v1
+/// `UNKNOWN` header) is announced to the server as such, a v2 LOCAL header
+/// or `PROXY UNKNOWN`, not as a client at the balancer's address; the
+/// session's own bytes follow it.
+#[tokio::test(flavor = "current_thread")]
+async fn upstream_header_of_a_health_check_says_local() {
+    let mut local_v2 = SIG.to_vec();
+    local_v2.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    for (from_balancer, version, want) in [
+        (local_v2.clone(), "v1", b"PROXY UNKNOWN\r\n".to_vec()),
+        (b"PROXY UNKNOWN\r\n".to_vec(), "v2", local_v2.clone()),
+    ] {
+        let mut gw = Harness::new(Upstream::Scripted)
+            .listener(&format!(
+                "    proxy_protocol:\n      from: [{BALANCER}/32]\n    upstream_proxy_protocol: {version}\n"
+            ))
+            .start()
+            .await;
+        let upstream = gw.take_upstream();
+        let check = via_balancer(&gw, &from_balancer).await;
+        let (mut server, _) = bounded("upstream connect", upstream.accept())
+            .await
+            .unwrap();
+        let mut got = vec![0u8; want.len()];
+        bounded("header", server.read_exact(&mut got))
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            want,
+            "upstream {version}: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        server.write_all(b"220 ready\r\n").await.unwrap();
+        let mut c = Peer::new(check);
+        assert_eq!(c.reply().await.0, 220);
+        c.send(b"QUIT\r\n").await;
+        let mut next = [0u8; 6];
+        bounded("QUIT", server.read_exact(&mut next)).await.unwrap();
+        assert_eq!(&next, b"QUIT\r\n", "upstream {version}");
+    }
+}
