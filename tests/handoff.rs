@@ -277,6 +277,8 @@ struct Tally {
     a_closed: AtomicBool,
     /// The client addresses of sessions that connected after that.
     late: Mutex<Vec<SocketAddr>>,
+    /// Told of each session that ends, so `wait_ok` needs no polling.
+    ended: tokio::sync::Notify,
 }
 
 impl Tally {
@@ -289,6 +291,7 @@ impl Tally {
             Ok(Err(e)) => self.failed.lock().unwrap().push(e),
             Err(_) => self.failed.lock().unwrap().push("timed out".into()),
         }
+        self.ended.notify_waiters();
     }
 
     fn failed(&self) -> Vec<String> {
@@ -298,14 +301,17 @@ impl Tally {
     /// Waits until `n` sessions have passed (or one has failed).
     async fn wait_ok(&self, n: usize) {
         let limit = tokio::time::Instant::now() + Duration::from_secs(60);
-        while self.ok.load(Ordering::Relaxed) < n && self.failed().is_empty() {
-            assert!(
-                tokio::time::Instant::now() < limit,
-                "{} of {n} sessions",
-                self.ok.load(Ordering::Relaxed)
-            );
-            // Polls counters that the client tasks raise.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        loop {
+            // Registered before the check, so an end between the two is seen.
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.ok.load(Ordering::Relaxed) >= n || !self.failed().is_empty() {
+                return;
+            }
+            if tokio::time::timeout_at(limit, ended).await.is_err() {
+                panic!("{} of {n} sessions", self.ok.load(Ordering::Relaxed));
+            }
         }
     }
 }

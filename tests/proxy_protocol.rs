@@ -680,29 +680,49 @@ impl slog::Drain for UnftpLog {
 async fn upstream_libunftp_sees_the_real_client() {
     let root = tempfile::tempdir().unwrap();
     let path = root.path().to_path_buf();
-    // libunftp binds in `listen` and cannot report a port 0: take one that
-    // was just free.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // In its PROXY protocol mode libunftp binds in `listen`: it takes no
+    // listener, cannot report a port 0 and says nothing when it listens.
+    // So take a port that was just free, and another one when something
+    // else took it first (libunftp's `listen` then ends at once).
     let unftp_log = UnftpLog::default();
-    let server = libunftp::ServerBuilder::new(Box::new(move || {
-        unftp_sbe_fs::Filesystem::new(path.clone()).unwrap()
-    }))
-    .logger(slog::Logger::root(unftp_log.clone(), slog::o!()))
-    // The control port the clients see: the balancer's front end, as the
-    // header names it.
-    .proxy_protocol_mode(21)
-    .build()
-    .unwrap();
-    tokio::spawn(server.listen(addr.to_string()));
-    bounded("libunftp listening", async {
-        while TcpStream::connect(addr).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut listening = None;
+    for _ in 0..5 {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let path = path.clone();
+        let server = libunftp::ServerBuilder::new(Box::new(move || {
+            unftp_sbe_fs::Filesystem::new(path.clone()).unwrap()
+        }))
+        .logger(slog::Logger::root(unftp_log.clone(), slog::o!()))
+        // The control port the clients see: the balancer's front end, as
+        // the header names it.
+        .proxy_protocol_mode(21)
+        .build()
+        .unwrap();
+        let task = tokio::spawn(server.listen(addr.to_string()));
+        let up = bounded("libunftp listening", async {
+            loop {
+                // A connection counts only while libunftp still listens:
+                // it may have reached whoever took the port.
+                if TcpStream::connect(addr).await.is_ok() {
+                    tokio::task::yield_now().await;
+                    return !task.is_finished();
+                }
+                if task.is_finished() {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        if up {
+            listening = Some(addr);
+            break;
         }
-    })
-    .await;
+    }
+    let addr = listening.expect("libunftp listens on one of five free ports");
     let gw = Harness::new(Upstream::At(addr))
         .file("proxy.yaml")
         .listener(&format!(
