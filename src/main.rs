@@ -311,15 +311,16 @@ async fn run(
     grace: Duration,
 ) -> anyhow::Result<()> {
     raise_nofile_limit();
+    // Installed before the listeners join their ports, so that no failure
+    // comes after; and before READY=1, so an early SIGHUP reloads instead
+    // of killing the process with the default action.
+    let shutdown = shutdown_signal()?;
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("SIGHUP handler")?;
     let launched = Launched::with_sockets(config, sockets)
         .await
         .context("starting")?;
     let table = launched.table.clone();
-    let shutdown = shutdown_signal()?;
-    // Installed before READY=1, so an early SIGHUP reloads instead of
-    // killing the process with the default action.
-    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("SIGHUP handler")?;
     let reloader = tokio::spawn(reload_on_hangup(launched.gateway.clone(), path, hangup));
     // Every listener is bound: connections queue from now on.
     ftpgate::systemd::notify_ready();

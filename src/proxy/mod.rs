@@ -114,6 +114,13 @@ pub fn bind(listener: &Listener) -> anyhow::Result<TcpListener> {
 /// first, so another user cannot take a share of the connections; any
 /// process of the same user can, hence opt-in (`run --reuse-port`).
 pub fn bind_with(listener: &Listener, reuse_port: bool) -> anyhow::Result<TcpListener> {
+    listen(listener, bind_only(listener, reuse_port)?)
+}
+
+/// [`bind_with`] without the `listen()`: a socket joins its port's
+/// SO_REUSEPORT group, and takes a share of the connections, only when it
+/// listens.
+fn bind_only(listener: &Listener, reuse_port: bool) -> anyhow::Result<Socket> {
     let addr = listener.listen;
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)
         .with_context(|| format!("listener {}: socket", listener.name))?;
@@ -139,7 +146,14 @@ pub fn bind_with(listener: &Listener, reuse_port: bool) -> anyhow::Result<TcpLis
     socket
         .bind(&addr.into())
         .with_context(|| format!("listener {}: bind {addr}", listener.name))?;
-    socket.listen(1024)?;
+    Ok(socket)
+}
+
+/// Starts `socket`, bound for `listener`, listening.
+fn listen(listener: &Listener, socket: Socket) -> anyhow::Result<TcpListener> {
+    socket
+        .listen(1024)
+        .with_context(|| format!("listener {}: listen on {}", listener.name, listener.listen))?;
     let std: std::net::TcpListener = socket.into();
     Ok(TcpListener::from_std(std)?)
 }
@@ -164,10 +178,10 @@ fn check_migrate_req() {
     }
 }
 
-/// The metrics endpoint's socket; with `reuse_port` it can share its port
-/// with the next process, as the listeners do (a scrape during the overlap
-/// then reaches either process).
-fn bind_metrics(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+/// The metrics endpoint's socket, bound but not yet listening; with
+/// `reuse_port` it can share its port with the next process, as the
+/// listeners do (a scrape during the overlap then reaches either process).
+fn bind_metrics(addr: SocketAddr, reuse_port: bool) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     if reuse_port {
@@ -175,8 +189,7 @@ fn bind_metrics(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListen
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(128)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket)
 }
 
 /// Says once, at start, that root shares the port with every root process:
@@ -240,7 +253,9 @@ impl Sockets {
                 );
             }
         }
-        let mut out = Vec::new();
+        // Every socket bound before any listens: a failure part-way then
+        // leaves no socket that took a share of the port's connections.
+        let mut bound = Vec::new();
         let mut bound_here = false;
         for l in &config.listeners {
             let taken = inherited
@@ -251,17 +266,25 @@ impl Sockets {
                 Some(s) => {
                     s.set_nonblocking(true)?;
                     info!(listener = %l.name, addr = %l.listen, "listener socket inherited from the service manager (LISTEN_FDS)");
-                    TcpListener::from_std(s)?
+                    Ok(TcpListener::from_std(s)?)
                 }
                 None => {
                     bound_here = true;
-                    bind_with(l, self.reuse_port)?
+                    Err(bind_only(l, self.reuse_port)?)
                 }
             };
-            out.push((l.clone(), socket));
+            bound.push((l, socket));
         }
         if bound_here && self.reuse_port {
             check_migrate_req();
+        }
+        let mut out = Vec::new();
+        for (l, socket) in bound {
+            let socket = match socket {
+                Ok(inherited) => inherited,
+                Err(own) => listen(l, own)?,
+            };
+            out.push((l.clone(), socket));
         }
         Ok(out)
     }
@@ -397,14 +420,24 @@ impl Launched {
             None => None,
         };
         let table = Self::table(&config).await?;
-        // Listeners last: a process that fails to start after joining a
-        // port's SO_REUSEPORT group would take a share of the connections
-        // with it (they are reset unless net.ipv4.tcp_migrate_req is 1).
+        // Listeners last, each bound before any listens: a process that
+        // fails to start after joining a port's SO_REUSEPORT group would
+        // take a share of the connections with it (they are reset unless
+        // net.ipv4.tcp_migrate_req is 1).
         let started = match Self::backend(&config, table.clone()).await {
-            Ok(b) => sockets.listeners(&config).map(|l| (b, l)),
+            Ok(b) => sockets.listeners(&config).and_then(|l| {
+                let metrics = match metrics_socket {
+                    Some(socket) => {
+                        socket.listen(128).context("metrics endpoint: listen")?;
+                        Some(TcpListener::from_std(socket.into())?)
+                    }
+                    None => None,
+                };
+                Ok((b, l, metrics))
+            }),
             Err(e) => Err(e),
         };
-        let (backend, listeners) = match started {
+        let (backend, listeners, metrics_socket) = match started {
             Ok(s) => s,
             Err(e) => {
                 // Leave nothing behind: the gateway does not start.
@@ -507,5 +540,48 @@ impl Launched {
                 warn!("removing nftables table {}: {e}", t.name());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the launch order relies on: a socket bound beside a listening
+    /// SO_REUSEPORT socket takes none of its connections until it listens
+    /// itself, so a launch that fails between bind and listen costs the
+    /// running process nothing.
+    #[test]
+    fn a_bound_socket_takes_no_connections_until_it_listens() {
+        let holder = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        holder.set_reuse_address(true).unwrap();
+        holder.set_reuse_port(true).unwrap();
+        holder
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        holder.listen(64).unwrap();
+        let addr = holder.local_addr().unwrap().as_socket().unwrap();
+        let yaml = format!(
+            "listeners:\n  - name: a\n    listen: {addr}\n    mode: reverse\n    upstream: 127.0.0.1:21\nrules:\n  - name: all\n"
+        );
+        let config = Config::parse(&yaml, std::path::Path::new("t.yaml")).unwrap();
+        let bound = bind_only(&config.listeners[0], true).unwrap();
+        // SO_RCVTIMEO bounds accept(): a connection the bound socket took
+        // would never reach the holder.
+        holder
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..32 {
+            clients.push(std::net::TcpStream::connect(addr).unwrap());
+        }
+        for n in 0..32 {
+            let got = holder.accept();
+            assert!(
+                got.is_ok(),
+                "connection {n}: {got:?}; the bound socket took a share"
+            );
+        }
+        drop(bound);
     }
 }
