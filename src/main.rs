@@ -46,12 +46,13 @@ enum Cmd {
         /// relaying).
         #[arg(long, default_value = "0", value_name = "N")]
         threads: usize,
-        /// Bind listeners without SO_REUSEPORT, so that a second gateway on
-        /// the same address fails to start instead of sharing the port
-        /// (SO_REUSEPORT, the default, lets a new process take over while
-        /// this one drains; only the same user can join).
+        /// Bind listeners and the metrics endpoint with SO_REUSEPORT, so that
+        /// a second gateway started the same way shares the port and takes
+        /// over while this one drains (blue/green upgrades). Any process of
+        /// the same user can then join the port; without this flag a second
+        /// gateway on the same address fails to start.
         #[arg(long)]
-        no_reuse_port: bool,
+        reuse_port: bool,
     },
     /// Validate a rule file; print the effective configuration or each error.
     /// With --peer, also check the files as instances of one service.
@@ -218,7 +219,7 @@ fn main() -> ExitCode {
             config,
             grace,
             threads,
-            no_reuse_port,
+            reuse_port,
         } => {
             init_tracing(cli.log_format);
             // Before any thread starts: taking them unsets LISTEN_FDS and
@@ -232,7 +233,7 @@ fn main() -> ExitCode {
                 }
             };
             let sockets = ftpgate::proxy::Sockets {
-                reuse_port: !no_reuse_port,
+                reuse_port,
                 inherited,
             };
             let path = config;
@@ -310,15 +311,16 @@ async fn run(
     grace: Duration,
 ) -> anyhow::Result<()> {
     raise_nofile_limit();
+    // Installed before the listeners join their ports, so that no failure
+    // comes after; and before READY=1, so an early SIGHUP reloads instead
+    // of killing the process with the default action.
+    let shutdown = shutdown_signal()?;
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("SIGHUP handler")?;
     let launched = Launched::with_sockets(config, sockets)
         .await
         .context("starting")?;
     let table = launched.table.clone();
-    let shutdown = shutdown_signal()?;
-    // Installed before READY=1, so an early SIGHUP reloads instead of
-    // killing the process with the default action.
-    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("SIGHUP handler")?;
     let reloader = tokio::spawn(reload_on_hangup(launched.gateway.clone(), path, hangup));
     // Every listener is bound: connections queue from now on.
     ftpgate::systemd::notify_ready();

@@ -238,12 +238,23 @@ impl Drop for OpenGuard {
     }
 }
 
-/// Serves `GET /metrics` on `socket` until the task is dropped. One request
-/// per connection; anything else gets 404. Scrapers are trusted less than
-/// nothing: each request is bounded in size and time.
-pub async fn serve(socket: TcpListener, metrics: Arc<Metrics>) {
+/// Serves `GET /metrics` on `socket` until `stop` turns true (or its
+/// sender is gone), then closes the socket: a process that drains answers
+/// no health check. One request per connection; anything else gets 404.
+/// Scrapers are trusted less than nothing: each request is bounded in size
+/// and time.
+pub async fn serve(
+    socket: TcpListener,
+    metrics: Arc<Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
-        let Ok((stream, _)) = socket.accept().await else {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            a = socket.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else {
             // EMFILE and friends: back off instead of spinning.
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -253,6 +264,10 @@ pub async fn serve(socket: TcpListener, metrics: Arc<Metrics>) {
             let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &metrics)).await;
         });
     }
+    // The socket first: the sender learns the endpoint is closed when the
+    // receiver goes.
+    drop(socket);
+    drop(stop);
 }
 
 /// Binds the endpoint; fails at startup rather than running without it.

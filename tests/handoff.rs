@@ -61,10 +61,11 @@ impl Proc {
         Proc { child, log }
     }
 
-    /// `ftpgate run -c config --grace 30`.
+    /// `ftpgate run --reuse-port -c config --grace 30`.
     fn gateway(config: &Path) -> Proc {
         let args = [
             OsStr::new("run"),
+            OsStr::new("--reuse-port"),
             OsStr::new("--grace"),
             OsStr::new("30"),
             OsStr::new("-c"),
@@ -276,6 +277,8 @@ struct Tally {
     a_closed: AtomicBool,
     /// The client addresses of sessions that connected after that.
     late: Mutex<Vec<SocketAddr>>,
+    /// Told of each session that ends, so `wait_ok` needs no polling.
+    ended: tokio::sync::Notify,
 }
 
 impl Tally {
@@ -288,6 +291,7 @@ impl Tally {
             Ok(Err(e)) => self.failed.lock().unwrap().push(e),
             Err(_) => self.failed.lock().unwrap().push("timed out".into()),
         }
+        self.ended.notify_waiters();
     }
 
     fn failed(&self) -> Vec<String> {
@@ -297,14 +301,17 @@ impl Tally {
     /// Waits until `n` sessions have passed (or one has failed).
     async fn wait_ok(&self, n: usize) {
         let limit = tokio::time::Instant::now() + Duration::from_secs(60);
-        while self.ok.load(Ordering::Relaxed) < n && self.failed().is_empty() {
-            assert!(
-                tokio::time::Instant::now() < limit,
-                "{} of {n} sessions",
-                self.ok.load(Ordering::Relaxed)
-            );
-            // Polls counters that the client tasks raise.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        loop {
+            // Registered before the check, so an end between the two is seen.
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.ok.load(Ordering::Relaxed) >= n || !self.failed().is_empty() {
+                return;
+            }
+            if tokio::time::timeout_at(limit, ended).await.is_err() {
+                panic!("{} of {n} sessions", self.ok.load(Ordering::Relaxed));
+            }
         }
     }
 }
@@ -456,10 +463,10 @@ async fn handoff_under_load() {
     b.exit_ok().await;
 }
 
-/// A second gateway with the same listener joins the first's port; with
-/// `--no-reuse-port` it fails to start instead.
+/// A second gateway with the same listener fails to start unless both were
+/// told `--reuse-port`: then it joins the first's port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_gateway_shares_the_port_unless_told_not_to() {
+async fn a_second_gateway_shares_the_port_only_with_reuse_port() {
     let root = tempfile::tempdir().unwrap();
     std::fs::write(root.path().join("f"), body(1000)).unwrap();
     let want = digest(&body(1000));
@@ -469,12 +476,24 @@ async fn a_second_gateway_shares_the_port_unless_told_not_to() {
     std::fs::write(&file_a, rule_file("127.0.0.1:0", upstream)).unwrap();
     let mut a = Proc::gateway(&file_a);
     let addr = a.addr_of("listening").await;
+    // The warnings that belong to --reuse-port, where they apply here.
+    let migrate_off = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        .map_or(true, |v| v.trim() == "0");
+    let root = rustix::process::geteuid().is_root();
+    let log_a = a.log.text();
+    assert_eq!(log_a.contains("tcp_migrate_req"), migrate_off, "{log_a}");
+    assert_eq!(log_a.contains("--reuse-port as root"), root, "{log_a}");
+    assert_eq!(
+        log_a.matches("--reuse-port as root").count(),
+        usize::from(root)
+    );
     let file_b = dir.path().join("b.yaml");
     std::fs::write(&file_b, rule_file(&addr.to_string(), upstream)).unwrap();
 
-    let args = [OsStr::new("run"), OsStr::new("--no-reuse-port")];
-    let args = [&args[..], &[OsStr::new("-c"), file_b.as_os_str()]].concat();
-    let mut alone = Proc::spawn(bin(), &args, Stdio::null());
+    // Without the flag: A (with it) and a plain one; a plain A and B with
+    // the flag. Neither joins.
+    let plain = [OsStr::new("run"), OsStr::new("-c"), file_b.as_os_str()];
+    let mut alone = Proc::spawn(bin(), &plain, Stdio::null());
     let status = bounded("exit", alone.child.wait()).await.unwrap();
     assert!(!status.success());
     let log = alone.log.wait_for("ftpgate: starting").await;
@@ -482,6 +501,28 @@ async fn a_second_gateway_shares_the_port_unless_told_not_to() {
         log.contains(&format!("bind {addr}: Address already in use")),
         "{log}"
     );
+    let file_c = dir.path().join("c.yaml");
+    std::fs::write(&file_c, rule_file("127.0.0.1:0", upstream)).unwrap();
+    let plain_c = [OsStr::new("run"), OsStr::new("-c"), file_c.as_os_str()];
+    let mut c = Proc::spawn(bin(), &plain_c, Stdio::null());
+    let addr_c = c.addr_of("listening").await;
+    let log_c = c.log.text();
+    assert!(
+        !log_c.contains("tcp_migrate_req") && !log_c.contains("as root"),
+        "warned without --reuse-port:\n{log_c}"
+    );
+    let file_d = dir.path().join("d.yaml");
+    std::fs::write(&file_d, rule_file(&addr_c.to_string(), upstream)).unwrap();
+    let mut d = Proc::gateway(&file_d);
+    let status = bounded("exit", d.child.wait()).await.unwrap();
+    assert!(!status.success());
+    let log = d.log.wait_for("ftpgate: starting").await;
+    assert!(
+        log.contains(&format!("bind {addr_c}: Address already in use")),
+        "{log}"
+    );
+    c.signal("-TERM");
+    c.exit_ok().await;
 
     let mut b = Proc::gateway(&file_b);
     assert_eq!(b.addr_of("listening").await, addr);
@@ -649,7 +690,8 @@ async fn socket_activate() {
 
 /// Two gateways with one nftables table: the second refuses to start,
 /// saying why, and the first's table stays; once the first is gone, the
-/// table is gone too.
+/// table is gone too. The lock is a file under /run/ftpgate, not a name
+/// that anyone could take first.
 #[test]
 fn a_second_gateway_refuses_a_table_in_use() {
     if Command::new("nft").arg("--version").output().is_err() {
@@ -684,16 +726,25 @@ fn a_second_gateway_refuses_a_table_in_use() {
                         data:\n  nftables_table: fgt_handoff\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
                         rules:\n  - name: r\n    clients: [127.0.0.0/8]\n";
             std::fs::write(&file, yaml).unwrap();
+            // The abstract socket name an earlier version locked with,
+            // which any local user could take first: it no longer matters.
+            let squat = {
+                use std::os::linux::net::SocketAddrExt;
+                let name = std::os::unix::net::SocketAddr::from_abstract_name(b"ftpgate-nft:fgt_handoff")
+                    .unwrap();
+                std::os::unix::net::UnixListener::bind_addr(&name).unwrap()
+            };
             let mut a = Proc::gateway(&file);
             a.addr_of("listening").await;
             assert!(list(), "A's table");
+            drop(squat);
             let mut b = Proc::gateway(&file);
             let status = bounded("exit", b.child.wait()).await.unwrap();
             assert!(!status.success());
             let log = b.log.wait_for("ftpgate: starting").await;
             assert!(
                 log.contains("nftables table 'fgt_handoff' belongs to another running ftpgate")
-                    && log.contains("@ftpgate-nft:fgt_handoff"),
+                    && log.contains("-fgt_handoff.lock: `fuser -v"),
                 "{log}"
             );
             assert!(!log.contains("listening"), "{log}");
@@ -739,9 +790,13 @@ fn systemd_units_verify() {
         "\nDynamicUser=yes\nUser=ftpgate\n",
         "\nType=notify\n",
         "tcp_migrate_req=1",
+        " run --reuse-port ",
     ] {
         assert!(template.contains(line), "template lacks {line:?}");
     }
+    // Only the blue/green template shares its ports.
+    let single = &texts["ftpgate.service"];
+    assert!(!single.contains("--reuse-port"), "{single}");
     for units in [
         &["ftpgate.socket", "ftpgate.service"][..],
         &["ftpgate@blue.service"][..],

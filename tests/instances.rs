@@ -245,6 +245,72 @@ fn balancer_prints_a_haproxy_config_that_haproxy_accepts() {
     assert!(!check.status.success(), "haproxy -c took `balance sauce`");
 }
 
+/// The example set with an IPv6 listener beside the IPv4 one in each file:
+/// each instance then has a data slice on each VIP, and HAProxy accepts
+/// the result (it refuses two proxies with one name). A slice over the
+/// control port is refused, naming both.
+#[test]
+fn balancer_dual_stack_config_passes_haproxy_check_and_a_slice_over_control_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let anchor = "\ndata:\n";
+    let mut files = Vec::new();
+    for n in 1..=3 {
+        let v6 = format!(
+            "  - name: public-ftp6\n    listen: \"[2001:db8:1::{n}]:21\"\n    mode: reverse\n    upstream: 10.0.0.3:21\n    announce: \"2001:db8::10\"\n    proxy_protocol:\n      from: [\"2001:db8:1::fe\"]\n{anchor}"
+        );
+        let name = format!("gw{n}.yaml");
+        files.push(variant(dir.path(), &name, &name, &[(anchor, &v6)]));
+    }
+    let mut args = vec!["balancer", "--format", "haproxy"];
+    for f in &files {
+        args.extend(["-c", f.as_str()]);
+    }
+    let out = ftpgate(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let cfg = text(&out.stdout);
+    for l in [
+        "frontend ftp-data-gw1-v4\n",
+        "frontend ftp-data-gw1-v6\n",
+        "    bind [2001:db8::10]:40300-40599\n",
+        "    server gw2 [2001:db8:1::2] send-proxy-v2\n",
+    ] {
+        assert!(cfg.contains(l), "no {l:?} in:\n{cfg}");
+    }
+
+    let over = variant(
+        dir.path(),
+        "gw1.yaml",
+        "over.yaml",
+        &[("listen: 10.0.1.1:21 ", "listen: 10.0.1.1:40021 ")],
+    );
+    let out = ftpgate(&["balancer", "--format", "haproxy", "-c", &over]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains(
+            "instance `gw1`: client_ports 40000-40299 on 203.0.113.10 contain the control port 40021 of listener `public-ftp`"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+
+    if !can_run(false, &["haproxy"]) {
+        return;
+    }
+    let file = dir.path().join("haproxy.cfg");
+    std::fs::write(&file, &cfg).unwrap();
+    let check = Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "haproxy -c:\n{}\n{cfg}",
+        text(&check.stderr)
+    );
+}
+
 #[test]
 fn balancer_prints_an_nftables_table_that_nft_accepts() {
     let mut args = vec!["balancer", "--format", "nftables"];

@@ -680,29 +680,49 @@ impl slog::Drain for UnftpLog {
 async fn upstream_libunftp_sees_the_real_client() {
     let root = tempfile::tempdir().unwrap();
     let path = root.path().to_path_buf();
-    // libunftp binds in `listen` and cannot report a port 0: take one that
-    // was just free.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // In its PROXY protocol mode libunftp binds in `listen`: it takes no
+    // listener, cannot report a port 0 and says nothing when it listens.
+    // So take a port that was just free, and another one when something
+    // else took it first (libunftp's `listen` then ends at once).
     let unftp_log = UnftpLog::default();
-    let server = libunftp::ServerBuilder::new(Box::new(move || {
-        unftp_sbe_fs::Filesystem::new(path.clone()).unwrap()
-    }))
-    .logger(slog::Logger::root(unftp_log.clone(), slog::o!()))
-    // The control port the clients see: the balancer's front end, as the
-    // header names it.
-    .proxy_protocol_mode(21)
-    .build()
-    .unwrap();
-    tokio::spawn(server.listen(addr.to_string()));
-    bounded("libunftp listening", async {
-        while TcpStream::connect(addr).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut listening = None;
+    for _ in 0..5 {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let path = path.clone();
+        let server = libunftp::ServerBuilder::new(Box::new(move || {
+            unftp_sbe_fs::Filesystem::new(path.clone()).unwrap()
+        }))
+        .logger(slog::Logger::root(unftp_log.clone(), slog::o!()))
+        // The control port the clients see: the balancer's front end, as
+        // the header names it.
+        .proxy_protocol_mode(21)
+        .build()
+        .unwrap();
+        let task = tokio::spawn(server.listen(addr.to_string()));
+        let up = bounded("libunftp listening", async {
+            loop {
+                // A connection counts only while libunftp still listens:
+                // it may have reached whoever took the port.
+                if TcpStream::connect(addr).await.is_ok() {
+                    tokio::task::yield_now().await;
+                    return !task.is_finished();
+                }
+                if task.is_finished() {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        if up {
+            listening = Some(addr);
+            break;
         }
-    })
-    .await;
+    }
+    let addr = listening.expect("libunftp listens on one of five free ports");
     let gw = Harness::new(Upstream::At(addr))
         .file("proxy.yaml")
         .listener(&format!(
@@ -757,4 +777,47 @@ async fn upstream_v2_header_names_a_direct_client_and_the_listener() {
     let mut next = [0u8; 6];
     bounded("NOOP", server.read_exact(&mut next)).await.unwrap();
     assert_eq!(&next, b"NOOP\r\n");
+}
+
+/// The balancer's own session (a health check: a v2 LOCAL or a v1
+/// `UNKNOWN` header) is announced to the server as such, a v2 LOCAL header
+/// or `PROXY UNKNOWN`, not as a client at the balancer's address; the
+/// session's own bytes follow it.
+#[tokio::test(flavor = "current_thread")]
+async fn upstream_header_of_a_health_check_says_local() {
+    let mut local_v2 = SIG.to_vec();
+    local_v2.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    for (from_balancer, version, want) in [
+        (local_v2.clone(), "v1", b"PROXY UNKNOWN\r\n".to_vec()),
+        (b"PROXY UNKNOWN\r\n".to_vec(), "v2", local_v2.clone()),
+    ] {
+        let mut gw = Harness::new(Upstream::Scripted)
+            .listener(&format!(
+                "    proxy_protocol:\n      from: [{BALANCER}/32]\n    upstream_proxy_protocol: {version}\n"
+            ))
+            .start()
+            .await;
+        let upstream = gw.take_upstream();
+        let check = via_balancer(&gw, &from_balancer).await;
+        let (mut server, _) = bounded("upstream connect", upstream.accept())
+            .await
+            .unwrap();
+        let mut got = vec![0u8; want.len()];
+        bounded("header", server.read_exact(&mut got))
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            want,
+            "upstream {version}: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        server.write_all(b"220 ready\r\n").await.unwrap();
+        let mut c = Peer::new(check);
+        assert_eq!(c.reply().await.0, 220);
+        c.send(b"QUIT\r\n").await;
+        let mut next = [0u8; 6];
+        bounded("QUIT", server.read_exact(&mut next)).await.unwrap();
+        assert_eq!(&next, b"QUIT\r\n", "upstream {version}");
+    }
 }

@@ -283,3 +283,51 @@ async fn sighup_reloads_rules_and_keeps_them_on_a_bad_file() {
     gate.log.wait_for_n("configuration reloaded", 2).await;
     assert!(greeting(gate.addr).await.starts_with("220"));
 }
+
+/// At SIGTERM the metrics endpoint closes with the listeners, while an open
+/// session still drains: a health check that scrapes it (keepalived's
+/// track_script) sees the process go and moves the address away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_the_metrics_endpoint_while_sessions_drain() {
+    let root = tempfile::tempdir().unwrap();
+    let upstream = start_unftp(root.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gate.yaml");
+    let yaml = rule_file(upstream, "127.0.0.0/8") + "metrics:\n  listen: 127.0.0.1:0\n";
+    std::fs::write(&file, yaml).unwrap();
+    let args = ["run", "--grace", "10", "-c"].map(std::ffi::OsStr::new);
+    let args = [&args[..], &[file.as_os_str()]].concat();
+    let mut bin = Binary::spawn(&args, "info", LIMIT);
+    let addr = bin.addr_of("listener=t").await;
+    let metrics = bin.addr_of("metrics endpoint listening").await;
+    let scrape = || async move {
+        let mut s = TcpStream::connect(metrics).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        std::io::Result::Ok(text)
+    };
+    let before = bounded("scrape", scrape()).await.unwrap();
+    assert!(before.starts_with("HTTP/1.1 200"), "{before}");
+
+    let mut idle = login(addr).await;
+    let pid = bin.pid().to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    bin.log.wait_for("shutting down").await;
+    let after = bounded("scrape", scrape()).await;
+    assert_eq!(
+        after.as_ref().map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "{after:?}"
+    );
+    // The session is still served: the process drains.
+    assert!(cmd(&mut idle, "NOOP").await.starts_with("200"));
+    let _ = cmd(&mut idle, "QUIT").await;
+    let status = bounded("exit", bin.child.wait()).await.unwrap();
+    assert!(status.success(), "{status}\n{}", bin.log.text());
+}

@@ -100,8 +100,19 @@ defaults
     for k in &controls {
         control(&mut out, k);
     }
-    for s in &slices {
-        data(&mut out, s);
+    for (i, s) in slices.iter().enumerate() {
+        // One instance may have a slice per VIP (an IPv4 and an IPv6
+        // listener): HAProxy refuses two proxies with one name.
+        let family = if s.vip.is_ipv4() { "v4" } else { "v6" };
+        let before = slices[..i]
+            .iter()
+            .filter(|o| o.instance == s.instance && o.vip.is_ipv4() == s.vip.is_ipv4())
+            .count();
+        let mut name = format!("ftp-data-{}-{family}", safe(s.instance));
+        if before > 0 {
+            let _ = write!(name, "-{}", before + 1);
+        }
+        data(&mut out, s, &name);
     }
     Ok(out)
 }
@@ -150,8 +161,7 @@ backend {name}
     }
 }
 
-fn data(out: &mut String, s: &Slice<'_>) {
-    let name = format!("ftp-data-{}", safe(s.instance));
+fn data(out: &mut String, s: &Slice<'_>, name: &str) {
     let PortRange { lo, hi } = s.ports;
     let to = addr(s.to, "");
     let _ = write!(

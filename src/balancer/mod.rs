@@ -135,6 +135,20 @@ fn plan(set: &[Config]) -> Result<(Vec<Control<'_>>, Vec<Slice<'_>>), Vec<SetErr
             ));
         }
     }
+    // A control port inside a slice on the same VIP would be bound twice
+    // on the balancer, which would then split control connections between
+    // the control frontend and one instance's data frontend.
+    for s in &slices {
+        for k in controls
+            .iter()
+            .filter(|k| k.vip == s.vip && s.ports.contains(k.port))
+        {
+            errors.push(format!(
+                "instance `{}`: client_ports {} on {} contain the control port {} of listener `{}`; a balancer port leads to one place: choose client_ports that leave it out",
+                s.instance, s.ports, s.vip, k.port, k.listener
+            ));
+        }
+    }
     if errors.is_empty() {
         Ok((controls, slices))
     } else {

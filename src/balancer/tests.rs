@@ -233,7 +233,7 @@ fn haproxy_spreads_control_by_source_and_routes_each_slice_to_its_owner() {
         has(l);
     }
     // Each slice's frontend leads to its owner only.
-    let gw2 = text.split("\nbackend ftp-data-gw2\n").nth(1).unwrap();
+    let gw2 = text.split("\nbackend ftp-data-gw2-v4\n").nth(1).unwrap();
     let gw2 = gw2.split("\n\n").next().unwrap();
     assert!(gw2.contains("server gw2 10.0.1.2 send-proxy-v2"));
     assert!(!gw2.contains("gw1") && !gw2.contains("gw3"), "{gw2}");
@@ -361,4 +361,58 @@ fn nftables_hashes_the_client_and_dnats_each_slice_to_its_owner() {
     );
     // Without SNAT, replies are un-DNATed only if they come back this way.
     assert!(text.contains("must come back through this"), "{text}");
+}
+
+/// An instance with an IPv4 and an IPv6 listener has a data slice on each
+/// VIP; each gets a proxy name of its own, as HAProxy requires.
+#[test]
+fn haproxy_names_each_data_proxy_once_for_dual_stack_instances() {
+    let v6 = "  - name: ftp6\n    listen: \"[2001:db8:1::N]:21\"\n    mode: reverse\n    upstream: 10.0.0.3:21\n    announce: \"2001:db8::10\"\n    proxy_protocol:\n      from: [\"2001:db8:1::fe\"]\n";
+    let extra1 = format!("{PP}{}", v6.replace('N', "1"));
+    let extra2 = format!("{PP}{}", v6.replace('N', "2"));
+    let mut a = inst("gw1", "10.0.1.1:21", "40000-40299");
+    a.listener_extra = &extra1;
+    let mut b = inst("gw2", "10.0.1.2:21", "40300-40599");
+    b.listener_extra = &extra2;
+    let text = generate(&set(&[a, b]), Format::Haproxy).unwrap();
+    // A frontend and a backend may share a name; two of a kind may not.
+    let names: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("frontend ") || l.starts_with("backend "))
+        .collect();
+    let mut unique = names.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(names.len(), unique.len(), "{names:?}");
+    for l in [
+        "frontend ftp-data-gw1-v4",
+        "frontend ftp-data-gw1-v6",
+        "backend ftp-data-gw2-v6",
+        "bind [2001:db8::10]:40300-40599",
+        "server gw2 [2001:db8:1::2] send-proxy-v2",
+    ] {
+        assert!(text.lines().any(|x| x.trim() == l), "no {l:?} in:\n{text}");
+    }
+}
+
+/// client_ports that contain the control port on the same VIP are refused,
+/// naming both.
+#[test]
+fn a_slice_over_a_control_port_of_its_vip_is_refused() {
+    let over = set(&[
+        inst("gw1", "10.0.1.1:40100", "40000-40299"),
+        inst("gw2", "10.0.1.2:40100", "40300-40599"),
+    ]);
+    for f in [Format::Haproxy, Format::Nftables] {
+        let e = generate(&over, f).unwrap_err();
+        assert!(
+            e.iter().any(|e| e.0.contains(
+                "instance `gw1`: client_ports 40000-40299 on 203.0.113.10 contain the control port 40100 of listener `ftp`"
+            )),
+            "{e:?}"
+        );
+    }
+    // A control port just past the slice is fine.
+    let next = set(&[inst("gw1", "10.0.1.1:40300", "40000-40299")]);
+    assert!(generate(&next, Format::Haproxy).is_ok());
 }

@@ -1277,27 +1277,27 @@ fn proxy_protocol_section() {
 fn a_broad_balancer_network_is_warned_about() {
     let rules = "rules:\n  - name: all\n";
     let c = ok(&format!(
-        "{HEAD}    proxy_protocol: {{ from: [0.0.0.0/0, \"::/0\", 10.0.0.0/7, 10.0.0.0/8, \"2001:db8::/31\", \"2001:db8::/32\"] }}\n{rules}"
+        "{HEAD}    proxy_protocol: {{ from: [0.0.0.0/0, \"::/0\", 10.0.0.0/8, 10.0.0.0/23, 10.0.1.0/24, \"2001:db8::/48\", \"2001:db8::/63\", \"2001:db8::/64\"] }}\n{rules}"
     ));
     let yaml = c.to_yaml();
     let notes: Vec<&str> = yaml
         .lines()
         .filter(|l| l.starts_with("# warning:"))
         .collect();
-    assert_eq!(notes.len(), 4, "{yaml}");
+    assert_eq!(notes.len(), 6, "{yaml}");
     assert!(notes[0].contains("listeners[0] (lo): proxy_protocol.from 0.0.0.0/0 is every IPv4 address: any host in it may name any client"), "{yaml}");
     assert!(notes[1].contains("::/0 is every IPv6 address"), "{yaml}");
-    assert!(
-        notes[2].contains("10.0.0.0/7 is a network shorter than /8"),
-        "{yaml}"
-    );
-    assert!(
-        notes[3].contains("2001:db8::/31 is a network shorter than /32"),
-        "{yaml}"
-    );
+    for (note, net) in notes[2..].iter().zip([
+        "10.0.0.0/8 is a network shorter than /24",
+        "10.0.0.0/23 is a network shorter than /24",
+        "2001:db8::/48 is a network shorter than /64",
+        "2001:db8::/63 is a network shorter than /64",
+    ]) {
+        assert!(note.contains(net), "{net}: {yaml}");
+    }
     assert_eq!(parse(&yaml), Ok(c));
     let narrow = ok(&format!(
-        "{HEAD}    proxy_protocol: {{ from: [10.0.0.0/8] }}\n{rules}"
+        "{HEAD}    proxy_protocol: {{ from: [10.0.1.0/24, \"2001:db8::/64\", 10.0.1.254] }}\n{rules}"
     ));
     assert!(!narrow.to_yaml().contains("warning"));
 }

@@ -155,9 +155,10 @@ impl ProxyProtocol {
     /// nothing holds at most this many descriptors, not all of them.
     pub const MAX_WAITING: usize = 64;
     /// Prefixes shorter than these (IPv4, IPv6) in `from` draw a warning:
-    /// no balancer fleet is that large, and every address inside may name
-    /// any client.
-    pub const BROAD_PREFIX: (u8, u8) = (8, 32);
+    /// every address inside may name any client and take its data
+    /// pinholes, and "the whole LAN" (/8, /16) is the usual mistake, while
+    /// balancers fit in one subnet.
+    pub const BROAD_PREFIX: (u8, u8) = (24, 64);
 
     /// True when `peer` is one of the balancers.
     pub fn trusts(&self, peer: IpAddr) -> bool {

@@ -42,7 +42,7 @@ const TABLE: &str = include_str!("table.nft");
 pub struct InterceptTable {
     name: String,
     /// Held for the table's life: see [`claim_name`].
-    _owner: std::os::unix::net::UnixListener,
+    _owner: std::fs::File,
     /// Runs before `nft` (e.g. `ip netns exec NS`); empty outside tests.
     prefix: Vec<String>,
     /// The task that applies element changes.
@@ -227,52 +227,82 @@ fn nft_command(prefix: &[String]) -> Command {
     }
 }
 
+/// Where table locks live when the service manager gives no runtime
+/// directory (systemd's `RuntimeDirectory=ftpgate` sets
+/// `RUNTIME_DIRECTORY`): under /run, which only root can write to.
+const LOCK_DIR: &str = "/run/ftpgate";
+
 /// Makes this process the owner of the table `name` in its network
-/// namespace (or `netns`), for as long as the returned socket lives.
+/// namespace (or `netns`), for as long as the returned file stays open.
 ///
 /// Creating the table replaces any table of that name, and a clean exit
 /// deletes it: a second gateway with the same table would delete the
 /// first one's pinholes at start, and the first would delete the
-/// second's table at exit. The owner holds the abstract Unix socket
-/// `@ftpgate-nft:NAME`; abstract names belong to the network namespace,
-/// as nftables tables do, and the kernel frees the name when the process
-/// dies, so a table left by a crash is still replaced. Fails with
-/// `AddrInUse` and a message naming the socket while another owner lives.
-fn claim_name(name: &str, netns: Option<PathBuf>) -> io::Result<std::os::unix::net::UnixListener> {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixListener};
-    let socket = format!("ftpgate-nft:{name}");
-    let bind = {
-        let socket = socket.clone();
-        move || UnixListener::bind_addr(&SocketAddr::from_abstract_name(socket.as_bytes())?)
-    };
-    let bound = match netns {
-        None => bind(),
-        // A socket belongs to the namespace of the thread that made it.
-        Some(path) => std::thread::spawn(move || {
-            use std::os::fd::AsFd;
-            let ns = std::fs::File::open(&path)?;
-            rustix::thread::move_into_link_name_space(
-                ns.as_fd(),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )?;
-            bind()
-        })
-        .join()
-        .map_err(|_| io::Error::other("netns thread failed"))?,
-    };
-    bound.map_err(|e| match e.kind() {
-        io::ErrorKind::AddrInUse => io::Error::new(
-            e.kind(),
+/// second's table at exit. The owner holds an exclusive `flock` on
+/// `DIR/nft-<netns inode>-NAME.lock`, DIR being the runtime directory: the
+/// namespace's inode scopes the lock as nftables tables are scoped; the
+/// kernel drops the lock when the process dies, so a table left by a crash
+/// is still replaced; and the directory (0700, owned by the gateway's
+/// user or root) keeps other users from taking the lock first. Fails with
+/// `AddrInUse` and a message naming the file while another owner lives.
+fn claim_name(name: &str, netns: Option<PathBuf>) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+    let ns = netns.unwrap_or_else(|| PathBuf::from("/proc/thread-self/ns/net"));
+    let ns_inode = std::fs::metadata(&ns)
+        .map_err(|e| io::Error::new(e.kind(), format!("network namespace {}: {e}", ns.display())))?
+        .ino();
+    let dir = std::env::var_os("RUNTIME_DIRECTORY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(LOCK_DIR));
+    let made = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    if let Err(e) = made {
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("table lock directory {}: {e}", dir.display()),
+            ));
+        }
+    }
+    // A directory that another user owns or may write to would let that
+    // user hold the lock first.
+    let meta = std::fs::symlink_metadata(&dir)?;
+    let me = rustix::process::geteuid().as_raw();
+    if !meta.is_dir() || (meta.uid() != me && meta.uid() != 0) || meta.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "table lock directory {}: must be a directory owned by this user or root, writable by nobody else",
+                dir.display()
+            ),
+        ));
+    }
+    let path = dir.join(format!("nft-{ns_inode}-{name}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("table lock {}: {e}", path.display())))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
             format!(
                 "nftables table '{name}' belongs to another running ftpgate in this network namespace \
-                 (it holds the socket @{socket}: `ss -xlp | grep {socket}` names it). Two gateways \
-                 cannot share a table: stop that one first, or give each its own data.nftables_table \
-                 and data ports that do not overlap"
+                 (it holds the lock {path}: `fuser -v {path}` names it). Two gateways cannot share a \
+                 table: stop that one first, or give each its own data.nftables_table and data ports \
+                 that do not overlap",
+                path = path.display()
             ),
-        ),
-        _ => io::Error::new(e.kind(), format!("socket @{socket}: {e}")),
-    })
+        )),
+        Err(e) => Err(io::Error::new(
+            io::Error::from(e).kind(),
+            format!("table lock {}: {e}", path.display()),
+        )),
+    }
 }
 
 /// At most this many changes share one transaction.
@@ -526,7 +556,10 @@ mod tests {
             .await
             .expect_err("a second owner");
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
-        assert!(err.to_string().contains("@ftpgate-nft:ftpgate_t"), "{err}");
+        assert!(
+            err.to_string().contains("-ftpgate_t.lock: `fuser -v"),
+            "{err}"
+        );
         let (_, listed) = ns.nft(&["list", "table", "inet", "ftpgate_t"], None);
         assert!(
             listed.contains("10.0.0.5 . 198.51.100.7 . 40001"),

@@ -400,14 +400,28 @@ mod tests {
         assert_eq!(p.held_by(ip(0)), 0);
     }
 
+    /// Two adjacent ports on loopback, both held (a pool's range is
+    /// contiguous): the kernel's port 0 and the one above, until both bind.
+    fn two_adjacent_ports() -> (TcpListener, TcpListener) {
+        for _ in 0..100 {
+            let a = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+            let Some(next) = a.local_addr().unwrap().port().checked_add(1) else {
+                continue;
+            };
+            if let Ok(b) = TcpListener::bind((Ipv4Addr::LOCALHOST, next)) {
+                return (a, b);
+            }
+        }
+        panic!("no two adjacent free ports on 127.0.0.1 in 100 tries");
+    }
+
     #[test]
     fn bind_skips_a_port_held_by_another_socket() {
-        // Learn a free port, hold it, and build a two-port pool starting there.
-        let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        // Hold a port, free the one above, and build a two-port pool there.
+        let (taken, above) = two_adjacent_ports();
         let port = taken.local_addr().unwrap().port();
-        let Some(hi) = port.checked_add(1) else {
-            return; // the kernel gave us 65535; nothing above it to try
-        };
+        let hi = above.local_addr().unwrap().port();
+        drop(above);
         // A share of one: the busy port tried first must not use it up.
         let p = pool(port, hi).with_client_share(1);
         let lo = IpAddr::from(Ipv4Addr::LOCALHOST);
@@ -457,17 +471,15 @@ mod tests {
         // Two gateways started from one rule file (the old one draining, the
         // new one taking over) each have a pool over the same range: a
         // port the first listens on is skipped by the second.
-        let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let port = taken.local_addr().unwrap().port();
-        let Some(hi) = port.checked_add(1) else {
-            return; // the kernel gave us 65535; nothing above it to try
-        };
-        drop(taken);
+        let (a, b) = two_adjacent_ports();
+        let port = a.local_addr().unwrap().port();
+        let hi = b.local_addr().unwrap().port();
+        drop((a, b));
         let lo = IpAddr::from(Ipv4Addr::LOCALHOST);
         let (old, new) = (pool(port, hi), pool(port, hi));
-        let Ok((old_lease, _old_listener)) = old.bind(lo, ip(1)) else {
-            return; // someone else took both ports meanwhile
-        };
+        let (old_lease, _old_listener) = old
+            .bind(lo, ip(1))
+            .expect("the old pool binds one of two ports just freed");
         let mut held = Vec::new();
         loop {
             match new.bind(lo, ip(2)) {
@@ -481,8 +493,11 @@ mod tests {
                 }
             }
         }
-        // At most the one port the old pool does not hold.
-        assert!(held.len() <= 1, "{} ports", held.len());
+        // Exactly the one port the old pool does not hold.
+        assert_eq!(held.len(), 1, "{} ports", held.len());
+        let mut both = [old_lease.port(), held[0].0.port()];
+        both.sort_unstable();
+        assert_eq!(both, [port, hi]);
     }
 
     #[test]

@@ -117,6 +117,9 @@ struct Client {
     /// The client's first bytes must not be a PROXY header: the listener
     /// takes headers from balancers only, and from each connection once.
     sniff: bool,
+    /// The balancer's own session (a LOCAL or UNKNOWN header): a header
+    /// sent upstream says so rather than naming the balancer as a client.
+    local: bool,
 }
 
 /// The session's client: the TCP peer, or the real client that a trusted
@@ -137,6 +140,7 @@ async fn real_client(
         via: None,
         front: local,
         sniff,
+        local: false,
     };
     let Some(pp) = &listener.proxy_protocol else {
         return Some(direct(false));
@@ -162,6 +166,7 @@ async fn real_client(
         Ok(Ok(Header::Local)) => {
             return Some(Client {
                 via: Some(peer),
+                local: true,
                 ..direct(true)
             })
         }
@@ -181,6 +186,7 @@ async fn real_client(
                     via: Some(peer),
                     front,
                     sniff: true,
+                    local: false,
                 });
             } else {
                 // Its data connections come straight to the gateway, on an
@@ -318,9 +324,13 @@ async fn connect(
     server: SocketAddr,
 ) -> Option<TcpStream> {
     let header = listener.upstream_proxy_protocol.map(|version| {
-        let h = Header::Proxied {
-            source: who.addr,
-            destination: who.front,
+        let h = if who.local {
+            Header::Local
+        } else {
+            Header::Proxied {
+                source: who.addr,
+                destination: who.front,
+            }
         };
         match version {
             ProxyVersion::V1 => proxy_protocol::encode_v1(&h),

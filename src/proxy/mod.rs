@@ -38,6 +38,9 @@ pub struct Gateway {
     pub audit: Option<crate::audit::AuditLog>,
     /// Session ids: unique for the process's life, carried by every log line.
     next_id: AtomicU64,
+    /// Set once shutdown starts: the metrics endpoint then closes, so a
+    /// health check that scrapes it sees this process go.
+    stopping: watch::Sender<bool>,
 }
 
 impl Gateway {
@@ -59,6 +62,7 @@ impl Gateway {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             audit,
             next_id: AtomicU64::new(1),
+            stopping: watch::channel(false).0,
         })
     }
 
@@ -94,9 +98,9 @@ impl Gateway {
     }
 }
 
-/// Binds a listener's socket, with SO_REUSEPORT (see [`bind_with`]).
+/// Binds a listener's socket, without SO_REUSEPORT (see [`bind_with`]).
 pub fn bind(listener: &Listener) -> anyhow::Result<TcpListener> {
-    bind_with(listener, true)
+    bind_with(listener, false)
 }
 
 /// Binds a listener's socket. IPv6 sockets are v6-only, so `0.0.0.0:P` and
@@ -107,8 +111,16 @@ pub fn bind(listener: &Listener) -> anyhow::Result<TcpListener> {
 /// With `reuse_port`, SO_REUSEPORT lets a second gateway bind beside this
 /// one, so a new process takes over the port while this one drains. Linux
 /// admits a socket to the group only under the same effective UID as the
-/// first, so another user cannot take a share of the connections.
+/// first, so another user cannot take a share of the connections; any
+/// process of the same user can, hence opt-in (`run --reuse-port`).
 pub fn bind_with(listener: &Listener, reuse_port: bool) -> anyhow::Result<TcpListener> {
+    listen(listener, bind_only(listener, reuse_port)?)
+}
+
+/// [`bind_with`] without the `listen()`: a socket joins its port's
+/// SO_REUSEPORT group, and takes a share of the connections, only when it
+/// listens.
+fn bind_only(listener: &Listener, reuse_port: bool) -> anyhow::Result<Socket> {
     let addr = listener.listen;
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)
         .with_context(|| format!("listener {}: socket", listener.name))?;
@@ -134,7 +146,14 @@ pub fn bind_with(listener: &Listener, reuse_port: bool) -> anyhow::Result<TcpLis
     socket
         .bind(&addr.into())
         .with_context(|| format!("listener {}: bind {addr}", listener.name))?;
-    socket.listen(1024)?;
+    Ok(socket)
+}
+
+/// Starts `socket`, bound for `listener`, listening.
+fn listen(listener: &Listener, socket: Socket) -> anyhow::Result<TcpListener> {
+    socket
+        .listen(1024)
+        .with_context(|| format!("listener {}: listen on {}", listener.name, listener.listen))?;
     let std: std::net::TcpListener = socket.into();
     Ok(TcpListener::from_std(std)?)
 }
@@ -159,10 +178,10 @@ fn check_migrate_req() {
     }
 }
 
-/// The metrics endpoint's socket; with `reuse_port` it can share its port
-/// with the next process, as the listeners do (a scrape during the overlap
-/// then reaches either process).
-fn bind_metrics(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+/// The metrics endpoint's socket, bound but not yet listening; with
+/// `reuse_port` it can share its port with the next process, as the
+/// listeners do (a scrape during the overlap then reaches either process).
+fn bind_metrics(addr: SocketAddr, reuse_port: bool) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     if reuse_port {
@@ -170,14 +189,22 @@ fn bind_metrics(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListen
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(128)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket)
+}
+
+/// Says once, at start, that root shares the port with every root process:
+/// root is the one user that many unrelated daemons have in common.
+fn check_reuse_port_user() {
+    if rustix::process::geteuid().is_root() {
+        warn!("--reuse-port as root: any other process running as root can bind the same addresses with SO_REUSEPORT and take a share of the connections; run ftpgate as its own user (CAP_NET_BIND_SERVICE for ports below 1024)");
+    }
 }
 
 /// How `ftpgate run` comes by its listening sockets.
 #[derive(Debug)]
 pub struct Sockets {
-    /// Bind listeners with SO_REUSEPORT (see [`bind_with`]).
+    /// Bind listeners and the metrics endpoint with SO_REUSEPORT (see
+    /// [`bind_with`]); off unless `run --reuse-port`.
     pub reuse_port: bool,
     /// Listening sockets handed over by the service manager (systemd socket
     /// activation, `LISTEN_FDS`). Each must have the address of exactly one
@@ -186,10 +213,10 @@ pub struct Sockets {
 }
 
 impl Default for Sockets {
-    /// SO_REUSEPORT on, nothing inherited.
+    /// SO_REUSEPORT off, nothing inherited.
     fn default() -> Self {
         Sockets {
-            reuse_port: true,
+            reuse_port: false,
             inherited: Vec::new(),
         }
     }
@@ -226,7 +253,9 @@ impl Sockets {
                 );
             }
         }
-        let mut out = Vec::new();
+        // Every socket bound before any listens: a failure part-way then
+        // leaves no socket that took a share of the port's connections.
+        let mut bound = Vec::new();
         let mut bound_here = false;
         for l in &config.listeners {
             let taken = inherited
@@ -237,17 +266,25 @@ impl Sockets {
                 Some(s) => {
                     s.set_nonblocking(true)?;
                     info!(listener = %l.name, addr = %l.listen, "listener socket inherited from the service manager (LISTEN_FDS)");
-                    TcpListener::from_std(s)?
+                    Ok(TcpListener::from_std(s)?)
                 }
                 None => {
                     bound_here = true;
-                    bind_with(l, self.reuse_port)?
+                    Err(bind_only(l, self.reuse_port)?)
                 }
             };
-            out.push((l.clone(), socket));
+            bound.push((l, socket));
         }
         if bound_here && self.reuse_port {
             check_migrate_req();
+        }
+        let mut out = Vec::new();
+        for (l, socket) in bound {
+            let socket = match socket {
+                Ok(inherited) => inherited,
+                Err(own) => listen(l, own)?,
+            };
+            out.push((l.clone(), socket));
         }
         Ok(out)
     }
@@ -286,10 +323,14 @@ pub async fn serve(
     drop(done_tx);
     shutdown.await;
     let _ = stop_tx.send(true);
+    gateway.stopping.send_replace(true);
     // Each loop drops its listening socket as it ends: once all have, a new
     // connection is refused (or goes to a process that shares the port
-    // through SO_REUSEPORT), and only then does the log say so.
+    // through SO_REUSEPORT), and only then does the log say so. The
+    // metrics endpoint drops its receiver with its socket.
     while accepts.join_next().await.is_some() {}
+    let closing = gateway.stopping.closed();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), closing).await;
     info!("shutting down: no new sessions");
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
         let data = gateway.backend.usage();
@@ -345,8 +386,8 @@ pub struct Launched {
     pub listeners: Vec<(Listener, TcpListener)>,
     /// The gateway's own nftables table, if the configuration needs one.
     pub table: Option<Arc<crate::netfilter::InterceptTable>>,
-    /// Where the metrics endpoint listens, when configured (its task runs
-    /// until the runtime stops).
+    /// Where the metrics endpoint listens, when configured (it closes when
+    /// [`serve`] begins to shut down).
     pub metrics_addr: Option<SocketAddr>,
 }
 
@@ -367,6 +408,9 @@ impl Launched {
             ),
             None => None,
         };
+        if sockets.reuse_port {
+            check_reuse_port_user();
+        }
         // Bound before the table exists, so a failure leaves nothing behind.
         let metrics_socket = match &config.metrics {
             Some(m) => Some(
@@ -376,14 +420,24 @@ impl Launched {
             None => None,
         };
         let table = Self::table(&config).await?;
-        // Listeners last: a process that fails to start after joining a
-        // port's SO_REUSEPORT group would take a share of the connections
-        // with it (they are reset unless net.ipv4.tcp_migrate_req is 1).
+        // Listeners last, each bound before any listens: a process that
+        // fails to start after joining a port's SO_REUSEPORT group would
+        // take a share of the connections with it (they are reset unless
+        // net.ipv4.tcp_migrate_req is 1).
         let started = match Self::backend(&config, table.clone()).await {
-            Ok(b) => sockets.listeners(&config).map(|l| (b, l)),
+            Ok(b) => sockets.listeners(&config).and_then(|l| {
+                let metrics = match metrics_socket {
+                    Some(socket) => {
+                        socket.listen(128).context("metrics endpoint: listen")?;
+                        Some(TcpListener::from_std(socket.into())?)
+                    }
+                    None => None,
+                };
+                Ok((b, l, metrics))
+            }),
             Err(e) => Err(e),
         };
-        let (backend, listeners) = match started {
+        let (backend, listeners, metrics_socket) = match started {
             Ok(s) => s,
             Err(e) => {
                 // Leave nothing behind: the gateway does not start.
@@ -396,7 +450,11 @@ impl Launched {
             Some(socket) => {
                 let addr = socket.local_addr()?;
                 info!(%addr, "metrics endpoint listening");
-                tokio::spawn(crate::metrics::serve(socket, gateway.metrics.clone()));
+                tokio::spawn(crate::metrics::serve(
+                    socket,
+                    gateway.metrics.clone(),
+                    gateway.stopping.subscribe(),
+                ));
                 Some(addr)
             }
             None => None,
@@ -482,5 +540,48 @@ impl Launched {
                 warn!("removing nftables table {}: {e}", t.name());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the launch order relies on: a socket bound beside a listening
+    /// SO_REUSEPORT socket takes none of its connections until it listens
+    /// itself, so a launch that fails between bind and listen costs the
+    /// running process nothing.
+    #[test]
+    fn a_bound_socket_takes_no_connections_until_it_listens() {
+        let holder = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        holder.set_reuse_address(true).unwrap();
+        holder.set_reuse_port(true).unwrap();
+        holder
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        holder.listen(64).unwrap();
+        let addr = holder.local_addr().unwrap().as_socket().unwrap();
+        let yaml = format!(
+            "listeners:\n  - name: a\n    listen: {addr}\n    mode: reverse\n    upstream: 127.0.0.1:21\nrules:\n  - name: all\n"
+        );
+        let config = Config::parse(&yaml, std::path::Path::new("t.yaml")).unwrap();
+        let bound = bind_only(&config.listeners[0], true).unwrap();
+        // SO_RCVTIMEO bounds accept(): a connection the bound socket took
+        // would never reach the holder.
+        holder
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..32 {
+            clients.push(std::net::TcpStream::connect(addr).unwrap());
+        }
+        for n in 0..32 {
+            let got = holder.accept();
+            assert!(
+                got.is_ok(),
+                "connection {n}: {got:?}; the bound socket took a share"
+            );
+        }
+        drop(bound);
     }
 }

@@ -292,7 +292,7 @@ rules:
     def start(self):
         log = os.path.join(self.dir, f"ftpgate.{len(self.procs) + 1}.log")
         argv = ["env", "RUST_LOG=" + os.environ.get("RUST_LOG", "info"), self.binary, "run",
-                "--config", self.conf, "--grace", str(GRACE)]
+                "--reuse-port", "--config", self.conf, "--grace", str(GRACE)]
         p = Proc(self.lab, self.name, argv, log, "listening")
         self.procs.append(p)
         p.wait_word(1, 15)
