@@ -7,6 +7,7 @@ mod control;
 mod limits;
 mod origdst;
 pub mod proxy_protocol;
+pub mod tls_ctx;
 
 pub use limits::{SessionLimits, SessionSlot};
 
@@ -38,6 +39,8 @@ pub struct Gateway {
     pub audit: Option<crate::audit::AuditLog>,
     /// Session ids: unique for the process's life, carried by every log line.
     next_id: AtomicU64,
+    /// Each listener's TLS contexts (certificates reload on SIGHUP).
+    pub tls: tls_ctx::TlsContexts,
 }
 
 impl Gateway {
@@ -59,6 +62,7 @@ impl Gateway {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             audit,
             next_id: AtomicU64::new(1),
+            tls: tls_ctx::TlsContexts::default(),
         })
     }
 
