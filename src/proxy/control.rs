@@ -1317,6 +1317,8 @@ impl Conn<'_> {
             duration_ms: took.as_millis() as u64,
             reply: t.reply,
             result: &t.result,
+            tls_client: self.tls_client.as_deref(),
+            tls_server: self.tls_server.as_deref(),
         };
         if let Err(e) = audit.write(&record) {
             warn!("audit log: {e}");
