@@ -101,3 +101,34 @@ fn tls(t: TlsPolicy) -> String {
     };
     format!("{} ({what})", t.as_str())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn terminate_shows_what_the_rule_requires() {
+        let text = "listeners:\n  - name: lo\n    listen: 127.0.0.1:2121\n    mode: reverse\n    upstream: 127.0.0.1:21\nrules:\n  - name: ftps\n    tls: terminate\n    require_prot_p: true\n";
+        let config = Config::parse(text, Path::new("t.yaml")).unwrap();
+        let e = explain(
+            &config,
+            "10.0.0.5".parse().unwrap(),
+            "127.0.0.1:21".parse().unwrap(),
+        );
+        assert!(e.allowed);
+        assert!(
+            e.text
+                .contains("  tls: terminate (the gateway answers AUTH TLS"),
+            "{}",
+            e.text
+        );
+        assert!(e.text.contains("  require_tls: false\n"), "{}", e.text);
+        assert!(
+            e.text
+                .contains("  require_prot_p: true (a transfer under PROT C gets 521)\n"),
+            "{}",
+            e.text
+        );
+    }
+}

@@ -11,7 +11,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use suppaftp::tokio::AsyncFtpStream;
+use suppaftp::tokio::{AsyncFtpStream, AsyncRustlsConnector, AsyncRustlsFtpStream};
 use suppaftp::FtpError;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
@@ -296,6 +296,12 @@ impl Pki {
         )
     }
 
+    /// suppaftp's rustls client trusting the test CA. Its data connections
+    /// share the control connection's config, so they resume its session.
+    fn connector(&self) -> AsyncRustlsConnector {
+        AsyncRustlsConnector::from(tokio_rustls::TlsConnector::from(self.client_config()))
+    }
+
     /// Writes a new gateway pair named `cn` over gw.pem/gw.key; its
     /// leaf's DER.
     fn renew_gateway(&self, cn: &str) -> Vec<u8> {
@@ -370,4 +376,27 @@ async fn sighup_reload_serves_a_new_certificate_and_keeps_sessions() {
     assert!(err.contains("does not match"), "{err}");
     let again = TlsControl::open(gw.addr, &pki, b"AUTH TLS\r\n").await;
     assert_eq!(again.leaf(), new);
+}
+
+#[tokio::test]
+async fn an_implicit_listener_speaks_tls_from_the_first_byte() {
+    let pki = Pki::new();
+    let gw = Harness::new(Upstream::Unftp)
+        .listener(&pki.listener_tls(true))
+        .listener("    upstream_tls:\n      allow_downgrade: true\n")
+        .rule("    tls: terminate\n")
+        .start()
+        .await;
+    let mut ftp = bounded(
+        "implicit connect",
+        AsyncRustlsFtpStream::connect_secure_implicit(gw.addr, pki.connector(), "localhost"),
+    )
+    .await
+    .unwrap();
+    bounded("login", ftp.login("anonymous", "x")).await.unwrap();
+    bounded("MKD", ftp.mkdir("over-tls")).await.unwrap();
+    assert!(gw.root().join("over-tls").is_dir());
+    let _ = ftp.quit().await;
+    let start = gw.logs.wait_for("session start").await;
+    assert!(start.contains("tls_client=\"TLSv1.3"), "{start}");
 }
