@@ -64,6 +64,38 @@ pub struct DataPlan {
     /// connect leg must appear to come from this address; the backend makes
     /// that so with elements in its nftables table.
     pub client_view: Option<IpAddr>,
+    /// Which legs carry TLS (each leg's own PROT P); the session's
+    /// [`SessionTls`] sides make the handshakes. A plan with a TLS leg is
+    /// carried by the relay, which alone can read the bytes.
+    pub tls: PlanTls,
+}
+
+/// Which legs of a plan carry TLS (that leg's PROT P). The gateway is the TLS
+/// server on the client leg and the TLS client on the server leg, whichever end dials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PlanTls {
+    /// The client leg carries TLS, the gateway as TLS server.
+    pub client: bool,
+    /// The server leg carries TLS, the gateway as TLS client.
+    pub server: bool,
+}
+
+impl PlanTls {
+    /// Whether any leg carries TLS.
+    pub fn any(self) -> bool {
+        self.client || self.server
+    }
+}
+
+/// A session's TLS sides, which the plan's TLS legs use.
+#[derive(Debug, Clone, Default)]
+pub struct SessionTls {
+    /// The gateway as TLS server toward the client (the control session's
+    /// own cache and ticket key, so data connections resume it).
+    pub client: Option<crate::tls::server::SessionServer>,
+    /// The gateway as TLS client toward the server (the control session's
+    /// own resumption store, so data connections resume it).
+    pub server: Option<crate::tls::client::SessionClient>,
 }
 
 /// Session context a backend needs for logs and for nftables keys.
@@ -83,6 +115,9 @@ pub struct SessionInfo {
     /// any: a data connection from one of them reaches a client listen leg
     /// only behind a PROXY header that names `client`.
     pub balancers: Option<Arc<crate::config::ProxyProtocol>>,
+    /// The session's TLS sides; a plan's TLS leg whose side is `None` fails
+    /// with [`DataFailure::Tls`] ([`TlsFailure::NoSessionTls`]).
+    pub tls: SessionTls,
 }
 
 /// When bytes last moved, shared by a session and the tasks that move its
@@ -219,6 +254,63 @@ pub enum DataFailure {
     /// closed unused).
     #[error("no data connection")]
     NoDataConnection,
+    /// A leg's TLS handshake failed or was refused.
+    #[error("TLS on the {leg} leg: {reason}")]
+    Tls {
+        /// The leg whose handshake failed.
+        leg: TlsLeg,
+        /// Why.
+        reason: TlsFailure,
+    },
+}
+
+impl DataFailure {
+    /// Whether this is a client data connection that did not resume its
+    /// control session where that is required: vsftpd answers it with
+    /// `522 SSL connection failed: session reuse required`.
+    pub fn not_resumed(&self) -> bool {
+        matches!(
+            self,
+            DataFailure::Tls {
+                reason: TlsFailure::NotResumed,
+                ..
+            }
+        )
+    }
+}
+
+/// The leg of a data plan that a TLS failure concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsLeg {
+    /// Gateway↔client: the gateway is the TLS server.
+    Client,
+    /// Gateway↔server: the gateway is the TLS client.
+    Server,
+}
+
+impl std::fmt::Display for TlsLeg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsLeg::Client => "client",
+            TlsLeg::Server => "server",
+        })
+    }
+}
+
+/// Why a data leg's TLS handshake gave no stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsFailure {
+    /// The client's data connection made a full handshake where resuming
+    /// its control session's TLS session is required.
+    #[error("session reuse required: the data connection did not resume the control session's TLS session")]
+    NotResumed,
+    /// The handshake failed or passed its time limit; the error's text.
+    #[error("{0}")]
+    Handshake(String),
+    /// The plan asks for TLS on a leg for which the session has no TLS
+    /// side (a bug in whoever built the plan, reported, not panicked on).
+    #[error("the session has no TLS side for this leg")]
+    NoSessionTls,
 }
 
 /// Reports from a plan's task to its session.

@@ -522,6 +522,7 @@ impl<'a> Conn<'a> {
             server: params.server,
             activity: Activity::default(),
             balancers: listener.proxy_protocol.clone().map(Arc::new),
+            tls: crate::pinhole::SessionTls::default(),
         };
         Conn {
             gateway,

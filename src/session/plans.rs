@@ -262,6 +262,7 @@ impl Session {
             client,
             server,
             client_view: self.client_view(),
+            tls: crate::pinhole::PlanTls::default(),
         };
         self.push(Action::Open(plan));
     }

@@ -651,7 +651,7 @@ mod tests {
     use super::*;
     use crate::config::PortRange;
     use crate::netfilter::netns::Netns;
-    use crate::pinhole::Activity;
+    use crate::pinhole::{Activity, PlanTls, SessionTls};
     use std::collections::hash_map::DefaultHasher;
     use std::hash::Hasher;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -706,6 +706,7 @@ mod tests {
             server: "127.0.0.1:2".parse().unwrap(),
             activity: Activity::default(),
             balancers: None,
+            tls: SessionTls::default(),
         }
     }
 
@@ -798,6 +799,7 @@ mod tests {
                 bind: lo(),
             },
             client_view: None,
+            tls: PlanTls::default(),
         }
     }
 
@@ -878,6 +880,7 @@ mod tests {
                 bind: v6,
             },
             client_view: None,
+            tls: PlanTls::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
@@ -908,6 +911,7 @@ mod tests {
                 peer: lo(),
             },
             client_view: None,
+            tls: PlanTls::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
@@ -943,6 +947,7 @@ mod tests {
                 bind: lo(),
             },
             client_view: None,
+            tls: PlanTls::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
@@ -1100,6 +1105,7 @@ mod tests {
                 bind: lo(),
             },
             client_view: None,
+            tls: PlanTls::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
@@ -1133,6 +1139,7 @@ mod tests {
                 bind: lo(),
             },
             client_view: None,
+            tls: PlanTls::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
@@ -1221,6 +1228,7 @@ mod tests {
                 peer: lo(),
             },
             client_view: None,
+            tls: PlanTls::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, pinhole) = b.open(&session(), plan, tx).await.unwrap();
@@ -1254,6 +1262,7 @@ mod tests {
                 bind: lo(),
             },
             client_view: Some(Ipv4Addr::new(198, 51, 100, 7).into()),
+            tls: PlanTls::default(),
         };
         let (tx, _rx) = mpsc::unbounded_channel();
         let err = b.open(&session(), plan, tx).await.unwrap_err();
@@ -1294,6 +1303,7 @@ mod tests {
                 peer: lo(),
             },
             client_view: None,
+            tls: PlanTls::default(),
         };
         let (tx, _rx) = mpsc::unbounded_channel();
         let err = b.open(&session(), plan, tx).await.unwrap_err();
@@ -1333,6 +1343,7 @@ mod tests {
         let server = TcpListener::bind((lo(), 0)).await.unwrap();
         let plan = DataPlan {
             client_view: Some(view),
+            tls: PlanTls::default(),
             ..passive_plan(20, &server)
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -1363,6 +1374,7 @@ mod tests {
                 peer: lo(),
             },
             client_view: Some(view),
+            tls: PlanTls::default(),
         };
         let (tx, _rx) = mpsc::unbounded_channel();
         let (_, actv) = b.open(&session(), plan, tx).await.unwrap();
