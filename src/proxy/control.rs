@@ -128,6 +128,11 @@ async fn run(
     };
     let idle = limits.idle_timeout;
     let mut conn = Conn::new(&gateway, &listener, id, params, client, upstream, idle);
+    // The data plane resumes these very sides on each data connection.
+    conn.info.tls = crate::pinhole::SessionTls {
+        client: tls.server.clone(),
+        server: tls.client.clone(),
+    };
     conn.tls = tls;
     conn.sniff = who.sniff.then(Vec::new);
     conn.via = who.via;

@@ -147,7 +147,10 @@ impl Session {
                 self.login_reply(head, code);
             }
             Pending::Transfer => {
-                self.forward_reply(code, raw);
+                match self.tls_failure_reply() {
+                    Some(reply) => self.push(Action::ToClient(reply)),
+                    None => self.forward_reply(code, raw),
+                }
                 self.stamp_user();
                 self.transfer_reply(code);
             }

@@ -198,6 +198,22 @@ impl Session {
         }
     }
 
+    /// The reply the client gets, in place of the server's final reply,
+    /// for a transfer whose data connection failed its TLS handshake: the
+    /// server saw only a data connection that closed, and would report
+    /// something else. `None` for any other transfer.
+    pub(super) fn tls_failure_reply(&self) -> Option<Vec<u8>> {
+        let t = self.transfers.iter().find(|t| t.reply.is_none())?;
+        let Some((_, _, DataOutcome::Failed(why @ DataFailure::Tls { .. }))) = &t.data else {
+            return None;
+        };
+        Some(if why.not_resumed() {
+            rewrite::reply(522, "SSL connection failed: session reuse required")
+        } else {
+            rewrite::reply(425, &format!("Can't open data connection: {why}"))
+        })
+    }
+
     /// The gateway's own FEAT lines toward the client under `tls:
     /// terminate` (the server's AUTH/PBSZ/PROT/CCC lines are dropped).
     pub(super) fn feat_additions(&self) -> Option<Vec<Vec<u8>>> {
@@ -400,5 +416,76 @@ mod tests {
             "{got:?}"
         );
         assert!(s.wants_client_input());
+    }
+
+    #[test]
+    fn plans_carry_each_legs_prot_and_a_data_tls_failure_gets_a_clear_reply() {
+        use crate::pinhole::{Opened, TlsFailure, TlsLeg};
+        let mut s = session(legs(UpstreamMode::Implicit, false, true), false, false);
+        s.server_bytes(b"220 hi\r\n");
+        assert_eq!(drain(&mut s), ["C< 220 hi", "S> PBSZ 0", "S> PROT P"]);
+        s.server_bytes(b"200 ok\r\n200 ok\r\n");
+        s.client_bytes(b"AUTH TLS\r\n");
+        drain(&mut s);
+        s.tls_started(Side::Client);
+        s.client_bytes(b"PBSZ 0\r\nPROT P\r\nPASV\r\n");
+        drain(&mut s);
+        s.server_bytes(b"227 Entering Passive Mode (10,0,0,3,200,10)\r\n");
+        let plan = loop {
+            match s.poll_action() {
+                Some(Action::Open(p)) => break p,
+                Some(_) => {}
+                None => panic!("no plan"),
+            }
+        };
+        assert_eq!(
+            plan.tls,
+            crate::pinhole::PlanTls {
+                client: true,
+                server: true
+            }
+        );
+        let opened = Opened {
+            client_listen: Some("192.0.2.1:40000".parse().unwrap()),
+            server_listen: None,
+        };
+        s.opened(plan.id, Ok(opened));
+        s.client_bytes(b"RETR f\r\n");
+        drain(&mut s);
+        s.data_event(DataEvent::Closed {
+            id: plan.id,
+            to_client: 0,
+            to_server: 0,
+            outcome: DataOutcome::Failed(DataFailure::Tls {
+                leg: TlsLeg::Client,
+                reason: TlsFailure::NotResumed,
+            }),
+        });
+        s.server_bytes(b"426 Connection closed\r\n");
+        let got = drain(&mut s);
+        assert!(
+            got.contains(&"C< 522 SSL connection failed: session reuse required".to_string()),
+            "{got:?}"
+        );
+        assert!(!got.iter().any(|l| l.contains("426")), "{got:?}");
+
+        // PROT C: the client leg is clear, the server leg still TLS.
+        s.client_bytes(b"PROT C\r\nEPSV\r\n");
+        drain(&mut s);
+        s.server_bytes(b"229 Entering Extended Passive Mode (|||50001|)\r\n");
+        let plan = loop {
+            match s.poll_action() {
+                Some(Action::Open(p)) => break p,
+                Some(_) => {}
+                None => panic!("no plan"),
+            }
+        };
+        assert_eq!(
+            plan.tls,
+            crate::pinhole::PlanTls {
+                client: false,
+                server: true
+            }
+        );
     }
 }
