@@ -551,6 +551,12 @@ mod tests {
             (r.tls, r.require_tls, r.require_prot_p),
             (TlsPolicy::Terminate, true, true)
         );
+        // `check` prints the settings in force, and they read back the same.
+        let printed = c.to_yaml();
+        assert!(printed.contains("allow_downgrade: true"), "{printed}");
+        let again = Config::parse(&printed, &path).unwrap();
+        assert_eq!(again.listeners, c.listeners);
+        assert_eq!(again.rules, c.rules);
     }
 
     #[test]
