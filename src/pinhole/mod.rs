@@ -390,6 +390,13 @@ impl Backend {
         // PROXY header, so it could not tell whose data connection it is.
         let headers = session.balancers.is_some() && matches!(plan.client, Leg::Listen { .. });
         match kernel::Shape::of(&plan) {
+            // NAT forwards TLS records untouched; only the relay can end a
+            // TLS leg (and resume the session's TLS sessions).
+            _ if plan.tls.any() => tracing::debug!(
+                session = session.id,
+                plan = plan.id,
+                "data plan needs the relay (a TLS leg, which the kernel cannot end)"
+            ),
             Some(shape) if !headers => return kernel.open(session, plan, shape, events).await,
             Some(_) => tracing::debug!(
                 session = session.id,
