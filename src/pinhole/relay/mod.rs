@@ -1471,7 +1471,6 @@ mod tests {
         let server = TcpListener::bind((lo(), 0)).await.unwrap();
         let plan = DataPlan {
             client_view: Some(view),
-            tls: PlanTls::default(),
             ..passive_plan(20, &server)
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
