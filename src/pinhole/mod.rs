@@ -386,20 +386,12 @@ impl Backend {
             Backend::Relay(relay) => return relay.open(session, plan, events).await,
             Backend::Kernel { kernel, relay } => (kernel, relay),
         };
-        // The kernel forwards a balancer's connection without reading its
-        // PROXY header, so it could not tell whose data connection it is.
-        let headers = session.balancers.is_some() && matches!(plan.client, Leg::Listen { .. });
-        match kernel::Shape::of(&plan) {
-            Some(shape) if !headers => return kernel.open(session, plan, shape, events).await,
-            Some(_) => tracing::debug!(
+        match kernel_shape(session, &plan) {
+            Ok(shape) => return kernel.open(session, plan, shape, events).await,
+            Err(why) => tracing::debug!(
                 session = session.id,
                 plan = plan.id,
-                "data plan needs the relay (a balancer's data connection starts with a PROXY header, which only the relay reads)"
-            ),
-            None => tracing::debug!(
-                session = session.id,
-                plan = plan.id,
-                "data plan needs the relay (conversion or mixed families)"
+                "data plan needs the relay ({why})"
             ),
         }
         let (opened, pinhole) = relay.open(session, plan, events).await?;
@@ -430,6 +422,26 @@ impl Backend {
     }
 }
 
+/// How the kernel would carry `plan`, or why only the relay can (the text
+/// of the debug line).
+fn kernel_shape(session: &SessionInfo, plan: &DataPlan) -> Result<kernel::Shape, &'static str> {
+    // NAT forwards TLS records untouched: only the relay can end a TLS leg
+    // (and resume the session's TLS sessions on it).
+    if plan.tls.any() {
+        return Err("a TLS leg, which the kernel cannot end");
+    }
+    // The kernel forwards a balancer's connection without reading its
+    // PROXY header, so it could not tell whose data connection it is.
+    let headers = session.balancers.is_some() && matches!(plan.client, Leg::Listen { .. });
+    match kernel::Shape::of(plan) {
+        Some(_) if headers => Err(
+            "a balancer's data connection starts with a PROXY header, which only the relay reads",
+        ),
+        Some(shape) => Ok(shape),
+        None => Err("conversion or mixed families"),
+    }
+}
+
 /// What a backend holds open at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -451,6 +463,43 @@ pub struct DataSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plans_with_a_tls_leg_never_go_to_the_kernel() {
+        let session = SessionInfo {
+            id: 1,
+            client: "192.0.2.1:1000".parse().unwrap(),
+            server: "198.51.100.2:21".parse().unwrap(),
+            activity: Activity::default(),
+            balancers: None,
+            tls: SessionTls::default(),
+        };
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        // A plain passive plan of one family: the kernel's shape.
+        let plan = DataPlan {
+            id: 1,
+            client: Leg::Listen { bind: lo, peer: lo },
+            server: Leg::Connect {
+                target: "127.0.0.1:2000".parse().unwrap(),
+                bind: lo,
+            },
+            client_view: None,
+            tls: PlanTls::default(),
+        };
+        assert!(kernel_shape(&session, &plan).is_ok());
+        for (client, server) in [(true, false), (false, true), (true, true)] {
+            let tls = PlanTls { client, server };
+            let plan = DataPlan {
+                tls,
+                ..plan.clone()
+            };
+            assert_eq!(
+                kernel_shape(&session, &plan).err(),
+                Some("a TLS leg, which the kernel cannot end"),
+                "{tls:?}"
+            );
+        }
+    }
 
     #[test]
     fn activity_is_the_last_touch_plus_idle() {
