@@ -138,10 +138,15 @@ macro_rules! round_trip {
     }};
 }
 
-/// The reply code of an error suppaftp got from the gateway.
+/// The reply code of an error suppaftp got from the gateway, read from
+/// the reply's text (suppaftp maps codes it has no name for, such as 521,
+/// to 0).
 fn code_of(e: &FtpError) -> u32 {
     match e {
-        FtpError::UnexpectedResponse(r) => r.status.code(),
+        FtpError::UnexpectedResponse(r) => String::from_utf8_lossy(&r.body)
+            .get(..3)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0),
         other => panic!("expected a reply, got {other:?}"),
     }
 }
@@ -264,17 +269,25 @@ impl TlsControl {
 
     /// Sends `c`; the last line of its reply.
     async fn cmd(&mut self, c: &str) -> String {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-        self.s
-            .get_mut()
-            .write_all(format!("{c}\r\n").as_bytes())
-            .await
-            .unwrap();
-        self.s.get_mut().flush().await.unwrap();
+        self.send(c).await;
+        self.reply().await
+    }
+
+    /// Sends `c` and CRLF.
+    async fn send(&mut self, c: &str) {
+        use tokio::io::AsyncWriteExt;
+        let w = self.s.get_mut();
+        w.write_all(format!("{c}\r\n").as_bytes()).await.unwrap();
+        w.flush().await.unwrap();
+    }
+
+    /// The last line of the next reply.
+    async fn reply(&mut self) -> String {
+        use tokio::io::AsyncBufReadExt;
         loop {
             let mut line = String::new();
             let n = bounded("reply", self.s.read_line(&mut line)).await.unwrap();
-            assert!(n > 0, "control connection closed after {c}");
+            assert!(n > 0, "control connection closed");
             if line.as_bytes().get(3) == Some(&b' ') {
                 return line.trim_end().to_string();
             }
@@ -396,7 +409,160 @@ async fn an_implicit_listener_speaks_tls_from_the_first_byte() {
     bounded("login", ftp.login("anonymous", "x")).await.unwrap();
     bounded("MKD", ftp.mkdir("over-tls")).await.unwrap();
     assert!(gw.root().join("over-tls").is_dir());
+    // suppaftp's implicit mode sends no PBSZ/PROT but speaks TLS on its
+    // data connections: ask for PROT P as curl and lftp do.
+    for cmd in ["PBSZ 0", "PROT P"] {
+        bounded(cmd, ftp.custom_command(cmd, &[suppaftp::Status::CommandOk]))
+            .await
+            .unwrap();
+    }
+    let root = gw.root().to_path_buf();
+    round_trip!(ftp, root, "implicit.bin");
     let _ = ftp.quit().await;
     let start = gw.logs.wait_for("session start").await;
     assert!(start.contains("tls_client=\"TLSv1.3"), "{start}");
+}
+
+/// suppaftp's explicit FTPS through the gateway: AUTH TLS, PBSZ 0,
+/// PROT P, then the login.
+async fn ftps_client(gw: &common::Gw, pki: &Pki) -> AsyncRustlsFtpStream {
+    let ftp = bounded("connect", AsyncRustlsFtpStream::connect(gw.addr))
+        .await
+        .unwrap();
+    let mut ftp = bounded("AUTH TLS", ftp.into_secure(pki.connector(), "localhost"))
+        .await
+        .unwrap();
+    bounded("login", ftp.login("anonymous", "x")).await.unwrap();
+    ftp
+}
+
+#[tokio::test]
+async fn explicit_ftps_on_both_legs_in_every_data_mode() {
+    let pki = Pki::new();
+    let root = tempfile::tempdir().unwrap();
+    // The server requires TLS on control and data connections alike.
+    let server = start_ftps_unftp(root.path(), &pki, true).await;
+    let gw = Harness::new(Upstream::At(server))
+        .listener(&pki.listener_tls(false))
+        .listener(&format!(
+            "    upstream_tls:\n      mode: explicit\n      ca: {}\n",
+            pki.path("ca.pem").display()
+        ))
+        .rule("    tls: terminate\n    require_tls: true\n    require_prot_p: true\n")
+        .audit()
+        .start()
+        .await;
+    let mut ftp = ftps_client(&gw, &pki).await;
+    ftp.set_mode(suppaftp::Mode::Passive);
+    round_trip!(ftp, root.path(), "pasv.bin");
+    ftp.set_mode(suppaftp::Mode::ExtendedPassive);
+    round_trip!(ftp, root.path(), "epsv.bin");
+    let mut ftp = ftp.active_mode(std::time::Duration::from_secs(10));
+    round_trip!(ftp, root.path(), "port.bin");
+    let _ = ftp.quit().await;
+    // Three uploads, three listings, three downloads; each audit line
+    // names both control legs' TLS. suppaftp ends an upload's data
+    // connection without close_notify, which the relay reports (the bytes
+    // all arrived: the digests above), so only downloads and listings are
+    // held to `ok`.
+    let lines = gw.audit_lines(9).await;
+    for l in &lines {
+        assert_eq!(l["reply"], 226, "{l}");
+        if l["command"] != "STOR" {
+            assert_eq!(l["result"], "ok", "{l}");
+        }
+        assert!(
+            l["tls_client"].as_str().unwrap().starts_with("TLSv1."),
+            "{l}"
+        );
+        assert!(
+            l["tls_server"].as_str().unwrap().starts_with("TLSv1."),
+            "{l}"
+        );
+    }
+    let modes: Vec<&str> = lines.iter().map(|l| l["mode"].as_str().unwrap()).collect();
+    assert!(modes.contains(&"active/active"), "{modes:?}");
+}
+
+#[tokio::test]
+async fn an_ftps_client_reaches_a_plain_server_through_the_gateway() {
+    let pki = Pki::new();
+    let gw = offload(&pki).await;
+    let mut ftp = ftps_client(&gw, &pki).await;
+    let root = gw.root().to_path_buf();
+    round_trip!(ftp, root, "offloaded.bin");
+    let _ = ftp.quit().await;
+    let line = gw.logs.wait_for("TLS downgrade").await;
+    assert!(
+        line.contains("client leg TLS, server leg clear text"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn require_prot_p_refuses_a_transfer_under_prot_c() {
+    let pki = Pki::new();
+    let gw = Harness::new(Upstream::Unftp)
+        .listener(&pki.listener_tls(false))
+        .listener("    upstream_tls:\n      allow_downgrade: true\n")
+        .rule("    tls: terminate\n    require_prot_p: true\n")
+        .start()
+        .await;
+    let mut ftp = ftps_client(&gw, &pki).await;
+    bounded(
+        "PROT C",
+        ftp.custom_command("PROT C", &[suppaftp::Status::CommandOk]),
+    )
+    .await
+    .unwrap();
+    let err = bounded("LIST", ftp.list(None)).await.unwrap_err();
+    assert_eq!(code_of(&err), 521, "{err}");
+    gw.logs
+        .wait_for("Data connection protection required by gateway policy (PROT P)")
+        .await;
+}
+
+#[tokio::test]
+async fn a_data_connection_that_does_not_resume_is_refused_with_522() {
+    let pki = Pki::new();
+    let gw = offload(&pki).await;
+    let mut c = TlsControl::open(gw.addr, &pki, b"AUTH TLS\r\n").await;
+    for (cmd, code) in [
+        ("USER anonymous", "331"),
+        ("PASS x", "230"),
+        ("PBSZ 0", "200"),
+        ("PROT P", "200"),
+    ] {
+        let r = c.cmd(cmd).await;
+        assert!(r.starts_with(code), "{cmd}: {r}");
+    }
+    let pasv = c.cmd("PASV").await;
+    let port = common::port_of_227(&pasv);
+    let data = bounded(
+        "data connect",
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .unwrap();
+    c.send("LIST").await;
+    assert!(c.reply().await.starts_with("150"));
+    // A client that does not offer its control session for resumption.
+    let mut config = (*pki.client_config()).clone();
+    config.resumption = rustls::client::Resumption::disabled();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, data);
+    if let Ok(mut s) = bounded("data handshake", tls).await {
+        let mut buf = Vec::new();
+        let got = bounded("data read", s.read_to_end(&mut buf)).await;
+        assert!(
+            got.is_err() || buf.is_empty(),
+            "no listing without resumption"
+        );
+    }
+    assert_eq!(
+        c.reply().await,
+        "522 SSL connection failed: session reuse required"
+    );
+    let line = gw.logs.wait_for("command=LIST").await;
+    assert!(line.contains("session reuse required"), "{line}");
 }

@@ -318,9 +318,10 @@ async fn acquire_slot(
     }
 }
 
-/// Whether the data plane carries TLS data connections: PROT P is
-/// answered 200 (and asked of the server) only when it does.
-const DATA_TLS: bool = false;
+/// The data plane carries TLS data connections (the relay; plans with a
+/// TLS leg never go to the kernel backend), so PROT P is answered 200 and
+/// asked of the server. The core refuses PROT P with 536 without it.
+const DATA_TLS: bool = true;
 
 /// One session's TLS sides: the listener's, with a session cache and
 /// resumption store of the session's own, so that its data connections
