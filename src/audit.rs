@@ -53,6 +53,14 @@ pub struct AuditRecord<'a> {
     pub reply: u16,
     /// `ok`, or what went wrong.
     pub result: &'a str,
+    /// The client control leg's TLS version and cipher (e.g. `TLSv1.3
+    /// TLS13_AES_256_GCM_SHA384`); absent in clear text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client: Option<&'a str>,
+    /// The server control leg's TLS version and cipher; absent in clear
+    /// text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_server: Option<&'a str>,
 }
 
 /// Where audit lines go.
@@ -192,6 +200,8 @@ mod tests {
             duration_ms: 0,
             reply: 226,
             result: "ok",
+            tls_client: None,
+            tls_server: None,
         }
     }
 

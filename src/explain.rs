@@ -32,6 +32,26 @@ pub fn explain(config: &Config, client: IpAddr, server: SocketAddr) -> Explanati
             let _ = writeln!(text, "  server_mode: {}", server_mode(p.server_mode));
             let _ = writeln!(text, "  data_ports: {}", p.data_ports);
             let _ = writeln!(text, "  tls: {}", tls(p.tls));
+            if p.tls == TlsPolicy::Terminate {
+                let _ = writeln!(
+                    text,
+                    "  require_tls: {}",
+                    if p.require_tls {
+                        "true (USER before AUTH TLS gets 530)"
+                    } else {
+                        "false"
+                    }
+                );
+                let _ = writeln!(
+                    text,
+                    "  require_prot_p: {}",
+                    if p.require_prot_p {
+                        "true (a transfer under PROT C gets 521)"
+                    } else {
+                        "false"
+                    }
+                );
+            }
             let deny = if p.deny_commands.is_empty() {
                 "(none)".to_string()
             } else {
@@ -75,6 +95,40 @@ fn tls(t: TlsPolicy) -> String {
     let what = match t {
         TlsPolicy::Refuse => "AUTH gets 534; the session stays in clear text",
         TlsPolicy::Passthrough => "after AUTH the gateway copies bytes and stops parsing",
+        TlsPolicy::Terminate => {
+            "the gateway answers AUTH TLS with the listener's certificate and keeps parsing; each leg's data follows its own PROT"
+        }
     };
     format!("{} ({what})", t.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn terminate_shows_what_the_rule_requires() {
+        let text = "listeners:\n  - name: lo\n    listen: 127.0.0.1:2121\n    mode: reverse\n    upstream: 127.0.0.1:21\nrules:\n  - name: ftps\n    tls: terminate\n    require_prot_p: true\n";
+        let config = Config::parse(text, Path::new("t.yaml")).unwrap();
+        let e = explain(
+            &config,
+            "10.0.0.5".parse().unwrap(),
+            "127.0.0.1:21".parse().unwrap(),
+        );
+        assert!(e.allowed);
+        assert!(
+            e.text
+                .contains("  tls: terminate (the gateway answers AUTH TLS"),
+            "{}",
+            e.text
+        );
+        assert!(e.text.contains("  require_tls: false\n"), "{}", e.text);
+        assert!(
+            e.text
+                .contains("  require_prot_p: true (a transfer under PROT C gets 521)\n"),
+            "{}",
+            e.text
+        );
+    }
 }

@@ -425,6 +425,20 @@ async fn reload_on_hangup(
                 }
             }
         }
+        // Served certificates are read again whatever the rule file says:
+        // a renewal needs no rule change. Sessions keep their keys; a pair
+        // that does not load keeps the old one.
+        for (listener, r) in gateway.tls.reload() {
+            match r {
+                Ok(subject) => {
+                    tracing::info!(listener, subject, "TLS certificate reloaded")
+                }
+                Err(e) => tracing::error!(
+                    listener,
+                    "TLS certificate not reloaded, the old one is still served: {e}"
+                ),
+            }
+        }
         ftpgate::systemd::notify_ready();
     }
 }

@@ -18,6 +18,10 @@ pub struct Policy {
     pub tls: TlsPolicy,
     /// Verbs refused with 502, upper case.
     pub deny_commands: Vec<String>,
+    /// USER before a completed AUTH TLS gets 530.
+    pub require_tls: bool,
+    /// A data command under PROT C gets 521.
+    pub require_prot_p: bool,
 }
 
 /// The outcome of matching a new session against the rules.
@@ -53,6 +57,8 @@ pub(crate) fn decide(config: &Config, client: IpAddr, server: SocketAddr) -> Dec
             data_ports: rule.data_ports,
             tls: rule.tls,
             deny_commands: rule.deny_commands.clone(),
+            require_tls: rule.require_tls,
+            require_prot_p: rule.require_prot_p,
         }),
     }
 }
@@ -163,6 +169,8 @@ rules:
             data_ports: PortRange { lo: 2000, hi: 3000 },
             tls: TlsPolicy::Passthrough,
             deny_commands: vec!["SITE".to_string(), "DELE".to_string()],
+            require_tls: false,
+            require_prot_p: false,
         };
         assert_eq!(d, Decision::Allow(want));
     }
@@ -180,6 +188,8 @@ rules:
             },
             tls: TlsPolicy::Refuse,
             deny_commands: Vec::new(),
+            require_tls: false,
+            require_prot_p: false,
         };
         assert_eq!(d, Decision::Allow(want));
     }

@@ -31,6 +31,8 @@ fn policy(server_mode: ServerMode) -> Policy {
         },
         tls: TlsPolicy::Refuse,
         deny_commands: vec!["SITE".into()],
+        require_tls: false,
+        require_prot_p: false,
     }
 }
 
@@ -54,6 +56,7 @@ fn session(
         transparent,
         announce: None,
         policy: policy(server_mode),
+        tls: Default::default(),
     });
     s.server_bytes(b"220 ready\r\n");
     assert_eq!(
@@ -464,6 +467,7 @@ fn data_ports_policy_limits_port_and_227() {
             },
             ..policy(ServerMode::Same)
         },
+        tls: Default::default(),
     });
     s.server_bytes(b"220 hi\r\n");
     drain(&mut s);
@@ -490,6 +494,7 @@ fn modes_policy_refuses_active() {
             modes: vec![DataMode::Passive],
             ..policy(ServerMode::Same)
         },
+        tls: Default::default(),
     });
     s.server_bytes(b"220 hi\r\n");
     drain(&mut s);
@@ -744,6 +749,7 @@ fn tls_passthrough_stops_parsing() {
             tls: TlsPolicy::Passthrough,
             ..policy(ServerMode::Same)
         },
+        tls: Default::default(),
     });
     s.server_bytes(b"220 hi\r\n");
     drain(&mut s);

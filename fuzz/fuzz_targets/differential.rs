@@ -231,7 +231,10 @@ fuzz_target!(|data: &[u8]| {
                 TlsPolicy::Refuse
             },
             deny_commands: vec!["SITE".into(), "DELE".into()],
+            require_tls: false,
+            require_prot_p: false,
         },
+        tls: Default::default(),
     });
     // The address a client may be told to connect to.
     let announced: IpAddr = if transparent {

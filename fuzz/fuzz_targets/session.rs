@@ -69,7 +69,10 @@ fuzz_target!(|data: &[u8]| {
                 TlsPolicy::Refuse
             },
             deny_commands: vec!["SITE".into()],
+            require_tls: false,
+            require_prot_p: false,
         },
+        tls: Default::default(),
     });
     let mut plans: Vec<u64> = Vec::new();
     let mut ended = false;

@@ -248,8 +248,7 @@ impl Check {
             |s| parse_socket_addr(s, true),
         );
         let mode = self.listener_mode(r, path);
-        // Checked (the pair loaded) but not kept until the proxy serves TLS.
-        let _tls = self.listener_tls(r, path, mode.as_ref());
+        let (tls, upstream_tls) = self.listener_tls(r, path, mode.as_ref());
         let proxy_protocol = match self.field(&r.proxy_protocol, path, "proxy_protocol") {
             Ok(Some(p)) => self.proxy_protocol(p, path, mode.as_ref()).map(Some),
             Ok(None) => Some(None),
@@ -287,6 +286,8 @@ impl Check {
             mode: mode?,
             proxy_protocol: proxy_protocol?,
             upstream_proxy_protocol: upstream_proxy_protocol?,
+            tls,
+            upstream_tls,
         })
     }
 
@@ -633,7 +634,7 @@ impl Check {
         });
         let data_ports = self.value(&r.data_ports, path, "data_ports", d.data_ports, parse_range);
         let tls = self.value(&r.tls, path, "tls", d.tls, super::tls::parse_rule_tls);
-        self.rule_tls(r, path);
+        let (require_tls, require_prot_p) = self.rule_tls(r, path, tls);
         let deny_commands = self.list(&r.deny_commands, path, "deny_commands", true, parse_verb);
         if let Ok(Some(verbs)) = &deny_commands {
             self.unique_verbs(verbs, path);
@@ -647,6 +648,8 @@ impl Check {
             data_ports: data_ports.unwrap_or(d.data_ports),
             tls: tls.unwrap_or(d.tls),
             deny_commands: deny_commands.ok().flatten().unwrap_or(d.deny_commands),
+            require_tls,
+            require_prot_p,
             name: d.name,
         }
     }

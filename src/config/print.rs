@@ -89,6 +89,26 @@ impl From<&Listener> for OutListener {
                 timeout: format_duration(p.timeout),
             }),
             upstream_proxy_protocol: l.upstream_proxy_protocol.map(ProxyVersion::as_str),
+            tls: l.tls.as_ref().map(|t| OutListenerTls {
+                cert: t.cert.display().to_string(),
+                key: t.key.display().to_string(),
+                implicit: t.implicit,
+                require_resumption: t.require_resumption,
+            }),
+            upstream_tls: l.upstream_tls.as_ref().map(|u| {
+                let (ca, insecure) = match &u.trust {
+                    crate::tls::client::Trust::CaFile(p) => (Some(p.display().to_string()), false),
+                    crate::tls::client::Trust::System => (Some("system".to_string()), false),
+                    crate::tls::client::Trust::Insecure => (None, true),
+                };
+                OutUpstreamTls {
+                    mode: u.mode.as_str(),
+                    ca,
+                    name: u.name.clone(),
+                    insecure,
+                    allow_downgrade: u.allow_downgrade,
+                }
+            }),
         }
     }
 }
@@ -129,6 +149,8 @@ impl From<&Rule> for OutRule {
             data_ports: r.data_ports.to_string(),
             tls: r.tls.as_str(),
             deny_commands: r.deny_commands.clone(),
+            require_tls: r.require_tls,
+            require_prot_p: r.require_prot_p,
         }
     }
 }
@@ -172,6 +194,28 @@ struct OutListener {
     proxy_protocol: Option<OutProxyProtocol>,
     #[serde(skip_serializing_if = "Option::is_none")]
     upstream_proxy_protocol: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<OutListenerTls>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_tls: Option<OutUpstreamTls>,
+}
+
+#[derive(Serialize)]
+struct OutListenerTls {
+    cert: String,
+    key: String,
+    implicit: bool,
+    require_resumption: bool,
+}
+
+#[derive(Serialize)]
+struct OutUpstreamTls {
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca: Option<String>,
+    name: String,
+    insecure: bool,
+    allow_downgrade: bool,
 }
 
 #[derive(Serialize)]
@@ -209,6 +253,11 @@ struct OutRule {
     data_ports: String,
     tls: &'static str,
     deny_commands: Vec<String>,
+    // Printed when set, so files without FTPS print as they did.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    require_tls: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    require_prot_p: bool,
 }
 
 /// The largest unit that states `d` exactly; sub-millisecond parts, which a

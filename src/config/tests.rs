@@ -47,6 +47,8 @@ fn minimal_file_gets_every_default() {
             },
             proxy_protocol: None,
             upstream_proxy_protocol: None,
+            tls: None,
+            upstream_tls: None,
         }]
     );
     assert_eq!(c.data, DataConfig::default());
@@ -415,7 +417,7 @@ fn each_semantic_error_is_located_at_its_value() {
             ),
             (
                 format!("{HEAD}rules:\n  - name: all\n    tls: allow\n"),
-                "8:10: tls: unknown value `allow`, expected one of: refuse, passthrough",
+                "8:10: tls: unknown value `allow`, expected one of: refuse, passthrough, terminate",
             ),
             (
                 format!("{HEAD}rules:\n  - name: all\n    server_mode: epsv\n"),
@@ -658,7 +660,7 @@ rules:
                 "9:17: max_sessions: 0 would refuse every session; the least is 1",
                 "12:15: clients: `10.0.0.0/33` is not a CIDR such as 10.0.0.0/24 or 2001:db8::/32, nor an address",
                 "12:41: clients: `bogus` is not a CIDR such as 10.0.0.0/24 or 2001:db8::/32, nor an address",
-                "13:10: tls: unknown value `maybe`, expected one of: refuse, passthrough",
+                "13:10: tls: unknown value `maybe`, expected one of: refuse, passthrough, terminate",
             ]
         );
 }
@@ -960,6 +962,8 @@ fn arb_listener() -> impl Strategy<Value = Listener> {
                 proxy_protocol: proxy_protocol.filter(|_| reverse),
                 upstream_proxy_protocol: send.filter(|_| reverse),
                 mode,
+                tls: None,
+                upstream_tls: None,
             }
         },
     )
@@ -998,6 +1002,8 @@ fn arb_rule() -> impl Strategy<Value = Rule> {
                     TlsPolicy::Refuse
                 },
                 deny_commands: verbs.into_iter().collect(),
+                require_tls: false,
+                require_prot_p: false,
             },
         )
 }

@@ -35,17 +35,10 @@ use serde::Deserialize;
 use super::check::Check;
 use super::raw::{at, Field, RawListener, RawRule, Seg, Text};
 use super::types::{ListenerMode, TlsPolicy};
-use super::values::{joined, parse_enum};
+use super::values::parse_enum;
 use super::ConfigError;
 use crate::tls::client::Trust;
 use crate::tls::pem::{self, EXPIRY_WARNING};
-
-/// Why each not-yet-served setting is refused, said once.
-const NOT_YET: &str = "is not available yet: this version of the gateway does not terminate TLS (no TLS control or data legs)";
-
-/// Said of a listener's certificate that loads: until the gateway
-/// terminates TLS it is checked, and kept for nothing else.
-const NOT_SERVED: &str = "the certificate is checked but not served yet: AUTH TLS gets what each rule's `tls` says (refuse or passthrough)";
 
 #[derive(Debug, Deserialize)]
 #[serde(
@@ -66,7 +59,7 @@ pub(super) struct RawListenerTls {
 #[derive(Debug, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping (a listener's `upstream_tls`: `mode`, `ca`, `name`, `insecure`)"
+    expecting = "a mapping (a listener's `upstream_tls`: `mode`, `ca`, `name`, `insecure`, `allow_downgrade`)"
 )]
 pub(super) struct RawUpstreamTls {
     #[serde(default)]
@@ -77,6 +70,8 @@ pub(super) struct RawUpstreamTls {
     name: Field<Text>,
     #[serde(default)]
     insecure: Field<Text>,
+    #[serde(default)]
+    allow_downgrade: Field<Text>,
 }
 
 /// A listener's `tls:` section, validated: the pair loaded and matched.
@@ -130,6 +125,10 @@ pub struct UpstreamTls {
     pub trust: Trust,
     /// The name (or address) the server's certificate must carry.
     pub name: String,
+    /// One leg in TLS and the other in clear text (an FTPS client to a
+    /// plain server, or a plain client to an FTPS server) is allowed, and
+    /// logged at the start of each such session. Default false.
+    pub allow_downgrade: bool,
 }
 
 /// What the TLS checks keep between hooks.
@@ -143,15 +142,8 @@ pub(super) struct TlsState {
     pub(super) now: Option<SystemTime>,
 }
 
-/// A rule's `tls` value. `terminate` is refused by name until the gateway
-/// can serve it, so the message says so instead of "unknown value".
+/// A rule's `tls` value: refuse, passthrough or terminate.
 pub(super) fn parse_rule_tls(s: &str) -> Result<TlsPolicy, String> {
-    if s == "terminate" {
-        return Err(format!(
-            "`terminate` {NOT_YET}; use {}",
-            joined(TlsPolicy::NAMES, " or ")
-        ));
-    }
     parse_enum(s, TlsPolicy::NAMES)
 }
 
@@ -172,17 +164,33 @@ fn parse_path(s: &str) -> Result<PathBuf, String> {
 }
 
 impl Check {
-    /// The rule's `require_tls` and `require_prot_p`: `false` is today's
-    /// behaviour; `true` needs termination, which is not served yet.
-    pub(super) fn rule_tls(&mut self, r: &RawRule, path: &[Seg]) {
-        for (field, key) in [
+    /// The rule's `require_tls` and `require_prot_p` (default false). Both
+    /// are the gateway's own answers, so they need `tls: terminate`.
+    pub(super) fn rule_tls(
+        &mut self,
+        r: &RawRule,
+        path: &[Seg],
+        tls: Option<TlsPolicy>,
+    ) -> (bool, bool) {
+        let mut out = [false, false];
+        for (i, (field, key)) in [
             (&r.require_tls, "require_tls"),
             (&r.require_prot_p, "require_prot_p"),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             if let Ok(Some(true)) = self.optional(field, path, key, parse_bool) {
-                self.err(&at(path, key), format!("`{key}: true` {NOT_YET}"));
+                if matches!(tls, Some(TlsPolicy::Refuse | TlsPolicy::Passthrough)) {
+                    self.err(
+                        &at(path, key),
+                        format!("`{key}: true` needs `tls: terminate`: only a gateway that ends TLS itself can tell"),
+                    );
+                }
+                out[i] = true;
             }
         }
+        (out[0], out[1])
     }
 
     /// A listener's `tls` and `upstream_tls`, validated; the pair is loaded.
@@ -219,9 +227,6 @@ impl Check {
             parse_path,
         );
         let implicit = self.value(&r.implicit, path, "implicit", false, parse_bool);
-        if implicit == Some(true) {
-            self.err(&at(path, "implicit"), format!("`implicit: true` {NOT_YET}"));
-        }
         let require_resumption = self.value(
             &r.require_resumption,
             path,
@@ -232,9 +237,6 @@ impl Check {
         let (cert, key) = (self.tls.base.join(cert?), self.tls.base.join(key?));
         match pem::load(&cert, &key, &crate::tls::provider()) {
             Ok(loaded) => {
-                self.tls
-                    .warnings
-                    .push((path.to_vec(), NOT_SERVED.to_string()));
                 let now = self.tls.now.unwrap_or_else(SystemTime::now);
                 if let Some(warning) = loaded.expiry_warning(now, EXPIRY_WARNING) {
                     self.tls.warnings.push((at(path, "cert"), warning));
@@ -278,15 +280,13 @@ impl Check {
             let s = if s == "false" { "off" } else { s };
             parse_enum(s, UpstreamMode::NAMES)
         });
-        if matches!(
-            tls_mode,
-            Some(UpstreamMode::Explicit | UpstreamMode::Implicit)
-        ) {
-            self.err(
-                &at(path, "mode"),
-                format!("upstream_tls `mode: {}` {NOT_YET}", tls_mode?.as_str()),
-            );
-        }
+        let allow_downgrade = self.value(
+            &r.allow_downgrade,
+            path,
+            "allow_downgrade",
+            false,
+            parse_bool,
+        );
         let insecure = self.value(&r.insecure, path, "insecure", false, parse_bool);
         let ca = self.optional(&r.ca, path, "ca", parse_path);
         let trust = match (insecure, ca) {
@@ -340,6 +340,7 @@ impl Check {
             mode: tls_mode?,
             trust: trust?,
             name: name?,
+            allow_downgrade: allow_downgrade?,
         })
     }
 }
@@ -459,7 +460,8 @@ mod tests {
             Some(UpstreamTls {
                 mode: UpstreamMode::Off,
                 trust: Trust::System,
-                name: "127.0.0.1".into()
+                name: "127.0.0.1".into(),
+                allow_downgrade: false,
             })
         );
     }
@@ -517,24 +519,44 @@ mod tests {
     }
 
     #[test]
-    fn what_is_not_served_yet_is_refused_where_it_is_written() {
+    fn terminate_and_its_requirements_load_and_need_each_other() {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = pair(dir.path(), None);
         let text = format!(
-            "{HEAD}    tls:\n      cert: {}\n      key: {}\n      implicit: true\n    upstream_tls:\n      mode: explicit\n      insecure: true\nrules:\n  - name: all\n    tls: terminate\n    require_tls: true\n    require_prot_p: true\n  - name: clear\n    tls: refuse\n    require_tls: false\n    require_prot_p: false\n",
+            "{HEAD}    tls:\n      cert: {}\n      key: {}\n      implicit: true\n    upstream_tls:\n      mode: explicit\n      insecure: true\n      allow_downgrade: true\nrules:\n  - name: all\n    tls: terminate\n    require_tls: true\n    require_prot_p: true\n  - name: clear\n    tls: refuse\n    require_tls: true\n    require_prot_p: false\n",
             cert.display(),
             key.display()
         );
+        // Only a gateway that ends TLS can require it.
         assert_eq!(
             errors(&text),
-            [
-                format!("9:17: `implicit: true` {NOT_YET}"),
-                format!("11:13: upstream_tls `mode: explicit` {NOT_YET}"),
-                format!("15:10: tls: `terminate` {NOT_YET}; use refuse or passthrough"),
-                format!("16:18: `require_tls: true` {NOT_YET}"),
-                format!("17:21: `require_prot_p: true` {NOT_YET}"),
-            ]
+            ["21:18: `require_tls: true` needs `tls: terminate`: only a gateway that ends TLS itself can tell"]
         );
+        let ok = text.replace(
+            "    tls: refuse\n    require_tls: true\n",
+            "    tls: refuse\n",
+        );
+        let path = dir.path().join("t.yaml");
+        std::fs::write(&path, &ok).unwrap();
+        let c = Config::load(&path).unwrap();
+        let l = &c.listeners[0];
+        assert!(l.tls.as_ref().is_some_and(|t| t.implicit));
+        let up = l.upstream_tls.as_ref().unwrap();
+        assert_eq!(
+            (up.mode, up.allow_downgrade),
+            (UpstreamMode::Explicit, true)
+        );
+        let r = &c.rules[0];
+        assert_eq!(
+            (r.tls, r.require_tls, r.require_prot_p),
+            (TlsPolicy::Terminate, true, true)
+        );
+        // `check` prints the settings in force, and they read back the same.
+        let printed = c.to_yaml();
+        assert!(printed.contains("allow_downgrade: true"), "{printed}");
+        let again = Config::parse(&printed, &path).unwrap();
+        assert_eq!(again.listeners, c.listeners);
+        assert_eq!(again.rules, c.rules);
     }
 
     #[test]
@@ -600,11 +622,11 @@ mod tests {
                 .map(|w| format!("{}:{}: {}", w.line, w.column, w.message))
                 .collect()
         };
-        // Far from expiry, only the note that the certificate is not served.
-        assert_eq!(messages(at(2029, 11, 1)), [format!("7:7: {NOT_SERVED}")]);
+        // Far from expiry, nothing to say.
+        assert!(messages(at(2029, 11, 1)).is_empty());
         let warnings = warnings_at(&text, &rules, at(2029, 12, 11));
-        assert_eq!(warnings.len(), 2);
-        let w = &warnings[1];
+        assert_eq!(warnings.len(), 1);
+        let w = &warnings[0];
         assert_eq!((w.file.clone(), w.line, w.column), (rules.clone(), 7, 13));
         assert!(
             w.message.starts_with(&format!(
@@ -613,7 +635,7 @@ mod tests {
             )),
             "{w}"
         );
-        // Today, well before 2030, only the note.
-        assert_eq!(tls_warnings(&rules).len(), 1);
+        // Today, well before 2030, nothing.
+        assert!(tls_warnings(&rules).is_empty());
     }
 }

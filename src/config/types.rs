@@ -115,6 +115,12 @@ pub struct Listener {
     /// connection to the upstream, naming the real client (reverse
     /// listeners only); none: no header.
     pub upstream_proxy_protocol: Option<ProxyVersion>,
+    /// The gateway's certificate toward clients, when the listener has a
+    /// `tls:` section (needed by rules with `tls: terminate`).
+    pub tls: Option<super::ListenerTls>,
+    /// How the gateway speaks to the server (reverse listeners); `None`:
+    /// clear text, no downgrade allowed.
+    pub upstream_tls: Option<super::UpstreamTls>,
 }
 
 named_enum! {
@@ -378,6 +384,9 @@ named_enum! {
         Refuse = "refuse",
         /// Forwarded; once TLS starts the gateway stops parsing and copies bytes.
         Passthrough = "passthrough",
+        /// Answered by the gateway, which ends TLS on the client leg with the
+        /// listener's certificate and keeps parsing.
+        Terminate = "terminate",
     }
 }
 
@@ -403,6 +412,10 @@ pub struct Rule {
     pub tls: TlsPolicy,
     /// Verbs refused with 502, upper case.
     pub deny_commands: Vec<String>,
+    /// USER before a completed AUTH TLS gets 530 (`tls: terminate` only).
+    pub require_tls: bool,
+    /// A data command under PROT C gets 521 (`tls: terminate` only).
+    pub require_prot_p: bool,
 }
 
 impl Default for DataConfig {
@@ -455,6 +468,8 @@ impl Rule {
             },
             tls: TlsPolicy::Refuse,
             deny_commands: Vec::new(),
+            require_tls: false,
+            require_prot_p: false,
         }
     }
 }

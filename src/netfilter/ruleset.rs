@@ -188,6 +188,8 @@ mod tests {
                 },
                 tls: TlsPolicy::Refuse,
                 deny_commands: vec![],
+                require_tls: false,
+                require_prot_p: false,
             }],
             metrics: None,
             audit: None,
@@ -201,6 +203,8 @@ mod tests {
             mode,
             proxy_protocol: None,
             upstream_proxy_protocol: None,
+            tls: None,
+            upstream_tls: None,
         }
     }
 

@@ -64,6 +64,38 @@ pub struct DataPlan {
     /// connect leg must appear to come from this address; the backend makes
     /// that so with elements in its nftables table.
     pub client_view: Option<IpAddr>,
+    /// Which legs carry TLS (each leg's own PROT P); the session's
+    /// [`SessionTls`] sides make the handshakes. A plan with a TLS leg is
+    /// carried by the relay, which alone can read the bytes.
+    pub tls: PlanTls,
+}
+
+/// Which legs of a plan carry TLS (that leg's PROT P). The gateway is the TLS
+/// server on the client leg and the TLS client on the server leg, whichever end dials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PlanTls {
+    /// The client leg carries TLS, the gateway as TLS server.
+    pub client: bool,
+    /// The server leg carries TLS, the gateway as TLS client.
+    pub server: bool,
+}
+
+impl PlanTls {
+    /// Whether any leg carries TLS.
+    pub fn any(self) -> bool {
+        self.client || self.server
+    }
+}
+
+/// A session's TLS sides, which the plan's TLS legs use.
+#[derive(Debug, Clone, Default)]
+pub struct SessionTls {
+    /// The gateway as TLS server toward the client (the control session's
+    /// own cache and ticket key, so data connections resume it).
+    pub client: Option<crate::tls::server::SessionServer>,
+    /// The gateway as TLS client toward the server (the control session's
+    /// own resumption store, so data connections resume it).
+    pub server: Option<crate::tls::client::SessionClient>,
 }
 
 /// Session context a backend needs for logs and for nftables keys.
@@ -83,6 +115,9 @@ pub struct SessionInfo {
     /// any: a data connection from one of them reaches a client listen leg
     /// only behind a PROXY header that names `client`.
     pub balancers: Option<Arc<crate::config::ProxyProtocol>>,
+    /// The session's TLS sides; a plan's TLS leg whose side is `None` fails
+    /// with [`DataFailure::Tls`] ([`TlsFailure::NoSessionTls`]).
+    pub tls: SessionTls,
 }
 
 /// When bytes last moved, shared by a session and the tasks that move its
@@ -219,6 +254,63 @@ pub enum DataFailure {
     /// closed unused).
     #[error("no data connection")]
     NoDataConnection,
+    /// A leg's TLS handshake failed or was refused.
+    #[error("TLS on the {leg} leg: {reason}")]
+    Tls {
+        /// The leg whose handshake failed.
+        leg: TlsLeg,
+        /// Why.
+        reason: TlsFailure,
+    },
+}
+
+impl DataFailure {
+    /// Whether this is a client data connection that did not resume its
+    /// control session where that is required: vsftpd answers it with
+    /// `522 SSL connection failed: session reuse required`.
+    pub fn not_resumed(&self) -> bool {
+        matches!(
+            self,
+            DataFailure::Tls {
+                reason: TlsFailure::NotResumed,
+                ..
+            }
+        )
+    }
+}
+
+/// The leg of a data plan that a TLS failure concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsLeg {
+    /// Gateway↔client: the gateway is the TLS server.
+    Client,
+    /// Gateway↔server: the gateway is the TLS client.
+    Server,
+}
+
+impl std::fmt::Display for TlsLeg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsLeg::Client => "client",
+            TlsLeg::Server => "server",
+        })
+    }
+}
+
+/// Why a data leg's TLS handshake gave no stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsFailure {
+    /// The client's data connection made a full handshake where resuming
+    /// its control session's TLS session is required.
+    #[error("session reuse required: the data connection did not resume the control session's TLS session")]
+    NotResumed,
+    /// The handshake failed or passed its time limit; the error's text.
+    #[error("{0}")]
+    Handshake(String),
+    /// The plan asks for TLS on a leg for which the session has no TLS
+    /// side (a bug in whoever built the plan, reported, not panicked on).
+    #[error("the session has no TLS side for this leg")]
+    NoSessionTls,
 }
 
 /// Reports from a plan's task to its session.
@@ -294,20 +386,12 @@ impl Backend {
             Backend::Relay(relay) => return relay.open(session, plan, events).await,
             Backend::Kernel { kernel, relay } => (kernel, relay),
         };
-        // The kernel forwards a balancer's connection without reading its
-        // PROXY header, so it could not tell whose data connection it is.
-        let headers = session.balancers.is_some() && matches!(plan.client, Leg::Listen { .. });
-        match kernel::Shape::of(&plan) {
-            Some(shape) if !headers => return kernel.open(session, plan, shape, events).await,
-            Some(_) => tracing::debug!(
+        match kernel_shape(session, &plan) {
+            Ok(shape) => return kernel.open(session, plan, shape, events).await,
+            Err(why) => tracing::debug!(
                 session = session.id,
                 plan = plan.id,
-                "data plan needs the relay (a balancer's data connection starts with a PROXY header, which only the relay reads)"
-            ),
-            None => tracing::debug!(
-                session = session.id,
-                plan = plan.id,
-                "data plan needs the relay (conversion or mixed families)"
+                "data plan needs the relay ({why})"
             ),
         }
         let (opened, pinhole) = relay.open(session, plan, events).await?;
@@ -338,6 +422,26 @@ impl Backend {
     }
 }
 
+/// How the kernel would carry `plan`, or why only the relay can (the text
+/// of the debug line).
+fn kernel_shape(session: &SessionInfo, plan: &DataPlan) -> Result<kernel::Shape, &'static str> {
+    // NAT forwards TLS records untouched: only the relay can end a TLS leg
+    // (and resume the session's TLS sessions on it).
+    if plan.tls.any() {
+        return Err("a TLS leg, which the kernel cannot end");
+    }
+    // The kernel forwards a balancer's connection without reading its
+    // PROXY header, so it could not tell whose data connection it is.
+    let headers = session.balancers.is_some() && matches!(plan.client, Leg::Listen { .. });
+    match kernel::Shape::of(plan) {
+        Some(_) if headers => Err(
+            "a balancer's data connection starts with a PROXY header, which only the relay reads",
+        ),
+        Some(shape) => Ok(shape),
+        None => Err("conversion or mixed families"),
+    }
+}
+
 /// What a backend holds open at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -359,6 +463,43 @@ pub struct DataSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plans_with_a_tls_leg_never_go_to_the_kernel() {
+        let session = SessionInfo {
+            id: 1,
+            client: "192.0.2.1:1000".parse().unwrap(),
+            server: "198.51.100.2:21".parse().unwrap(),
+            activity: Activity::default(),
+            balancers: None,
+            tls: SessionTls::default(),
+        };
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        // A plain passive plan of one family: the kernel's shape.
+        let plan = DataPlan {
+            id: 1,
+            client: Leg::Listen { bind: lo, peer: lo },
+            server: Leg::Connect {
+                target: "127.0.0.1:2000".parse().unwrap(),
+                bind: lo,
+            },
+            client_view: None,
+            tls: PlanTls::default(),
+        };
+        assert!(kernel_shape(&session, &plan).is_ok());
+        for (client, server) in [(true, false), (false, true), (true, true)] {
+            let tls = PlanTls { client, server };
+            let plan = DataPlan {
+                tls,
+                ..plan.clone()
+            };
+            assert_eq!(
+                kernel_shape(&session, &plan).err(),
+                Some("a TLS leg, which the kernel cannot end"),
+                "{tls:?}"
+            );
+        }
+    }
 
     #[test]
     fn activity_is_the_last_touch_plus_idle() {

@@ -2,6 +2,7 @@
 //! feed the session core and carry out its actions.
 
 use super::proxy_protocol::{self, Header, Sniff};
+use super::tls_ctx::{ControlStream, ListenerContexts, Readable};
 use super::{origdst, Gateway, SessionSlot};
 use crate::config::{Config, Limits, Listener, ListenerMode, ProxyProtocol, ProxyVersion};
 use crate::escape::Escaped;
@@ -10,8 +11,11 @@ use crate::metrics::{OpenGuard, Refusal};
 use crate::pinhole::{Activity, DataEvent, DataPlan, Pinhole, PlanId, SessionInfo};
 use crate::rules::{decide, Decision, Policy};
 use crate::session::{
-    Action, EndReason, LogEvent, OpenFailure, Refused, Session, SessionParams, TransferRecord,
+    Action, EndReason, LogEvent, OpenFailure, Refused, Session, SessionParams, Side, TlsLegs,
+    TransferRecord,
 };
+use crate::tls::client::SessionClient;
+use crate::tls::server::SessionServer;
 use socket2::SockRef;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -69,25 +73,43 @@ async fn run(
     let Some(_slot) = acquire_slot(&gateway, &mut client, &who).await else {
         return;
     };
+    let Some(tls) = session_tls(&gateway, &listener, &mut client, &who).await else {
+        return;
+    };
+    // An implicit listener's TLS starts at the first byte, behind the
+    // PROXY header if any; the refusals below are then sent in TLS.
+    let mut client = match (
+        &tls.server,
+        listener.tls.as_ref().is_some_and(|t| t.implicit),
+    ) {
+        (Some(server), true) => match server.accept_control(client).await {
+            Ok(s) => ControlStream::Tls(Box::new(s.into())),
+            Err(e) => {
+                warn!(client = %who.addr, reason = %e, "client TLS handshake failed (implicit listener): connection closed");
+                return;
+            }
+        },
+        _ => ControlStream::Plain(client),
+    };
     // One configuration for the whole session, even across a reload.
     let config = gateway.config();
     let Some(policy) = allow(&gateway, &config, &mut client, &who, server).await else {
         return;
     };
     let limits = &config.limits;
-    let Some(upstream) = connect(&gateway, &listener, limits, &mut client, &who, server).await
+    let Some((upstream, server_local)) =
+        connect(&gateway, &listener, &tls, limits, &mut client, &who, server).await
     else {
-        return;
-    };
-    let _ = upstream.set_nodelay(true);
-    let Ok(server_local) = upstream.local_addr() else {
         return;
     };
     let server_local = SocketAddr::new(server_local.ip().to_canonical(), server_local.port());
     let client_local = SocketAddr::new(client_local.ip().to_canonical(), client_local.port());
     gateway.metrics.session_setup(started.elapsed());
     let via = who.via.map(tracing::field::display);
-    info!(client = %peer, via, %server, rule = %policy.rule, mode = listener.mode.kind().as_str(), "session start");
+    let tls_client = client.describe();
+    let tls_server = upstream.describe();
+    info!(client = %peer, via, %server, rule = %policy.rule, mode = listener.mode.kind().as_str(), tls = %policy.tls.as_str(), tls_client, tls_server, "session start");
+    let upstream_tls = listener.upstream_tls.as_ref();
     let params = SessionParams {
         client: peer,
         client_local,
@@ -96,9 +118,22 @@ async fn run(
         transparent,
         announce,
         policy,
+        tls: TlsLegs {
+            client_cert: tls.server.is_some(),
+            client_implicit: matches!(client, ControlStream::Tls(_)),
+            upstream: upstream_tls.map_or(crate::config::UpstreamMode::Off, |u| u.mode),
+            allow_downgrade: upstream_tls.is_some_and(|u| u.allow_downgrade),
+            data_tls: DATA_TLS,
+        },
     };
     let idle = limits.idle_timeout;
     let mut conn = Conn::new(&gateway, &listener, id, params, client, upstream, idle);
+    // The data plane resumes these very sides on each data connection.
+    conn.info.tls = crate::pinhole::SessionTls {
+        client: tls.server.clone(),
+        server: tls.client.clone(),
+    };
+    conn.tls = tls;
     conn.sniff = who.sniff.then(Vec::new);
     conn.via = who.via;
     let reason = conn.drive().await;
@@ -289,11 +324,58 @@ async fn acquire_slot(
     }
 }
 
+/// The data plane carries TLS data connections (the relay; plans with a
+/// TLS leg never go to the kernel backend), so PROT P is answered 200 and
+/// asked of the server. The core refuses PROT P with 536 without it.
+const DATA_TLS: bool = true;
+
+/// One session's TLS sides: the listener's, with a session cache and
+/// resumption store of the session's own, so that its data connections
+/// resume this control session and no other.
+#[derive(Default)]
+struct SessionTlsSides {
+    server: Option<SessionServer>,
+    client: Option<SessionClient>,
+}
+
+/// The session's TLS sides, or the session refused when the listener's
+/// could not be built.
+async fn session_tls(
+    gateway: &Gateway,
+    listener: &Listener,
+    client: &mut TcpStream,
+    who: &Client,
+) -> Option<SessionTlsSides> {
+    if listener.tls.is_none() && listener.upstream_tls.is_none() {
+        return Some(SessionTlsSides::default());
+    }
+    let built = gateway
+        .tls
+        .for_listener(listener)
+        .and_then(|c: Arc<ListenerContexts>| {
+            let server = match &c.server {
+                Some(s) => Some(s.for_session().map_err(|e| format!("TLS session: {e}"))?),
+                None => None,
+            };
+            Ok(SessionTlsSides {
+                server,
+                client: c.client.as_ref().map(|c| c.for_session()),
+            })
+        });
+    match built {
+        Ok(sides) => Some(sides),
+        Err(why) => {
+            refuse_session(gateway, Refusal::unreachable, client, who, &why).await;
+            None
+        }
+    }
+}
+
 /// The policy of the rule that allows this session, or the session refused.
 async fn allow(
     gateway: &Gateway,
     config: &Config,
-    client: &mut TcpStream,
+    client: &mut ControlStream,
     who: &Client,
     server: SocketAddr,
 ) -> Option<Policy> {
@@ -314,15 +396,18 @@ async fn allow(
 /// The control connection to `server`, made within `connect_timeout`, or
 /// the session refused. With `upstream_proxy_protocol`, a PROXY header
 /// naming the real client and what it connected to goes first, within the
-/// same time.
+/// same time. With `upstream_tls: implicit` the TLS handshake follows (its
+/// own bound); a refused certificate gives the client 421 and says why.
+/// Gives the connection and its local address.
 async fn connect(
     gateway: &Gateway,
     listener: &Listener,
+    tls: &SessionTlsSides,
     limits: &Limits,
-    client: &mut TcpStream,
+    client: &mut ControlStream,
     who: &Client,
     server: SocketAddr,
-) -> Option<TcpStream> {
+) -> Option<(ControlStream, SocketAddr)> {
     let header = listener.upstream_proxy_protocol.map(|version| {
         let h = if who.local {
             Header::Local
@@ -351,7 +436,25 @@ async fn connect(
         Ok::<_, String>(upstream)
     };
     let why = match tokio::time::timeout(limits.connect_timeout, dial).await {
-        Ok(Ok(s)) => return Some(s),
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            let local = s.local_addr().ok()?;
+            let implicit = listener
+                .upstream_tls
+                .as_ref()
+                .is_some_and(|u| u.mode == crate::config::UpstreamMode::Implicit);
+            match (&tls.client, implicit) {
+                (Some(tls), true) => match tls.connect(s).await {
+                    Ok(s) => return Some((ControlStream::Tls(Box::new(s.into())), local)),
+                    Err(e) => {
+                        let why = format!("TLS to server {server}: {e}");
+                        refuse_session(gateway, Refusal::unreachable, client, who, &why).await;
+                        return None;
+                    }
+                },
+                _ => return Some((ControlStream::Plain(s), local)),
+            }
+        }
         Ok(Err(why)) => why,
         Err(_) => format!(
             "cannot reach server {server}: no answer within {:?}",
@@ -364,10 +467,10 @@ async fn connect(
 
 /// Tells the client why with 421, logs and counts it, and closes. The line
 /// names the balancer the client came through, if any.
-async fn refuse_session(
+async fn refuse_session<W: AsyncWrite + Unpin>(
     gateway: &Gateway,
     reason: Refusal,
-    client: &mut TcpStream,
+    client: &mut W,
     who: &Client,
     why: &str,
 ) {
@@ -387,8 +490,17 @@ struct Conn<'a> {
     listener: &'a Listener,
     info: SessionInfo,
     core: Session,
-    client: TcpStream,
-    upstream: TcpStream,
+    client: ControlStream,
+    upstream: ControlStream,
+    /// The session's TLS sides (certificate toward the client, trust
+    /// toward the server).
+    tls: SessionTlsSides,
+    /// Each leg's TLS version and cipher, once started.
+    tls_client: Option<String>,
+    tls_server: Option<String>,
+    /// Decrypted bytes of a TLS leg's read; empty until TLS starts.
+    client_buf: Vec<u8>,
+    upstream_buf: Vec<u8>,
     /// Open plans; dropping one closes its pinholes and lowers the gauge.
     pinholes: HashMap<PlanId, (Pinhole, OpenGuard)>,
     /// `idle_timeout` of the session's configuration.
@@ -416,8 +528,8 @@ impl<'a> Conn<'a> {
         listener: &'a Listener,
         id: u64,
         params: SessionParams,
-        client: TcpStream,
-        upstream: TcpStream,
+        client: ControlStream,
+        upstream: ControlStream,
         idle: Duration,
     ) -> Self {
         let info = SessionInfo {
@@ -426,14 +538,20 @@ impl<'a> Conn<'a> {
             server: params.server,
             activity: Activity::default(),
             balancers: listener.proxy_protocol.clone().map(Arc::new),
+            tls: crate::pinhole::SessionTls::default(),
         };
         Conn {
             gateway,
             listener,
             info,
             core: Session::new(params),
+            tls_client: client.describe(),
+            tls_server: upstream.describe(),
+            client_buf: tls_buf(&client),
+            upstream_buf: tls_buf(&upstream),
             client,
             upstream,
+            tls: SessionTlsSides::default(),
             pinholes: HashMap::new(),
             idle,
             from_client: 0,
@@ -456,6 +574,8 @@ impl<'a> Conn<'a> {
             data_to_client = totals.data_to_client,
             data_to_server = totals.data_to_server,
             transfers = totals.transfers,
+            tls_client = self.tls_client,
+            tls_server = self.tls_server,
             %reason,
             "session end"
         );
@@ -543,6 +663,34 @@ fn read_now(stream: &TcpStream, feed: impl FnOnce(&[u8])) -> Read {
     }
 }
 
+/// The read buffer of a TLS leg (decrypted bytes); none for clear text,
+/// which reads into the stack (see [`read_now`]).
+fn tls_buf(s: &ControlStream) -> Vec<u8> {
+    match s {
+        ControlStream::Tls(_) => vec![0; READ_BUF],
+        _ => Vec::new(),
+    }
+}
+
+/// One read from a control connection that [`ControlStream::wait_read`]
+/// found readable, handed to `feed`.
+fn read_leg(
+    stream: &ControlStream,
+    r: std::io::Result<Readable>,
+    buf: &[u8],
+    feed: impl FnOnce(&[u8]),
+) -> Read {
+    match (r, stream) {
+        (Ok(Readable::Ready), ControlStream::Plain(s)) => read_now(s, feed),
+        (Ok(Readable::Read(0)), _) | (Err(_), _) => Read::Closed,
+        (Ok(Readable::Read(n)), _) => {
+            feed(&buf[..n]);
+            Read::Data(n)
+        }
+        (Ok(Readable::Ready), _) => Read::Spurious,
+    }
+}
+
 /// Hands client bytes to the core. While `sniff` holds the stream's first
 /// bytes, they are kept until they show a PROXY header (true: none is
 /// passed on) or cannot be one (all are passed on).
@@ -606,6 +754,10 @@ enum Ended {
     /// A PROXY header where none may be: from a peer that is no balancer,
     /// or a second one behind a balancer's.
     UntrustedHeader(String),
+    /// The client's TLS handshake after AUTH TLS failed.
+    ClientTls(String),
+    /// The gateway's TLS handshake with the server failed (421 sent).
+    ServerTls(String),
 }
 
 impl std::fmt::Display for Ended {
@@ -619,6 +771,8 @@ impl std::fmt::Display for Ended {
             }
             Ended::Io(e) => write!(f, "{e}"),
             Ended::UntrustedHeader(why) => f.write_str(why),
+            Ended::ClientTls(why) => write!(f, "client TLS handshake failed: {why}"),
+            Ended::ServerTls(why) => f.write_str(why),
         }
     }
 }
@@ -631,7 +785,12 @@ async fn write_by<W: AsyncWrite + Unpin>(
     deadline: tokio::time::Instant,
     idle: Duration,
 ) -> Result<(), Ended> {
-    match tokio::time::timeout_at(deadline, to.write_all(bytes)).await {
+    // A TLS stream holds records until flushed; a socket's flush is a no-op.
+    let write = async {
+        to.write_all(bytes).await?;
+        to.flush().await
+    };
+    match tokio::time::timeout_at(deadline, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Ended::Io(format!("write to {peer}: {e}"))),
         Err(_) => Err(Ended::WriteTimeout(peer, idle)),
@@ -691,12 +850,12 @@ impl Conn<'_> {
             // A peer whose unprocessed input is over its bound is not read
             // until the core has room again: TCP pushes back on it.
             tokio::select! {
-                r = self.client.readable(), if self.core.wants_client_input() => {
+                r = self.client.wait_read(&mut self.client_buf), if self.core.wants_client_input() => {
                     if self.client_readable(r) {
                         return self.refuse_untrusted_header().await;
                     }
                 }
-                r = self.upstream.readable(), if self.core.wants_server_input() => {
+                r = self.upstream.wait_read(&mut self.upstream_buf), if self.core.wants_server_input() => {
                     self.server_readable(r);
                 }
                 Some(ev) = events.recv() => {
@@ -732,13 +891,15 @@ impl Conn<'_> {
     /// Feeds the core what the client sent, or tells it the client closed.
     /// True when the client's first bytes are a PROXY header it may not
     /// send.
-    fn client_readable(&mut self, r: std::io::Result<()>) -> bool {
+    fn client_readable(&mut self, r: std::io::Result<Readable>) -> bool {
         let (core, sniff) = (&mut self.core, &mut self.sniff);
         let mut header = false;
-        match r.map(|()| read_now(&self.client, |b| header = feed_client(core, sniff, b))) {
-            Ok(Read::Spurious) => {}
-            Ok(Read::Data(n)) => self.from_client += n as u64,
-            Ok(Read::Closed) | Err(_) => {
+        match read_leg(&self.client, r, &self.client_buf, |b| {
+            header = feed_client(core, sniff, b)
+        }) {
+            Read::Spurious => {}
+            Read::Data(n) => self.from_client += n as u64,
+            Read::Closed => {
                 if let Some(held) = self.sniff.take() {
                     self.core.client_bytes(&held);
                 }
@@ -769,12 +930,75 @@ impl Conn<'_> {
     }
 
     /// Feeds the core what the server sent, or tells it the server closed.
-    fn server_readable(&mut self, r: std::io::Result<()>) {
+    fn server_readable(&mut self, r: std::io::Result<Readable>) {
         let core = &mut self.core;
-        match r.map(|()| read_now(&self.upstream, |b| core.server_bytes(b))) {
-            Ok(Read::Spurious) => {}
-            Ok(Read::Data(n)) => self.from_server += n as u64,
-            Ok(Read::Closed) | Err(_) => self.core.server_closed(),
+        match read_leg(&self.upstream, r, &self.upstream_buf, |b| {
+            core.server_bytes(b)
+        }) {
+            Read::Spurious => {}
+            Read::Data(n) => self.from_server += n as u64,
+            Read::Closed => self.core.server_closed(),
+        }
+    }
+
+    /// Starts TLS on one control leg, as the core asked after AUTH TLS:
+    /// the gateway is the TLS server toward the client and the TLS client
+    /// toward the server. A failed handshake ends the session; toward the
+    /// server the client first gets 421 and why.
+    async fn start_tls(&mut self, side: Side) -> Option<Ended> {
+        match side {
+            Side::Client => {
+                let Some(server) = self.tls.server.clone() else {
+                    return Some(Ended::Io("client TLS: no certificate".into()));
+                };
+                let ControlStream::Plain(tcp) =
+                    std::mem::replace(&mut self.client, ControlStream::Gone)
+                else {
+                    return Some(Ended::Io("client TLS: already started".into()));
+                };
+                match server.accept_control(tcp).await {
+                    Ok(s) => {
+                        self.client = ControlStream::Tls(Box::new(s.into()));
+                        self.client_buf = tls_buf(&self.client);
+                        self.tls_client = self.client.describe();
+                        info!(tls = self.tls_client, "client leg TLS started");
+                        self.core.tls_started(Side::Client);
+                        None
+                    }
+                    Err(e) => Some(Ended::ClientTls(e.to_string())),
+                }
+            }
+            Side::Server => {
+                let Some(client) = self.tls.client.clone() else {
+                    return Some(Ended::Io("server TLS: no upstream_tls".into()));
+                };
+                let ControlStream::Plain(tcp) =
+                    std::mem::replace(&mut self.upstream, ControlStream::Gone)
+                else {
+                    return Some(Ended::Io("server TLS: already started".into()));
+                };
+                match client.connect(tcp).await {
+                    Ok(s) => {
+                        self.upstream = ControlStream::Tls(Box::new(s.into()));
+                        self.upstream_buf = tls_buf(&self.upstream);
+                        self.tls_server = self.upstream.describe();
+                        info!(tls = self.tls_server, "server leg TLS started");
+                        self.core.tls_started(Side::Server);
+                        None
+                    }
+                    Err(e) => {
+                        let why = format!("TLS to server {}: {e}", self.info.server);
+                        self.gateway.metrics.refused(Refusal::unreachable);
+                        warn!(client = %self.info.client, what = "SESSION", code = 421u16, reason = %why, certificate = e.certificate, "refused");
+                        let reply = rewrite::reply(421, &format!("Service not available: {why}"));
+                        let deadline = tokio::time::Instant::now() + self.idle;
+                        let _ =
+                            write_by(&mut self.client, "client", &reply, deadline, self.idle).await;
+                        let _ = self.client.shutdown().await;
+                        Some(Ended::ServerTls(why))
+                    }
+                }
+            }
         }
     }
 
@@ -887,6 +1111,11 @@ impl Conn<'_> {
                     }
                 }
                 Action::Open(plan) => self.open(plan, events).await,
+                Action::StartTls(side) => {
+                    if let Some(end) = self.start_tls(side).await {
+                        return Some(end);
+                    }
+                }
                 Action::Close(id) => {
                     // At the end, every pinhole is dropped after
                     // settle_data, so late data ends can still be logged.
@@ -936,8 +1165,8 @@ impl Conn<'_> {
         let idle = self.idle;
         let activity = self.info.activity.clone();
         let (mut from_client, mut from_server) = (0, 0);
-        let (mut client_r, mut client_w) = self.client.split();
-        let (mut server_r, mut server_w) = self.upstream.split();
+        let (mut client_r, mut client_w) = tokio::io::split(&mut self.client);
+        let (mut server_r, mut server_w) = tokio::io::split(&mut self.upstream);
         let copy = async {
             // The bytes already read go first.
             let deadline = tokio::time::Instant::now() + idle;
@@ -1024,6 +1253,14 @@ impl Conn<'_> {
                 ),
             },
             LogEvent::PinholeExpired(id) => info!(plan = id, "pinhole expired unused"),
+            LogEvent::DiscardedAfterAuth(n) => warn!(
+                bytes = n,
+                "clear-text bytes sent behind AUTH TLS before the handshake discarded"
+            ),
+            LogEvent::Downgrade(what) => warn!(
+                downgrade = %what,
+                "TLS downgrade: one leg in clear text (upstream_tls.allow_downgrade)"
+            ),
         }
     }
 
@@ -1097,6 +1334,8 @@ impl Conn<'_> {
             duration_ms: took.as_millis() as u64,
             reply: t.reply,
             result: &t.result,
+            tls_client: self.tls_client.as_deref(),
+            tls_server: self.tls_server.as_deref(),
         };
         if let Err(e) = audit.write(&record) {
             warn!("audit log: {e}");

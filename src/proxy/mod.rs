@@ -7,6 +7,7 @@ mod control;
 mod limits;
 mod origdst;
 pub mod proxy_protocol;
+pub mod tls_ctx;
 
 pub use limits::{SessionLimits, SessionSlot};
 
@@ -41,6 +42,8 @@ pub struct Gateway {
     /// Set once shutdown starts: the metrics endpoint then closes, so a
     /// health check that scrapes it sees this process go.
     stopping: watch::Sender<bool>,
+    /// Each listener's TLS contexts (certificates reload on SIGHUP).
+    pub tls: tls_ctx::TlsContexts,
 }
 
 impl Gateway {
@@ -63,6 +66,7 @@ impl Gateway {
             audit,
             next_id: AtomicU64::new(1),
             stopping: watch::channel(false).0,
+            tls: tls_ctx::TlsContexts::default(),
         })
     }
 

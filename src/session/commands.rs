@@ -19,6 +19,7 @@ impl Session {
             return;
         };
         let verb = parsed.verb;
+        let terminate = self.params.policy.tls == TlsPolicy::Terminate;
         match parsed.command {
             Command::Port(addr) => self.client_active(ClientAsk::Port, SocketAddr::V4(addr)),
             Command::Eprt(addr) => self.client_active(ClientAsk::Eprt, addr),
@@ -30,16 +31,37 @@ impl Session {
             Command::Epsv(p) => self.client_passive(ClientAsk::Epsv, p),
             Command::Lprt => self.refuse("LPRT", 502, "LPRT not supported; use EPRT"),
             Command::Lpsv => self.refuse("LPSV", 502, "LPSV not supported; use EPSV"),
-            Command::Auth(_) => match self.params.policy.tls {
+            Command::Auth(mechanism) => match self.params.policy.tls {
                 TlsPolicy::Refuse => self.refuse(
                     "AUTH",
                     534,
                     "TLS refused by gateway policy; continue in clear",
                 ),
                 TlsPolicy::Passthrough => self.forward(&line, Pending::Auth),
+                TlsPolicy::Terminate => self.auth_terminate(&mechanism),
             },
-            Command::User(name) => self.forward(&line, Pending::User(name)),
-            Command::Transfer => self.transfer_command(&line, verb, parsed.arg),
+            Command::Pbsz if terminate => self.pbsz_terminate(),
+            Command::Prot if terminate => self.prot_terminate(parsed.arg),
+            Command::Ccc if terminate => self.refuse(
+                "CCC",
+                534,
+                "CCC refused by gateway policy: the control connection stays protected",
+            ),
+            Command::Rein if self.client_tls == LegTls::Up => self.refuse(
+                "REIN",
+                502,
+                "REIN not available under TLS: it would drop the protection",
+            ),
+            Command::User(name) => {
+                if self.user_allowed() {
+                    self.forward(&line, Pending::User(name))
+                }
+            }
+            Command::Transfer => {
+                if self.prot_allows_transfer(&verb.to_ascii_uppercase()) {
+                    self.transfer_command(&line, verb, parsed.arg)
+                }
+            }
             Command::Other if verb.eq_ignore_ascii_case("FEAT") => {
                 self.forward(&line, Pending::Feat)
             }

@@ -14,9 +14,10 @@
 mod commands;
 mod plans;
 mod replies;
+mod tls;
 mod transfers;
 
-use crate::config::{DataMode, ServerMode, TlsPolicy};
+use crate::config::{DataMode, ServerMode, TlsPolicy, UpstreamMode};
 use crate::ftp::{
     self, parse_227, parse_229, parse_command, rewrite, CheckedCommand, CheckedReply, Command,
     CommandError, EpsvParam, Framer, Line, LineFault, ReplyPos, ReplyTracker,
@@ -48,6 +49,60 @@ pub struct SessionParams {
     pub announce: Option<IpAddr>,
     /// The matching rule's policy.
     pub policy: Policy,
+    /// What the listener offers for TLS on each leg.
+    pub tls: TlsLegs,
+}
+
+/// What a listener offers for TLS, fixed at connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsLegs {
+    /// The listener has a certificate: `tls: terminate` can answer AUTH TLS.
+    pub client_cert: bool,
+    /// The client leg is TLS from its first byte (an implicit listener).
+    pub client_implicit: bool,
+    /// How the gateway speaks to the server.
+    pub upstream: UpstreamMode,
+    /// One leg in TLS and the other in clear text is allowed (and logged).
+    pub allow_downgrade: bool,
+    /// The data plane can carry TLS: PROT P is accepted from the client
+    /// and sent to the server. Without it PROT P gets 536 and the server
+    /// leg is asked for PROT C.
+    pub data_tls: bool,
+}
+
+impl Default for TlsLegs {
+    /// No TLS on either leg: a plain listener.
+    fn default() -> Self {
+        TlsLegs {
+            client_cert: false,
+            client_implicit: false,
+            upstream: UpstreamMode::Off,
+            allow_downgrade: false,
+            data_tls: false,
+        }
+    }
+}
+
+/// One of a session's two control connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The gateway↔client connection: the gateway is the TLS server.
+    Client,
+    /// The gateway↔server connection: the gateway is the TLS client.
+    Server,
+}
+
+/// The TLS state of one control leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LegTls {
+    /// Clear text.
+    Plain,
+    /// (Server leg) the gateway's own AUTH TLS is on its way.
+    Asking,
+    /// The shell was told to start TLS and has not reported back.
+    Starting,
+    /// TLS is up; for the server leg, PBSZ/PROT may still be outstanding.
+    Up,
 }
 
 /// Something the shell must do.
@@ -57,6 +112,11 @@ pub enum Action {
     ToClient(Vec<u8>),
     /// Write these bytes to the server.
     ToServer(Vec<u8>),
+    /// Start TLS on this control connection (the gateway is the TLS server
+    /// toward the client, the TLS client toward the server), then report
+    /// with [`Session::tls_started`]. Nothing more is read from that peer
+    /// in clear text.
+    StartTls(Side),
     /// Open this data plan and report back with [`Session::opened`]. The
     /// session processes no further input until then.
     Open(DataPlan),
@@ -110,6 +170,11 @@ pub enum LogEvent {
     },
     /// A pinhole closed without being used.
     PinholeExpired(PlanId),
+    /// Clear-text bytes the client sent behind AUTH TLS, before its
+    /// handshake; discarded, never taken as protected commands.
+    DiscardedAfterAuth(usize),
+    /// One leg in TLS and the other in clear text (`allow_downgrade`).
+    Downgrade(String),
 }
 
 /// What a [`LogEvent::Refusal`] refused.
@@ -283,6 +348,8 @@ pub enum EndReason {
     Framing(&'static str),
     /// [`MAX_REFUSALS`] commands were refused.
     TooManyRefusals(u32),
+    /// The server did not take the gateway's AUTH TLS, PBSZ or PROT.
+    ServerTls(String),
 }
 
 impl std::fmt::Display for EndReason {
@@ -293,6 +360,7 @@ impl std::fmt::Display for EndReason {
             EndReason::Idle => f.write_str("idle timeout"),
             EndReason::Framing(side) => write!(f, "overlong line from {side}"),
             EndReason::TooManyRefusals(n) => write!(f, "too many refusals ({n})"),
+            EndReason::ServerTls(why) => write!(f, "server leg TLS: {why}"),
         }
     }
 }
@@ -358,6 +426,23 @@ enum Pending {
     Transfer,
     /// AUTH under passthrough.
     Auth,
+    /// The gateway's 234 to the client's AUTH TLS, waiting for its turn;
+    /// once sent, TLS starts on the client leg.
+    LocalAuth(Vec<u8>),
+    /// A command the gateway sent the server itself; its reply is not
+    /// forwarded.
+    Own(OwnCommand),
+}
+
+/// The commands the gateway sends the server on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnCommand {
+    /// AUTH TLS (upstream explicit).
+    Auth,
+    /// PBSZ 0.
+    Pbsz,
+    /// PROT P or PROT C (with the data plane's TLS or without).
+    Prot,
 }
 
 /// What to do once an open finishes.
@@ -409,6 +494,18 @@ pub struct Session {
     phase: Phase,
     totals: Totals,
     actions: VecDeque<Action>,
+    /// The client leg's TLS state and its PROT (true: P).
+    client_tls: LegTls,
+    client_prot_p: bool,
+    /// The server leg's TLS state, and whether its PBSZ/PROT are done
+    /// (true at once when the leg is plain).
+    server_tls: LegTls,
+    server_ready: bool,
+    server_prot_p: bool,
+    /// The FEAT reply at the head had continuation lines.
+    feat_lines: bool,
+    /// The downgrade line was logged.
+    downgrade_logged: bool,
 }
 
 // ---- bounds --------------------------------------------------------------
@@ -459,7 +556,24 @@ impl Session {
     pub fn new(params: SessionParams) -> Self {
         let mut queue = VecDeque::new();
         queue.push_back(Pending::Greeting);
+        let client_tls = if params.tls.client_implicit {
+            LegTls::Up
+        } else {
+            LegTls::Plain
+        };
+        let (server_tls, server_ready) = match params.tls.upstream {
+            UpstreamMode::Off => (LegTls::Plain, true),
+            UpstreamMode::Explicit => (LegTls::Plain, false),
+            UpstreamMode::Implicit => (LegTls::Up, false),
+        };
         Session {
+            client_tls,
+            client_prot_p: false,
+            server_tls,
+            server_ready,
+            server_prot_p: false,
+            feat_lines: false,
+            downgrade_logged: false,
             params,
             client_in: Framer::new(),
             server_in: Framer::new(),
@@ -522,13 +636,43 @@ impl Session {
     /// through a reply, a data event, an open's result or the idle timer,
     /// so a session that reads neither peer still ends or goes on.
     pub fn wants_client_input(&self) -> bool {
-        self.phase == Phase::Parsing && self.client_in.buffered() < MAX_INPUT_BACKLOG
+        // Between AUTH TLS and the handshake the client's bytes are its
+        // ClientHello, for the shell's TLS, not for the framer.
+        self.phase == Phase::Parsing
+            && self.client_tls != LegTls::Starting
+            && self.client_in.buffered() < MAX_INPUT_BACKLOG
     }
 
     /// Whether the shell should read from the server (see
     /// [`Session::wants_client_input`]).
     pub fn wants_server_input(&self) -> bool {
-        self.phase == Phase::Parsing && self.server_in.buffered() < MAX_INPUT_BACKLOG
+        self.phase == Phase::Parsing
+            && self.server_tls != LegTls::Starting
+            && self.server_in.buffered() < MAX_INPUT_BACKLOG
+    }
+
+    /// TLS is up on `side` (after [`Action::StartTls`]): reading resumes.
+    pub fn tls_started(&mut self, side: Side) {
+        match side {
+            Side::Client => {
+                self.client_tls = LegTls::Up;
+                self.client_prot_p = false;
+            }
+            Side::Server => {
+                self.server_tls = LegTls::Up;
+                self.own_command(OwnCommand::Pbsz);
+                self.own_command(OwnCommand::Prot);
+            }
+        }
+        self.process();
+    }
+
+    /// The protection of each leg's data connections (true: PROT P).
+    pub fn data_protection(&self) -> (bool, bool) {
+        (
+            self.client_prot_p && self.client_tls == LegTls::Up,
+            self.server_prot_p && self.server_tls == LegTls::Up,
+        )
     }
 
     /// Processes input that waits after a pause (see [`MAX_ACTIONS`]);
@@ -543,6 +687,11 @@ impl Session {
     /// [`Session::resume`].
     pub fn client_bytes(&mut self, bytes: &[u8]) {
         if self.phase != Phase::Parsing {
+            return;
+        }
+        if self.client_tls == LegTls::Starting {
+            // Clear text after AUTH TLS: never taken as a command.
+            self.log(LogEvent::DiscardedAfterAuth(bytes.len()));
             return;
         }
         self.client_in.push(bytes);
@@ -723,6 +872,8 @@ impl Session {
                 || self.plans.is_opening()
                 || self.deferred.is_some()
                 || self.queue.len() >= MAX_PENDING
+                || !self.server_ready
+                || self.client_tls == LegTls::Starting
             {
                 // The client's lines wait in its framer (see
                 // MAX_INPUT_BACKLOG).

@@ -262,6 +262,12 @@ impl Session {
             client,
             server,
             client_view: self.client_view(),
+            // Each leg follows its own PROT: the client's, and the
+            // gateway's own toward the server.
+            tls: {
+                let (client, server) = self.data_protection();
+                crate::pinhole::PlanTls { client, server }
+            },
         };
         self.push(Action::Open(plan));
     }

@@ -44,6 +44,9 @@ impl Session {
                             self.held_transfer.push(wire);
                         }
                     } else if !self.feat_filtered(text) {
+                        if self.queue.front() == Some(&Pending::Feat) {
+                            self.feat_lines = true;
+                        }
                         self.push(Action::ToClient(wire));
                     }
                 }
@@ -70,9 +73,11 @@ impl Session {
         )
     }
 
-    /// Under `tls: refuse`, FEAT does not advertise what would be refused.
+    /// Under `tls: refuse`, FEAT does not advertise what would be refused;
+    /// under `tls: terminate` the gateway says what it offers itself.
     pub(super) fn feat_filtered(&self, text: &[u8]) -> bool {
-        if self.params.policy.tls != TlsPolicy::Refuse || self.queue.front() != Some(&Pending::Feat)
+        if self.params.policy.tls == TlsPolicy::Passthrough
+            || self.queue.front() != Some(&Pending::Feat)
         {
             return false;
         }
@@ -113,8 +118,28 @@ impl Session {
         };
         match head {
             // flush_locals() above leaves no local reply at the head.
-            Pending::Local(bytes) => self.push(Action::ToClient(bytes)),
-            Pending::Greeting | Pending::Forward | Pending::Feat => {
+            Pending::Local(bytes) | Pending::LocalAuth(bytes) => self.push(Action::ToClient(bytes)),
+            Pending::Greeting => {
+                self.forward_reply(code, raw);
+                self.after_greeting(code);
+            }
+            Pending::Own(cmd) => self.own_reply(cmd, code, &raw),
+            Pending::Feat => {
+                let lines = std::mem::take(&mut self.feat_lines);
+                match self.feat_additions() {
+                    Some(add) if code == 211 => {
+                        if !lines {
+                            self.push(Action::ToClient(b"211-Features:\r\n".to_vec()));
+                        }
+                        for line in add {
+                            self.push(Action::ToClient(line));
+                        }
+                        self.forward_reply(code, raw);
+                    }
+                    _ => self.forward_reply(code, raw),
+                }
+            }
+            Pending::Forward => {
                 self.forward_reply(code, raw);
             }
             Pending::User(_) | Pending::Login | Pending::Rein => {
@@ -122,7 +147,10 @@ impl Session {
                 self.login_reply(head, code);
             }
             Pending::Transfer => {
-                self.forward_reply(code, raw);
+                match self.tls_failure_reply() {
+                    Some(reply) => self.push(Action::ToClient(reply)),
+                    None => self.forward_reply(code, raw),
+                }
                 self.stamp_user();
                 self.transfer_reply(code);
             }
@@ -433,9 +461,20 @@ impl Session {
     }
 
     pub(super) fn flush_locals(&mut self) {
-        while let Some(Pending::Local(_)) = self.queue.front() {
-            if let Some(Pending::Local(bytes)) = self.queue.pop_front() {
-                self.push(Action::ToClient(bytes));
+        loop {
+            match self.queue.front() {
+                Some(Pending::Local(_)) => {
+                    if let Some(Pending::Local(bytes)) = self.queue.pop_front() {
+                        self.push(Action::ToClient(bytes));
+                    }
+                }
+                Some(Pending::LocalAuth(_)) => {
+                    if let Some(Pending::LocalAuth(bytes)) = self.queue.pop_front() {
+                        self.push(Action::ToClient(bytes));
+                        self.push(Action::StartTls(Side::Client));
+                    }
+                }
+                _ => return,
             }
         }
     }
@@ -459,7 +498,7 @@ fn reply_text(line: &[u8]) -> &[u8] {
 }
 
 /// The text of reply line `raw`, printable and at most 120 characters.
-fn lossy_tail(raw: &[u8]) -> String {
+pub(super) fn lossy_tail(raw: &[u8]) -> String {
     let text = Line::new(raw).text();
     let s = String::from_utf8_lossy(reply_text(&text));
     s.chars().filter(|c| !c.is_control()).take(120).collect()

@@ -675,7 +675,10 @@ pub fn core_past_greeting() -> Session {
             },
             tls: TlsPolicy::Refuse,
             deny_commands: vec![],
+            require_tls: false,
+            require_prot_p: false,
         },
+        tls: Default::default(),
     });
     s.server_bytes(b"220 ready\r\n");
     while s.poll_action().is_some() {}

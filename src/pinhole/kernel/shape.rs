@@ -102,6 +102,7 @@ mod tests {
             client,
             server,
             client_view: None,
+            tls: crate::pinhole::PlanTls::default(),
         }
     }
 

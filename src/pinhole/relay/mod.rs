@@ -2,6 +2,9 @@
 //!
 //! One task per plan: wait for every listen leg (wrong peers are turned
 //! away), dial every connect leg, then relay until both directions are done.
+//! A plan with a TLS leg makes that leg's handshake after the peer checks
+//! (so a foreign peer never gets one) and is copied through user space
+//! (`tls_copy`); other plans are spliced.
 //! Dropping the plan's [`Pinhole`] aborts the task, frees its ports and
 //! removes its nftables elements.
 
@@ -9,12 +12,15 @@ mod copy;
 mod meter;
 #[cfg(target_os = "linux")]
 mod splice;
+mod tls_copy;
+#[cfg(test)]
+mod tls_tests;
 
 pub use copy::{relay, Counts, DataPath};
 
 use super::{
-    DataEvent, DataOutcome, DataPlan, DataSettings, Leg, OpenError, Opened, Pinhole, PlanId,
-    PortLease, PortPool, SessionInfo, Usage,
+    DataEvent, DataFailure, DataOutcome, DataPlan, DataSettings, Leg, OpenError, Opened, Pinhole,
+    PlanId, PlanTls, PortLease, PortPool, SessionInfo, TlsFailure, TlsLeg, Usage,
 };
 use crate::netfilter::{Element, InterceptTable};
 use crate::proxy::proxy_protocol::{self, Header};
@@ -24,6 +30,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tls_copy::{relay_streams, DataStream};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -101,8 +108,9 @@ impl RelayBackend {
             held.lock().elements = elements.into_iter().map(|(e, _)| e).collect();
         }
 
+        let id = plan.id;
         let task = tokio::spawn(run(
-            plan.id,
+            plan,
             session.clone(),
             client,
             server,
@@ -117,7 +125,7 @@ impl RelayBackend {
         Ok((
             opened,
             Pinhole {
-                id: plan.id,
+                id,
                 guard: Box::new(guard),
             },
         ))
@@ -319,7 +327,7 @@ impl Drop for PlanGuard {
 
 /// One plan, from waiting to the end of the relay.
 async fn run(
-    id: PlanId,
+    plan: DataPlan,
     session: SessionInfo,
     client: Pending,
     server: Pending,
@@ -327,8 +335,12 @@ async fn run(
     held: Arc<Held>,
     events: mpsc::UnboundedSender<DataEvent>,
 ) {
+    let (id, tls) = (plan.id, plan.tls);
     let outcome = connect_legs(id, &session, client, server, &settings, &held, &events).await;
     let (to_client, to_server, outcome) = match outcome {
+        Ok((client, server)) if tls.any() => {
+            relay_tls(id, tls, &session, client, server, &events).await
+        }
         Ok((client, server)) => {
             let _ = events.send(DataEvent::Connected { id });
             let (counts, result) =
@@ -361,6 +373,122 @@ async fn run(
         to_server,
         outcome,
     });
+}
+
+/// A plan with a TLS leg, once both legs have their TCP connection: the
+/// handshakes (both at once, each bounded by its side's timer), then the
+/// copy through user space. `Connected` is reported once both handshakes
+/// succeeded. Returns (to client, to server, outcome).
+async fn relay_tls(
+    id: PlanId,
+    tls: PlanTls,
+    session: &SessionInfo,
+    client: TcpStream,
+    server: TcpStream,
+    events: &mpsc::UnboundedSender<DataEvent>,
+) -> (u64, u64, DataOutcome) {
+    // Until both handshakes succeed, a failure drops the connections with
+    // RST: a peer must not take it for an orderly (empty) transfer.
+    reset(&client);
+    reset(&server);
+    let secured = tokio::try_join!(
+        secure_client(session, tls.client, client),
+        secure_server(session, tls.server, server)
+    );
+    let (mut client, mut server) = match secured {
+        Ok(pair) => pair,
+        Err(failure) => {
+            tracing::warn!(
+                session = session.id,
+                plan = id,
+                reason = %failure,
+                "data connection refused: TLS handshake failed"
+            );
+            return (0, 0, DataOutcome::Failed(failure));
+        }
+    };
+    for s in [&client, &server] {
+        let _ = socket2::SockRef::from(s.tcp()).set_linger(None);
+    }
+    tracing::debug!(
+        session = session.id,
+        plan = id,
+        client = %describe(&client),
+        server = %describe(&server),
+        "data connection secured"
+    );
+    let _ = events.send(DataEvent::Connected { id });
+    let (counts, result) = relay_streams(&mut client, &mut server, Some(&session.activity)).await;
+    let outcome = match result {
+        Ok(()) => DataOutcome::Completed,
+        Err(e) => {
+            reset(client.tcp());
+            reset(server.tcp());
+            DataOutcome::Failed(DataFailure::Relay(e.to_string()))
+        }
+    };
+    (counts.to_client, counts.to_server, outcome)
+}
+
+/// The client leg: TLS with the gateway as server when `tls`, refused
+/// unless it resumed the control session where that is required.
+async fn secure_client(
+    session: &SessionInfo,
+    tls: bool,
+    tcp: TcpStream,
+) -> Result<DataStream, DataFailure> {
+    if !tls {
+        return Ok(DataStream::Plain(tcp));
+    }
+    let failed = |reason| DataFailure::Tls {
+        leg: TlsLeg::Client,
+        reason,
+    };
+    let side = session
+        .tls
+        .client
+        .as_ref()
+        .ok_or(failed(TlsFailure::NoSessionTls))?;
+    match side.accept_data(tcp).await {
+        Ok(s) => Ok(DataStream::Tls(Box::new(s.into()))),
+        Err(crate::tls::server::DataTlsError::NotResumed) => Err(failed(TlsFailure::NotResumed)),
+        Err(crate::tls::server::DataTlsError::Handshake(e)) => {
+            Err(failed(TlsFailure::Handshake(e.to_string())))
+        }
+    }
+}
+
+/// The server leg: TLS with the gateway as client when `tls`, resuming the
+/// gateway's own control session with the server.
+async fn secure_server(
+    session: &SessionInfo,
+    tls: bool,
+    tcp: TcpStream,
+) -> Result<DataStream, DataFailure> {
+    if !tls {
+        return Ok(DataStream::Plain(tcp));
+    }
+    let failed = |reason| DataFailure::Tls {
+        leg: TlsLeg::Server,
+        reason,
+    };
+    let side = session
+        .tls
+        .server
+        .as_ref()
+        .ok_or(failed(TlsFailure::NoSessionTls))?;
+    match side.connect(tcp).await {
+        Ok(s) => Ok(DataStream::Tls(Box::new(s.into()))),
+        Err(e) => Err(failed(TlsFailure::Handshake(e.message))),
+    }
+}
+
+/// A leg's TLS version and cipher, or "plain".
+fn describe(s: &DataStream) -> String {
+    match s {
+        DataStream::Plain(_) => "plain".to_string(),
+        DataStream::Tls(t) => crate::tls::describe(t.get_ref().1),
+    }
 }
 
 /// Waits for the listen legs, then dials the connect legs.
@@ -651,7 +779,7 @@ mod tests {
     use super::*;
     use crate::config::PortRange;
     use crate::netfilter::netns::Netns;
-    use crate::pinhole::Activity;
+    use crate::pinhole::{Activity, PlanTls, SessionTls};
     use std::collections::hash_map::DefaultHasher;
     use std::hash::Hasher;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -706,6 +834,7 @@ mod tests {
             server: "127.0.0.1:2".parse().unwrap(),
             activity: Activity::default(),
             balancers: None,
+            tls: SessionTls::default(),
         }
     }
 
@@ -798,6 +927,7 @@ mod tests {
                 bind: lo(),
             },
             client_view: None,
+            tls: PlanTls::default(),
         }
     }
 
@@ -878,6 +1008,7 @@ mod tests {
                 bind: v6,
             },
             client_view: None,
+            tls: PlanTls::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
@@ -908,6 +1039,7 @@ mod tests {
                 peer: lo(),
             },
             client_view: None,
+            tls: PlanTls::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
@@ -943,6 +1075,7 @@ mod tests {
                 bind: lo(),
             },
             client_view: None,
+            tls: PlanTls::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
@@ -1100,6 +1233,7 @@ mod tests {
                 bind: lo(),
             },
             client_view: None,
+            tls: PlanTls::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
@@ -1133,6 +1267,7 @@ mod tests {
                 bind: lo(),
             },
             client_view: None,
+            tls: PlanTls::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, _pinhole) = b.open(&session(), plan, tx).await.unwrap();
@@ -1221,6 +1356,7 @@ mod tests {
                 peer: lo(),
             },
             client_view: None,
+            tls: PlanTls::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (opened, pinhole) = b.open(&session(), plan, tx).await.unwrap();
@@ -1254,6 +1390,7 @@ mod tests {
                 bind: lo(),
             },
             client_view: Some(Ipv4Addr::new(198, 51, 100, 7).into()),
+            tls: PlanTls::default(),
         };
         let (tx, _rx) = mpsc::unbounded_channel();
         let err = b.open(&session(), plan, tx).await.unwrap_err();
@@ -1294,6 +1431,7 @@ mod tests {
                 peer: lo(),
             },
             client_view: None,
+            tls: PlanTls::default(),
         };
         let (tx, _rx) = mpsc::unbounded_channel();
         let err = b.open(&session(), plan, tx).await.unwrap_err();
@@ -1363,6 +1501,7 @@ mod tests {
                 peer: lo(),
             },
             client_view: Some(view),
+            tls: PlanTls::default(),
         };
         let (tx, _rx) = mpsc::unbounded_channel();
         let (_, actv) = b.open(&session(), plan, tx).await.unwrap();

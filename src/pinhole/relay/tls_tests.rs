@@ -1,0 +1,657 @@
+//! The relay carrying TLS data legs, against real rustls endpoints on
+//! loopback. Certificates are generated here, at test time. Each test
+//! first makes the control-session handshakes (test client ↔ gateway,
+//! gateway ↔ test server) so that data connections have a session to
+//! resume, as an FTPS session would after AUTH TLS.
+
+use super::*;
+use crate::config::PortRange;
+use crate::pinhole::{Activity, SessionTls};
+use crate::tls::client::{ClientTls, SessionClient, Trust};
+use crate::tls::server::{ServerTls, SessionServer};
+use crate::tls::store::CertStore;
+use crate::tls::Handshake;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+const MIB: usize = 1024 * 1024;
+
+/// One generated CA with a leaf for `ftp.example`, loaded.
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca: std::path::PathBuf,
+    store: Arc<CertStore>,
+}
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Test CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(params, ca_key);
+    let mut params = CertificateParams::new(vec!["ftp.example".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "ftp.example");
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let write = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let cert_path = write("cert.pem", cert.pem());
+    let key_path = write("key.pem", key.serialize_pem());
+    let ca = write("ca.pem", ca_cert.pem());
+    let store = CertStore::load(&cert_path, &key_path).unwrap();
+    Pki {
+        _dir: dir,
+        ca,
+        store,
+    }
+}
+
+/// The four TLS ends of one FTPS session: the test client and the
+/// gateway's server side (client leg), the gateway's client side and the
+/// test server (server leg).
+struct Ends {
+    client: SessionClient,
+    gw_server: SessionServer,
+    gw_client: SessionClient,
+    server: SessionServer,
+}
+
+impl Ends {
+    /// With `require_resumption` on the gateway's client leg; the test
+    /// server always requires it (a strict server, as vsftpd).
+    async fn new(pki: &Pki, require_resumption: bool) -> Ends {
+        let client_side = ClientTls::new(Trust::CaFile(pki.ca.clone()), "ftp.example").unwrap();
+        let ends = Ends {
+            client: client_side.for_session(),
+            gw_server: ServerTls::new(Arc::clone(&pki.store), require_resumption)
+                .unwrap()
+                .for_session()
+                .unwrap(),
+            gw_client: client_side.for_session(),
+            server: ServerTls::new(Arc::clone(&pki.store), true)
+                .unwrap()
+                .for_session()
+                .unwrap(),
+        };
+        control(&ends.gw_server, &ends.client).await;
+        control(&ends.server, &ends.gw_client).await;
+        ends
+    }
+
+    fn session(&self) -> SessionInfo {
+        SessionInfo {
+            id: 41,
+            client: "127.0.0.1:1".parse().unwrap(),
+            server: "127.0.0.1:2".parse().unwrap(),
+            activity: Activity::default(),
+            balancers: None,
+            tls: SessionTls {
+                client: Some(self.gw_server.clone()),
+                server: Some(self.gw_client.clone()),
+            },
+        }
+    }
+}
+
+/// A control connection: handshake, then a line each way, so the client
+/// has read the server's session tickets.
+async fn control(server: &SessionServer, client: &SessionClient) {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let (s, c) = tokio::join!(server.accept_control(a), client.connect(b));
+    let (mut s, mut c) = (s.unwrap(), c.unwrap());
+    s.write_all(b"220 ready\r\n").await.unwrap();
+    s.flush().await.unwrap();
+    let mut line = [0u8; 11];
+    c.read_exact(&mut line).await.unwrap();
+    c.write_all(b"NOOP\r\n").await.unwrap();
+    c.flush().await.unwrap();
+    let mut line = [0u8; 6];
+    s.read_exact(&mut line).await.unwrap();
+}
+
+/// How a test endpoint speaks on its data connection.
+#[derive(Clone)]
+enum Role {
+    Plain,
+    /// TLS client (the FTP client on the client leg).
+    Client(SessionClient),
+    /// TLS server, refusing a data connection that does not resume.
+    Server(SessionServer),
+}
+
+/// Handshakes as `role`, then sends `out`, half-closes (close_notify
+/// under TLS) and reads all the peer sends. Returns what was read, and
+/// whether the handshake resumed.
+async fn endpoint(tcp: TcpStream, role: Role, out: Vec<u8>) -> io::Result<(Vec<u8>, Handshake)> {
+    match role {
+        Role::Plain => Ok((exchange(tcp, out).await?, Handshake::Full)),
+        Role::Client(c) => {
+            let s = c.connect(tcp).await.map_err(io::Error::other)?;
+            let kind = Handshake::of(s.get_ref().1);
+            Ok((exchange(s, out).await?, kind))
+        }
+        Role::Server(srv) => {
+            let s = srv.accept_data(tcp).await.map_err(io::Error::other)?;
+            let kind = Handshake::of(s.get_ref().1);
+            Ok((exchange(s, out).await?, kind))
+        }
+    }
+}
+
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(s: S, out: Vec<u8>) -> io::Result<Vec<u8>> {
+    let (mut r, mut w) = tokio::io::split(s);
+    let send = async {
+        w.write_all(&out).await?;
+        w.shutdown().await
+    };
+    let mut got = Vec::new();
+    let recv = r.read_to_end(&mut got);
+    tokio::try_join!(send, recv)?;
+    Ok(got)
+}
+
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 11) as u8)
+        .collect()
+}
+
+fn sha(b: &[u8]) -> Vec<u8> {
+    Sha256::digest(b).to_vec()
+}
+
+fn backend(pinhole: Duration) -> RelayBackend {
+    let settings = DataSettings {
+        pinhole_timeout: pinhole,
+        connect_timeout: Duration::from_secs(5),
+    };
+    RelayBackend::new(
+        PortPool::new(
+            "client",
+            PortRange {
+                lo: 20000,
+                hi: 39999,
+            },
+        ),
+        PortPool::new(
+            "server",
+            PortRange {
+                lo: 40000,
+                hi: 60000,
+            },
+        ),
+        settings,
+        None,
+    )
+}
+
+fn lo() -> IpAddr {
+    Ipv4Addr::LOCALHOST.into()
+}
+
+async fn bounded<T>(fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), fut)
+        .await
+        .expect("stuck: no progress in 30s")
+}
+
+/// The plan's `Closed` event, skipping the others.
+async fn closed(rx: &mut mpsc::UnboundedReceiver<DataEvent>) -> (u64, u64, DataOutcome) {
+    loop {
+        match bounded(rx.recv()).await.expect("event channel closed") {
+            DataEvent::Closed {
+                to_client,
+                to_server,
+                outcome,
+                ..
+            } => return (to_client, to_server, outcome),
+            _ => continue,
+        }
+    }
+}
+
+/// One transfer through a plan with `tls` legs, passive (`active` false:
+/// the client dials the gateway, the gateway dials the server) or active
+/// (the server dials the gateway, the gateway dials the client). 1 MiB
+/// each way; digests compared at both ends, and the handshakes' kinds.
+async fn transfer(tls: PlanTls, active: bool) {
+    let pki = pki();
+    let ends = Ends::new(&pki, true).await;
+    let backend = backend(Duration::from_secs(10));
+    let session = ends.session();
+    let client_role = match tls.client {
+        true => Role::Client(ends.client.clone()),
+        false => Role::Plain,
+    };
+    let server_role = match tls.server {
+        true => Role::Server(ends.server.clone()),
+        false => Role::Plain,
+    };
+    let (up, down) = (data(MIB, 1), data(MIB, 2));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+
+    let (at_client, at_server) = if !active {
+        let server = TcpListener::bind((lo(), 0)).await.unwrap();
+        let plan = DataPlan {
+            id: 1,
+            client: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            server: Leg::Connect {
+                target: server.local_addr().unwrap(),
+                bind: lo(),
+            },
+            client_view: None,
+            tls,
+        };
+        let (opened, _pinhole) = backend.open(&session, plan, tx).await.unwrap();
+        let to = opened.client_listen.unwrap();
+        let client = async {
+            let tcp = TcpStream::connect(to).await?;
+            endpoint(tcp, client_role, up.clone()).await
+        };
+        let server = async {
+            let (tcp, _) = server.accept().await?;
+            endpoint(tcp, server_role, down.clone()).await
+        };
+        bounded(async { tokio::try_join!(client, server) })
+            .await
+            .unwrap()
+    } else {
+        let client = TcpListener::bind((lo(), 0)).await.unwrap();
+        let plan = DataPlan {
+            id: 1,
+            client: Leg::Connect {
+                target: client.local_addr().unwrap(),
+                bind: lo(),
+            },
+            server: Leg::Listen {
+                bind: lo(),
+                peer: lo(),
+            },
+            client_view: None,
+            tls,
+        };
+        let (opened, _pinhole) = backend.open(&session, plan, tx).await.unwrap();
+        let to = opened.server_listen.unwrap();
+        let client = async {
+            let (tcp, _) = client.accept().await?;
+            endpoint(tcp, client_role, up.clone()).await
+        };
+        let server = async {
+            let tcp = TcpStream::connect(to).await?;
+            endpoint(tcp, server_role, down.clone()).await
+        };
+        bounded(async { tokio::try_join!(client, server) })
+            .await
+            .unwrap()
+    };
+    assert_eq!(sha(&at_client.0), sha(&down), "download digest, {tls:?}");
+    assert_eq!(sha(&at_server.0), sha(&up), "upload digest, {tls:?}");
+    // Each TLS leg resumed its control session: the test server requires
+    // it, and the client leg's gateway side required it.
+    if tls.client {
+        assert_eq!(at_client.1, Handshake::Resumed, "client leg, {tls:?}");
+    }
+    if tls.server {
+        assert_eq!(at_server.1, Handshake::Resumed, "server leg, {tls:?}");
+    }
+    let (to_client, to_server, outcome) = closed(&mut rx).await;
+    assert_eq!(outcome, DataOutcome::Completed, "{tls:?}");
+    assert_eq!((to_client, to_server), (MIB as u64, MIB as u64), "{tls:?}");
+    assert!(session.activity.busy_until(Duration::ZERO).is_some());
+    assert_eq!(backend.usage(), Usage::default(), "ports released");
+}
+
+const CLIENT: PlanTls = PlanTls {
+    client: true,
+    server: false,
+};
+const SERVER: PlanTls = PlanTls {
+    client: false,
+    server: true,
+};
+const BOTH: PlanTls = PlanTls {
+    client: true,
+    server: true,
+};
+
+#[tokio::test]
+async fn passive_tls_on_the_client_leg() {
+    transfer(CLIENT, false).await;
+}
+
+#[tokio::test]
+async fn passive_tls_on_the_server_leg() {
+    transfer(SERVER, false).await;
+}
+
+#[tokio::test]
+async fn passive_tls_on_both_legs() {
+    transfer(BOTH, false).await;
+}
+
+#[tokio::test]
+async fn active_tls_on_the_client_leg() {
+    transfer(CLIENT, true).await;
+}
+
+#[tokio::test]
+async fn active_tls_on_the_server_leg() {
+    transfer(SERVER, true).await;
+}
+
+#[tokio::test]
+async fn active_tls_on_both_legs() {
+    transfer(BOTH, true).await;
+}
+
+/// A passive plan with TLS on the client leg only; the test server is
+/// plain. Returns the plan's end and what the client's attempt gave.
+async fn client_leg_attempt(
+    session: SessionInfo,
+    client: Role,
+) -> (
+    (u64, u64, DataOutcome),
+    io::Result<(Vec<u8>, Handshake)>,
+    Usage,
+) {
+    let backend = backend(Duration::from_secs(10));
+    let server = TcpListener::bind((lo(), 0)).await.unwrap();
+    let plan = DataPlan {
+        id: 2,
+        client: Leg::Listen {
+            bind: lo(),
+            peer: lo(),
+        },
+        server: Leg::Connect {
+            target: server.local_addr().unwrap(),
+            bind: lo(),
+        },
+        client_view: None,
+        tls: CLIENT,
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (opened, _pinhole) = backend.open(&session, plan, tx).await.unwrap();
+    let tcp = TcpStream::connect(opened.client_listen.unwrap())
+        .await
+        .unwrap();
+    // The server end answers whatever arrives, so a refused plan shows in
+    // the plan's outcome, not in a stuck server.
+    let serve = tokio::spawn(async move {
+        let (tcp, _) = server.accept().await?;
+        exchange(tcp, data(1000, 3)).await
+    });
+    let attempt = bounded(endpoint(tcp, client, data(1000, 4))).await;
+    let end = closed(&mut rx).await;
+    serve.abort();
+    (end, attempt, backend.usage())
+}
+
+#[tokio::test]
+async fn a_client_data_connection_that_does_not_resume_is_refused() {
+    let pki = pki();
+    let ends = Ends::new(&pki, true).await;
+    // A client side with no control session behind it: a full handshake.
+    let stranger = ClientTls::new(Trust::CaFile(pki.ca.clone()), "ftp.example")
+        .unwrap()
+        .for_session();
+    let ((to_client, to_server, outcome), attempt, usage) =
+        client_leg_attempt(ends.session(), Role::Client(stranger.clone())).await;
+    let DataOutcome::Failed(failure) = &outcome else {
+        panic!("not refused: {outcome:?}");
+    };
+    assert_eq!(
+        failure,
+        &DataFailure::Tls {
+            leg: TlsLeg::Client,
+            reason: TlsFailure::NotResumed
+        }
+    );
+    assert!(failure.not_resumed());
+    assert!(
+        failure.to_string().contains("session reuse required"),
+        "{failure}"
+    );
+    assert!(attempt.is_err(), "the client got no data: {attempt:?}");
+    assert_eq!((to_client, to_server), (0, 0));
+    assert_eq!(usage.ports, 0, "ports released");
+
+    // Without require_resumption the same stranger is served.
+    let ends = Ends::new(&pki, false).await;
+    let ((to_client, to_server, outcome), attempt, _) =
+        client_leg_attempt(ends.session(), Role::Client(stranger)).await;
+    assert_eq!(outcome, DataOutcome::Completed);
+    let (got, kind) = attempt.unwrap();
+    assert_eq!(kind, Handshake::Full);
+    assert_eq!(sha(&got), sha(&data(1000, 3)));
+    assert_eq!((to_client, to_server), (1000, 1000));
+}
+
+#[tokio::test]
+async fn a_stalled_data_handshake_times_out_and_frees_the_ports() {
+    let pki = pki();
+    let ends = Ends::new(&pki, true).await;
+    let mut session = ends.session();
+    session.tls.client = Some(
+        ends.gw_server
+            .clone()
+            .with_timeout(Duration::from_millis(200)),
+    );
+    let backend = backend(Duration::from_secs(10));
+    let server = TcpListener::bind((lo(), 0)).await.unwrap();
+    let plan = DataPlan {
+        id: 3,
+        client: Leg::Listen {
+            bind: lo(),
+            peer: lo(),
+        },
+        server: Leg::Connect {
+            target: server.local_addr().unwrap(),
+            bind: lo(),
+        },
+        client_view: None,
+        tls: CLIENT,
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (opened, _pinhole) = backend.open(&session, plan, tx).await.unwrap();
+    // Connects and never says a word.
+    let mut silent = TcpStream::connect(opened.client_listen.unwrap())
+        .await
+        .unwrap();
+    let (_to_client, _to_server, outcome) = closed(&mut rx).await;
+    let DataOutcome::Failed(DataFailure::Tls {
+        leg: TlsLeg::Client,
+        reason: TlsFailure::Handshake(why),
+    }) = &outcome
+    else {
+        panic!("{outcome:?}");
+    };
+    assert!(why.contains("longer than 200ms"), "{why}");
+    assert_eq!(backend.usage().ports, 0, "ports released");
+    // The silent peer was reset, not closed as if a transfer ended.
+    let mut buf = [0u8; 1];
+    let read = bounded(silent.read(&mut buf)).await;
+    assert!(
+        matches!(&read, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+        "{read:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_tls_leg_without_its_session_side_fails_cleanly() {
+    let pki = pki();
+    let ends = Ends::new(&pki, true).await;
+    let mut session = ends.session();
+    session.tls.client = None;
+    let ((_, _, outcome), attempt, usage) =
+        client_leg_attempt(session, Role::Client(ends.client.clone())).await;
+    assert_eq!(
+        outcome,
+        DataOutcome::Failed(DataFailure::Tls {
+            leg: TlsLeg::Client,
+            reason: TlsFailure::NoSessionTls
+        })
+    );
+    assert!(attempt.is_err());
+    assert_eq!(usage.ports, 0, "ports released");
+}
+
+#[tokio::test]
+async fn a_foreign_peer_on_a_tls_listen_leg_gets_no_handshake() {
+    let pki = pki();
+    // Resumption not required: were the handshake made before the peer
+    // check, this foreign client's full handshake would succeed.
+    let ends = Ends::new(&pki, false).await;
+    let session = ends.session();
+    let backend = backend(Duration::from_secs(10));
+    let server = TcpListener::bind((lo(), 0)).await.unwrap();
+    let expected: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+    let plan = DataPlan {
+        id: 4,
+        client: Leg::Listen {
+            bind: lo(),
+            peer: expected,
+        },
+        server: Leg::Connect {
+            target: server.local_addr().unwrap(),
+            bind: lo(),
+        },
+        client_view: None,
+        tls: CLIENT,
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (opened, _pinhole) = backend.open(&session, plan, tx).await.unwrap();
+    let to = opened.client_listen.unwrap();
+    let foreign = TcpStream::connect(to).await.unwrap();
+    let handshake = bounded(ends.client.connect(foreign)).await;
+    assert!(handshake.is_err(), "a foreign peer got a TLS session");
+    match bounded(rx.recv()).await.unwrap() {
+        DataEvent::Rejected { expected: e, .. } => assert_eq!(e, expected),
+        other => panic!("{other:?}"),
+    }
+
+    // The expected peer is still served, over TLS.
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(expected, 0)).unwrap();
+    let tcp = sock.connect(to).await.unwrap();
+    let serve = async {
+        let (tcp, _) = server.accept().await?;
+        exchange(tcp, data(5000, 5)).await
+    };
+    let (got, at_server) = bounded(async {
+        tokio::try_join!(
+            endpoint(tcp, Role::Client(ends.client.clone()), data(7000, 6)),
+            serve
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(sha(&got.0), sha(&data(5000, 5)));
+    assert_eq!(sha(&at_server), sha(&data(7000, 6)));
+    assert_eq!(closed(&mut rx).await.2, DataOutcome::Completed);
+}
+
+/// A passive plan with the given TLS legs toward a plain-or-TLS test
+/// server listening at `server`.
+fn passive(id: PlanId, server: &TcpListener, tls: PlanTls) -> DataPlan {
+    DataPlan {
+        id,
+        client: Leg::Listen {
+            bind: lo(),
+            peer: lo(),
+        },
+        server: Leg::Connect {
+            target: server.local_addr().unwrap(),
+            bind: lo(),
+        },
+        client_view: None,
+        tls,
+    }
+}
+
+#[tokio::test]
+async fn upload_after_upload_resumes_the_gateways_own_session() {
+    // The control handshake leaves the gateway two TLS 1.3 tickets; each
+    // resumption spends one and the server issues one more on the data
+    // connection, which the gateway takes in only by reading that leg
+    // while it uploads. Five uploads in a row, to a server that requires
+    // resumption, need that supply kept up.
+    let pki = pki();
+    let ends = Ends::new(&pki, true).await;
+    let session = ends.session();
+    let backend = backend(Duration::from_secs(10));
+    let server = TcpListener::bind((lo(), 0)).await.unwrap();
+    for id in 0..5 {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (opened, _pinhole) = backend
+            .open(&session, passive(id, &server, SERVER), tx)
+            .await
+            .unwrap();
+        let tcp = TcpStream::connect(opened.client_listen.unwrap())
+            .await
+            .unwrap();
+        let serve = async {
+            let (tcp, _) = server.accept().await?;
+            endpoint(tcp, Role::Server(ends.server.clone()), Vec::new()).await
+        };
+        let (at_client, at_server) = bounded(async {
+            tokio::try_join!(endpoint(tcp, Role::Plain, data(256 * 1024, 7)), serve)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("upload {id}: {e}"));
+        assert!(at_client.0.is_empty());
+        assert_eq!(sha(&at_server.0), sha(&data(256 * 1024, 7)), "upload {id}");
+        assert_eq!(at_server.1, Handshake::Resumed, "upload {id}");
+        let (to_client, to_server, outcome) = closed(&mut rx).await;
+        assert_eq!(outcome, DataOutcome::Completed, "upload {id}");
+        assert_eq!((to_client, to_server), (0, 256 * 1024));
+    }
+}
+
+#[tokio::test]
+async fn a_tls_upload_cut_without_close_notify_fails() {
+    let pki = pki();
+    let ends = Ends::new(&pki, true).await;
+    let session = ends.session();
+    let backend = backend(Duration::from_secs(10));
+    let server = TcpListener::bind((lo(), 0)).await.unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (opened, _pinhole) = backend
+        .open(&session, passive(9, &server, CLIENT), tx)
+        .await
+        .unwrap();
+    let tcp = TcpStream::connect(opened.client_listen.unwrap())
+        .await
+        .unwrap();
+    let mut tls = ends.client.connect(tcp).await.unwrap();
+    tls.write_all(&data(64 * 1024, 8)).await.unwrap();
+    tls.flush().await.unwrap();
+    // FIN with no close_notify first: a truncation, as an attacker on the
+    // path could cause; the server must not take it for the file's end.
+    let (mut tcp, _) = tls.into_inner();
+    tcp.shutdown().await.unwrap();
+    let (mut up, _) = bounded(server.accept()).await.unwrap();
+    let mut got = Vec::new();
+    let read = bounded(up.read_to_end(&mut got)).await;
+    assert!(
+        matches!(&read, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+        "the server saw an orderly end: {read:?}"
+    );
+    let (_, _, outcome) = closed(&mut rx).await;
+    assert!(
+        matches!(&outcome, DataOutcome::Failed(DataFailure::Relay(_))),
+        "{outcome:?}"
+    );
+}

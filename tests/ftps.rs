@@ -1,0 +1,568 @@
+//! FTPS through the gateway, in process: libunftp as the FTPS (or plain)
+//! server, suppaftp with rustls as the FTPS (or plain) client. Every
+//! certificate and key is generated here, at test time, by rcgen.
+
+mod common;
+
+use common::{bounded, digest, Harness, Upstream};
+
+use libunftp::options::{ActivePassiveMode, FtpsRequired};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use suppaftp::tokio::{AsyncFtpStream, AsyncRustlsConnector, AsyncRustlsFtpStream};
+use suppaftp::FtpError;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+use unftp_sbe_fs::Filesystem;
+
+/// The test's certificates: two CAs, the gateway's leaf (localhost and
+/// 127.0.0.1) and the server's (127.0.0.1), both signed by `ca`.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: rustls::pki_types::CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let (issuer, ca_pem) = ca("ftps test CA");
+        let (_, other_pem) = ca("some other CA");
+        std::fs::write(dir.path().join("ca.pem"), &ca_pem.1).unwrap();
+        std::fs::write(dir.path().join("other-ca.pem"), other_pem.1).unwrap();
+        for (name, sans) in [
+            ("gw", vec!["localhost".to_string(), "127.0.0.1".to_string()]),
+            ("srv", vec!["127.0.0.1".to_string()]),
+        ] {
+            let mut params = CertificateParams::new(sans).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            let chain = format!("{}{}", cert.pem(), ca_pem.1);
+            std::fs::write(dir.path().join(format!("{name}.pem")), chain).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+        Pki {
+            dir,
+            ca: ca_pem.0,
+            issuer,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The listener's `tls:` lines (four-space indent).
+    fn listener_tls(&self, implicit: bool) -> String {
+        format!(
+            "    tls:\n      cert: {}\n      key: {}\n      implicit: {implicit}\n",
+            self.path("gw.pem").display(),
+            self.path("gw.key").display()
+        )
+    }
+}
+
+type CaPem = (rustls::pki_types::CertificateDer<'static>, String);
+
+fn ca(cn: &str) -> (Issuer<'static, KeyPair>, CaPem) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let pem = (cert.der().clone(), cert.pem());
+    (Issuer::new(params, key), pem)
+}
+
+/// libunftp serving `root` with FTPS (`pki`'s server pair); with
+/// `required`, on both the control and the data connections.
+async fn start_ftps_unftp(root: &Path, pki: &Pki, required: bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let root = root.to_path_buf();
+    let (cert, key) = (pki.path("srv.pem"), pki.path("srv.key"));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let root = root.clone();
+            let server = libunftp::ServerBuilder::new(Box::new(move || {
+                Filesystem::new(root.clone()).unwrap()
+            }))
+            .active_passive_mode(ActivePassiveMode::ActiveAndPassive)
+            .ftps(cert.clone(), key.clone())
+            .ftps_required(FtpsRequired::from(required), FtpsRequired::from(required))
+            .build()
+            .unwrap();
+            tokio::spawn(server.service(stream));
+        }
+    });
+    addr
+}
+
+/// 1 MiB that is not all one byte.
+fn payload() -> Vec<u8> {
+    (0..1024 * 1024u32)
+        .map(|i| (i * 7 + i / 251) as u8)
+        .collect()
+}
+
+/// Uploads `name`, checks what reached the server's disk, lists it, and
+/// downloads it again: digests compared both ways.
+macro_rules! round_trip {
+    ($ftp:expr, $root:expr, $name:expr) => {{
+        let data = payload();
+        bounded(
+            "TYPE I",
+            $ftp.transfer_type(suppaftp::types::FileType::Binary),
+        )
+        .await
+        .unwrap();
+        let sent = bounded(
+            "upload",
+            $ftp.put_file($name, &mut std::io::Cursor::new(data.clone())),
+        )
+        .await
+        .unwrap();
+        assert_eq!(sent, data.len() as u64);
+        let on_disk = std::fs::read($root.join($name)).unwrap();
+        assert_eq!(digest(&on_disk), digest(&data), "upload arrived intact");
+        let list = bounded("LIST", $ftp.list(None)).await.unwrap();
+        assert!(list.iter().any(|l| l.ends_with($name)), "{list:?}");
+        let mut s = bounded("RETR", $ftp.retr_as_stream($name)).await.unwrap();
+        let mut back = Vec::new();
+        bounded("read", s.read_to_end(&mut back)).await.unwrap();
+        bounded("226", s.finish()).await.unwrap();
+        assert_eq!(digest(&back), digest(&data), "download arrived intact");
+    }};
+}
+
+/// The reply code of an error suppaftp got from the gateway, read from
+/// the reply's text (suppaftp maps codes it has no name for, such as 521,
+/// to 0).
+fn code_of(e: &FtpError) -> u32 {
+    match e {
+        FtpError::UnexpectedResponse(r) => String::from_utf8_lossy(&r.body)
+            .get(..3)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0),
+        other => panic!("expected a reply, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn require_tls_answers_user_before_auth_with_530() {
+    let pki = Pki::new();
+    let gw = Harness::new(Upstream::Unftp)
+        .listener(&pki.listener_tls(false))
+        .listener("    upstream_tls:\n      allow_downgrade: true\n")
+        .rule("    tls: terminate\n    require_tls: true\n")
+        .start()
+        .await;
+    let mut ftp = bounded("connect", AsyncFtpStream::connect(gw.addr))
+        .await
+        .unwrap();
+    let err = bounded("login", ftp.login("anonymous", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), 530, "{err}");
+    gw.logs
+        .wait_for("TLS required by gateway policy: send AUTH TLS first")
+        .await;
+}
+
+#[tokio::test]
+async fn a_bad_server_certificate_gives_421_and_says_why() {
+    let pki = Pki::new();
+    let root = tempfile::tempdir().unwrap();
+    let server = start_ftps_unftp(root.path(), &pki, false).await;
+    // The gateway trusts another CA than the one that signed the server.
+    let gw = Harness::new(Upstream::At(server))
+        .listener(&format!(
+            "    upstream_tls:\n      mode: explicit\n      ca: {}\n      allow_downgrade: true\n",
+            pki.path("other-ca.pem").display()
+        ))
+        .rule("    tls: terminate\n")
+        .start()
+        .await;
+    let mut ftp = bounded("connect", AsyncFtpStream::connect(gw.addr))
+        .await
+        .unwrap();
+    let err = bounded("login", ftp.login("anonymous", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), 421, "{err}");
+    let line = gw.logs.wait_for("server certificate refused").await;
+    assert!(line.contains("code=421"), "{line}");
+}
+
+#[tokio::test]
+async fn a_plain_client_reaches_an_ftps_server_through_the_gateway() {
+    let pki = Pki::new();
+    let root = tempfile::tempdir().unwrap();
+    let server = start_ftps_unftp(root.path(), &pki, false).await;
+    let gw = Harness::new(Upstream::At(server))
+        .listener(&format!(
+            "    upstream_tls:\n      mode: explicit\n      ca: {}\n      allow_downgrade: true\n",
+            pki.path("ca.pem").display()
+        ))
+        .rule("    tls: terminate\n")
+        .start()
+        .await;
+    let mut ftp = bounded("connect", AsyncFtpStream::connect(gw.addr))
+        .await
+        .unwrap();
+    bounded("login", ftp.login("anonymous", "x")).await.unwrap();
+    round_trip!(ftp, root.path(), "bridged.bin");
+    let _ = ftp.quit().await;
+    let line = gw.logs.wait_for("TLS downgrade").await;
+    assert!(
+        line.contains("client leg clear text, server leg TLS"),
+        "{line}"
+    );
+    let start = gw.logs.wait_for("server leg TLS started").await;
+    assert!(start.contains("TLSv1."), "{start}");
+}
+
+/// A control connection on which the test did AUTH TLS itself, for what
+/// suppaftp does not show: the certificate served, and bytes pipelined
+/// behind AUTH TLS.
+struct TlsControl {
+    s: tokio::io::BufReader<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+}
+
+impl TlsControl {
+    /// Reads the greeting, sends `auth` (AUTH TLS and whatever follows it
+    /// in the same write), expects 234 and makes the handshake.
+    async fn open(addr: SocketAddr, pki: &Pki, auth: &[u8]) -> TlsControl {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let tcp = bounded("connect", tokio::net::TcpStream::connect(addr))
+            .await
+            .unwrap();
+        let mut r = tokio::io::BufReader::new(tcp);
+        let mut line = String::new();
+        bounded("220", r.read_line(&mut line)).await.unwrap();
+        assert!(line.starts_with("220"), "{line}");
+        r.get_mut().write_all(auth).await.unwrap();
+        line.clear();
+        bounded("234", r.read_line(&mut line)).await.unwrap();
+        assert!(line.starts_with("234 "), "{line}");
+        assert!(r.buffer().is_empty(), "nothing after the 234 in clear text");
+        let config = pki.client_config();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = bounded(
+            "handshake",
+            tokio_rustls::TlsConnector::from(config).connect(name, r.into_inner()),
+        )
+        .await
+        .unwrap();
+        TlsControl {
+            s: tokio::io::BufReader::new(tls),
+        }
+    }
+
+    /// The leaf certificate the gateway served.
+    fn leaf(&self) -> Vec<u8> {
+        self.s.get_ref().get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    }
+
+    /// Sends `c`; the last line of its reply.
+    async fn cmd(&mut self, c: &str) -> String {
+        self.send(c).await;
+        self.reply().await
+    }
+
+    /// Sends `c` and CRLF.
+    async fn send(&mut self, c: &str) {
+        use tokio::io::AsyncWriteExt;
+        let w = self.s.get_mut();
+        w.write_all(format!("{c}\r\n").as_bytes()).await.unwrap();
+        w.flush().await.unwrap();
+    }
+
+    /// The last line of the next reply.
+    async fn reply(&mut self) -> String {
+        use tokio::io::AsyncBufReadExt;
+        loop {
+            let mut line = String::new();
+            let n = bounded("reply", self.s.read_line(&mut line)).await.unwrap();
+            assert!(n > 0, "control connection closed");
+            if line.as_bytes().get(3) == Some(&b' ') {
+                return line.trim_end().to_string();
+            }
+        }
+    }
+}
+
+impl Pki {
+    fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+
+    /// suppaftp's rustls client trusting the test CA. Its data connections
+    /// share the control connection's config, so they resume its session.
+    fn connector(&self) -> AsyncRustlsConnector {
+        AsyncRustlsConnector::from(tokio_rustls::TlsConnector::from(self.client_config()))
+    }
+
+    /// Writes a new gateway pair named `cn` over gw.pem/gw.key; its
+    /// leaf's DER.
+    fn renew_gateway(&self, cn: &str) -> Vec<u8> {
+        let issuer = &self.issuer;
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, issuer).unwrap();
+        std::fs::write(self.path("gw.pem"), cert.pem()).unwrap();
+        std::fs::write(self.path("gw.key"), key.serialize_pem()).unwrap();
+        cert.der().to_vec()
+    }
+}
+
+/// A gateway terminating TLS toward the client in front of a plain
+/// libunftp (the downgrade allowed).
+async fn offload(pki: &Pki) -> common::Gw {
+    Harness::new(Upstream::Unftp)
+        .listener(&pki.listener_tls(false))
+        .listener("    upstream_tls:\n      allow_downgrade: true\n")
+        .rule("    tls: terminate\n")
+        .start()
+        .await
+}
+
+#[tokio::test]
+async fn clear_text_pipelined_behind_auth_tls_is_never_run() {
+    let pki = Pki::new();
+    let gw = offload(&pki).await;
+    // MKD sent in clear text right behind AUTH TLS, in the same segment.
+    let mut c = TlsControl::open(gw.addr, &pki, b"AUTH TLS\r\nMKD injected\r\n").await;
+    assert!(c.cmd("USER anonymous").await.starts_with("331"));
+    assert!(c.cmd("PASS x").await.starts_with("230"));
+    assert!(c.cmd("MKD real").await.starts_with("257"));
+    assert!(gw.root().join("real").is_dir());
+    assert!(!gw.root().join("injected").exists(), "the injected MKD ran");
+    let line = gw.logs.wait_for("discarded").await;
+    assert!(line.contains("bytes=14"), "{line}");
+    // Client leg TLS, server leg clear: logged as a downgrade.
+    gw.logs.wait_for("TLS downgrade").await;
+}
+
+#[tokio::test]
+async fn sighup_reload_serves_a_new_certificate_and_keeps_sessions() {
+    let pki = Pki::new();
+    let gw = offload(&pki).await;
+    let mut before = TlsControl::open(gw.addr, &pki, b"AUTH TLS\r\n").await;
+    let old = before.leaf();
+
+    let new = pki.renew_gateway("gw-renewed");
+    let results = gw.gateway.tls.reload();
+    assert_eq!(results.len(), 1);
+    assert!(
+        results[0]
+            .1
+            .as_ref()
+            .is_ok_and(|s| s.contains("gw-renewed")),
+        "{results:?}"
+    );
+    // A new session gets the new leaf.
+    let after = TlsControl::open(gw.addr, &pki, b"AUTH TLS\r\n").await;
+    assert_eq!(after.leaf(), new);
+    assert_ne!(new, old);
+    // The session made before the reload goes on.
+    assert!(before.cmd("NOOP").await.starts_with("200"), "old session");
+
+    // A key that does not match: refused, and the renewed pair stays.
+    let stray = KeyPair::generate().unwrap();
+    std::fs::write(pki.path("gw.key"), stray.serialize_pem()).unwrap();
+    let results = gw.gateway.tls.reload();
+    let err = results[0].1.as_ref().unwrap_err();
+    assert!(err.contains("does not match"), "{err}");
+    let again = TlsControl::open(gw.addr, &pki, b"AUTH TLS\r\n").await;
+    assert_eq!(again.leaf(), new);
+}
+
+#[tokio::test]
+async fn an_implicit_listener_speaks_tls_from_the_first_byte() {
+    let pki = Pki::new();
+    let gw = Harness::new(Upstream::Unftp)
+        .listener(&pki.listener_tls(true))
+        .listener("    upstream_tls:\n      allow_downgrade: true\n")
+        .rule("    tls: terminate\n")
+        .start()
+        .await;
+    let mut ftp = bounded(
+        "implicit connect",
+        AsyncRustlsFtpStream::connect_secure_implicit(gw.addr, pki.connector(), "localhost"),
+    )
+    .await
+    .unwrap();
+    bounded("login", ftp.login("anonymous", "x")).await.unwrap();
+    bounded("MKD", ftp.mkdir("over-tls")).await.unwrap();
+    assert!(gw.root().join("over-tls").is_dir());
+    // suppaftp's implicit mode sends no PBSZ/PROT but speaks TLS on its
+    // data connections: ask for PROT P as curl and lftp do.
+    for cmd in ["PBSZ 0", "PROT P"] {
+        bounded(cmd, ftp.custom_command(cmd, &[suppaftp::Status::CommandOk]))
+            .await
+            .unwrap();
+    }
+    let root = gw.root().to_path_buf();
+    round_trip!(ftp, root, "implicit.bin");
+    let _ = ftp.quit().await;
+    let start = gw.logs.wait_for("session start").await;
+    assert!(start.contains("tls_client=\"TLSv1.3"), "{start}");
+}
+
+/// suppaftp's explicit FTPS through the gateway: AUTH TLS, PBSZ 0,
+/// PROT P, then the login.
+async fn ftps_client(gw: &common::Gw, pki: &Pki) -> AsyncRustlsFtpStream {
+    let ftp = bounded("connect", AsyncRustlsFtpStream::connect(gw.addr))
+        .await
+        .unwrap();
+    let mut ftp = bounded("AUTH TLS", ftp.into_secure(pki.connector(), "localhost"))
+        .await
+        .unwrap();
+    bounded("login", ftp.login("anonymous", "x")).await.unwrap();
+    ftp
+}
+
+#[tokio::test]
+async fn explicit_ftps_on_both_legs_in_every_data_mode() {
+    let pki = Pki::new();
+    let root = tempfile::tempdir().unwrap();
+    // The server requires TLS on control and data connections alike.
+    let server = start_ftps_unftp(root.path(), &pki, true).await;
+    let gw = Harness::new(Upstream::At(server))
+        .listener(&pki.listener_tls(false))
+        .listener(&format!(
+            "    upstream_tls:\n      mode: explicit\n      ca: {}\n",
+            pki.path("ca.pem").display()
+        ))
+        .rule("    tls: terminate\n    require_tls: true\n    require_prot_p: true\n")
+        .audit()
+        .start()
+        .await;
+    let mut ftp = ftps_client(&gw, &pki).await;
+    ftp.set_mode(suppaftp::Mode::Passive);
+    round_trip!(ftp, root.path(), "pasv.bin");
+    ftp.set_mode(suppaftp::Mode::ExtendedPassive);
+    round_trip!(ftp, root.path(), "epsv.bin");
+    let mut ftp = ftp.active_mode(std::time::Duration::from_secs(10));
+    round_trip!(ftp, root.path(), "port.bin");
+    let _ = ftp.quit().await;
+    // Three uploads, three listings, three downloads; each audit line
+    // names both control legs' TLS. suppaftp ends an upload's data
+    // connection without close_notify, which the relay reports (the bytes
+    // all arrived: the digests above), so only downloads and listings are
+    // held to `ok`.
+    let lines = gw.audit_lines(9).await;
+    for l in &lines {
+        assert_eq!(l["reply"], 226, "{l}");
+        if l["command"] != "STOR" {
+            assert_eq!(l["result"], "ok", "{l}");
+        }
+        assert!(
+            l["tls_client"].as_str().unwrap().starts_with("TLSv1."),
+            "{l}"
+        );
+        assert!(
+            l["tls_server"].as_str().unwrap().starts_with("TLSv1."),
+            "{l}"
+        );
+    }
+    let modes: Vec<&str> = lines.iter().map(|l| l["mode"].as_str().unwrap()).collect();
+    assert!(modes.contains(&"active/active"), "{modes:?}");
+}
+
+#[tokio::test]
+async fn an_ftps_client_reaches_a_plain_server_through_the_gateway() {
+    let pki = Pki::new();
+    let gw = offload(&pki).await;
+    let mut ftp = ftps_client(&gw, &pki).await;
+    let root = gw.root().to_path_buf();
+    round_trip!(ftp, root, "offloaded.bin");
+    let _ = ftp.quit().await;
+    let line = gw.logs.wait_for("TLS downgrade").await;
+    assert!(
+        line.contains("client leg TLS, server leg clear text"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn require_prot_p_refuses_a_transfer_under_prot_c() {
+    let pki = Pki::new();
+    let gw = Harness::new(Upstream::Unftp)
+        .listener(&pki.listener_tls(false))
+        .listener("    upstream_tls:\n      allow_downgrade: true\n")
+        .rule("    tls: terminate\n    require_prot_p: true\n")
+        .start()
+        .await;
+    let mut ftp = ftps_client(&gw, &pki).await;
+    bounded(
+        "PROT C",
+        ftp.custom_command("PROT C", &[suppaftp::Status::CommandOk]),
+    )
+    .await
+    .unwrap();
+    let err = bounded("LIST", ftp.list(None)).await.unwrap_err();
+    assert_eq!(code_of(&err), 521, "{err}");
+    gw.logs
+        .wait_for("Data connection protection required by gateway policy (PROT P)")
+        .await;
+}
+
+#[tokio::test]
+async fn a_data_connection_that_does_not_resume_is_refused_with_522() {
+    let pki = Pki::new();
+    let gw = offload(&pki).await;
+    let mut c = TlsControl::open(gw.addr, &pki, b"AUTH TLS\r\n").await;
+    for (cmd, code) in [
+        ("USER anonymous", "331"),
+        ("PASS x", "230"),
+        ("PBSZ 0", "200"),
+        ("PROT P", "200"),
+    ] {
+        let r = c.cmd(cmd).await;
+        assert!(r.starts_with(code), "{cmd}: {r}");
+    }
+    let pasv = c.cmd("PASV").await;
+    let port = common::port_of_227(&pasv);
+    let data = bounded(
+        "data connect",
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .unwrap();
+    c.send("LIST").await;
+    assert!(c.reply().await.starts_with("150"));
+    // A client that does not offer its control session for resumption.
+    let mut config = (*pki.client_config()).clone();
+    config.resumption = rustls::client::Resumption::disabled();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, data);
+    if let Ok(mut s) = bounded("data handshake", tls).await {
+        let mut buf = Vec::new();
+        let got = bounded("data read", s.read_to_end(&mut buf)).await;
+        assert!(
+            got.is_err() || buf.is_empty(),
+            "no listing without resumption"
+        );
+    }
+    assert_eq!(
+        c.reply().await,
+        "522 SSL connection failed: session reuse required"
+    );
+    let line = gw.logs.wait_for("command=LIST").await;
+    assert!(line.contains("session reuse required"), "{line}");
+}
