@@ -123,8 +123,8 @@ where
     (counts, result)
 }
 
-/// One direction's state: its buffer (made when the first byte comes,
-/// dropped at the end) and what is still to write.
+/// One direction's state: its buffer (made when the copy starts, dropped
+/// at the direction's end) and what is still to write.
 struct Direction<'a> {
     buf: Option<Box<[u8]>>,
     pos: usize,
@@ -196,9 +196,19 @@ impl<'a> Direction<'a> {
             }
             if self.eof {
                 self.buf = None;
-                // Flushes, sends close_notify on a TLS leg, then FIN.
+                // Flushes, sends close_notify on a TLS leg, then FIN. A peer
+                // already gone has nothing left to be told (as for the plain
+                // relay's shutdown); had it gone early, the other
+                // direction's read reports it.
                 match ready!(Pin::new(&mut *dst).poll_shutdown(cx)) {
-                    Err(e) if e.kind() != io::ErrorKind::NotConnected => {
+                    Err(e)
+                        if !matches!(
+                            e.kind(),
+                            io::ErrorKind::NotConnected
+                                | io::ErrorKind::BrokenPipe
+                                | io::ErrorKind::ConnectionReset
+                        ) =>
+                    {
                         return Poll::Ready(Err(e))
                     }
                     _ => {}

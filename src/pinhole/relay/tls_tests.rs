@@ -655,3 +655,136 @@ async fn a_tls_upload_cut_without_close_notify_fails() {
         "{outcome:?}"
     );
 }
+
+/// This thread's CPU time (user + system), from /proc, in clock ticks of
+/// 10 ms.
+fn thread_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    // Fields after the parenthesised command name; utime and stime are
+    // the 14th and 15th fields of the line.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// A 256 MiB download through a passive plan with `tls` legs, the relay
+/// on a thread of its own so that its CPU time is the gateway's alone.
+/// Returns (wall time, the relay thread's CPU time).
+fn download_256_mib(tls: PlanTls) -> (Duration, Duration) {
+    const TOTAL: usize = 256 * MIB;
+    let ends_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pki = pki();
+    let (ends, server) = ends_rt.block_on(async {
+        let ends = Ends::new(&pki, true).await;
+        let server = TcpListener::bind((lo(), 0)).await.unwrap();
+        (ends, server)
+    });
+    let session = ends.session();
+    let plan = passive(1, &server, tls);
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let gateway = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let backend = backend(Duration::from_secs(10));
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let before = thread_cpu();
+            let (opened, _pinhole) = backend.open(&session, plan, tx).await.unwrap();
+            opened_tx.send(opened).unwrap();
+            let end = loop {
+                match rx.recv().await.unwrap() {
+                    DataEvent::Closed {
+                        to_client, outcome, ..
+                    } => break (to_client, outcome),
+                    _ => continue,
+                }
+            };
+            (end, thread_cpu() - before)
+        })
+    });
+    let opened = opened_rx.recv().unwrap();
+    let started = std::time::Instant::now();
+    let got = ends_rt.block_on(async {
+        let client_role = match tls.client {
+            true => Role::Client(ends.client.clone()),
+            false => Role::Plain,
+        };
+        let tcp = TcpStream::connect(opened.client_listen.unwrap())
+            .await
+            .unwrap();
+        let client = async {
+            let mut s: Box<dyn AsyncReadWrite> = match client_role {
+                Role::Client(c) => Box::new(c.connect(tcp).await.map_err(io::Error::other)?),
+                _ => Box::new(tcp),
+            };
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut n = 0usize;
+            loop {
+                match s.read(&mut buf).await? {
+                    0 => break,
+                    k => n += k,
+                }
+            }
+            s.shutdown().await?;
+            io::Result::Ok(n)
+        };
+        let serve = async {
+            let (tcp, _) = server.accept().await?;
+            let mut s: Box<dyn AsyncReadWrite> = match tls.server {
+                true => Box::new(
+                    ends.server
+                        .accept_data(tcp)
+                        .await
+                        .map_err(io::Error::other)?,
+                ),
+                false => Box::new(tcp),
+            };
+            let chunk = data(MIB, 9);
+            for _ in 0..TOTAL / MIB {
+                s.write_all(&chunk).await?;
+            }
+            s.shutdown().await?;
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await?;
+            io::Result::Ok(())
+        };
+        tokio::try_join!(client, serve).unwrap().0
+    });
+    let wall = started.elapsed();
+    let ((to_client, outcome), cpu) = gateway.join().unwrap();
+    assert_eq!(outcome, DataOutcome::Completed);
+    assert_eq!((got, to_client), (TOTAL, TOTAL as u64));
+    (wall, cpu)
+}
+
+trait AsyncReadWrite: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncReadWrite for T {}
+
+/// `cargo test --release --lib relay_throughput -- --ignored --nocapture`:
+/// prints wall and relay CPU time for 256 MiB plain (spliced) and with
+/// TLS on both legs.
+#[test]
+#[ignore = "a measurement; run in release"]
+fn relay_throughput_tls_both_legs_vs_plain() {
+    let (plain_wall, plain_cpu) = download_256_mib(PlanTls::default());
+    let (tls_wall, tls_cpu) = download_256_mib(BOTH);
+    let mibs = |d: Duration| 256.0 / d.as_secs_f64();
+    println!(
+        "plain: {plain_wall:?} ({:.0} MiB/s), relay CPU {plain_cpu:?}",
+        mibs(plain_wall)
+    );
+    println!(
+        "TLS both legs: {tls_wall:?} ({:.0} MiB/s), relay CPU {tls_cpu:?}",
+        mibs(tls_wall)
+    );
+    println!(
+        "throughput ratio TLS/plain: {:.2}",
+        plain_wall.as_secs_f64() / tls_wall.as_secs_f64()
+    );
+}
