@@ -479,6 +479,10 @@ async fn explicit_ftps_on_both_legs_in_every_data_mode() {
             l["tls_server"].as_str().unwrap().starts_with("TLSv1."),
             "{l}"
         );
+        // And each leg of the transfer's own data connection.
+        for leg in ["data_tls_client", "data_tls_server"] {
+            assert!(l[leg].as_str().unwrap().starts_with("TLSv1."), "{leg}: {l}");
+        }
     }
     let modes: Vec<&str> = lines.iter().map(|l| l["mode"].as_str().unwrap()).collect();
     assert!(modes.contains(&"active/active"), "{modes:?}");
@@ -565,4 +569,95 @@ async fn a_data_connection_that_does_not_resume_is_refused_with_522() {
     );
     let line = gw.logs.wait_for("command=LIST").await;
     assert!(line.contains("session reuse required"), "{line}");
+}
+
+/// The audit line and the session log name the TLS of each leg of each
+/// data connection: a listing under PROT P has TLS on both, one under
+/// PROT C has none on the client leg while the server leg keeps its own
+/// PROT P.
+#[tokio::test]
+async fn the_audit_line_names_each_data_legs_tls() {
+    let pki = Pki::new();
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("listed.txt"), b"x").unwrap();
+    let server = start_ftps_unftp(root.path(), &pki, false).await;
+    let gw = Harness::new(Upstream::At(server))
+        .listener(&pki.listener_tls(false))
+        .listener(&format!(
+            "    upstream_tls:\n      mode: explicit\n      ca: {}\n",
+            pki.path("ca.pem").display()
+        ))
+        .rule("    tls: terminate\n")
+        .audit()
+        .start()
+        .await;
+
+    // PROT P (suppaftp's explicit FTPS).
+    let mut ftp = ftps_client(&gw, &pki).await;
+    let list = bounded("LIST", ftp.list(None)).await.unwrap();
+    assert!(list.iter().any(|l| l.ends_with("listed.txt")), "{list:?}");
+    let _ = ftp.quit().await;
+    let p = gw.audit_lines(1).await.remove(0);
+
+    // PROT C: the listing comes in clear text on the client leg.
+    let mut c = TlsControl::open(gw.addr, &pki, b"AUTH TLS\r\n").await;
+    for (cmd, code) in [
+        ("USER anonymous", "331"),
+        ("PASS x", "230"),
+        ("PBSZ 0", "200"),
+        ("PROT C", "200"),
+    ] {
+        let r = c.cmd(cmd).await;
+        assert!(r.starts_with(code), "{cmd}: {r}");
+    }
+    let port = common::port_of_227(&c.cmd("PASV").await);
+    let mut data = bounded(
+        "data connect",
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .unwrap();
+    c.send("LIST").await;
+    assert!(c.reply().await.starts_with("150"));
+    let mut listing = Vec::new();
+    bounded("listing", data.read_to_end(&mut listing))
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&listing).contains("listed.txt"),
+        "clear-text listing: {listing:?}"
+    );
+    // The relay's record waits for both directions' ends, as a client's
+    // close gives.
+    drop(data);
+    assert!(c.reply().await.starts_with("226"));
+    let lines = gw.audit_lines(2).await;
+    let clear = &lines[1];
+
+    assert_eq!(p["command"], "LIST", "{p}");
+    assert_eq!(p["result"], "ok", "{p}");
+    for leg in ["data_tls_client", "data_tls_server"] {
+        let v = p[leg].as_str().unwrap_or_else(|| panic!("{leg}: {p}"));
+        assert!(v.starts_with("TLSv1.") && v.contains("_"), "{leg}: {p}");
+    }
+    assert_eq!(clear["result"], "ok", "{clear}");
+    assert_eq!(clear["data_tls_client"], "none", "{clear}");
+    assert!(
+        clear["data_tls_server"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("TLSv1.")),
+        "the server leg keeps PROT P: {clear}"
+    );
+    let log = gw.logs.wait_for_n("command=LIST", 2).await;
+    let transfers: Vec<&str> = log.lines().filter(|l| l.contains("command=LIST")).collect();
+    assert!(
+        transfers[0].contains("data_tls_client=\"TLSv1."),
+        "{}",
+        transfers[0]
+    );
+    assert!(
+        transfers[1].contains("data_tls_client=\"none\""),
+        "{}",
+        transfers[1]
+    );
 }

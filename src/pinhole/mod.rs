@@ -313,6 +313,16 @@ pub enum TlsFailure {
     NoSessionTls,
 }
 
+/// The TLS version and cipher of each leg of one data connection, e.g.
+/// `TLSv1.3 TLS13_AES_256_GCM_SHA384`; `None` on a clear-text leg.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataTls {
+    /// The client leg (the gateway as TLS server).
+    pub client: Option<String>,
+    /// The server leg (the gateway as TLS client).
+    pub server: Option<String>,
+}
+
 /// Reports from a plan's task to its session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataEvent {
@@ -320,6 +330,14 @@ pub enum DataEvent {
     Connected {
         /// The plan.
         id: PlanId,
+    },
+    /// Both legs' TLS handshakes succeeded (a plan with a TLS leg only;
+    /// sent just before `Connected`), for the transfer's log and audit line.
+    Secured {
+        /// The plan.
+        id: PlanId,
+        /// What each leg negotiated.
+        tls: DataTls,
     },
     /// A connection to a listen leg came from the wrong address; it was closed.
     Rejected {

@@ -23,7 +23,7 @@ use crate::ftp::{
     CommandError, EpsvParam, Framer, Line, LineFault, ReplyPos, ReplyTracker,
 };
 use crate::pinhole::{
-    DataEvent, DataFailure, DataOutcome, DataPlan, Leg, OpenError, Opened, PlanId,
+    DataEvent, DataFailure, DataOutcome, DataPlan, DataTls, Leg, OpenError, Opened, PlanId,
 };
 use crate::rules::Policy;
 use plans::Plans;
@@ -333,6 +333,8 @@ pub struct TransferRecord {
     pub reply: u16,
     /// `ok`, or what went wrong.
     pub result: String,
+    /// What each leg of its data connection negotiated, if TLS.
+    pub data_tls: DataTls,
 }
 
 /// Why a session ended.
@@ -771,6 +773,9 @@ impl Session {
             DataEvent::Connected { id } => {
                 self.plans.connected(id);
             }
+            DataEvent::Secured { id, tls } => {
+                self.plans.secured(id, tls);
+            }
             DataEvent::Rejected { from, expected, .. } => {
                 self.log(LogEvent::Refusal {
                     what: Refused::DataPeer,
@@ -784,11 +789,13 @@ impl Session {
                 to_server,
                 outcome,
             } => {
+                let tls = self.plans.tls(id);
                 let was_connected = self.plans.remove(id).unwrap_or(false);
                 self.totals.data_to_client += to_client;
                 self.totals.data_to_server += to_server;
                 if let Some(t) = self.transfers.iter_mut().find(|t| t.plan == Some(id)) {
                     t.data = Some((to_client, to_server, outcome));
+                    t.data_tls = tls;
                     self.flush_transfers();
                 } else if !was_connected && outcome == DataOutcome::Expired {
                     self.log(LogEvent::PinholeExpired(id));

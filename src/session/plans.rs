@@ -14,13 +14,15 @@ enum Stage {
     Connected,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Plan {
     mode: TransferMode,
     client_dials: bool,
     stage: Stage,
     /// Where its listen legs listen, once open.
     opened: Option<Opened>,
+    /// What its TLS legs negotiated, once secured.
+    tls: DataTls,
 }
 
 /// The session's data plans, from the open asked of the shell to their
@@ -70,6 +72,7 @@ impl Plans {
             client_dials,
             stage: Stage::Opening,
             opened: None,
+            tls: DataTls::default(),
         };
         self.live.insert(id, plan);
         self.armed = Some(id);
@@ -110,6 +113,21 @@ impl Plans {
         if let Some(p) = self.live.get_mut(&id) {
             p.stage = Stage::Connected;
         }
+    }
+
+    /// The TLS legs of `id` are up, with these versions and ciphers.
+    pub(super) fn secured(&mut self, id: PlanId, tls: DataTls) {
+        if let Some(p) = self.live.get_mut(&id) {
+            p.tls = tls;
+        }
+    }
+
+    /// What the TLS legs of `id` negotiated (none known: clear text).
+    pub(super) fn tls(&self, id: PlanId) -> DataTls {
+        self.live
+            .get(&id)
+            .map(|p| p.tls.clone())
+            .unwrap_or_default()
     }
 
     /// The plan is done: closed by the session, or ended by its task. True

@@ -19,8 +19,8 @@ mod tls_tests;
 pub use copy::{relay, Counts, DataPath};
 
 use super::{
-    DataEvent, DataFailure, DataOutcome, DataPlan, DataSettings, Leg, OpenError, Opened, Pinhole,
-    PlanId, PlanTls, PortLease, PortPool, SessionInfo, TlsFailure, TlsLeg, Usage,
+    DataEvent, DataFailure, DataOutcome, DataPlan, DataSettings, DataTls, Leg, OpenError, Opened,
+    Pinhole, PlanId, PlanTls, PortLease, PortPool, SessionInfo, TlsFailure, TlsLeg, Usage,
 };
 use crate::netfilter::{Element, InterceptTable};
 use crate::proxy::proxy_protocol::{self, Header};
@@ -410,13 +410,18 @@ async fn relay_tls(
     for s in [&client, &server] {
         let _ = socket2::SockRef::from(s.tcp()).set_linger(None);
     }
+    let secured = DataTls {
+        client: describe(&client),
+        server: describe(&server),
+    };
     tracing::debug!(
         session = session.id,
         plan = id,
-        client = %describe(&client),
-        server = %describe(&server),
+        client = secured.client.as_deref().unwrap_or("plain"),
+        server = secured.server.as_deref().unwrap_or("plain"),
         "data connection secured"
     );
+    let _ = events.send(DataEvent::Secured { id, tls: secured });
     let _ = events.send(DataEvent::Connected { id });
     let (counts, result) = relay_streams(&mut client, &mut server, Some(&session.activity)).await;
     let outcome = match result {
@@ -483,11 +488,11 @@ async fn secure_server(
     }
 }
 
-/// A leg's TLS version and cipher, or "plain".
-fn describe(s: &DataStream) -> String {
+/// A leg's TLS version and cipher; `None` in clear text.
+fn describe(s: &DataStream) -> Option<String> {
     match s {
-        DataStream::Plain(_) => "plain".to_string(),
-        DataStream::Tls(t) => crate::tls::describe(t.get_ref().1),
+        DataStream::Plain(_) => None,
+        DataStream::Tls(t) => Some(crate::tls::describe(t.get_ref().1)),
     }
 }
 
