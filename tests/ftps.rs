@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{bounded, digest, Harness, Upstream};
+use common::{bounded, digest, start_unftp, Binary, Harness, Upstream};
 
 use libunftp::options::{ActivePassiveMode, FtpsRequired};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -426,7 +426,12 @@ async fn an_implicit_listener_speaks_tls_from_the_first_byte() {
 /// suppaftp's explicit FTPS through the gateway: AUTH TLS, PBSZ 0,
 /// PROT P, then the login.
 async fn ftps_client(gw: &common::Gw, pki: &Pki) -> AsyncRustlsFtpStream {
-    let ftp = bounded("connect", AsyncRustlsFtpStream::connect(gw.addr))
+    ftps_client_at(gw.addr, pki).await
+}
+
+/// As `ftps_client`, to a gateway at `addr`.
+async fn ftps_client_at(addr: SocketAddr, pki: &Pki) -> AsyncRustlsFtpStream {
+    let ftp = bounded("connect", AsyncRustlsFtpStream::connect(addr))
         .await
         .unwrap();
     let mut ftp = bounded("AUTH TLS", ftp.into_secure(pki.connector(), "localhost"))
@@ -660,4 +665,96 @@ async fn the_audit_line_names_each_data_legs_tls() {
         "{}",
         transfers[1]
     );
+}
+
+/// The `ftpgate` binary, as it runs in production, reloads its served
+/// certificate on SIGHUP: a session opened before goes on transferring
+/// under PROT P (its data connections resume its control session), a new
+/// session is served the new certificate, and a broken key is refused
+/// with a log line naming the file while the last good pair stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reloads_its_certificate_on_sighup() {
+    let pki = Pki::new();
+    let root = tempfile::tempdir().unwrap();
+    let data = payload();
+    std::fs::write(root.path().join("f.bin"), &data).unwrap();
+    let upstream = start_unftp(root.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gate.yaml");
+    let yaml = format!(
+        "listeners:\n  - name: t\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n{}\
+         \x20   upstream_tls:\n      allow_downgrade: true\n\
+         data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
+         rules:\n  - name: r\n    clients: [127.0.0.0/8]\n    tls: terminate\n",
+        pki.listener_tls(false)
+    );
+    std::fs::write(&file, yaml).unwrap();
+    let args = ["run", "--grace", "10", "-c"].map(std::ffi::OsStr::new);
+    let args = [&args[..], &[file.as_os_str()]].concat();
+    let bin = Binary::spawn(&args, "info", common::LIMIT);
+    let addr = bin.addr_of("listening").await;
+    let hup = || {
+        let pid = bin.pid().to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -HUP {pid}");
+    };
+
+    let mut open = ftps_client_at(addr, &pki).await;
+    bounded(
+        "TYPE I",
+        open.transfer_type(suppaftp::types::FileType::Binary),
+    )
+    .await
+    .unwrap();
+    let old = TlsControl::open(addr, &pki, b"AUTH TLS\r\n").await.leaf();
+
+    let new = pki.renew_gateway("gw-renewed");
+    assert_ne!(new, old);
+    hup();
+    let log = bin.log.wait_for("TLS certificate reloaded").await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("TLS certificate reloaded"))
+        .unwrap();
+    assert!(line.contains("gw-renewed"), "{line}");
+    // A new session is served the new certificate.
+    let after = TlsControl::open(addr, &pki, b"AUTH TLS\r\n").await;
+    assert_eq!(after.leaf(), new, "new session after SIGHUP");
+    // The session opened before it still transfers, both ways.
+    let mut s = bounded("RETR", open.retr_as_stream("f.bin")).await.unwrap();
+    let mut back = Vec::new();
+    bounded("read", s.read_to_end(&mut back)).await.unwrap();
+    bounded("226", s.finish()).await.unwrap();
+    assert_eq!(digest(&back), digest(&data), "download after the reload");
+    bounded(
+        "STOR",
+        open.put_file("up.bin", &mut std::io::Cursor::new(data.clone())),
+    )
+    .await
+    .unwrap();
+    let on_disk = std::fs::read(root.path().join("up.bin")).unwrap();
+    assert_eq!(digest(&on_disk), digest(&data), "upload after the reload");
+
+    // A broken key: refused, logged with its file, and the renewed pair
+    // is still served.
+    std::fs::write(
+        pki.path("gw.key"),
+        "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    hup();
+    let log = bin.log.wait_for("TLS certificate not reloaded").await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("TLS certificate not reloaded"))
+        .unwrap();
+    let key = pki.path("gw.key").display().to_string();
+    assert!(line.contains(&key) && line.contains("ERROR"), "{line}");
+    let again = TlsControl::open(addr, &pki, b"AUTH TLS\r\n").await;
+    assert_eq!(again.leaf(), new, "the last good pair stays");
+    assert!(open.noop().await.is_ok(), "the first session is still up");
+    let _ = open.quit().await;
 }
