@@ -466,16 +466,14 @@ async fn explicit_ftps_on_both_legs_in_every_data_mode() {
     round_trip!(ftp, root.path(), "port.bin");
     let _ = ftp.quit().await;
     // Three uploads, three listings, three downloads; each audit line
-    // names both control legs' TLS. suppaftp ends an upload's data
-    // connection without close_notify, which the relay reports (the bytes
-    // all arrived: the digests above), so only downloads and listings are
-    // held to `ok`.
+    // names both control legs' TLS. suppaftp ends each upload with
+    // close_notify; libunftp then closes its side of the data connection
+    // with FIN alone, which the relay passes on as it came: nothing of
+    // the upload can have been cut.
     let lines = gw.audit_lines(9).await;
     for l in &lines {
         assert_eq!(l["reply"], 226, "{l}");
-        if l["command"] != "STOR" {
-            assert_eq!(l["result"], "ok", "{l}");
-        }
+        assert_eq!(l["result"], "ok", "{l}");
         assert!(
             l["tls_client"].as_str().unwrap().starts_with("TLSv1."),
             "{l}"
@@ -491,6 +489,15 @@ async fn explicit_ftps_on_both_legs_in_every_data_mode() {
     }
     let modes: Vec<&str> = lines.iter().map(|l| l["mode"].as_str().unwrap()).collect();
     assert!(modes.contains(&"active/active"), "{modes:?}");
+    let said = "TLS data connection ended without close_notify";
+    let log = gw.logs.wait_for_n(said, 3).await;
+    let session = format!("session={}", lines[0]["session"]);
+    for line in log.lines().filter(|l| l.contains(said)) {
+        assert!(
+            line.contains(" INFO ") && line.contains(&session) && line.contains("from=\"server\""),
+            "{line}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -30,7 +30,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tls_copy::{relay_streams, DataStream};
+use tls_copy::{relay_streams, DataStream, Records};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -423,7 +423,13 @@ async fn relay_tls(
     );
     let _ = events.send(DataEvent::Secured { id, tls: secured });
     let _ = events.send(DataEvent::Connected { id });
-    let (counts, result) = relay_streams(&mut client, &mut server, Some(&session.activity)).await;
+    let (counts, result) = relay_streams(
+        &mut client,
+        &mut server,
+        Some(&session.activity),
+        session.id,
+    )
+    .await;
     let outcome = match result {
         Ok(()) => DataOutcome::Completed,
         Err(e) => {
@@ -454,7 +460,7 @@ async fn secure_client(
         .client
         .as_ref()
         .ok_or(failed(TlsFailure::NoSessionTls))?;
-    match side.accept_data(tcp).await {
+    match side.accept_data(Records::new(tcp)).await {
         Ok(s) => Ok(DataStream::Tls(Box::new(s.into()))),
         Err(crate::tls::server::DataTlsError::NotResumed) => Err(failed(TlsFailure::NotResumed)),
         Err(crate::tls::server::DataTlsError::Handshake(e)) => {
@@ -482,7 +488,7 @@ async fn secure_server(
         .server
         .as_ref()
         .ok_or(failed(TlsFailure::NoSessionTls))?;
-    match side.connect(tcp).await {
+    match side.connect(Records::new(tcp)).await {
         Ok(s) => Ok(DataStream::Tls(Box::new(s.into()))),
         Err(e) => Err(failed(TlsFailure::Handshake(e.message))),
     }
