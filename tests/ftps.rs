@@ -765,3 +765,70 @@ async fn the_binary_reloads_its_certificate_on_sighup() {
     assert!(open.noop().await.is_ok(), "the first session is still up");
     let _ = open.quit().await;
 }
+
+/// FTPS with the client on IPv6 and the server on IPv4, TLS on both legs:
+/// the client talks EPSV over [::1] with the gateway, which talks to
+/// libunftp (IPv4 passive only) over 127.0.0.1 (RFC 6384's split). A
+/// 1 MiB upload and download (digests) and a listing, each data
+/// connection TLS on both legs.
+#[tokio::test]
+async fn ftps_from_an_ipv6_client_to_an_ipv4_server() {
+    let probe = match std::net::TcpListener::bind("[::1]:0") {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("skipped: this machine has no IPv6 loopback ([::1]): {e}");
+            return;
+        }
+    };
+    drop(probe);
+    let pki = Pki::new();
+    let root = tempfile::tempdir().unwrap();
+    let server = start_ftps_unftp(root.path(), &pki, true).await;
+    let (logs, _guard) = common::LogBuf::capture();
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit = audit_dir.path().join("audit.jsonl");
+    let yaml = format!(
+        "listeners:\n  - name: v6\n    listen: \"[::1]:0\"\n    mode: reverse\n    upstream: {server}\n{}\
+         \x20   upstream_tls:\n      mode: explicit\n      ca: {}\n\
+         data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
+         audit:\n  path: {}\n\
+         rules:\n  - name: v6\n    clients: [\"::1/128\"]\n    tls: terminate\n    require_prot_p: true\n",
+        pki.listener_tls(false),
+        pki.path("ca.pem").display(),
+        audit.display()
+    );
+    let run = common::launch(&yaml, "v6.yaml").await;
+    assert!(run.addr.is_ipv6(), "{}", run.addr);
+
+    let mut ftp = ftps_client_at(run.addr, &pki).await;
+    ftp.set_mode(suppaftp::Mode::ExtendedPassive);
+    round_trip!(ftp, root.path(), "v6.bin");
+    let _ = ftp.quit().await;
+
+    let limit = tokio::time::Instant::now() + common::LIMIT;
+    let lines: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        if text.ends_with('\n') && text.lines().count() >= 3 {
+            break text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+        }
+        assert!(tokio::time::Instant::now() < limit, "audit: {text}");
+        // Polls a file that the gateway's task appends to.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    for l in &lines {
+        assert_eq!(l["result"], "ok", "{l}");
+        assert!(l["client"].as_str().unwrap().starts_with("[::1]:"), "{l}");
+        assert!(
+            l["server"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{l}"
+        );
+        for leg in ["data_tls_client", "data_tls_server"] {
+            assert!(l[leg].as_str().unwrap().starts_with("TLSv1."), "{leg}: {l}");
+        }
+    }
+    let start = logs.wait_for("session start").await;
+    assert!(start.contains("tls_client=\"TLSv1."), "{start}");
+}
