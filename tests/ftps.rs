@@ -832,3 +832,84 @@ async fn ftps_from_an_ipv6_client_to_an_ipv4_server() {
     let start = logs.wait_for("session start").await;
     assert!(start.contains("tls_client=\"TLSv1."), "{start}");
 }
+
+/// A data connection refused for not resuming gets 522 even when the
+/// server's final reply comes first: the server here answers 226 as soon
+/// as the gateway's data connection reaches it, before the client has
+/// even sent its ClientHello, and the gateway holds that reply until the
+/// handshakes' result.
+#[tokio::test]
+async fn the_refusal_reaches_the_client_even_when_the_server_answers_first() {
+    let pki = Pki::new();
+    let mut gw = Harness::new(Upstream::Scripted)
+        .listener(&pki.listener_tls(false))
+        .listener("    upstream_tls:\n      allow_downgrade: true\n")
+        .rule("    tls: terminate\n")
+        .start()
+        .await;
+    let upstream = gw.take_upstream();
+    let serve = async {
+        let (s, _) = upstream.accept().await.unwrap();
+        // Each reply leaves at once: Nagle would hold the 226 behind the
+        // 150's delayed ACK, and the race would not be run.
+        s.set_nodelay(true).unwrap();
+        let mut s = common::Peer::new(s);
+        s.send(b"220 scripted\r\n").await;
+        s
+    };
+    let (mut c, mut s) = bounded("connect", async {
+        tokio::join!(TlsControl::open(gw.addr, &pki, b"AUTH TLS\r\n"), serve)
+    })
+    .await;
+    c.send("USER anonymous").await;
+    assert_eq!(s.line().await, "USER anonymous");
+    s.send(b"230 in\r\n").await;
+    assert!(c.reply().await.starts_with("230"));
+    assert!(c.cmd("PBSZ 0").await.starts_with("200"));
+    assert!(c.cmd("PROT P").await.starts_with("200"));
+
+    let data_server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = data_server.local_addr().unwrap().port();
+    c.send("PASV").await;
+    assert_eq!(s.line().await, "PASV");
+    s.send(
+        format!(
+            "227 Entering Passive Mode (127,0,0,1,{},{})\r\n",
+            port / 256,
+            port % 256
+        )
+        .as_bytes(),
+    )
+    .await;
+    let pasv = c.reply().await;
+    let data = bounded(
+        "data connect",
+        tokio::net::TcpStream::connect(("127.0.0.1", common::port_of_227(&pasv))),
+    )
+    .await
+    .unwrap();
+    c.send("LIST").await;
+    assert_eq!(s.line().await, "LIST");
+    s.send(b"150 here it comes\r\n").await;
+    assert!(c.reply().await.starts_with("150"));
+    // The gateway's leg reaches the server, which answers at once.
+    let (_server_leg, _) = bounded("server leg", data_server.accept()).await.unwrap();
+    s.send(b"226 Transfer complete\r\n").await;
+
+    // Only now does the client start its handshake, without resumption.
+    let mut config = (*pki.client_config()).clone();
+    config.resumption = rustls::client::Resumption::disabled();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, data);
+    if let Ok(mut d) = bounded("data handshake", tls).await {
+        let mut buf = Vec::new();
+        let got = bounded("data read", d.read_to_end(&mut buf)).await;
+        assert!(got.is_err() || buf.is_empty(), "no data without resumption");
+    }
+    assert_eq!(
+        c.reply().await,
+        "522 SSL connection failed: session reuse required"
+    );
+    let line = gw.logs.wait_for("command=LIST").await;
+    assert!(line.contains("session reuse required"), "{line}");
+}

@@ -331,6 +331,13 @@ pub enum DataEvent {
         /// The plan.
         id: PlanId,
     },
+    /// Both legs have their TCP connections and the TLS handshakes are
+    /// under way (a plan with a TLS leg only). `Connected` (success) or
+    /// `Closed` (failure) follows within the handshakes' time limit.
+    Handshaking {
+        /// The plan.
+        id: PlanId,
+    },
     /// Both legs' TLS handshakes succeeded (a plan with a TLS leg only;
     /// sent just before `Connected`), for the transfer's log and audit line.
     Secured {

@@ -479,8 +479,9 @@ pub struct Session {
     /// Continuation lines, re-serialised, of a transfer's final reply that
     /// is held with it (see `defer_final`).
     held_transfer: Vec<Vec<u8>>,
-    /// A transfer's final reply held until its active-mode plan has ended
-    /// (see `defer_final`); no input is processed meanwhile.
+    /// A transfer's final reply held until its active-mode plan has ended,
+    /// or until its plan's TLS handshakes have a result (see
+    /// `defer_final`); no input is processed meanwhile.
     deferred: Option<Deferred>,
     /// The data plans, from their open to their end.
     plans: Plans,
@@ -770,8 +771,12 @@ impl Session {
     /// A report from a data plan's task.
     pub fn data_event(&mut self, event: DataEvent) {
         match event {
+            DataEvent::Handshaking { id } => {
+                self.plans.handshaking(id);
+            }
             DataEvent::Connected { id } => {
                 self.plans.connected(id);
+                self.release_secured(id);
             }
             DataEvent::Secured { id, tls } => {
                 self.plans.secured(id, tls);

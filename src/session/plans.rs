@@ -10,6 +10,8 @@ enum Stage {
     Opening,
     /// Open: its listen legs wait for their peers.
     Listening,
+    /// Its legs are connected and their TLS handshakes under way.
+    Handshaking,
     /// Every leg connected; bytes flow.
     Connected,
 }
@@ -113,6 +115,20 @@ impl Plans {
         if let Some(p) = self.live.get_mut(&id) {
             p.stage = Stage::Connected;
         }
+    }
+
+    /// The legs of `id` are connected; their TLS handshakes have begun.
+    pub(super) fn handshaking(&mut self, id: PlanId) {
+        if let Some(p) = self.live.get_mut(&id) {
+            p.stage = Stage::Handshaking;
+        }
+    }
+
+    /// True while the TLS handshakes of `id` are under way.
+    pub(super) fn is_handshaking(&self, id: PlanId) -> bool {
+        self.live
+            .get(&id)
+            .is_some_and(|p| p.stage == Stage::Handshaking)
     }
 
     /// The TLS legs of `id` are up, with these versions and ciphers.

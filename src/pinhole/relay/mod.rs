@@ -387,6 +387,10 @@ async fn relay_tls(
     server: TcpStream,
     events: &mpsc::UnboundedSender<DataEvent>,
 ) -> (u64, u64, DataOutcome) {
+    // The session holds the transfer's final reply until the handshakes'
+    // result, so a refusal (522) reaches the client whatever the server
+    // answers first.
+    let _ = events.send(DataEvent::Handshaking { id });
     // Until both handshakes succeed, a failure drops the connections with
     // RST: a peer must not take it for an orderly (empty) transfer.
     reset(&client);
