@@ -25,7 +25,9 @@
 //!
 //! The gateway never sends a close_notify its peer did not send, so each
 //! endpoint can still tell such an end from a clean one. Either case is
-//! logged at info with the session id.
+//! logged at info with the session id. A server that answers the first
+//! case with an alert or a reset on its (empty) side judges the upload in
+//! its final reply; that answer ends the relay without an error.
 
 use super::meter::Meter;
 use crate::pinhole::Activity;
@@ -232,7 +234,21 @@ pub(crate) async fn relay_streams(
         if up.done && down.meter.bytes == 0 {
             down.fin_alone_passes = Some((session, "server"));
         }
-        let down_done = down.poll(cx, &mut *server, &mut *client)?;
+        let down_done = match down.poll(cx, &mut *server, &mut *client) {
+            // The server's answer to the client's end without
+            // close_notify (OpenSSL sends a fatal alert): its verdict is
+            // its final reply (vsftpd 426, ProFTPD 226); nothing of the
+            // upload is at stake, and the client has stopped sending.
+            Poll::Ready(Err(e)) if up.fin_alone && down.meter.bytes == 0 => {
+                tracing::info!(
+                    session,
+                    "the server answered the upload's end without close_notify with: {e}"
+                );
+                down.done = true;
+                Poll::Ready(())
+            }
+            other => other?,
+        };
         if up_done.is_ready() && down_done.is_ready() {
             Poll::Ready(Ok(()))
         } else {

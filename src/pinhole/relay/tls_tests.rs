@@ -720,6 +720,37 @@ async fn a_tls_upload_ended_by_fin_alone_on_a_record_boundary_is_passed_on_as_it
     assert_eq!((to_client, to_server), (0, sent.len() as u64));
 }
 
+/// A server on OpenSSL answers an upload's end without close_notify with
+/// a fatal alert, or resets: that is its verdict on the end (given in its
+/// final reply), not a failure of the relay; the upload all arrived.
+#[tokio::test]
+async fn a_server_refusing_an_upload_end_without_close_notify_is_its_own_verdict() {
+    let pki = pki();
+    let ends = Ends::new(&pki, true).await;
+    let server = TcpListener::bind((lo(), 0)).await.unwrap();
+    let (tcp, mut rx, _pinhole) = plan_with_client(&ends, &server, 14, BOTH).await;
+    let sent = data(100 * 1024, 12);
+    let mut tls = ends.client.connect(tcp).await.unwrap();
+    tls.write_all(&sent).await.unwrap();
+    tls.flush().await.unwrap();
+    let (mut tcp, _) = tls.into_inner();
+    tcp.shutdown().await.unwrap();
+    let (up, _) = bounded(server.accept()).await.unwrap();
+    let mut up = ends.server.accept_data(up).await.unwrap();
+    let (got, end) = read_all(&mut up).await;
+    assert_eq!(sha(&got), sha(&sent));
+    assert!(end.is_err(), "{end:?}");
+    // The server gives up on the connection: RST.
+    let (up, _) = up.into_inner();
+    socket2::SockRef::from(&up)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(up);
+    let (to_client, to_server, outcome) = closed(&mut rx).await;
+    assert_eq!(outcome, DataOutcome::Completed);
+    assert_eq!((to_client, to_server), (0, sent.len() as u64));
+}
+
 /// After a whole upload with close_notify, the server closes its side of
 /// the data connection with FIN alone (libunftp does): nothing came that
 /// way, so nothing can have been cut. The client gets the same end.
