@@ -119,3 +119,188 @@ impl Netlink {
         self.seq
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netfilter::ctnetlink::{
+        expect_delete_request, expect_new_request, Expectation, FollowMaster,
+    };
+    use crate::netfilter::netns::Netns;
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+
+    /// The anchor: a conntrack helper whose parser never matches FTP text
+    /// ("sane": an 8-byte binary request, then a binary reply), set on the
+    /// control connections' first packet, so that they can be masters; and
+    /// nat chains, so that the kernel's NAT hooks run.
+    const ANCHOR: &str = "table inet xp {
+	ct helper anchor4 { type \"sane\" protocol tcp; l3proto ip; }
+	chain output {
+		type filter hook output priority filter; policy accept;
+		ct state new tcp dport 2100 ct mark set ct mark or 0x40000000 ct helper set \"anchor4\"
+		ct state related counter
+	}
+	chain natout { type nat hook output priority -101; policy accept; }
+	chain natpost { type nat hook postrouting priority srcnat - 1; policy accept; }
+}
+";
+
+    /// The answer to the request with sequence number `seq`: 0 or an errno.
+    async fn ack(sock: &mut Socket, seq: u32) -> i32 {
+        let answer = async {
+            loop {
+                for r in sock.recv().await.expect("recv") {
+                    if let Record::Error { seq: s, errno } = r {
+                        if s == seq {
+                            return errno;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), answer)
+            .await
+            .expect("an answer")
+    }
+
+    fn bound(local: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.bind(&local.parse::<SocketAddr>().unwrap().into())?;
+        s.connect_timeout(&to.into(), Duration::from_secs(3))?;
+        Ok(s.into())
+    }
+
+    /// A passive data connection as an expectation of the gateway's
+    /// control connection to the server: the client's connection to the
+    /// announced port reaches the server's data port, from the gateway's
+    /// address, RELATED, once; another peer and a second connection do
+    /// not. A master without the anchor helper is refused.
+    #[test]
+    fn an_expectation_admits_one_related_connection_natted_like_the_helper() {
+        let Some(ns) = Netns::new() else { return };
+        for args in [
+            &["link", "add", "d0", "type", "veth", "peer", "name", "d1"][..],
+            &["link", "set", "d1", "up"],
+            &["link", "set", "d0", "up"],
+            &["link", "set", "lo", "up"],
+        ] {
+            let (ok, out) = ns.run("ip", args);
+            assert!(ok, "ip {args:?}: {out}");
+        }
+        // gateway .1, server .2, client .3, another host .4
+        for a in ["10.9.0.1/24", "10.9.0.2/24", "10.9.0.3/24", "10.9.0.4/24"] {
+            assert!(ns.run("ip", &["addr", "add", a, "dev", "d0"]).0);
+        }
+        let (ok, out) = ns.nft(&["-f", "-"], Some(ANCHOR));
+        assert!(ok, "{out}");
+        let path = ns.path();
+        let result = std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            let f = std::fs::File::open(&path).unwrap();
+            rustix::thread::move_into_link_name_space(
+                f.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(flow())
+        })
+        .join()
+        .expect("the test thread");
+        let (answers, got, peer_seen, others) = result;
+        let errno = |e: rustix::io::Errno| e.raw_os_error();
+        // Created; the same again refused (NLM_F_EXCL); a master without
+        // the helper refused; once taken, there is nothing to delete.
+        assert_eq!(
+            answers,
+            [
+                0,
+                errno(rustix::io::Errno::EXIST),
+                errno(rustix::io::Errno::OPNOTSUPP),
+                errno(rustix::io::Errno::NOENT)
+            ]
+        );
+        assert_eq!(got, b"data");
+        assert_eq!(peer_seen.ip().to_string(), "10.9.0.1");
+        assert_eq!(
+            others.0.map(|_| ()).map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionRefused)
+        );
+        assert_eq!(
+            others.1.map(|_| ()).map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionRefused)
+        );
+        let (_, listed) = ns.nft(&["list", "chain", "inet", "xp", "output"], None);
+        assert!(
+            listed.contains("ct state related counter packets 1 "),
+            "{listed}"
+        );
+        let (_, expect) = ns.run("conntrack", &["-L", "expect"]);
+        assert!(!expect.contains("dport=40001"), "{expect}");
+    }
+
+    type Flow = (
+        [i32; 4],
+        Vec<u8>,
+        SocketAddr,
+        (std::io::Result<TcpStream>, std::io::Result<TcpStream>),
+    );
+
+    /// Inside the namespace: control connections, expectations, data.
+    async fn flow() -> Flow {
+        let mut sock = Socket::open(0, 1 << 16).expect("ctnetlink");
+        // The server's control port (anchored) and another port (not).
+        let ctl = TcpListener::bind("10.9.0.2:2100").unwrap();
+        let plain = TcpListener::bind("10.9.0.2:2101").unwrap();
+        let data = TcpListener::bind("10.9.0.2:30000").unwrap();
+        let master = bound("10.9.0.1:0", ctl.local_addr().unwrap()).unwrap();
+        let unanchored = bound("10.9.0.1:0", plain.local_addr().unwrap()).unwrap();
+        let tuple = |s: &TcpStream| ctnetlink::Tuple {
+            src: s.local_addr().unwrap(),
+            dst: s.peer_addr().unwrap(),
+        };
+        let exp = Expectation {
+            master: tuple(&master),
+            peer: "10.9.0.3".parse().unwrap(),
+            dst: "10.9.0.1:40001".parse().unwrap(),
+            nat: Some(FollowMaster {
+                reply: false,
+                port: 30000,
+            }),
+        };
+        sock.send(&expect_new_request(1, &exp)).await.unwrap();
+        let created = ack(&mut sock, 1).await;
+        // A second expectation of the same tuple: refused.
+        sock.send(&expect_new_request(2, &exp)).await.unwrap();
+        let again = ack(&mut sock, 2).await;
+        let other = Expectation {
+            master: tuple(&unanchored),
+            dst: "10.9.0.1:40002".parse().unwrap(),
+            ..exp
+        };
+        sock.send(&expect_new_request(3, &other)).await.unwrap();
+        let refused = ack(&mut sock, 3).await;
+        // Another host first: no expectation for it, nothing listens.
+        let foreign = bound("10.9.0.4:0", exp.dst);
+        let mut conn = bound("10.9.0.3:0", exp.dst).expect("the expected connection");
+        conn.write_all(b"data").unwrap();
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        let (mut accepted, from) = data.accept().unwrap();
+        let mut got = Vec::new();
+        accepted.read_to_end(&mut got).unwrap();
+        let second = bound("10.9.0.3:0", exp.dst);
+        // Taken: deleting it finds nothing.
+        sock.send(&expect_delete_request(4, &exp)).await.unwrap();
+        let deleted = ack(&mut sock, 4).await;
+        (
+            [created, again, refused, deleted],
+            got,
+            from,
+            (foreign, second),
+        )
+    }
+}

@@ -50,6 +50,30 @@ impl Netns {
             .collect()
     }
 
+    /// The namespace's file, for a thread to move into.
+    pub(crate) fn path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/run/netns").join(&self.name)
+    }
+
+    /// Runs `PROGRAM ARGS` inside the namespace; (success, stdout+stderr).
+    pub(crate) fn run(&self, program: &str, args: &[&str]) -> (bool, String) {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .output();
+        match out {
+            Ok(o) => (
+                o.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+            ),
+            Err(e) => (false, e.to_string()),
+        }
+    }
+
     /// Runs `nft ARGS` inside the namespace; (success, stdout+stderr).
     pub(crate) fn nft(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
         use std::io::Write;
