@@ -167,6 +167,7 @@ mod tests {
                 },
                 pinhole_timeout: Duration::from_secs(30),
                 nftables_table: "ftpgate".into(),
+                conntrack_mark: 0x1000_0000,
                 max_ports_per_client: crate::config::PortShare::Percent(25),
             },
             limits: Limits {
