@@ -439,7 +439,7 @@ impl Default for DataConfig {
             nftables_table: "ftpgate".to_string(),
             // One bit, high enough to stay clear of small marks that
             // routing setups commonly use.
-            conntrack_mark: 0x1000_0000,
+            conntrack_mark: crate::netfilter::table::DEFAULT_MARK,
             // One client may take a quarter of a pool: a few hostile
             // addresses cannot starve the others.
             max_ports_per_client: PortShare::Percent(25),

@@ -2,7 +2,7 @@
 //! subscribed to its events, one for requests (a dump of the table, one
 //! entry by its original tuple).
 
-use super::ctnetlink::{self, Conn, Record, Socket, Tuple};
+use super::ctnetlink::{self, Conn, Expectation, Record, Socket, Tuple};
 use std::io;
 use std::time::Duration;
 
@@ -20,6 +20,8 @@ pub(crate) struct Netlink {
     events: Socket,
     requests: Socket,
     seq: u32,
+    /// Only entries with one of these ct mark bits are read (`None`: all).
+    mark: Option<u32>,
 }
 
 impl std::fmt::Debug for Netlink {
@@ -29,8 +31,11 @@ impl std::fmt::Debug for Netlink {
 }
 
 impl Netlink {
-    /// Turns conntrack events on if they are off, and subscribes to them.
-    pub(crate) async fn open() -> io::Result<Netlink> {
+    /// Turns conntrack events on if they are off, and subscribes to them:
+    /// with `mark`, only to events of entries whose ct mark has all of its
+    /// bits (a socket filter drops the rest in the kernel), and dumps read
+    /// only those entries.
+    pub(crate) async fn open(mark: Option<u32>) -> io::Result<Netlink> {
         let on = tokio::fs::read_to_string(EVENTS)
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("{EVENTS}: {e}")))?;
@@ -39,10 +44,17 @@ impl Netlink {
                 .await
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot enable {EVENTS}: {e}")))?;
         }
+        let events = Socket::open_fd(ctnetlink::EVENT_GROUPS, EVENT_BUFFER)?;
+        if let Some(mark) = mark {
+            socket2::SockRef::from(&events)
+                .attach_filter(&mark_filter(mark))
+                .map_err(|e| io::Error::new(e.kind(), format!("conntrack event filter: {e}")))?;
+        }
         Ok(Netlink {
-            events: Socket::open(ctnetlink::EVENT_GROUPS, EVENT_BUFFER)?,
+            events: Socket::from_fd(events)?,
             requests: Socket::open(0, REQUEST_BUFFER)?,
             seq: 0,
+            mark,
         })
     }
 
@@ -55,7 +67,8 @@ impl Netlink {
     pub(crate) async fn dump(&mut self) -> io::Result<Vec<Conn>> {
         let seq = self.next_seq();
         let mut all = Vec::new();
-        self.request(&ctnetlink::dump_request(seq), seq, |r| match r {
+        let msg = ctnetlink::dump_request(seq, self.mark);
+        self.request(&msg, seq, |r| match r {
             Record::Conn { conn, .. } => {
                 all.push(conn);
                 Ok(false)
@@ -96,22 +109,153 @@ impl Netlink {
         &mut self,
         msg: &[u8],
         seq: u32,
-        mut take: impl FnMut(Record) -> io::Result<bool>,
+        take: impl FnMut(Record) -> io::Result<bool>,
     ) -> io::Result<()> {
-        self.requests.send(msg).await?;
-        let answered = async {
-            loop {
-                for r in self.requests.recv().await? {
-                    // Late answers to an earlier request are not this one's.
-                    if r.seq() == seq && take(r)? {
-                        return Ok(());
-                    }
+        request(&mut self.requests, msg, seq, take).await
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1).max(1);
+        self.seq
+    }
+}
+
+/// Sends `msg` (built for sequence number `seq`) on `sock` and hands each
+/// answer to `take` until it says the answer is complete.
+async fn request(
+    sock: &mut Socket,
+    msg: &[u8],
+    seq: u32,
+    mut take: impl FnMut(Record) -> io::Result<bool>,
+) -> io::Result<()> {
+    sock.send(msg).await?;
+    let answered = async {
+        loop {
+            for r in sock.recv().await? {
+                // Late answers to an earlier request are not this one's.
+                if r.seq() == seq && take(r)? {
+                    return Ok(());
                 }
             }
-        };
-        tokio::time::timeout(REQUEST_WAIT, answered)
-            .await
-            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer")))
+        }
+    };
+    tokio::time::timeout(REQUEST_WAIT, answered)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer")))
+}
+
+/// A classic BPF socket filter that passes a conntrack event only if its
+/// top-level CTA_MARK has all of `mark`'s bits (as the dump filter). The kernel sends one event
+/// per datagram, so the filter decides per event; an event of an entry
+/// with no mark carries no CTA_MARK and is dropped.
+///
+/// ```text
+/// ld #20                  ; after nlmsghdr (16) and nfgenmsg (4)
+/// ldx #8                  ; CTA_MARK
+/// ld #nlattr              ; A = offset of the attribute, 0 if none
+/// jeq #0, drop
+/// tax
+/// ld [x + 4]              ; the mark (big-endian, as BPF loads)
+/// and #mark
+/// jeq #mark, pass, drop
+/// drop: ret #0
+/// pass: ret #-1
+/// ```
+pub(crate) fn mark_filter(mark: u32) -> Vec<socket2::SockFilter> {
+    use socket2::SockFilter as F;
+    const LD_IMM: u16 = 0x00;
+    const LDX_IMM: u16 = 0x01;
+    const LD_W_ABS: u16 = 0x20;
+    const LD_W_IND: u16 = 0x40;
+    const JEQ_K: u16 = 0x15;
+    const AND_K: u16 = 0x54;
+    const TAX: u16 = 0x07;
+    const RET_K: u16 = 0x06;
+    /// SKF_AD_OFF + SKF_AD_NLATTR.
+    const NLATTR: u32 = (-0x1000i32 + 12) as u32;
+    const CTA_MARK: u32 = 8;
+    vec![
+        F::new(LD_IMM, 0, 0, 20),
+        F::new(LDX_IMM, 0, 0, CTA_MARK),
+        F::new(LD_W_ABS, 0, 0, NLATTR),
+        F::new(JEQ_K, 4, 0, 0),
+        F::new(TAX, 0, 0, 0),
+        F::new(LD_W_IND, 0, 0, 4),
+        F::new(AND_K, 0, 0, mark),
+        F::new(JEQ_K, 1, 0, mark),
+        F::new(RET_K, 0, 0, 0),
+        F::new(RET_K, 0, 0, u32::MAX),
+    ]
+}
+
+/// The socket that creates and deletes the kernel backend's expectations,
+/// one request at a time.
+pub(crate) struct Expectations {
+    sock: Socket,
+    seq: u32,
+}
+
+impl std::fmt::Debug for Expectations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Expectations")
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
+impl Expectations {
+    /// A request socket for expectations.
+    pub(crate) fn open() -> io::Result<Expectations> {
+        Ok(Expectations {
+            sock: Socket::open(0, REQUEST_BUFFER)?,
+            seq: 0,
+        })
+    }
+
+    /// Creates `exp`: one message, answered with an ack or an error.
+    pub(crate) async fn create(&mut self, exp: &Expectation) -> io::Result<()> {
+        let seq = self.next_seq();
+        let msg = ctnetlink::expect_new_request(seq, exp);
+        let mut errno = 0;
+        request(&mut self.sock, &msg, seq, |r| match r {
+            Record::Error { errno: e, .. } => {
+                errno = e;
+                Ok(true)
+            }
+            _ => Ok(false),
+        })
+        .await?;
+        match errno {
+            0 => Ok(()),
+            e => {
+                let err = io::Error::from_raw_os_error(e);
+                Err(io::Error::new(
+                    err.kind(),
+                    format!("conntrack expectation {exp:?}: {err}"),
+                ))
+            }
+        }
+    }
+
+    /// Deletes `exp` if it is still there (no connection took it): one
+    /// message. Whether it was there.
+    pub(crate) async fn delete(&mut self, exp: &Expectation) -> io::Result<bool> {
+        let seq = self.next_seq();
+        let msg = ctnetlink::expect_delete_request(seq, exp);
+        let mut errno = 0;
+        request(&mut self.sock, &msg, seq, |r| match r {
+            Record::Error { errno: e, .. } => {
+                errno = e;
+                Ok(true)
+            }
+            _ => Ok(false),
+        })
+        .await?;
+        match errno {
+            0 => Ok(true),
+            e if e == rustix::io::Errno::NOENT.raw_os_error() => Ok(false),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
     }
 
     fn next_seq(&mut self) -> u32 {

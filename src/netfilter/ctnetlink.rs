@@ -49,7 +49,9 @@ const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_PROTOINFO: u16 = 4;
 const CTA_COUNTERS_ORIG: u16 = 9;
 const CTA_COUNTERS_REPLY: u16 = 10;
+const CTA_MARK: u16 = 8;
 const CTA_ID: u16 = 12;
+const CTA_MARK_MASK: u16 = 21;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -496,9 +498,16 @@ pub fn expect_delete_request(seq: u32, exp: &Expectation) -> Vec<u8> {
     b.finish()
 }
 
-/// IPCTNL_MSG_CT_GET with NLM_F_DUMP: every entry of every family.
-pub(crate) fn dump_request(seq: u32) -> Vec<u8> {
-    Builder::new(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0).finish()
+/// IPCTNL_MSG_CT_GET with NLM_F_DUMP: every entry of every family, or
+/// with `mark` only those whose ct mark has all of its bits (CTA_MARK and
+/// CTA_MARK_MASK: the kernel's dump filter).
+pub(crate) fn dump_request(seq: u32, mark: Option<u32>) -> Vec<u8> {
+    let mut b = Builder::new(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0);
+    if let Some(m) = mark {
+        b.put(CTA_MARK, &m.to_be_bytes());
+        b.put(CTA_MARK_MASK, &m.to_be_bytes());
+    }
+    b.finish()
 }
 
 /// A non-blocking `NETLINK_NETFILTER` socket registered with tokio.
@@ -897,6 +906,10 @@ mod tests {
         );
         let attributes = &req[NLMSG_HDRLEN + NFGENMSG_LEN..];
         assert_eq!(tuple(attr(attributes, CTA_TUPLE_ORIG).unwrap()), Some(orig));
-        assert_eq!(dump_request(3).len(), NLMSG_HDRLEN + NFGENMSG_LEN);
+        assert_eq!(dump_request(3, None).len(), NLMSG_HDRLEN + NFGENMSG_LEN);
+        let filtered = dump_request(3, Some(0x1000_0000));
+        let attributes = &filtered[NLMSG_HDRLEN + NFGENMSG_LEN..];
+        assert_eq!(attr(attributes, CTA_MARK), Some(&[0x10, 0, 0, 0][..]));
+        assert_eq!(attr(attributes, CTA_MARK_MASK), Some(&[0x10, 0, 0, 0][..]));
     }
 }

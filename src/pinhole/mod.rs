@@ -118,6 +118,25 @@ pub struct SessionInfo {
     /// The session's TLS sides; a plan's TLS leg whose side is `None` fails
     /// with [`DataFailure::Tls`] ([`TlsFailure::NoSessionTls`]).
     pub tls: SessionTls,
+    /// The control connections as connection tracking knows them: the
+    /// kernel backend makes its expectations on them. `None` where there
+    /// are none (tests of other parts).
+    pub control: Option<ControlConns>,
+}
+
+/// The session's two control connections, by their sockets' addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlConns {
+    /// The client's connection: the gateway's end.
+    pub client_local: SocketAddr,
+    /// The client's connection: the peer's end (a balancer, behind one).
+    pub client_peer: SocketAddr,
+    /// Where the client's connection was addressed before any DNAT.
+    pub client_dst: SocketAddr,
+    /// The gateway's connection to the server: its own end.
+    pub server_local: SocketAddr,
+    /// The gateway's connection to the server: the server's end.
+    pub server: SocketAddr,
 }
 
 /// When bytes last moved, shared by a session and the tasks that move its
@@ -473,6 +492,7 @@ mod tests {
             activity: Activity::default(),
             balancers: None,
             tls: SessionTls::default(),
+            control: None,
         };
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         // A plain passive plan of one family: the kernel's shape.
