@@ -72,7 +72,7 @@ impl Shape {
     ///
     /// Where that is not the plan's `source` and `to` (a client behind a
     /// balancer, say), the table's `dnat`/`ksnat` maps NAT the connection.
-    pub(super) fn expectation(
+    pub(crate) fn expectation(
         &self,
         port: u16,
         control: &ControlConns,
@@ -192,5 +192,102 @@ mod tests {
         assert!(Shape::of(&plan(l4, l4)).is_none());
         assert!(Shape::of(&plan(c4, c4)).is_none());
         assert!(Shape::of(&plan(l4, c6)).is_none());
+    }
+
+    fn control(client_dst: &str) -> ControlConns {
+        ControlConns {
+            client_local: "192.0.2.1:21".parse().unwrap(),
+            client_peer: "198.51.100.2:50000".parse().unwrap(),
+            client_dst: client_dst.parse().unwrap(),
+            server_local: "10.71.2.1:40000".parse().unwrap(),
+            server: "10.71.2.2:21".parse().unwrap(),
+        }
+    }
+
+    fn ip(a: &str) -> IpAddr {
+        a.parse().unwrap()
+    }
+
+    #[test]
+    fn the_master_and_direction_give_the_plans_addresses() {
+        let reverse = control("192.0.2.1:21");
+        // PASV: the gateway's connection to the server, same direction.
+        let pasv = Shape {
+            passive: true,
+            peer: ip("198.51.100.2"),
+            dst: ip("192.0.2.1"),
+            to: "10.71.2.2:30000".parse().unwrap(),
+            source: ip("10.71.2.1"),
+        };
+        let (exp, natted) = pasv.expectation(40001, &reverse).unwrap();
+        assert!(natted);
+        assert_eq!(exp.master.src, reverse.server_local);
+        assert_eq!(exp.master.dst, reverse.server);
+        assert_eq!(
+            (exp.peer, exp.dst),
+            (pasv.peer, "192.0.2.1:40001".parse().unwrap())
+        );
+        assert_eq!(
+            exp.nat,
+            Some(FollowMaster {
+                reply: false,
+                port: 30000
+            })
+        );
+        // PORT: the client's connection, reply direction, by the
+        // gateway's own view of it.
+        let port = Shape {
+            passive: false,
+            peer: ip("10.71.2.2"),
+            dst: ip("10.71.2.1"),
+            to: "198.51.100.2:5555".parse().unwrap(),
+            source: ip("192.0.2.1"),
+        };
+        let (exp, natted) = port.expectation(41001, &reverse).unwrap();
+        assert!(natted);
+        assert_eq!(
+            (exp.master.src, exp.master.dst),
+            (reverse.client_local, reverse.client_peer)
+        );
+        assert_eq!(
+            exp.nat,
+            Some(FollowMaster {
+                reply: true,
+                port: 5555
+            })
+        );
+        // Transparent: the client believes it talks to the server; its
+        // connection was addressed to the server before the redirect.
+        let transparent = control("203.0.113.9:21");
+        let port_t = Shape {
+            source: ip("203.0.113.9"),
+            ..port
+        };
+        assert!(port_t.expectation(41001, &transparent).unwrap().1);
+        // The same plan with the reverse listener's addresses: the kernel
+        // would pick the wrong source; the maps NAT it.
+        let (exp, natted) = port_t.expectation(41001, &reverse).unwrap();
+        assert!(!natted && exp.nat.is_none());
+        let (claim, once, rest) = port_t.elements(41001, natted);
+        assert!(matches!(claim, Element::Claim { port: 41001, .. }));
+        assert!(matches!(once, Element::Once { port: 41001, .. }));
+        assert!(matches!(
+            rest[..],
+            [Element::Dnat { .. }, Element::Snat { .. }]
+        ));
+        assert!(port.elements(41001, true).2.is_empty());
+        // Behind a balancer the client's control peer is the balancer.
+        let balanced = ControlConns {
+            client_peer: "192.0.2.200:50000".parse().unwrap(),
+            ..reverse
+        };
+        assert!(!port.expectation(41001, &balanced).unwrap().1);
+        // A control connection of the other family cannot be the master.
+        let v6 = ControlConns {
+            server_local: "[fd71:2::1]:40000".parse().unwrap(),
+            server: "[fd71:2::2]:21".parse().unwrap(),
+            ..reverse
+        };
+        assert!(pasv.expectation(40001, &v6).is_none());
     }
 }

@@ -166,6 +166,9 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
     let server_data = within(s.clone(), || TcpListener::bind("10.71.2.2:30000").unwrap())
         .join()
         .unwrap();
+    let server_data2 = within(s.clone(), || TcpListener::bind("10.71.2.2:30001").unwrap())
+        .join()
+        .unwrap();
     // The client's PORT listener.
     let client_data = within(c.clone(), || {
         TcpListener::bind("198.51.100.2:5555").unwrap()
@@ -284,18 +287,76 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
             let closed = next_event(&mut rx).await;
             results.push((Ok(()), from, bytes, second, closed));
             drop(pinhole);
+
+            // Transparent PASV: the client aims at the server's own address
+            // (as curl does), through the gateway, its router.
+            let plan = DataPlan {
+                id: 3,
+                client: Leg::Listen {
+                    bind: ip("198.51.100.1"),
+                    peer: ip("198.51.100.2"),
+                },
+                server: Leg::Connect {
+                    target: "10.71.2.2:30001".parse().unwrap(),
+                    bind: ip("10.71.2.1"),
+                },
+                client_view: Some(ip("10.71.2.2")),
+                tls: PlanTls::default(),
+            };
+            let shape = Shape::of(&plan).unwrap();
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let (opened, pinhole) = backend.open(&session, plan, shape, tx).await.expect("open");
+            let announced = opened.client_listen.unwrap();
+            assert_eq!(announced.ip(), ip("10.71.2.2"));
+            let got = receive(server_data2);
+            send_from(c.clone(), "198.51.100.2", announced, b"transparent")
+                .expect("the data connection");
+            let (from, bytes) = got.join().unwrap();
+            let second = send_from(c.clone(), "198.51.100.2", announced, b"again");
+            assert_eq!(next_event(&mut rx).await, DataEvent::Connected { id: 3 });
+            let closed = next_event(&mut rx).await;
+            results.push((Ok(()), from, bytes, second, closed));
+            drop(pinhole);
+
+            // A plan closed unused: its expectation is deleted, and its
+            // peer is not admitted.
+            let plan = DataPlan {
+                id: 4,
+                client: Leg::Listen {
+                    bind: ip("198.51.100.1"),
+                    peer: ip("198.51.100.2"),
+                },
+                server: Leg::Connect {
+                    target: "10.71.2.2:30000".parse().unwrap(),
+                    bind: ip("10.71.2.1"),
+                },
+                client_view: None,
+                tls: PlanTls::default(),
+            };
+            let shape = Shape::of(&plan).unwrap();
+            let (tx, _rx) = mpsc::unbounded_channel();
+            let (opened, pinhole) = backend.open(&session, plan, shape, tx).await.expect("open");
+            let announced = opened.client_listen.unwrap();
+            drop(pinhole);
+            // Poll for the plan's end (the thing under test), with a bound.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while backend.plans() > 0 {
+                assert!(Instant::now() < deadline, "the unused plan never ended");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let unused = send_from(c.clone(), "198.51.100.2", announced, b"late");
             let messages = (
                 backend.messages().plans.load(Ordering::Relaxed),
                 backend.messages().sent.load(Ordering::Relaxed),
             );
             drop(client_ctl);
             table.destroy().await.expect("destroy");
-            (results, messages)
+            (results, messages, unused)
         })
     })
     .join()
     .expect("the gateway thread");
-    let (results, messages) = gateway;
+    let (results, messages, unused) = gateway;
     let timed_out = |r: &io::Result<()>| matches!(r, Err(e) if e.kind() == io::ErrorKind::TimedOut);
     let (foreign, from, bytes, second, closed) = &results[0];
     assert!(timed_out(foreign), "another host: {foreign:?}");
@@ -314,13 +375,29 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
         matches!(closed, DataEvent::Closed { id: 2, to_client, outcome: DataOutcome::Completed, .. } if *to_client >= 11),
         "{closed:?}"
     );
-    // Two data connections, each admitted as RELATED by its first packet.
+    let (_, from, bytes, second, closed) = &results[2];
+    assert_eq!(from.ip().to_string(), "10.71.2.1");
+    assert_eq!(bytes, b"transparent");
+    assert!(timed_out(second), "a second connection: {second:?}");
+    assert!(
+        matches!(
+            closed,
+            DataEvent::Closed {
+                id: 3,
+                outcome: DataOutcome::Completed,
+                ..
+            }
+        ),
+        "{closed:?}"
+    );
+    assert!(timed_out(&unused), "the unused plan's peer: {unused:?}");
+    // Three data connections, each admitted as RELATED by its first packet.
     let listed = related_packets(&lab.gateway);
     assert!(
-        listed.contains("ct state related counter packets 2 "),
+        listed.contains("ct state related counter packets 3 "),
         "{listed}"
     );
-    // One transaction and one expectation per plan: the plans ended after
-    // their connection, so nothing else was sent.
-    assert_eq!(messages, (2, 4));
+    // One transaction and one expectation per plan whose connection came;
+    // one more (the expectation's deletion) for the plan closed unused.
+    assert_eq!(messages, (4, 2 + 2 + 2 + 3));
 }
