@@ -393,6 +393,16 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The socket mark the gateway's control connections to servers must
+    /// carry: the kernel backend's `data.conntrack_mark`, as at start (a
+    /// reload does not change it).
+    pub fn conntrack_mark(&self) -> Option<u32> {
+        match self {
+            Backend::Relay(_) => None,
+            Backend::Kernel { kernel, .. } => Some(kernel.mark()),
+        }
+    }
+
     /// Opens `plan` and returns at once (after binding / installing
     /// elements); progress comes on `events`.
     pub async fn open(

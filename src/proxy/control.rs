@@ -432,10 +432,7 @@ async fn connect(
             ProxyVersion::V2 => proxy_protocol::encode_v2(&h),
         }
     });
-    let mark = {
-        let c = gateway.config();
-        (c.data.backend == crate::config::BackendKind::Nftables).then_some(c.data.conntrack_mark)
-    };
+    let mark = gateway.backend.conntrack_mark();
     let dial = async {
         let mut upstream = dial_marked(server, mark)
             .await
