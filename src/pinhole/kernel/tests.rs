@@ -169,6 +169,10 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
     let server_data2 = within(s.clone(), || TcpListener::bind("10.71.2.2:30001").unwrap())
         .join()
         .unwrap();
+    // Listens, never accepts: a connection admitted to it would complete.
+    let server_data3 = within(s.clone(), || TcpListener::bind("10.71.2.2:30002").unwrap())
+        .join()
+        .unwrap();
     // The client's PORT listener.
     let client_data = within(c.clone(), || {
         TcpListener::bind("198.51.100.2:5555").unwrap()
@@ -349,14 +353,75 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
                 backend.messages().plans.load(Ordering::Relaxed),
                 backend.messages().sent.load(Ordering::Relaxed),
             );
+
+            // The gateway gone right after opening a pinhole (no task, no
+            // timer, the expectation left in the kernel for its helper's
+            // 300 s): after the pinhole's timeout the kernel admits nothing.
+            let shape = Shape::of(&DataPlan {
+                id: 5,
+                client: Leg::Listen {
+                    bind: ip("198.51.100.1"),
+                    peer: ip("198.51.100.2"),
+                },
+                server: Leg::Connect {
+                    target: "10.71.2.2:30002".parse().unwrap(),
+                    bind: ip("10.71.2.1"),
+                },
+                client_view: None,
+                tls: PlanTls::default(),
+            })
+            .unwrap();
+            let port = 40009;
+            let control = session.control.as_ref().unwrap();
+            let (exp, natted) = shape.expectation(port, control).unwrap();
+            let (claim, once, elements) = shape.elements(port, natted);
+            let short = Duration::from_millis(300);
+            backend
+                .install(claim, once, &elements, short)
+                .await
+                .expect("elements");
+            backend
+                .expectations
+                .lock()
+                .await
+                .create(&exp)
+                .await
+                .expect("expectation");
+            // Poll for the kernel's expiry of `once` (the thing under test).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let out = tokio::process::Command::new("nft")
+                    .args(["list", "set", "inet", "ftpgate_k", "once4"])
+                    .output()
+                    .await
+                    .unwrap();
+                if !String::from_utf8_lossy(&out.stdout).contains(". 40009") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "once never expired");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let listed = tokio::process::Command::new("conntrack")
+                .args(["-L", "expect"])
+                .output()
+                .await
+                .unwrap();
+            let waiting = String::from_utf8_lossy(&listed.stdout).contains("dport=40009");
+            let late = send_from(
+                c.clone(),
+                "198.51.100.2",
+                SocketAddr::new(ip("198.51.100.1"), port),
+                b"late",
+            );
             drop(client_ctl);
             table.destroy().await.expect("destroy");
-            (results, messages, unused)
+            drop(server_data3);
+            (results, messages, unused, (waiting, late))
         })
     })
     .join()
     .expect("the gateway thread");
-    let (results, messages, unused) = gateway;
+    let (results, messages, unused, (waiting, late)) = gateway;
     let timed_out = |r: &io::Result<()>| matches!(r, Err(e) if e.kind() == io::ErrorKind::TimedOut);
     let (foreign, from, bytes, second, closed) = &results[0];
     assert!(timed_out(foreign), "another host: {foreign:?}");
@@ -391,6 +456,11 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
         "{closed:?}"
     );
     assert!(timed_out(&unused), "the unused plan's peer: {unused:?}");
+    assert!(waiting, "the expectation outlives the pinhole's timeout");
+    // Not admitted: the gate drops its first SYN; the retransmission, no
+    // longer expected, finds the claim expired too and the gateway's closed
+    // port (as when a gateway dies with any backend).
+    assert!(late.is_err(), "a connection after the timeout: {late:?}");
     // Three data connections, each admitted as RELATED by its first packet.
     let listed = related_packets(&lab.gateway);
     assert!(
