@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 const MARK: u32 = 0x1000_0000;
 
-/// The operator's firewall of issue "kernel backend II": nothing but
+/// An operator firewall built for the kernel's FTP helper: nothing but
 /// established and related connections is forwarded.
 const FIREWALL: &str = "table inet op {
 	chain forward {
