@@ -167,6 +167,7 @@ mod tests {
                 },
                 pinhole_timeout: Duration::from_secs(30),
                 nftables_table: "ftpgate".into(),
+                conntrack_mark: 0x1000_0000,
                 max_ports_per_client: crate::config::PortShare::Percent(25),
             },
             limits: Limits {
@@ -252,9 +253,9 @@ mod tests {
         cfg.data.backend = BackendKind::Nftables;
         let text = ruleset(&cfg);
         for want in [
-            "delete @once4 { ip saddr . tcp dport } dnat ip to ip saddr . ip daddr . tcp dport map @dnat4",
+            "ct mark set ct mark | 0x10000000 ct helper set \"anchor4\"",
+            "dnat ip to ip saddr . ip daddr . tcp dport map @dnat4",
             "snat ip6 to ip6 saddr . ip6 daddr . tcp dport map @ksnat6",
-            "ct state new ip saddr . ip daddr . tcp dport @fwd4 accept",
             "#\t\t\tct status dnat accept\n",
             "ip daddr . tcp dport @claim4 drop",
             "ip6 daddr . tcp dport @claim6 drop",

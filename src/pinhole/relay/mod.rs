@@ -850,6 +850,7 @@ mod tests {
             activity: Activity::default(),
             balancers: None,
             tls: SessionTls::default(),
+            control: None,
         }
     }
 
