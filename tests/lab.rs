@@ -30,11 +30,6 @@ fn lab_command() -> Command {
     cmd
 }
 
-/// Why the lab cannot run here, if it cannot.
-fn missing_prerequisites() -> Option<String> {
-    missing_prerequisites_for(&[])
-}
-
 /// Why the lab cannot run here with `extra` options (e.g. `--ftps`), if it cannot.
 fn missing_prerequisites_for(extra: &[&str]) -> Option<String> {
     let uid = Command::new("id").arg("-u").output().ok()?;
