@@ -30,8 +30,8 @@ fn lab_command() -> Command {
     cmd
 }
 
-/// Why the lab cannot run here, if it cannot.
-fn missing_prerequisites() -> Option<String> {
+/// Why the lab cannot run here with `extra` options (e.g. `--ftps`), if it cannot.
+fn missing_prerequisites_for(extra: &[&str]) -> Option<String> {
     let uid = Command::new("id").arg("-u").output().ok()?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Some("not running as root".into());
@@ -49,6 +49,7 @@ fn missing_prerequisites() -> Option<String> {
     }
     let check = match lab_command()
         .args(["--check", "--targets", "ftpgate"])
+        .args(extra)
         .output()
     {
         Ok(out) => out,
@@ -66,7 +67,12 @@ fn missing_prerequisites() -> Option<String> {
 /// Returns true when the lab can run; otherwise reports the skip (or fails under
 /// FTPGATE_LAB=1, where a silent skip would hide a broken CI machine).
 fn lab_available() -> bool {
-    match missing_prerequisites() {
+    lab_available_for(&[])
+}
+
+/// `lab_available` for a run with `extra` options.
+fn lab_available_for(extra: &[&str]) -> bool {
+    match missing_prerequisites_for(extra) {
         None => true,
         Some(reason) => {
             assert!(
@@ -122,6 +128,53 @@ fn lab_ftpgate_passes_every_case() {
     assert!(out.status.success(), "lab failed: {summary}");
     assert!(summary.ends_with(" 0 failed"), "{summary}");
     assert!(!summary.starts_with("ftpgate: 0 passed"), "{summary}");
+}
+
+/// The FTPS cases (`lab.py --ftps`): every server in TLS mode behind the edge's
+/// NAT (vsftpd with session reuse required, explicit and implicit; ProFTPD
+/// mod_tls, reuse required; pure-ftpd; pyftpdlib), every FTPS client (curl
+/// explicit and implicit, lftp, ftplib with PROT P), passive and active, over
+/// IPv4 and IPv6, each listing, downloading and uploading with digests compared
+/// through the gateway terminating TLS on both legs.
+#[test]
+fn lab_ftps_ftpgate_passes_every_case() {
+    let _turn = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !lab_available_for(&["--ftps"]) {
+        return;
+    }
+    let out = lab_command()
+        .args(["--ftps", "--targets", "ftpgate"])
+        .output()
+        .expect("lab.py runs");
+    print_output(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("ftpgate: "))
+        .unwrap_or_else(|| panic!("no ftpgate summary line"));
+    assert!(out.status.success(), "lab --ftps failed: {summary}");
+    // The matrix: tests/lab/README.md, "FTPS".
+    assert_eq!(summary, "ftpgate: 47 passed, 0 failed");
+    let passed = |what: &str| {
+        stdout
+            .lines()
+            .filter(|l| l.contains(what) && l.ends_with(": ok"))
+            .count()
+    };
+    for server in [
+        "vsftpd",
+        "proftpd",
+        "pure-ftpd",
+        "pyftpdlib",
+        "vsftpd-implicit",
+    ] {
+        assert!(
+            passed(&format!(" {server} ")) > 0,
+            "no {server} case passed"
+        );
+    }
+    assert_eq!(passed(" v6: ok"), 20, "IPv6 FTPS cases passed");
+    assert_eq!(passed("-tls-active "), 16, "active-mode FTPS cases passed");
 }
 
 /// Runs pinholes.py for the nftables backend with `args`, and `env` set for the

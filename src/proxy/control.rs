@@ -11,8 +11,8 @@ use crate::metrics::{OpenGuard, Refusal};
 use crate::pinhole::{Activity, DataEvent, DataPlan, Pinhole, PlanId, SessionInfo};
 use crate::rules::{decide, Decision, Policy};
 use crate::session::{
-    Action, EndReason, LogEvent, OpenFailure, Refused, Session, SessionParams, Side, TlsLegs,
-    TransferRecord,
+    Action, Direction, EndReason, LogEvent, OpenFailure, Refused, Session, SessionParams, Side,
+    TlsLegs, TransferRecord,
 };
 use crate::tls::client::SessionClient;
 use crate::tls::server::SessionServer;
@@ -545,6 +545,9 @@ struct Conn<'a> {
     sniff: Option<Vec<u8>>,
     /// The balancer the client came through, if any.
     via: Option<SocketAddr>,
+    /// Transfer commands forwarded so far (the core's count, see
+    /// `SessionServer::tickets_on_data`).
+    transfers_forwarded: u64,
 }
 
 impl<'a> Conn<'a> {
@@ -587,6 +590,7 @@ impl<'a> Conn<'a> {
             data_connected: None,
             sniff: None,
             via: None,
+            transfers_forwarded: 0,
         }
     }
 
@@ -1129,6 +1133,15 @@ impl Conn<'_> {
                     }
                 }
                 Action::ToServer(b) => {
+                    // A transfer command going out: its data connection's
+                    // session tickets follow its direction.
+                    let (count, direction) = self.core.latest_transfer();
+                    if count != self.transfers_forwarded {
+                        self.transfers_forwarded = count;
+                        if let Some(side) = &self.info.tls.client {
+                            side.tickets_on_data(direction != Some(Direction::Upload));
+                        }
+                    }
                     let r = write_by(&mut self.upstream, "server", &b, deadline, self.idle).await;
                     if let Err(end) = r {
                         if !self.core.is_ended() {
@@ -1137,7 +1150,13 @@ impl Conn<'_> {
                         mute = true;
                     }
                 }
-                Action::Open(plan) => self.open(plan, events).await,
+                Action::Open(plan) => {
+                    // No tickets until the plan's transfer command is known.
+                    if let Some(side) = &self.info.tls.client {
+                        side.tickets_on_data(false);
+                    }
+                    self.open(plan, events).await
+                }
                 Action::StartTls(side) => {
                     if let Some(end) = self.start_tls(side).await {
                         return Some(end);

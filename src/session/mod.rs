@@ -486,6 +486,8 @@ pub struct Session {
     /// The data plans, from their open to their end.
     plans: Plans,
     transfers: Vec<Transfer>,
+    /// Transfer commands taken so far (see `latest_transfer`).
+    transfer_commands: u64,
     epsv_all: bool,
     /// The user the server accepted (230); `None` before a login succeeds.
     user: Option<String>,
@@ -587,6 +589,7 @@ impl Session {
             deferred: None,
             plans: Plans::new(),
             transfers: Vec::new(),
+            transfer_commands: 0,
             epsv_all: false,
             user: None,
             login: None,

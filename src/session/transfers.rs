@@ -42,6 +42,7 @@ impl Session {
         };
         let (plan, mode) = self.plans.take_armed();
         let user = self.user_as_of_now();
+        self.transfer_commands += 1;
         self.transfers.push(Transfer {
             command: verb,
             path: String::from_utf8_lossy(arg).into_owned(),
@@ -54,6 +55,15 @@ impl Session {
             data_tls: DataTls::default(),
         });
         self.forward(line, Pending::Transfer);
+    }
+
+    /// How many transfer commands the session has taken, and the latest
+    /// one's direction while its record is open.
+    pub fn latest_transfer(&self) -> (u64, Option<Direction>) {
+        (
+            self.transfer_commands,
+            self.transfers.last().map(|t| t.direction),
+        )
     }
 
     pub(super) fn transfer_reply(&mut self, code: u16) {

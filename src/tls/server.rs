@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,8 +56,13 @@ impl ServerTls {
         let mut config = (*self.base).clone();
         config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
         config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        // The same cache and ticket key (both shared by the clone), no tickets.
+        let mut quiet = config.clone();
+        quiet.send_tls13_tickets = 0;
         Ok(SessionServer {
             acceptor: TlsAcceptor::from(Arc::new(config)),
+            quiet: TlsAcceptor::from(Arc::new(quiet)),
+            data_tickets: Arc::new(AtomicBool::new(true)),
             require_resumption: self.require_resumption,
             timeout: HANDSHAKE_TIMEOUT,
         })
@@ -67,6 +73,11 @@ impl ServerTls {
 #[derive(Clone)]
 pub struct SessionServer {
     acceptor: TlsAcceptor,
+    /// The same session's acceptor, sending no TLS 1.3 tickets.
+    quiet: TlsAcceptor,
+    /// Whether data connections get tickets now; shared by the session's
+    /// clones (the control task sets it, the relay reads it).
+    data_tickets: Arc<AtomicBool>,
     require_resumption: bool,
     timeout: Duration,
 }
@@ -75,6 +86,7 @@ impl fmt::Debug for SessionServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SessionServer")
             .field("require_resumption", &self.require_resumption)
+            .field("data_tickets", &self.data_tickets.load(Ordering::Relaxed))
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -110,6 +122,18 @@ impl SessionServer {
         self
     }
 
+    /// Whether the next data connections get TLS 1.3 session tickets (on
+    /// until set). The control task turns them off for each new data plan,
+    /// whose command is not known yet, and for an upload; on when it
+    /// forwards a download or listing command. A client that only writes
+    /// never reads tickets, and closing a socket with unread bytes resets
+    /// it: the kernel then drops what the client had not sent yet (a
+    /// truncated upload). Clients that use each ticket once (rustls) take
+    /// fresh ones from their downloads and listings.
+    pub fn tickets_on_data(&self, on: bool) {
+        self.data_tickets.store(on, Ordering::Relaxed);
+    }
+
     /// Whether data connections must resume the control session.
     pub fn require_resumption(&self) -> bool {
         self.require_resumption
@@ -125,12 +149,18 @@ impl SessionServer {
     }
 
     /// A data connection's handshake, refused unless it resumed this
-    /// control session when resumption is required.
+    /// control session when resumption is required; with session tickets
+    /// only as [`SessionServer::tickets_on_data`] says.
     pub async fn accept_data<IO>(&self, io: IO) -> Result<TlsStream<IO>, DataTlsError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let stream = handshake(self.timeout, self.acceptor.accept(io))
+        let acceptor = if self.data_tickets.load(Ordering::Relaxed) {
+            &self.acceptor
+        } else {
+            &self.quiet
+        };
+        let stream = handshake(self.timeout, acceptor.accept(io))
             .await
             .map_err(DataTlsError::Handshake)?;
         if self.require_resumption && Handshake::of(stream.get_ref().1) != Handshake::Resumed {

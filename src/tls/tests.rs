@@ -497,6 +497,44 @@ async fn a_stalled_handshake_times_out() {
     let err = session.accept_control(a).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
 }
+/// Data connections get session tickets only when told (downloads and
+/// listings): a client that only writes would close with them unread, which
+/// resets the connection and drops its unsent bytes. The client here reads
+/// each data connection, so it takes in whatever tickets come: with none,
+/// its two from the control handshake last two data connections.
+#[tokio::test]
+async fn data_connections_get_tickets_only_when_told() {
+    let pki = pki("ftp.example");
+    let session = ServerTls::new(pki.store.clone(), true)
+        .unwrap()
+        .for_session()
+        .unwrap();
+    let upstream = ClientTls::new(Trust::CaFile(pki.ca_path.clone()), "ftp.example").unwrap();
+    // Off (a new plan, an upload): the control handshake's two last two.
+    let client = upstream.for_session();
+    control(&session, &client).await;
+    session.tickets_on_data(false);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(data(&session, &client).await.0);
+    }
+    assert_eq!(
+        got,
+        [
+            Ok(Handshake::Resumed),
+            Ok(Handshake::Resumed),
+            Err(DataTlsError::NotResumed.to_string())
+        ]
+    );
+    // Downloads and listings: each brings fresh tickets, so resumption
+    // never runs dry.
+    session.tickets_on_data(true);
+    let client = upstream.for_session();
+    control(&session, &client).await;
+    for _ in 0..4 {
+        assert_eq!(data(&session, &client).await.0, Ok(Handshake::Resumed));
+    }
+}
 
 /// TLS 1.3 tickets reach the client's store only when it reads from the
 /// connection that carried them. A data connection that is never read

@@ -14,6 +14,10 @@ IPv4, passive mode), the one direction in which every target carries passive FTP
   ftpgate-relay     wanc -> ftpgate's reverse listener, data.backend: relay.
   ftpgate-nftables  the same with data.backend: nftables.
 
+With --ftps the servers run in TLS mode (tests/lab/lab.py --ftps; a lab CA made at run
+time) and curl transfers under PROT P (`--ssl-reqd`): `direct` is then FTPS between
+the client and the server, `ftpgate-relay` the gateway terminating TLS on both legs.
+
 Targets run round-robin within each repetition (set up, measure, torn down), so
 noise on the shared machine hits all of them alike; the table shows medians over
 the repetitions and ratios between targets. Run as root; Python 3 stdlib only.
@@ -34,6 +38,7 @@ sys.dont_write_bytecode = True
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import certs  # noqa: E402
 import prologue  # noqa: E402
 import servers  # noqa: E402
 import targets  # noqa: E402
@@ -86,6 +91,9 @@ BENCH_TARGETS = {
 # data connection about once in 1000-2500 sessions; ftp-proxy: "425 Can't open data
 # connection" about once in 300): counted and shown, but they do not fail the run.
 REFERENCE_TARGETS = ("kernel", "suse")
+# Under --ftps: the others cannot carry FTPS through the NAT (kernel), speak no TLS
+# (suse), or send TLS plans through the relay anyway (ftpgate-nftables).
+FTPS_TARGETS = ("direct", "ftpgate-relay")
 RATIOS = (
     ("ftpgate-relay", "kernel"),
     ("ftpgate-relay", "suse"),
@@ -110,8 +118,10 @@ def parse_size(text):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
-    p.add_argument("--targets", type=csv, default=list(BENCH_TARGETS))
-    p.add_argument("--tests", type=csv, default=list(TESTS))
+    p.add_argument("--targets", type=csv, default=None)
+    p.add_argument("--tests", type=csv, default=None)
+    p.add_argument("--ftps", action="store_true",
+                   help="throughput under PROT P: servers in TLS mode, targets direct and ftpgate-relay")
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3; 1 with --smoke)")
     p.add_argument("--size", type=parse_size, default=None, help="transfer size (default 1G; 8M with --smoke)")
     p.add_argument("--server", default=DEFAULT_XFER_SERVER, choices=BENCH_SERVERS, help="server for throughput and latency")
@@ -133,6 +143,16 @@ def parse_args(argv):
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--check", action="store_true", help="report missing prerequisites, then exit")
     args = p.parse_args(argv)
+    if args.targets is None:
+        args.targets = list(FTPS_TARGETS if args.ftps else BENCH_TARGETS)
+    if args.tests is None:
+        args.tests = ["throughput"] if args.ftps else list(TESTS)
+    if args.ftps:
+        if any(t not in FTPS_TARGETS for t in args.targets):
+            p.error(f"--ftps measures {', '.join(FTPS_TARGETS)} only")
+        if args.tests != ["throughput"]:
+            p.error("--ftps measures throughput only")
+    args.pki = None  # FTPS: the run's certs.Pki
     for kind, chosen, known in (("targets", args.targets, BENCH_TARGETS), ("tests", args.tests, TESTS)):
         unknown = [x for x in chosen if x not in known]
         if unknown:
@@ -169,6 +189,8 @@ def servers_needed(args):
 
 def missing_prerequisites(args):
     missing = prologue.missing_basics(("ip", "nft", "ss", "curl"))
+    if args.ftps:
+        missing += certs.missing_prerequisites() + servers.missing_tls_prerequisites()
     bins = servers.binaries()
     for name in servers_needed(args):
         if not os.access(bins[name], os.X_OK):
@@ -183,7 +205,8 @@ def missing_prerequisites(args):
 
 def target_opts(args, cls):
     return argparse.Namespace(
-        backend=getattr(cls, "backend", "relay"), ipv6=False, ftpgate_bin=args.ftpgate_bin
+        backend=getattr(cls, "backend", "relay"), ipv6=False, ftpgate_bin=args.ftpgate_bin,
+        ftps=args.ftps, pki=args.pki,
     )
 
 
@@ -213,12 +236,13 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def start_servers(lab, workdir, names, payload_path):
-    """The chosen servers on lans only, serving payload_path (hard-linked, so the
-    file exists once on the tmpfs) and a directory of LIST_ENTRIES entries."""
+def start_servers(lab, workdir, names, payload_path, pki=None):
+    """The chosen servers on lans only (in TLS mode with pki), serving payload_path
+    (hard-linked, so the file exists once on the tmpfs) and a directory of
+    LIST_ENTRIES entries."""
     running = {}
     for name in names:
-        srv = servers.Server(lab, "lans", name, workdir, b"")
+        srv = servers.Server(lab, "lans", name, workdir, b"", pki)
         data = os.path.join(srv.root, servers.DATA_FILE)
         os.unlink(data)
         os.link(payload_path, data)
@@ -252,6 +276,8 @@ def curl_transfer(lab, target, server, direction, args, payload_path, name):
     base = f"ftp://{addr}:{port}"
     limit = 60 + args.size // (4 << 20)
     argv = ["curl", "-sS", "--connect-timeout", "5", "-m", str(limit)]
+    if args.pki:
+        argv += ["--ssl-reqd", "--cacert", args.pki.ca]
     if direction == "retr":
         argv += ["-o", "/dev/null", "-w", "%{size_download} %{time_total}", f"{base}/{servers.DATA_FILE}"]
     else:
@@ -269,8 +295,11 @@ def curl_transfer(lab, target, server, direction, args, payload_path, name):
 def bench_throughput(lab, target, args, srv, payload_path, digest, rec, rep):
     for direction in ("retr", "stor"):
         name = f"bench-{target.name}-{rep}.bin"
+        gw_pid = gateway_pid(target)
+        cpu_before = process_cpu(gw_pid)
         try:
             size, seconds = curl_transfer(lab, target, args.server, direction, args, payload_path, name)
+            cpu_after = process_cpu(gw_pid)
             if size != args.size:
                 raise RuntimeError(f"{direction}: curl moved {size} bytes, expected {args.size}")
             if direction == "stor":
@@ -285,8 +314,14 @@ def bench_throughput(lab, target, args, srv, payload_path, digest, rec, rep):
             rec.fail(target.name, str(exc))
             continue
         mibs = size / seconds / (1 << 20)
-        rec.data[target.name][direction].append({"bytes": size, "seconds": seconds, "mib_s": mibs})
-        print(f"  {target.name} {direction.upper()}: {size} bytes in {seconds:.3f}s = {mibs:.0f} MiB/s", flush=True)
+        entry = {"bytes": size, "seconds": seconds, "mib_s": mibs}
+        gw = ""
+        if cpu_before is not None and cpu_after is not None:
+            # The gateway's utime+stime over the transfer, per GiB moved.
+            entry["gateway_cpu_s_per_gib"] = (cpu_after - cpu_before) / (size / (1 << 30))
+            gw = f", gateway CPU {entry['gateway_cpu_s_per_gib']:.2f} s/GiB"
+        rec.data[target.name][direction].append(entry)
+        print(f"  {target.name} {direction.upper()}: {size} bytes in {seconds:.3f}s = {mibs:.0f} MiB/s{gw}", flush=True)
 
 
 def run_client(lab, argv, timeout):
@@ -426,6 +461,7 @@ def summary(rec):
     for name, d in rec.data.items():
         out[name] = {
             "retr_mib_s": median([x["mib_s"] for x in d["retr"]]),
+            "retr_gw_cpu_s_gib": median([x["gateway_cpu_s_per_gib"] for x in d["retr"] if "gateway_cpu_s_per_gib" in x]),
             "stor_mib_s": median([x["mib_s"] for x in d["stor"]]),
             "sessions_s": median([x["rate"] for x in d["rate"]]),
             "session_errors": sum(x["errors"] for x in d["rate"]),
@@ -437,6 +473,7 @@ def summary(rec):
 
 COLUMNS = (
     ("retr_mib_s", "RETR MiB/s", "{:.0f}"),
+    ("retr_gw_cpu_s_gib", "gwCPU s/GiB", "{:.2f}"),
     ("stor_mib_s", "STOR MiB/s", "{:.0f}"),
     ("sessions_s", "sessions/s", "{:.0f}"),
     ("noop_p50_us", "NOOP p50 us", "{:.0f}"),
@@ -462,7 +499,8 @@ def print_table(args, med, rows, ratios):
     w = max([len(n) for n in med] + [len(r) for r, _ in ratios] + [6])
     head = f"{'target':<{w}}" + "".join(f"  {h:>11}" for _, h, _ in COLUMNS) + "  sess.errors  failures"
     print()
-    print(f"medians over {args.reps} repetition(s); {args.size} bytes per transfer; "
+    print(f"medians over {args.reps} repetition(s); {args.size} bytes per transfer"
+          f"{' under PROT P (FTPS)' if args.ftps else ''}; "
           f"throughput/latency server {args.server}, rate server {args.rate_server}")
     print(head)
     for name in med:
@@ -526,7 +564,9 @@ def main(argv):
         print(f"bench: namespaces {lab.prefix}*, work dir {workdir}", flush=True)
         payload_path = os.path.join(workdir, "payload.bin")
         digest = write_payload(payload_path, args.size)
-        running = start_servers(lab, workdir, servers_needed(args), payload_path)
+        if args.ftps:
+            args.pki = certs.make(os.path.join(workdir, "pki"))
+        running = start_servers(lab, workdir, servers_needed(args), payload_path, args.pki)
         teardown.actions.append(lambda: [s.stop() for s in running.values()])
         for rep in range(1, args.reps + 1):
             print(f"bench: repetition {rep}/{args.reps}", flush=True)
@@ -545,7 +585,7 @@ def main(argv):
             "commit": git_commit(),
             "kernel": os.uname().release,
             "ftpgate_bin": args.ftpgate_bin,
-            "options": {k: v for k, v in vars(args).items() if k not in ("json",)},
+            "options": {k: v for k, v in vars(args).items() if k not in ("json", "pki")},
             "medians": med,
             "ratios": dict(ratios),
             "runs": rec.data,

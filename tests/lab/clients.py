@@ -13,12 +13,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class Variant:
-    def __init__(self, tool, variant, families, upload, args):
+    def __init__(self, tool, variant, families, upload, args, implicit=False):
         self.tool = tool
         self.variant = variant
         self.families = families
         self.upload = upload
         self.args = args
+        # FTPS from the first byte (ftps://): meets implicit servers only.
+        self.implicit = implicit
 
     @property
     def name(self):
@@ -42,13 +44,31 @@ VARIANTS = [
 ]
 TOOLS = sorted({v.tool for v in VARIANTS})
 
+# FTPS (lab.py --ftps): every variant requires TLS on control and data (PROT P) and
+# verifies the certificate it meets against the lab CA. curl's active mode never
+# starts TLS on its data connection (curl #10666), so active FTPS is lftp's and ftplib's.
+LFTP_TLS = ["set ftp:ssl-allow yes", "set ftp:ssl-force yes", "set ftp:ssl-protect-data yes",
+            "set ftp:ssl-protect-list yes", "set ftp:ssl-allow-anonymous yes"]
+FTPS_VARIANTS = [
+    Variant("curl", "tls-epsv", (4, 6), True, ["--ssl-reqd"]),
+    Variant("curl", "tls-pasv", (4,), False, ["--ssl-reqd", "--disable-epsv"]),
+    Variant("curl", "tls-implicit", (4, 6), True, [], implicit=True),
+    Variant("lftp", "tls-passive", (4,), True, LFTP_TLS + ["set ftp:passive-mode on", "set ftp:prefer-epsv off"]),
+    Variant("lftp", "tls-epsv", (4, 6), False, LFTP_TLS + ["set ftp:passive-mode on", "set ftp:prefer-epsv on"]),
+    Variant("lftp", "tls-active", (4, 6), True, LFTP_TLS + ["set ftp:passive-mode off"]),
+    Variant("python", "tls-passive", (4, 6), True, ["passive"]),
+    Variant("python", "tls-active", (4, 6), True, ["active"]),
+]
 
-def select(names):
-    """Variants whose tool or full name is listed (all when names is empty)."""
+
+def select(names, ftps=False):
+    """Variants whose tool or full name is listed (all when names is empty); the
+    FTPS ones with ftps."""
+    variants = FTPS_VARIANTS if ftps else VARIANTS
     if not names:
-        return list(VARIANTS)
-    chosen = [v for v in VARIANTS if v.tool in names or v.name in names]
-    unknown = [n for n in names if n not in TOOLS and n not in {v.name for v in VARIANTS}]
+        return list(variants)
+    chosen = [v for v in variants if v.tool in names or v.name in names]
+    unknown = [n for n in names if n not in TOOLS and n not in {v.name for v in variants}]
     if unknown:
         raise SystemExit(f"unknown clients: {', '.join(unknown)}")
     return chosen
@@ -88,8 +108,10 @@ def _curl_hint(lines):
     return ""
 
 
-def _curl(lab, client, v, base, outdir, up_src, up_name):
+def _curl(lab, client, v, base, outdir, up_src, up_name, ca):
     common = ["curl", "-sS", "-v", "--connect-timeout", "5", "-m", str(CMD_TIMEOUT - 2)] + v.args
+    if ca:
+        common += ["--cacert", ca]
     listing = _exec(lab, client, common + [base + "/"], "list")
     _exec(lab, client, common + ["-o", os.path.join(outdir, "data.bin"), f"{base}/{DATA_FILE}"], "download")
     if up_name:
@@ -98,7 +120,7 @@ def _curl(lab, client, v, base, outdir, up_src, up_name):
     return listing
 
 
-def _lftp(lab, client, v, base, outdir, up_src, up_name):
+def _lftp(lab, client, v, base, outdir, up_src, up_name, ca):
     script = [
         "set cmd:fail-exit yes",
         "set net:timeout 5",
@@ -109,7 +131,7 @@ def _lftp(lab, client, v, base, outdir, up_src, up_name):
         "set ftp:ssl-allow no",
         # lftp switches passive mode after a failed data connection; a case tests one mode.
         "set ftp:auto-passive-mode off",
-    ] + v.args + [
+    ] + ([f"set ssl:ca-file {ca}", "set ssl:verify-certificate yes"] if ca else []) + v.args + [
         f"open -u anonymous,lab@ {base}",
         "cls -1",
         f"get {DATA_FILE} -o {os.path.join(outdir, 'data.bin')}",
@@ -122,8 +144,9 @@ def _lftp(lab, client, v, base, outdir, up_src, up_name):
     return _exec(lab, client, ["lftp", "-c", "; ".join(script)], "lftp")
 
 
-def _python(lab, client, v, host, port, outdir, up_src, up_name):
-    argv = [sys.executable, os.path.join(HERE, "ftpcase.py"), host, str(port), v.args[0], outdir]
+def _python(lab, client, v, host, port, outdir, up_src, up_name, ca):
+    argv = [sys.executable, os.path.join(HERE, "ftpcase.py")] + (["--ca", ca] if ca else [])
+    argv += [host, str(port), v.args[0], outdir]
     if up_name:
         argv += [up_src, up_name]
     _exec(lab, client, argv, "ftplib")
@@ -131,18 +154,19 @@ def _python(lab, client, v, host, port, outdir, up_src, up_name):
         return f.read()
 
 
-def run_case(lab, client, v, host, port, outdir, digest, up_src, up_name):
-    """Runs one case; returns None on success or the reason it failed."""
+def run_case(lab, client, v, host, port, outdir, digest, up_src, up_name, ca=None):
+    """Runs one case; returns None on success or the reason it failed. With ca
+    (FTPS), certificates are verified against that CA file."""
     os.makedirs(outdir, exist_ok=True)
-    base = f"ftp://{url_host(host)}:{port}"
+    base = f"{'ftps' if v.implicit else 'ftp'}://{url_host(host)}:{port}"
     up_name = up_name if v.upload else None
     try:
         if v.tool == "curl":
-            listing = _curl(lab, client, v, base, outdir, up_src, up_name)
+            listing = _curl(lab, client, v, base, outdir, up_src, up_name, ca)
         elif v.tool == "lftp":
-            listing = _lftp(lab, client, v, base, outdir, up_src, up_name)
+            listing = _lftp(lab, client, v, base, outdir, up_src, up_name, ca)
         else:
-            listing = _python(lab, client, v, host, port, outdir, up_src, up_name)
+            listing = _python(lab, client, v, host, port, outdir, up_src, up_name, ca)
         missing = [n for n in LISTING if n not in listing]
         if missing:
             return f"listing lacks {', '.join(missing)}"

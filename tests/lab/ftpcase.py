@@ -1,23 +1,45 @@
 """One Python ftplib case, run inside a client namespace by the lab.
 
-Usage: ftpcase.py HOST PORT MODE OUTDIR [UPLOAD_SRC UPLOAD_NAME]
-MODE: passive | passive-trust | active. Writes listing.txt, data.bin and, with an
-upload, back.bin into OUTDIR; exits non-zero with the error on stderr.
+Usage: ftpcase.py [--ca CA.pem] HOST PORT MODE OUTDIR [UPLOAD_SRC UPLOAD_NAME]
+MODE: passive | passive-trust | active. With --ca: explicit FTPS (AUTH TLS, PROT P),
+the server's certificate verified against CA.pem. Writes listing.txt, data.bin and,
+with an upload, back.bin into OUTDIR; exits non-zero with the error on stderr.
 """
 
 import ftplib
 import os
+import ssl
 import sys
 
 
+class ReusingFTP_TLS(ftplib.FTP_TLS):
+    """FTP_TLS whose data connections resume the control connection's TLS session:
+    ftplib does not by default, and strict servers (vsftpd, ProFTPD) refuse that."""
+
+    def ntransfercmd(self, cmd, rest=None):
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        if self._prot_p:
+            conn = self.context.wrap_socket(conn, server_hostname=self.host, session=self.sock.session)
+        return conn, size
+
+
 def main():
-    host, port, mode, outdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    upload = sys.argv[5:7]
-    ftp = ftplib.FTP(timeout=8)
+    argv = sys.argv[1:]
+    ca = None
+    if argv[:1] == ["--ca"]:
+        ca, argv = argv[1], argv[2:]
+    host, port, mode, outdir = argv[0], int(argv[1]), argv[2], argv[3]
+    upload = argv[4:6]
+    if ca:
+        ftp = ReusingFTP_TLS(context=ssl.create_default_context(cafile=ca), timeout=8)
+    else:
+        ftp = ftplib.FTP(timeout=8)
     if mode == "passive-trust":
         ftp.trust_server_pasv_ipv4_address = True
     ftp.connect(host, port)
     ftp.login()
+    if ca:
+        ftp.prot_p()
     ftp.set_pasv(mode != "active")
     names = []
     ftp.retrlines("LIST", names.append)

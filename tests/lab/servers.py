@@ -16,7 +16,12 @@ SERVERS = {
     "pure-ftpd": (2123, (30200, 30299)),
     "pyftpdlib": (2124, (30300, 30399)),
 }
-CONTROL_PORTS = [port for port, _ in SERVERS.values()]
+# FTPS runs only (lab.py --ftps): vsftpd with implicit TLS, for curl's ftps:// cases.
+IMPLICIT_SERVERS = {
+    "vsftpd-implicit": (2125, (30400, 30499)),
+}
+ALL_SERVERS = {**SERVERS, **IMPLICIT_SERVERS}
+CONTROL_PORTS = [port for port, _ in ALL_SERVERS.values()]
 DATA_FILE = "data.bin"
 DATA_SIZE = 1 << 20
 LISTING = ("data.bin", "readme.txt", "notes")
@@ -47,6 +52,17 @@ def missing_prerequisites():
     return missing
 
 
+def missing_tls_prerequisites():
+    """What the servers' TLS modes need beyond the servers themselves."""
+    missing = []
+    if not os.path.exists("/usr/lib/proftpd/mod_tls.so"):
+        missing.append("proftpd-mod-crypto (mod_tls)")
+    probe = subprocess.run(["/usr/bin/python3", "-c", "import OpenSSL"], capture_output=True)
+    if probe.returncode != 0:
+        missing.append("python3-openssl")
+    return missing
+
+
 def make_content(root, payload):
     """Lays out one server's root: the data file, a listing, a writable upload dir."""
     os.makedirs(os.path.join(root, "notes"), exist_ok=True)
@@ -73,11 +89,14 @@ class Server:
     # vsftpd only: whether active-mode data comes from port 20 (see FixedPortVsftpd).
     connect_from_port_20 = False
 
-    def __init__(self, lab, host, name, workdir, payload):
+    def __init__(self, lab, host, name, workdir, payload, pki=None):
         self.lab = lab
         self.host = host
         self.name = name
-        self.port, self.pasv = SERVERS[name]
+        # FTPS (a certs.Pki): TLS required on control and data, sessions reused.
+        self.pki = pki
+        self.implicit = name in IMPLICIT_SERVERS
+        self.port, self.pasv = ALL_SERVERS[name]
         self.dir = os.path.join(workdir, host, name)
         self.root = os.path.join(self.dir, "root")
         self.log = os.path.join(self.dir, "server.log")
@@ -89,7 +108,7 @@ class Server:
     def argv(self):
         lo, hi = self.pasv
         d = self.dir
-        if self.name == "vsftpd":
+        if self.name.startswith("vsftpd"):
             empty = os.path.join(d, "empty")
             os.makedirs(empty, exist_ok=True)
             conf = os.path.join(d, "vsftpd.conf")
@@ -116,8 +135,9 @@ class Server:
                             f"connect_from_port_20={'YES' if self.connect_from_port_20 else 'NO'}",
                             "xferlog_enable=YES",
                             f"vsftpd_log_file={self.log}",
-                            "",
                         ]
+                        + self.vsftpd_tls()
+                        + [""]
                     )
                 )
             return [binaries()["vsftpd"], conf]
@@ -158,6 +178,7 @@ AllowOverwrite on
   </Directory>
 </Anonymous>
 """
+                    + self.proftpd_tls()
                 )
             return [binaries()["proftpd"], "-n", "-c", conf]
         if self.name == "pure-ftpd":
@@ -172,7 +193,16 @@ AllowOverwrite on
                 f"mkdir -p {home} && mount --bind {self.root} {home} && "
                 f"exec {bin_} -S ,{self.port} -e -M -H -A -U 133:022 -c 100 -C 100 -p {lo}:{hi}"
             )
+            if self.pki:
+                # -Y 3: TLS required on the control and the data connections.
+                script += f" -Y 3 -2 {self.pki.server_cert},{self.pki.server_key}"
             return ["sh", "-c", script]
+        if self.name == "pyftpdlib" and self.pki:
+            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyftpd_tls.py")
+            return [
+                "/usr/bin/python3", script, str(self.port), self.root, str(lo), str(hi),
+                self.pki.server_cert, self.pki.server_key,
+            ]
         if self.name == "pyftpdlib":
             return [
                 "/usr/bin/python3", "-m", "pyftpdlib", "-i", "::", "-p", str(self.port),
@@ -180,10 +210,47 @@ AllowOverwrite on
             ]
         raise ValueError(self.name)
 
+    def vsftpd_tls(self):
+        if not self.pki:
+            return []
+        lines = [
+            "ssl_enable=YES",
+            "allow_anon_ssl=YES",
+            "force_anon_logins_ssl=YES",
+            "force_anon_data_ssl=YES",
+            "require_ssl_reuse=YES",
+            # Debian's default list (DES-CBC3-SHA) is disabled in OpenSSL 3.
+            "ssl_ciphers=HIGH",
+            f"rsa_cert_file={self.pki.server_cert}",
+            f"rsa_private_key_file={self.pki.server_key}",
+            "debug_ssl=YES",
+        ]
+        if self.implicit:
+            lines.append("implicit_ssl=YES")
+        return lines
+
+    def proftpd_tls(self):
+        if not self.pki:
+            return ""
+        # mod_tls (proftpd-mod-crypto) requires session reuse on data connections
+        # unless `TLSOptions NoSessionReuseRequired` says otherwise: left unset.
+        return f"""ModulePath /usr/lib/proftpd
+LoadModule mod_tls.c
+<IfModule mod_tls.c>
+  TLSEngine on
+  TLSRequired on
+  TLSProtocol TLSv1.2 TLSv1.3
+  TLSRSACertificateFile {self.pki.server_cert}
+  TLSRSACertificateKeyFile {self.pki.server_key}
+  TLSVerifyClient off
+  TLSLog {self.dir}/tls.log
+</IfModule>
+"""
+
     def start(self):
         out = open(os.path.join(self.dir, "stdout.log"), "w+b")
         # vsftpd writes its startup errors ("500 OOPS") to fd 0: give it the log there.
-        stdin = out if self.name == "vsftpd" else subprocess.DEVNULL
+        stdin = out if self.name.startswith("vsftpd") else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             self.lab.cmd(self.host, self.argv()), stdout=out, stderr=subprocess.STDOUT,
             stdin=stdin, start_new_session=True,
@@ -233,11 +300,12 @@ class FixedPortVsftpd(Server):
         super().__init__(lab, host, "vsftpd", workdir, payload)
 
 
-def start_all(lab, workdir, names, payload):
+def start_all(lab, workdir, names, payload, pki=None, hosts=("lans", "wans")):
+    """Starts names on hosts (in TLS mode with a certs.Pki) and waits for each."""
     servers = {}
-    for host in ("lans", "wans"):
+    for host in hosts:
         for name in names:
-            srv = Server(lab, host, name, workdir, payload)
+            srv = Server(lab, host, name, workdir, payload, pki)
             srv.start()
             servers[(host, name)] = srv
     for srv in servers.values():

@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 
-from servers import CONTROL_PORTS, SERVERS
+from servers import ALL_SERVERS, CONTROL_PORTS, IMPLICIT_SERVERS, SERVERS
 from topology import LAN_IFS, LINKS, PUBLIC_V4, PUBLIC_V6, WAN_IFS, FW_TABLE, host_addr, nft_set, public_addr
 
 LAN = nft_set(LAN_IFS)
@@ -20,7 +20,7 @@ CTL = "{ " + ", ".join(str(p) for p in CONTROL_PORTS) + " }"
 
 
 def server_index(name):
-    return list(SERVERS).index(name)
+    return list(ALL_SERVERS).index(name)
 
 
 class Target:
@@ -41,7 +41,7 @@ class Target:
 
     def endpoint(self, scenario, server, family):
         """(client host, address, port) a case connects to."""
-        port = SERVERS[server][0]
+        port = ALL_SERVERS[server][0]
         if scenario == "outbound":
             return "lanc", host_addr("wans", family), port
         return "wanc", public_addr(family), port
@@ -239,25 +239,50 @@ class FtpgateTarget(Target):
     SERVER_PORTS = (41000, 41999)
     pinhole_timeout = "30s"
 
+    def tls_lines(self, name):
+        """A reverse listener's `tls` and `upstream_tls` under --ftps: the gateway's
+        pair toward the client, the server's certificate verified against the lab CA
+        (by the upstream's IP, the default name). Implicit servers get implicit
+        listeners and an implicit server leg."""
+        pki = self.opts.pki
+        mode = "implicit" if name in IMPLICIT_SERVERS else "explicit"
+        return [
+            "    tls:",
+            f"      cert: {pki.gateway_cert}",
+            f"      key: {pki.gateway_key}",
+            f"      implicit: {'true' if mode == 'implicit' else 'false'}",
+            "      require_resumption: true",
+            "    upstream_tls:",
+            f"      mode: {mode}",
+            f"      ca: {pki.ca}",
+        ]
+
     def rule_file(self):
         lan_srv4, lan_srv6 = host_addr("lans", 4), host_addr("lans", 6)
-        listeners = [
-            ("out-v4", f"0.0.0.0:{self.OUT_PORT}", "transparent", None, None),
-            ("out-v6", f"'[::]:{self.OUT_PORT}'", "transparent", None, None),
+        ftps = getattr(self.opts, "ftps", False)
+        listeners = [] if ftps else [
+            ("out-v4", f"0.0.0.0:{self.OUT_PORT}", "transparent", None, None, None),
+            ("out-v6", f"'[::]:{self.OUT_PORT}'", "transparent", None, None, None),
         ]
-        for name, (ctl, _) in SERVERS.items():
+        # Under --ftps: the FTPS servers, each behind a TLS listener.
+        names = ALL_SERVERS if ftps else SERVERS
+        for name, (ctl, _) in names.items():
             port = self.IN_BASE + server_index(name)
-            listeners.append((f"in-{name}-v4", f"{PUBLIC_V4}:{port}", "reverse", f"{lan_srv4}:{ctl}", PUBLIC_V4))
+            listeners.append((f"in-{name}-v4", f"{PUBLIC_V4}:{port}", "reverse", f"{lan_srv4}:{ctl}", PUBLIC_V4, name))
             if self.opts.ipv6:
                 listeners.append(
-                    (f"in-{name}-v6", f"'[{PUBLIC_V6}]:{port}'", "reverse", f"'[{lan_srv6}]:{ctl}'", f"'{PUBLIC_V6}'")
+                    (f"in-{name}-v6", f"'[{PUBLIC_V6}]:{port}'", "reverse", f"'[{lan_srv6}]:{ctl}'", f"'{PUBLIC_V6}'",
+                     name)
                 )
         out = ["listeners:"]
-        for name, listen, mode, upstream, announce in listeners:
+        for name, listen, mode, upstream, announce, server in listeners:
             out += [f"  - name: {name}", f"    listen: {listen}", f"    mode: {mode}"]
             if upstream:
                 out += [f"    upstream: {upstream}", f"    announce: {announce}"]
+            if ftps:
+                out += self.tls_lines(server)
         self.listeners = len(listeners)
+        self.in_ports = f"{self.IN_BASE}-{self.IN_BASE + len(names) - 1}"
         # nft table names take no '-': unique per run so concurrent runs never share one.
         self.table = f"{self.lab.prefix.rstrip('-').replace('-', '_')}_gw"
         out += [
@@ -278,8 +303,11 @@ class FtpgateTarget(Target):
             "    modes: [passive, active]",
             "    server_mode: same",
             "    data_ports: 1024-65535",
-            "    tls: refuse",
         ]
+        if ftps:
+            out += ["    tls: terminate", "    require_tls: true", "    require_prot_p: true"]
+        else:
+            out += ["    tls: refuse"]
         path = os.path.join(self.dir, "ftpgate.yaml")
         with open(path, "w") as f:
             f.write("\n".join(out) + "\n")
@@ -297,7 +325,8 @@ class FtpgateTarget(Target):
         self.daemon.wait_ready(15)
         cp = f"{self.CLIENT_PORTS[0]}-{self.CLIENT_PORTS[1]}"
         sp = f"{self.SERVER_PORTS[0]}-{self.SERVER_PORTS[1]}"
-        in_ports = f"{self.IN_BASE}-{self.IN_BASE + len(SERVERS) - 1}"
+        # Subclasses with their own rule file (hostile.py) keep the plain listeners' range.
+        in_ports = getattr(self, "in_ports", f"{self.IN_BASE}-{self.IN_BASE + len(SERVERS) - 1}")
         rules = f"""
 add rule inet {FW_TABLE} tgt_dnat iifname {LAN} ip daddr {host_addr("wans", 4)} tcp dport {CTL} redirect to :{self.OUT_PORT}
 add rule inet {FW_TABLE} tgt_dnat iifname {LAN} ip6 daddr {host_addr("wans", 6)} tcp dport {CTL} redirect to :{self.OUT_PORT}

@@ -376,8 +376,8 @@ async fn run(
 }
 
 /// A plan with a TLS leg, once both legs have their TCP connection: the
-/// handshakes (both at once, each bounded by its side's timer), then the
-/// copy through user space. `Connected` is reported once both handshakes
+/// handshakes (the client's first, each bounded by its side's timer), then
+/// the copy through user space. `Connected` is reported once both handshakes
 /// succeeded. Returns (to client, to server, outcome).
 async fn relay_tls(
     id: PlanId,
@@ -395,10 +395,16 @@ async fn relay_tls(
     // RST: a peer must not take it for an orderly (empty) transfer.
     reset(&client);
     reset(&server);
-    let secured = tokio::try_join!(
-        secure_client(session, tls.client, client),
-        secure_server(session, tls.server, server)
-    );
+    // The server's handshake waits for the client's: clients start data TLS
+    // after sending the transfer command, so the server has it by then.
+    // Some servers reset a data connection whose TLS starts before its
+    // command (pyftpdlib 1.5.7, in active mode too, where it dials at PORT).
+    let secured = match secure_client(session, tls.client, client).await {
+        Ok(client) => secure_server(session, tls.server, server)
+            .await
+            .map(|server| (client, server)),
+        Err(e) => Err(e),
+    };
     let (mut client, mut server) = match secured {
         Ok(pair) => pair,
         Err(failure) => {
