@@ -300,7 +300,9 @@ impl Session {
     /// the client and is live (until its end); any final reply to the
     /// transfer at the head whose plan is mid-handshake (until the result).
     pub(super) fn holds_final(&self, code: u16) -> Option<(PlanId, bool)> {
-        if self.queue.front() != Some(&Pending::Transfer) {
+        // A preliminary reply (150) is never held, nor are its continuation
+        // lines: they would reach the client after its last line.
+        if code < 200 || self.queue.front() != Some(&Pending::Transfer) {
             return None;
         }
         let plan = self

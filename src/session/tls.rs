@@ -558,6 +558,31 @@ mod tests {
         s.data_event(DataEvent::Connected { id });
         assert_eq!(drain(&mut s), ["C< 226 done"]);
 
+        // A multi-line 150 during the handshakes goes on whole and in
+        // order (pure-ftpd sends one); the client starts its handshake
+        // only after its last line.
+        let mut s = session(legs(UpstreamMode::Implicit, false, true), false, false);
+        let id = transfer_under_prot_p(&mut s, b"RETR f\r\n");
+        s.data_event(DataEvent::Handshaking { id });
+        s.server_bytes(b"150-Accepted data connection\r\n150 1024.0 kbytes to download\r\n");
+        assert_eq!(
+            drain(&mut s),
+            [
+                "C< 150-Accepted data connection",
+                "C< 150 1024.0 kbytes to download"
+            ]
+        );
+        s.server_bytes(b"226-File successfully transferred\r\n226 0.051 seconds\r\n");
+        assert!(drain(&mut s).is_empty(), "the final reply is held");
+        s.data_event(DataEvent::Connected { id });
+        assert_eq!(
+            drain(&mut s),
+            [
+                "C< 226-File successfully transferred",
+                "C< 226 0.051 seconds"
+            ]
+        );
+
         // No data connection under way (the file is missing): not held.
         let mut s = session(legs(UpstreamMode::Implicit, false, true), false, false);
         transfer_under_prot_p(&mut s, b"RETR missing\r\n");
