@@ -151,6 +151,16 @@ impl Metrics {
             "From the data connection connecting to the transfer's log event",
             transfer_seconds.clone(),
         );
+        registry.register(
+            "kernel_plans",
+            "Data plans the kernel backend opened",
+            crate::pinhole::kernel::PLANS.clone(),
+        );
+        registry.register(
+            "kernel_netlink_messages",
+            "Netlink messages the kernel backend sent for its plans (per plan: divide by kernel_plans)",
+            crate::pinhole::kernel::NETLINK_MESSAGES.clone(),
+        );
         Metrics {
             registry,
             sessions,

@@ -481,6 +481,13 @@ impl Check {
             d.nftables_table.clone(),
             parse_table,
         );
+        let conntrack_mark = self.value(
+            &raw.conntrack_mark,
+            &path,
+            "conntrack_mark",
+            d.conntrack_mark,
+            parse_mark,
+        );
         let max_ports_per_client = self.value(
             &raw.max_ports_per_client,
             &path,
@@ -494,6 +501,7 @@ impl Check {
             server_ports: server_ports.unwrap_or(d.server_ports),
             pinhole_timeout: pinhole_timeout.unwrap_or(d.pinhole_timeout),
             nftables_table: nftables_table.unwrap_or(d.nftables_table),
+            conntrack_mark: conntrack_mark.unwrap_or(d.conntrack_mark),
             max_ports_per_client: max_ports_per_client.unwrap_or(d.max_ports_per_client),
         }
     }

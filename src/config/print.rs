@@ -121,6 +121,7 @@ impl From<&DataConfig> for OutData {
             server_ports: d.server_ports.to_string(),
             pinhole_timeout: format_duration(d.pinhole_timeout),
             nftables_table: d.nftables_table.clone(),
+            conntrack_mark: format!("{:#010x}", d.conntrack_mark),
             max_ports_per_client: d.max_ports_per_client.to_string(),
         }
     }
@@ -231,6 +232,7 @@ struct OutData {
     server_ports: String,
     pinhole_timeout: String,
     nftables_table: String,
+    conntrack_mark: String,
     max_ports_per_client: String,
 }
 

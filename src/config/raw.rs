@@ -147,6 +147,8 @@ pub(super) struct RawData {
     #[serde(default)]
     pub(super) nftables_table: Field<Text>,
     #[serde(default)]
+    pub(super) conntrack_mark: Field<Text>,
+    #[serde(default)]
     pub(super) max_ports_per_client: Field<Text>,
 }
 

@@ -116,6 +116,7 @@ data:
   server_ports: 41000-41999
   pinhole_timeout: 500ms
   nftables_table: ftp_gate-1
+  conntrack_mark: 0x100
 limits:
   max_sessions: 100
   max_sessions_per_client: 100
@@ -145,6 +146,7 @@ rules:
     assert_eq!(c.data.backend, BackendKind::Nftables);
     assert_eq!(c.data.pinhole_timeout, Duration::from_millis(500));
     assert_eq!(c.data.nftables_table, "ftp_gate-1");
+    assert_eq!(c.data.conntrack_mark, 0x100);
     assert_eq!(c.limits.max_sessions, 100);
     assert_eq!(c.limits.idle_timeout, Duration::from_secs(3600));
     assert_eq!(c.limits.connect_timeout, Duration::from_secs(120));
@@ -374,6 +376,10 @@ fn each_semantic_error_is_located_at_its_value() {
             (
                 format!("{HEAD}{rules}data:\n  nftables_table: \"my table\"\n"),
                 "9:19: nftables_table: `my table` is not 1-64 characters of A-Z, a-z, 0-9, `_` and `-`",
+            ),
+            (
+                format!("{HEAD}{rules}data:\n  conntrack_mark: 0\n"),
+                "9:19: conntrack_mark: `0` is not a non-zero 32-bit mark (write e.g. 0x10000000)",
             ),
             (
                 format!("{HEAD}{rules}limits:\n  max_sessions: 10\n  max_sessions_per_client: 11\n"),
@@ -865,6 +871,7 @@ fn to_yaml_prints_defaults_and_round_trips() {
         "server_ports: 41000-41999",
         "pinhole_timeout: 30s",
         "nftables_table: ftpgate",
+        "conntrack_mark: '0x10000000'",
         "max_sessions: 10000",
         "max_sessions_per_client: 64",
         "idle_timeout: 15m",
@@ -1018,13 +1025,14 @@ fn arb_data() -> impl Strategy<Value = DataConfig> {
         30_001u16..,
         arb_duration(),
         "[A-Za-z0-9_-]{1,64}",
+        1u32..,
         prop_oneof![
             (1usize..100_000).prop_map(PortShare::Ports),
             (1u8..=100).prop_map(PortShare::Percent),
         ],
     )
         .prop_map(
-            |(nft, a, b, c, d, pinhole_timeout, nftables_table, share)| {
+            |(nft, a, b, c, d, pinhole_timeout, nftables_table, conntrack_mark, share)| {
                 let low = PortRange {
                     lo: a.min(b),
                     hi: a.max(b),
@@ -1044,6 +1052,7 @@ fn arb_data() -> impl Strategy<Value = DataConfig> {
                     server_ports,
                     pinhole_timeout,
                     nftables_table,
+                    conntrack_mark,
                     max_ports_per_client: share,
                 }
             },

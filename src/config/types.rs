@@ -290,6 +290,11 @@ pub struct DataConfig {
     pub pinhole_timeout: Duration,
     /// The nftables table the gateway owns. Default `ftpgate`.
     pub nftables_table: String,
+    /// The ct mark bit(s) the kernel backend sets on the gateway's control
+    /// connections (their data connections inherit it), and the socket
+    /// mark it gives its listeners and server control connections, so that
+    /// its table finds them. Default `0x10000000`.
+    pub conntrack_mark: u32,
     /// Most ports of each pool that one client address may hold at once.
     /// Default 25%.
     pub max_ports_per_client: PortShare,
@@ -432,6 +437,9 @@ impl Default for DataConfig {
             },
             pinhole_timeout: Duration::from_secs(30),
             nftables_table: "ftpgate".to_string(),
+            // One bit, high enough to stay clear of small marks that
+            // routing setups commonly use.
+            conntrack_mark: crate::netfilter::table::DEFAULT_MARK,
             // One client may take a quarter of a pool: a few hostile
             // addresses cannot starve the others.
             max_ports_per_client: PortShare::Percent(25),

@@ -225,6 +225,21 @@ pub(super) fn parse_table(s: &str) -> Result<String, String> {
     }
 }
 
+/// `data.conntrack_mark`: a non-zero 32-bit mask, hex (`0x10000000`) or
+/// decimal.
+pub(super) fn parse_mark(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse::<u32>(),
+    };
+    match v {
+        Ok(m) if m != 0 => Ok(m),
+        _ => Err(format!(
+            "`{s}` is not a non-zero 32-bit mark (write e.g. 0x10000000)"
+        )),
+    }
+}
+
 /// An FTP verb, as it is compared: upper case.
 pub(super) fn parse_verb(s: &str) -> Result<String, String> {
     if (1..=16).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphabetic()) {

@@ -2,7 +2,7 @@
 //! subscribed to its events, one for requests (a dump of the table, one
 //! entry by its original tuple).
 
-use super::ctnetlink::{self, Conn, Record, Socket, Tuple};
+use super::ctnetlink::{self, Conn, Expectation, Record, Socket, Tuple};
 use std::io;
 use std::time::Duration;
 
@@ -20,6 +20,8 @@ pub(crate) struct Netlink {
     events: Socket,
     requests: Socket,
     seq: u32,
+    /// Only entries with one of these ct mark bits are read (`None`: all).
+    mark: Option<u32>,
 }
 
 impl std::fmt::Debug for Netlink {
@@ -29,8 +31,11 @@ impl std::fmt::Debug for Netlink {
 }
 
 impl Netlink {
-    /// Turns conntrack events on if they are off, and subscribes to them.
-    pub(crate) async fn open() -> io::Result<Netlink> {
+    /// Turns conntrack events on if they are off, and subscribes to them:
+    /// with `mark`, only to events of entries whose ct mark has all of its
+    /// bits (a socket filter drops the rest in the kernel), and dumps read
+    /// only those entries.
+    pub(crate) async fn open(mark: Option<u32>) -> io::Result<Netlink> {
         let on = tokio::fs::read_to_string(EVENTS)
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("{EVENTS}: {e}")))?;
@@ -39,10 +44,17 @@ impl Netlink {
                 .await
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot enable {EVENTS}: {e}")))?;
         }
+        let events = Socket::open_fd(ctnetlink::EVENT_GROUPS, EVENT_BUFFER)?;
+        if let Some(mark) = mark {
+            socket2::SockRef::from(&events)
+                .attach_filter(&mark_filter(mark))
+                .map_err(|e| io::Error::new(e.kind(), format!("conntrack event filter: {e}")))?;
+        }
         Ok(Netlink {
-            events: Socket::open(ctnetlink::EVENT_GROUPS, EVENT_BUFFER)?,
+            events: Socket::from_fd(events)?,
             requests: Socket::open(0, REQUEST_BUFFER)?,
             seq: 0,
+            mark,
         })
     }
 
@@ -55,7 +67,8 @@ impl Netlink {
     pub(crate) async fn dump(&mut self) -> io::Result<Vec<Conn>> {
         let seq = self.next_seq();
         let mut all = Vec::new();
-        self.request(&ctnetlink::dump_request(seq), seq, |r| match r {
+        let msg = ctnetlink::dump_request(seq, self.mark);
+        self.request(&msg, seq, |r| match r {
             Record::Conn { conn, .. } => {
                 all.push(conn);
                 Ok(false)
@@ -96,26 +109,342 @@ impl Netlink {
         &mut self,
         msg: &[u8],
         seq: u32,
-        mut take: impl FnMut(Record) -> io::Result<bool>,
+        take: impl FnMut(Record) -> io::Result<bool>,
     ) -> io::Result<()> {
-        self.requests.send(msg).await?;
-        let answered = async {
-            loop {
-                for r in self.requests.recv().await? {
-                    // Late answers to an earlier request are not this one's.
-                    if r.seq() == seq && take(r)? {
-                        return Ok(());
-                    }
-                }
-            }
-        };
-        tokio::time::timeout(REQUEST_WAIT, answered)
-            .await
-            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer")))
+        request(&mut self.requests, msg, seq, take).await
     }
 
     fn next_seq(&mut self) -> u32 {
         self.seq = self.seq.wrapping_add(1).max(1);
         self.seq
+    }
+}
+
+/// Sends `msg` (built for sequence number `seq`) on `sock` and hands each
+/// answer to `take` until it says the answer is complete.
+async fn request(
+    sock: &mut Socket,
+    msg: &[u8],
+    seq: u32,
+    mut take: impl FnMut(Record) -> io::Result<bool>,
+) -> io::Result<()> {
+    sock.send(msg).await?;
+    let answered = async {
+        loop {
+            for r in sock.recv().await? {
+                // Late answers to an earlier request are not this one's.
+                if r.seq() == seq && take(r)? {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    tokio::time::timeout(REQUEST_WAIT, answered)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer")))
+}
+
+/// A classic BPF socket filter that passes a conntrack event only if its
+/// top-level CTA_MARK has all of `mark`'s bits (as the dump filter). The kernel sends one event
+/// per datagram, so the filter decides per event; an event of an entry
+/// with no mark carries no CTA_MARK and is dropped.
+///
+/// ```text
+/// ld #20                  ; after nlmsghdr (16) and nfgenmsg (4)
+/// ldx #8                  ; CTA_MARK
+/// ld #nlattr              ; A = offset of the attribute, 0 if none
+/// jeq #0, drop
+/// tax
+/// ld [x + 4]              ; the mark (big-endian, as BPF loads)
+/// and #mark
+/// jeq #mark, pass, drop
+/// drop: ret #0
+/// pass: ret #-1
+/// ```
+pub(crate) fn mark_filter(mark: u32) -> Vec<socket2::SockFilter> {
+    use socket2::SockFilter as F;
+    const LD_IMM: u16 = 0x00;
+    const LDX_IMM: u16 = 0x01;
+    const LD_W_ABS: u16 = 0x20;
+    const LD_W_IND: u16 = 0x40;
+    const JEQ_K: u16 = 0x15;
+    const AND_K: u16 = 0x54;
+    const TAX: u16 = 0x07;
+    const RET_K: u16 = 0x06;
+    /// SKF_AD_OFF + SKF_AD_NLATTR.
+    const NLATTR: u32 = (-0x1000i32 + 12) as u32;
+    const CTA_MARK: u32 = 8;
+    vec![
+        F::new(LD_IMM, 0, 0, 20),
+        F::new(LDX_IMM, 0, 0, CTA_MARK),
+        F::new(LD_W_ABS, 0, 0, NLATTR),
+        F::new(JEQ_K, 4, 0, 0),
+        F::new(TAX, 0, 0, 0),
+        F::new(LD_W_IND, 0, 0, 4),
+        F::new(AND_K, 0, 0, mark),
+        F::new(JEQ_K, 1, 0, mark),
+        F::new(RET_K, 0, 0, 0),
+        F::new(RET_K, 0, 0, u32::MAX),
+    ]
+}
+
+/// The socket that creates and deletes the kernel backend's expectations,
+/// one request at a time.
+pub(crate) struct Expectations {
+    sock: Socket,
+    seq: u32,
+}
+
+impl std::fmt::Debug for Expectations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Expectations")
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
+impl Expectations {
+    /// A request socket for expectations.
+    pub(crate) fn open() -> io::Result<Expectations> {
+        Ok(Expectations {
+            sock: Socket::open(0, REQUEST_BUFFER)?,
+            seq: 0,
+        })
+    }
+
+    /// Creates `exp`: one message, answered with an ack or an error.
+    pub(crate) async fn create(&mut self, exp: &Expectation) -> io::Result<()> {
+        let seq = self.next_seq();
+        let msg = ctnetlink::expect_new_request(seq, exp);
+        let mut errno = 0;
+        request(&mut self.sock, &msg, seq, |r| match r {
+            Record::Error { errno: e, .. } => {
+                errno = e;
+                Ok(true)
+            }
+            _ => Ok(false),
+        })
+        .await?;
+        match errno {
+            0 => Ok(()),
+            e => {
+                let err = io::Error::from_raw_os_error(e);
+                Err(io::Error::new(
+                    err.kind(),
+                    format!("conntrack expectation {exp:?}: {err}"),
+                ))
+            }
+        }
+    }
+
+    /// Deletes `exp` if it is still there (no connection took it): one
+    /// message. Whether it was there.
+    pub(crate) async fn delete(&mut self, exp: &Expectation) -> io::Result<bool> {
+        let seq = self.next_seq();
+        let msg = ctnetlink::expect_delete_request(seq, exp);
+        let mut errno = 0;
+        request(&mut self.sock, &msg, seq, |r| match r {
+            Record::Error { errno: e, .. } => {
+                errno = e;
+                Ok(true)
+            }
+            _ => Ok(false),
+        })
+        .await?;
+        match errno {
+            0 => Ok(true),
+            e if e == rustix::io::Errno::NOENT.raw_os_error() => Ok(false),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1).max(1);
+        self.seq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netfilter::ctnetlink::{
+        expect_delete_request, expect_new_request, Expectation, FollowMaster,
+    };
+    use crate::netfilter::netns::Netns;
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+
+    /// The anchor: a conntrack helper whose parser never matches FTP text
+    /// ("sane": an 8-byte binary request, then a binary reply), set on the
+    /// control connections' first packet, so that they can be masters; and
+    /// nat chains, so that the kernel's NAT hooks run.
+    const ANCHOR: &str = "table inet xp {
+	ct helper anchor4 { type \"sane\" protocol tcp; l3proto ip; }
+	chain output {
+		type filter hook output priority filter; policy accept;
+		ct state new tcp dport 2100 ct mark set ct mark or 0x40000000 ct helper set \"anchor4\"
+		ct state related counter
+	}
+	chain natout { type nat hook output priority -101; policy accept; }
+	chain natpost { type nat hook postrouting priority srcnat - 1; policy accept; }
+}
+";
+
+    /// The answer to the request with sequence number `seq`: 0 or an errno.
+    async fn ack(sock: &mut Socket, seq: u32) -> i32 {
+        let answer = async {
+            loop {
+                for r in sock.recv().await.expect("recv") {
+                    if let Record::Error { seq: s, errno } = r {
+                        if s == seq {
+                            return errno;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), answer)
+            .await
+            .expect("an answer")
+    }
+
+    fn bound(local: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.bind(&local.parse::<SocketAddr>().unwrap().into())?;
+        s.connect_timeout(&to.into(), Duration::from_secs(3))?;
+        Ok(s.into())
+    }
+
+    /// A passive data connection as an expectation of the gateway's
+    /// control connection to the server: the client's connection to the
+    /// announced port reaches the server's data port, from the gateway's
+    /// address, RELATED, once; another peer and a second connection do
+    /// not. A master without the anchor helper is refused.
+    #[test]
+    fn an_expectation_admits_one_related_connection_natted_like_the_helper() {
+        let Some(ns) = Netns::new() else { return };
+        for args in [
+            &["link", "add", "d0", "type", "veth", "peer", "name", "d1"][..],
+            &["link", "set", "d1", "up"],
+            &["link", "set", "d0", "up"],
+            &["link", "set", "lo", "up"],
+        ] {
+            let (ok, out) = ns.run("ip", args);
+            assert!(ok, "ip {args:?}: {out}");
+        }
+        // gateway .1, server .2, client .3, another host .4
+        for a in ["10.9.0.1/24", "10.9.0.2/24", "10.9.0.3/24", "10.9.0.4/24"] {
+            assert!(ns.run("ip", &["addr", "add", a, "dev", "d0"]).0);
+        }
+        let (ok, out) = ns.nft(&["-f", "-"], Some(ANCHOR));
+        assert!(ok, "{out}");
+        let path = ns.path();
+        let result = std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            let f = std::fs::File::open(&path).unwrap();
+            rustix::thread::move_into_link_name_space(
+                f.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(flow())
+        })
+        .join()
+        .expect("the test thread");
+        let (answers, got, peer_seen, others) = result;
+        let errno = |e: rustix::io::Errno| e.raw_os_error();
+        // Created; the same again refused (NLM_F_EXCL); a master without
+        // the helper refused; once taken, there is nothing to delete.
+        assert_eq!(
+            answers,
+            [
+                0,
+                errno(rustix::io::Errno::EXIST),
+                errno(rustix::io::Errno::OPNOTSUPP),
+                errno(rustix::io::Errno::NOENT)
+            ]
+        );
+        assert_eq!(got, b"data");
+        assert_eq!(peer_seen.ip().to_string(), "10.9.0.1");
+        assert_eq!(
+            others.0.map(|_| ()).map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionRefused)
+        );
+        assert_eq!(
+            others.1.map(|_| ()).map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionRefused)
+        );
+        let (_, listed) = ns.nft(&["list", "chain", "inet", "xp", "output"], None);
+        assert!(
+            listed.contains("ct state related counter packets 1 "),
+            "{listed}"
+        );
+        let (_, expect) = ns.run("conntrack", &["-L", "expect"]);
+        assert!(!expect.contains("dport=40001"), "{expect}");
+    }
+
+    type Flow = (
+        [i32; 4],
+        Vec<u8>,
+        SocketAddr,
+        (std::io::Result<TcpStream>, std::io::Result<TcpStream>),
+    );
+
+    /// Inside the namespace: control connections, expectations, data.
+    async fn flow() -> Flow {
+        let mut sock = Socket::open(0, 1 << 16).expect("ctnetlink");
+        // The server's control port (anchored) and another port (not).
+        let ctl = TcpListener::bind("10.9.0.2:2100").unwrap();
+        let plain = TcpListener::bind("10.9.0.2:2101").unwrap();
+        let data = TcpListener::bind("10.9.0.2:30000").unwrap();
+        let master = bound("10.9.0.1:0", ctl.local_addr().unwrap()).unwrap();
+        let unanchored = bound("10.9.0.1:0", plain.local_addr().unwrap()).unwrap();
+        let tuple = |s: &TcpStream| ctnetlink::Tuple {
+            src: s.local_addr().unwrap(),
+            dst: s.peer_addr().unwrap(),
+        };
+        let exp = Expectation {
+            master: tuple(&master),
+            peer: "10.9.0.3".parse().unwrap(),
+            dst: "10.9.0.1:40001".parse().unwrap(),
+            nat: Some(FollowMaster {
+                reply: false,
+                port: 30000,
+            }),
+        };
+        sock.send(&expect_new_request(1, &exp)).await.unwrap();
+        let created = ack(&mut sock, 1).await;
+        // A second expectation of the same tuple: refused.
+        sock.send(&expect_new_request(2, &exp)).await.unwrap();
+        let again = ack(&mut sock, 2).await;
+        let other = Expectation {
+            master: tuple(&unanchored),
+            dst: "10.9.0.1:40002".parse().unwrap(),
+            ..exp
+        };
+        sock.send(&expect_new_request(3, &other)).await.unwrap();
+        let refused = ack(&mut sock, 3).await;
+        // Another host first: no expectation for it, nothing listens.
+        let foreign = bound("10.9.0.4:0", exp.dst);
+        let mut conn = bound("10.9.0.3:0", exp.dst).expect("the expected connection");
+        conn.write_all(b"data").unwrap();
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        let (mut accepted, from) = data.accept().unwrap();
+        let mut got = Vec::new();
+        accepted.read_to_end(&mut got).unwrap();
+        let second = bound("10.9.0.3:0", exp.dst);
+        // Taken: deleting it finds nothing.
+        sock.send(&expect_delete_request(4, &exp)).await.unwrap();
+        let deleted = ack(&mut sock, 4).await;
+        (
+            [created, again, refused, deleted],
+            got,
+            from,
+            (foreign, second),
+        )
     }
 }

@@ -49,7 +49,9 @@ const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_PROTOINFO: u16 = 4;
 const CTA_COUNTERS_ORIG: u16 = 9;
 const CTA_COUNTERS_REPLY: u16 = 10;
+const CTA_MARK: u16 = 8;
 const CTA_ID: u16 = 12;
+const CTA_MARK_MASK: u16 = 21;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -334,14 +336,29 @@ impl Builder {
 /// IPCTNL_MSG_CT_GET for the TCP entry whose original direction is `orig`:
 /// the kernel answers with the entry (counters included) or ENOENT.
 pub fn get_request(seq: u32, orig: Tuple) -> Vec<u8> {
-    let family = if orig.src.is_ipv4() {
+    let mut b = Builder::new(
+        IPCTNL_MSG_CT_GET,
+        NLM_F_REQUEST,
+        seq,
+        family_of(orig.src.ip()),
+    );
+    put_tuple(&mut b, CTA_TUPLE_ORIG, orig);
+    b.finish()
+}
+
+fn family_of(a: IpAddr) -> u8 {
+    if a.is_ipv4() {
         AF_INET
     } else {
         AF_INET6
-    };
-    let mut b = Builder::new(IPCTNL_MSG_CT_GET, NLM_F_REQUEST, seq, family);
-    b.nest(CTA_TUPLE_ORIG, |b| {
-        b.nest(CTA_TUPLE_IP, |b| match (orig.src.ip(), orig.dst.ip()) {
+    }
+}
+
+/// A TCP tuple as the nested attribute `kind` (CTA_TUPLE_ORIG,
+/// CTA_EXPECT_MASTER, ...).
+fn put_tuple(b: &mut Builder, kind: u16, t: Tuple) {
+    b.nest(kind, |b| {
+        b.nest(CTA_TUPLE_IP, |b| match (t.src.ip(), t.dst.ip()) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 b.put(CTA_IP_V4_SRC, &s.octets());
                 b.put(CTA_IP_V4_DST, &d.octets());
@@ -357,16 +374,140 @@ pub fn get_request(seq: u32, orig: Tuple) -> Vec<u8> {
         });
         b.nest(CTA_TUPLE_PROTO, |b| {
             b.put(CTA_PROTO_NUM, &[IPPROTO_TCP]);
-            b.put(CTA_PROTO_SRC_PORT, &orig.src.port().to_be_bytes());
-            b.put(CTA_PROTO_DST_PORT, &orig.dst.port().to_be_bytes());
+            b.put(CTA_PROTO_SRC_PORT, &t.src.port().to_be_bytes());
+            b.put(CTA_PROTO_DST_PORT, &t.dst.port().to_be_bytes());
         });
     });
+}
+
+/// NFNL_SUBSYS_CTNETLINK_EXP, in the high byte of the message type.
+const SUBSYS_CTNETLINK_EXP: u16 = 2;
+const IPCTNL_MSG_EXP_NEW: u16 = 0;
+const IPCTNL_MSG_EXP_DELETE: u16 = 2;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_EXCL: u16 = 0x200;
+const CTA_EXPECT_MASTER: u16 = 1;
+const CTA_EXPECT_TUPLE: u16 = 2;
+const CTA_EXPECT_MASK: u16 = 3;
+const CTA_EXPECT_NAT: u16 = 10;
+const CTA_EXPECT_FN: u16 = 11;
+const CTA_EXPECT_NAT_DIR: u16 = 1;
+const CTA_EXPECT_NAT_TUPLE: u16 = 2;
+
+/// A conntrack expectation: the kernel admits one TCP connection from
+/// `peer` (any source port) to `dst`, as RELATED to `master`, and forgets
+/// the expectation at that connection.
+///
+/// The master must carry a conntrack helper (the kernel answers
+/// EOPNOTSUPP otherwise), and the expectation lives for that helper's
+/// policy timeout, whatever the request says: its owner deletes it at its
+/// own timer ([`expect_delete_request`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expectation {
+    /// A tuple of the master connection, in either direction.
+    pub master: Tuple,
+    /// The only address the connection may come from.
+    pub peer: IpAddr,
+    /// Where it goes (before any NAT).
+    pub dst: SocketAddr,
+    /// NAT like nf_nat_ftp's (`nat-follow-master`), if any.
+    pub nat: Option<FollowMaster>,
+}
+
+/// `nat-follow-master`: the expected connection's source becomes the
+/// destination address of the master's `!dir` tuple, and its destination
+/// the source address of that tuple, at `port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FollowMaster {
+    /// The master's direction the expected connection goes in: `false` for
+    /// ORIGINAL (addresses from the master's reply tuple), `true` for
+    /// REPLY (from its original tuple).
+    pub reply: bool,
+    /// The destination port after NAT.
+    pub port: u16,
+}
+
+impl Expectation {
+    fn family(&self) -> u8 {
+        family_of(self.peer)
+    }
+
+    /// The expected tuple: any source port.
+    fn tuple(&self) -> Tuple {
+        Tuple {
+            src: SocketAddr::new(self.peer, 0),
+            dst: self.dst,
+        }
+    }
+
+    /// The mask: the source address exact, the source port any, the
+    /// destination always exact.
+    fn mask(&self) -> Tuple {
+        let all = match self.peer {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::BROADCAST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from([0xff; 16])),
+        };
+        Tuple {
+            src: SocketAddr::new(all, 0),
+            dst: SocketAddr::new(all, u16::MAX),
+        }
+    }
+}
+
+/// IPCTNL_MSG_EXP_NEW (create, fail if it exists, ack) for `exp`.
+///
+/// ```text
+/// CTA_EXPECT_MASTER { the master's tuple }
+/// CTA_EXPECT_TUPLE  { peer:0 -> dst }
+/// CTA_EXPECT_MASK   { ff..ff:0 -> ff..ff:65535 }
+/// CTA_EXPECT_NAT    { CTA_EXPECT_NAT_DIR (be32), CTA_EXPECT_NAT_TUPLE { ::port -> ::0 } }
+/// CTA_EXPECT_FN     "nat-follow-master"
+/// ```
+pub fn expect_new_request(seq: u32, exp: &Expectation) -> Vec<u8> {
+    let kind = (SUBSYS_CTNETLINK_EXP << 8) | IPCTNL_MSG_EXP_NEW;
+    let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    let mut b = Builder::with_type(kind, flags, seq, exp.family(), 0);
+    put_tuple(&mut b, CTA_EXPECT_MASTER, exp.master);
+    put_tuple(&mut b, CTA_EXPECT_TUPLE, exp.tuple());
+    put_tuple(&mut b, CTA_EXPECT_MASK, exp.mask());
+    if let Some(nat) = exp.nat {
+        let none = match exp.peer {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        b.nest(CTA_EXPECT_NAT, |b| {
+            b.put(CTA_EXPECT_NAT_DIR, &u32::from(nat.reply).to_be_bytes());
+            // Only the source port counts (the kernel's saved_proto).
+            let t = Tuple {
+                src: SocketAddr::new(none, nat.port),
+                dst: SocketAddr::new(none, 0),
+            };
+            put_tuple(b, CTA_EXPECT_NAT_TUPLE, t);
+        });
+        b.put(CTA_EXPECT_FN, b"nat-follow-master\0");
+    }
     b.finish()
 }
 
-/// IPCTNL_MSG_CT_GET with NLM_F_DUMP: every entry of every family.
-pub(crate) fn dump_request(seq: u32) -> Vec<u8> {
-    Builder::new(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0).finish()
+/// IPCTNL_MSG_EXP_DELETE (ack) of the expectation for `exp`'s tuple:
+/// ENOENT once a connection took it.
+pub fn expect_delete_request(seq: u32, exp: &Expectation) -> Vec<u8> {
+    let kind = (SUBSYS_CTNETLINK_EXP << 8) | IPCTNL_MSG_EXP_DELETE;
+    let mut b = Builder::with_type(kind, NLM_F_REQUEST | NLM_F_ACK, seq, exp.family(), 0);
+    put_tuple(&mut b, CTA_EXPECT_TUPLE, exp.tuple());
+    b.finish()
+}
+
+/// IPCTNL_MSG_CT_GET with NLM_F_DUMP: every entry of every family, or
+/// with `mark` only those whose ct mark has all of its bits (CTA_MARK and
+/// CTA_MARK_MASK: the kernel's dump filter).
+pub(crate) fn dump_request(seq: u32, mark: Option<u32>) -> Vec<u8> {
+    let mut b = Builder::new(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0);
+    if let Some(m) = mark {
+        b.put(CTA_MARK, &m.to_be_bytes());
+        b.put(CTA_MARK_MASK, &m.to_be_bytes());
+    }
+    b.finish()
 }
 
 /// A non-blocking `NETLINK_NETFILTER` socket registered with tokio.
@@ -765,6 +906,10 @@ mod tests {
         );
         let attributes = &req[NLMSG_HDRLEN + NFGENMSG_LEN..];
         assert_eq!(tuple(attr(attributes, CTA_TUPLE_ORIG).unwrap()), Some(orig));
-        assert_eq!(dump_request(3).len(), NLMSG_HDRLEN + NFGENMSG_LEN);
+        assert_eq!(dump_request(3, None).len(), NLMSG_HDRLEN + NFGENMSG_LEN);
+        let filtered = dump_request(3, Some(0x1000_0000));
+        let attributes = &filtered[NLMSG_HDRLEN + NFGENMSG_LEN..];
+        assert_eq!(attr(attributes, CTA_MARK), Some(&[0x10, 0, 0, 0][..]));
+        assert_eq!(attr(attributes, CTA_MARK_MASK), Some(&[0x10, 0, 0, 0][..]));
     }
 }

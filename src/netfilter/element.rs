@@ -33,8 +33,9 @@ pub enum Element {
         /// The address the client must see (the server's).
         source: IpAddr,
     },
-    /// Kernel backend: admits one new connection from `peer` to `port`; the
-    /// packet path deletes it at the first SYN, so the pinhole is one-shot.
+    /// Kernel backend: the pinhole's expected connection from `peer` to
+    /// `port` is admitted until this element times out (the expectation
+    /// itself lives for its helper's timeout).
     Once {
         /// The only address allowed to connect.
         peer: IpAddr,
@@ -62,14 +63,6 @@ pub enum Element {
         to: SocketAddr,
         /// The address the endpoint must see.
         source: IpAddr,
-    },
-    /// Kernel backend: the forward chain accepts the new connection from
-    /// `peer` to `to` (after DNAT).
-    Forward {
-        /// Who connects.
-        peer: IpAddr,
-        /// The real endpoint (after DNAT).
-        to: SocketAddr,
     },
     /// Kernel backend: (`dst`, `port`) is a pinhole's announced endpoint; a
     /// new connection to it that `Once` did not admit is dropped. It outlives
@@ -104,7 +97,6 @@ impl Element {
             Element::Snat { peer, to, source } => {
                 family3(self, peer, to.ip(), source, "ksnat4", "ksnat6")
             }
-            Element::Forward { peer, to } => family3(self, peer, peer, to.ip(), "fwd4", "fwd6"),
             Element::Claim { dst, .. } => Ok(if dst.is_ipv4() { "claim4" } else { "claim6" }),
         }
     }

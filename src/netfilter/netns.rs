@@ -50,6 +50,35 @@ impl Netns {
             .collect()
     }
 
+    /// The namespace's name (`ip netns`).
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace's file, for a thread to move into.
+    pub(crate) fn path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/run/netns").join(&self.name)
+    }
+
+    /// Runs `PROGRAM ARGS` inside the namespace; (success, stdout+stderr).
+    pub(crate) fn run(&self, program: &str, args: &[&str]) -> (bool, String) {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .output();
+        match out {
+            Ok(o) => (
+                o.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+            ),
+            Err(e) => (false, e.to_string()),
+        }
+    }
+
     /// Runs `nft ARGS` inside the namespace; (success, stdout+stderr).
     pub(crate) fn nft(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
         use std::io::Write;
@@ -84,6 +113,24 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .status();
     }
+}
+
+/// Runs `f` on a thread of its own inside the namespace at `path` (a
+/// socket belongs to the namespace its maker was in).
+pub(crate) fn within<T: Send + 'static>(
+    path: std::path::PathBuf,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        let ns = std::fs::File::open(&path).expect("the namespace");
+        rustix::thread::move_into_link_name_space(
+            ns.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .expect("setns");
+        f()
+    })
 }
 
 pub(crate) fn skip(why: &str) {

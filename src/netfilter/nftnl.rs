@@ -129,8 +129,6 @@ fn encode(e: &Element) -> io::Result<Encoded> {
             c().addr(peer).addr(to.ip()).port(to.port()),
             Some(c().addr(source)),
         ),
-        // fwd: ipv4_addr . ipv4_addr . inet_service
-        Element::Forward { peer, to } => (c().addr(peer).addr(to.ip()).port(to.port()), None),
     };
     Ok((set, key.0, data.map(|d| d.0)))
 }

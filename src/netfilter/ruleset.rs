@@ -14,7 +14,7 @@
 //! `ct state established,related accept` admits them, and the relay ends
 //! both legs on the gateway.
 
-use super::table::table_script;
+use super::table::table_script_for;
 use crate::config::{BackendKind, Config, Listener, ListenerMode};
 use std::fmt::Write as _;
 
@@ -36,7 +36,10 @@ pub fn ruleset(config: &Config, control_ports: &[u16]) -> String {
     let values = [
         ("config", config_path.as_str()),
         ("timeout_ms", &timeout_ms),
-        ("table_script", &table_script(&d.nftables_table)),
+        (
+            "table_script",
+            &table_script_for(&d.nftables_table, d.conntrack_mark),
+        ),
         ("interception", &interception(config, control_ports)),
         ("table", &d.nftables_table),
         ("listener_rules", &listener_rules(config)),
@@ -419,6 +422,7 @@ mod tests {
                 },
                 pinhole_timeout: Duration::from_secs(30),
                 nftables_table: "ftpgate".into(),
+                conntrack_mark: 0x1000_0000,
                 max_ports_per_client: crate::config::PortShare::Percent(25),
             },
             limits: Limits {
@@ -502,9 +506,13 @@ mod tests {
         let relay = ruleset(&cfg, DEFAULT_CONTROL_PORTS);
         assert!(relay.contains("forward chain needs nothing"), "{relay}");
         cfg.data.backend = BackendKind::Nftables;
+        // The gateway's own table is shown as it creates it, with its mark.
+        cfg.data.conntrack_mark = 0x0200_0000;
         let text = ruleset(&cfg, DEFAULT_CONTROL_PORTS);
-        // The gateway's own table is shown as it creates it.
-        assert!(text.contains(&table_script("ftpgate")), "{text}");
+        assert!(
+            text.contains(&table_script_for("ftpgate", 0x0200_0000)),
+            "{text}"
+        );
         let hints = hint_lines(&text);
         assert!(
             hints.contains("\tchain forward {\n")

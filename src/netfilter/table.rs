@@ -58,8 +58,9 @@ struct Change {
 impl InterceptTable {
     /// Creates the table `name`, replacing a stale one left by an earlier
     /// run. Fails if the netfilter netlink socket cannot be opened.
-    pub(crate) async fn create(name: &str) -> io::Result<Self> {
-        Self::open(name, Vec::new(), None).await
+    /// `mark` is `data.conntrack_mark` (see `table.nft`).
+    pub(crate) async fn create(name: &str, mark: u32) -> io::Result<Self> {
+        Self::open(name, mark, Vec::new(), None).await
     }
 
     /// Like [`InterceptTable::create`], in the network namespace that
@@ -72,12 +73,17 @@ impl InterceptTable {
                 format!("no network namespace in the prefix {prefix:?}"),
             )
         })?;
-        Self::open(name, prefix, netns).await
+        Self::open(name, DEFAULT_MARK, prefix, netns).await
     }
 
     /// Creates the table, running `nft` through `prefix`, with element
     /// changes on a netlink socket in `netns`.
-    async fn open(name: &str, prefix: Vec<String>, netns: Option<PathBuf>) -> io::Result<Self> {
+    async fn open(
+        name: &str,
+        mark: u32,
+        prefix: Vec<String>,
+        netns: Option<PathBuf>,
+    ) -> io::Result<Self> {
         check_name(name)?;
         // Before anything touches the table: another live gateway's table
         // must not be replaced under its sessions.
@@ -95,7 +101,7 @@ impl InterceptTable {
         // moment without the table's rules once it exists.
         let script = format!(
             "add table inet {name}\ndelete table inet {name}\n{}",
-            table_script(name)
+            table_script_for(name, mark)
         );
         table.run(&script).await?;
         Ok(table)
@@ -129,6 +135,28 @@ impl InterceptTable {
             Op::Delete(element),
             Op::Add(element, timeout),
         ];
+        self.batch(ops).await
+    }
+
+    /// In one transaction: removes `gone` (whether or not there), and sets
+    /// each of `fresh` with its timeout from now, whether or not it was
+    /// there (`add` alone would keep an old element's timeout).
+    pub(crate) async fn renew(
+        &self,
+        gone: &[Element],
+        fresh: &[(Element, Duration)],
+    ) -> io::Result<()> {
+        let mut ops = Vec::new();
+        for e in gone {
+            ops.extend([Op::Add(*e, Duration::from_millis(1)), Op::Delete(*e)]);
+        }
+        for (e, t) in fresh {
+            ops.extend([
+                Op::Add(*e, Duration::from_millis(1)),
+                Op::Delete(*e),
+                Op::Add(*e, *t),
+            ]);
+        }
         self.batch(ops).await
     }
 
@@ -390,10 +418,21 @@ fn check_name(name: &str) -> io::Result<()> {
     }
 }
 
-/// The gateway's table `name`, without elements, as `nft -f` takes it.
+/// `data.conntrack_mark`'s default.
+pub(crate) const DEFAULT_MARK: u32 = 0x1000_0000;
+
+/// The gateway's table `name`, without elements, as `nft -f` takes it,
+/// with the default `data.conntrack_mark`.
 pub(crate) fn table_script(name: &str) -> String {
+    table_script_for(name, DEFAULT_MARK)
+}
+
+/// The gateway's table `name` for the conntrack mark `mark`.
+pub(crate) fn table_script_for(name: &str, mark: u32) -> String {
     let start = TABLE.find("\ntable inet ").map_or(0, |i| i + 1);
-    TABLE[start..].replace("${table}", name)
+    TABLE[start..]
+        .replace("${table}", name)
+        .replace("${mark}", &format!("{mark:#010x}"))
 }
 
 #[cfg(test)]
@@ -432,7 +471,6 @@ mod tests {
                     to,
                 },
                 Element::Snat { peer, to, source },
-                Element::Forward { peer, to },
                 Element::Claim { dst, port: 40001 },
             ]);
         }

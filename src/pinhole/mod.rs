@@ -118,6 +118,25 @@ pub struct SessionInfo {
     /// The session's TLS sides; a plan's TLS leg whose side is `None` fails
     /// with [`DataFailure::Tls`] ([`TlsFailure::NoSessionTls`]).
     pub tls: SessionTls,
+    /// The control connections as connection tracking knows them: the
+    /// kernel backend makes its expectations on them. `None` where there
+    /// are none (tests of other parts).
+    pub control: Option<ControlConns>,
+}
+
+/// The session's two control connections, by their sockets' addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlConns {
+    /// The client's connection: the gateway's end.
+    pub client_local: SocketAddr,
+    /// The client's connection: the peer's end (a balancer, behind one).
+    pub client_peer: SocketAddr,
+    /// Where the client's connection was addressed before any DNAT.
+    pub client_dst: SocketAddr,
+    /// The gateway's connection to the server: its own end.
+    pub server_local: SocketAddr,
+    /// The gateway's connection to the server: the server's end.
+    pub server: SocketAddr,
 }
 
 /// When bytes last moved, shared by a session and the tasks that move its
@@ -437,7 +456,12 @@ fn kernel_shape(session: &SessionInfo, plan: &DataPlan) -> Result<kernel::Shape,
         Some(_) if headers => Err(
             "a balancer's data connection starts with a PROXY header, which only the relay reads",
         ),
-        Some(shape) => Ok(shape),
+        // The kernel admits the connection as an expectation of a control
+        // connection of the plan's family.
+        Some(shape) => match &session.control {
+            Some(c) if shape.expectation(0, c).is_some() => Ok(shape),
+            _ => Err("no control connection of the plan's family to make an expectation on"),
+        },
         None => Err("conversion or mixed families"),
     }
 }
@@ -473,6 +497,13 @@ mod tests {
             activity: Activity::default(),
             balancers: None,
             tls: SessionTls::default(),
+            control: Some(ControlConns {
+                client_local: "127.0.0.1:21".parse().unwrap(),
+                client_peer: "127.0.0.1:1000".parse().unwrap(),
+                client_dst: "127.0.0.1:21".parse().unwrap(),
+                server_local: "127.0.0.1:1001".parse().unwrap(),
+                server: "127.0.0.1:2100".parse().unwrap(),
+            }),
         };
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         // A plain passive plan of one family: the kernel's shape.
@@ -487,6 +518,13 @@ mod tests {
             tls: PlanTls::default(),
         };
         assert!(kernel_shape(&session, &plan).is_ok());
+        // Without a control connection of its family to be the master of
+        // its expectation, the relay carries it.
+        let unknown = SessionInfo {
+            control: None,
+            ..session.clone()
+        };
+        assert!(kernel_shape(&unknown, &plan).is_err());
         for (client, server) in [(true, false), (false, true), (true, true)] {
             let tls = PlanTls { client, server };
             let plan = DataPlan {

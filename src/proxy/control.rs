@@ -63,6 +63,7 @@ async fn run(
     let Some(who) = real_client(&gateway, &listener, &mut client, peer, client_local).await else {
         return;
     };
+    let socket_peer = peer;
     let peer = who.addr;
     let Some((server, announce, transparent)) =
         destination(&gateway, &listener, &mut client, &who).await
@@ -128,6 +129,15 @@ async fn run(
     };
     let idle = limits.idle_timeout;
     let mut conn = Conn::new(&gateway, &listener, id, params, client, upstream, idle);
+    conn.info.control = Some(crate::pinhole::ControlConns {
+        client_local,
+        client_peer: SocketAddr::new(socket_peer.ip().to_canonical(), socket_peer.port()),
+        // Before any DNAT: the server in transparent mode (the connection
+        // was redirected), else the address the client connected to.
+        client_dst: if transparent { server } else { client_local },
+        server_local,
+        server,
+    });
     // The data plane resumes these very sides on each data connection.
     conn.info.tls = crate::pinhole::SessionTls {
         client: tls.server.clone(),
@@ -422,8 +432,12 @@ async fn connect(
             ProxyVersion::V2 => proxy_protocol::encode_v2(&h),
         }
     });
+    let mark = {
+        let c = gateway.config();
+        (c.data.backend == crate::config::BackendKind::Nftables).then_some(c.data.conntrack_mark)
+    };
     let dial = async {
-        let mut upstream = TcpStream::connect(server)
+        let mut upstream = dial_marked(server, mark)
             .await
             .map_err(|e| format!("cannot reach server {server}: {e}"))?;
         if let Some(header) = &header {
@@ -463,6 +477,21 @@ async fn connect(
     };
     refuse_session(gateway, Refusal::unreachable, client, who, &why).await;
     None
+}
+
+/// Connects to `server`. With `mark` the socket carries it (SO_MARK), so
+/// that the kernel backend's table finds the control connection
+/// (`meta mark`, table.nft) and makes it a master of expectations.
+async fn dial_marked(server: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect(server).await;
+    };
+    let socket = match server {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    SockRef::from(&socket).set_mark(mark)?;
+    socket.connect(server).await
 }
 
 /// Tells the client why with 421, logs and counts it, and closes. The line
@@ -539,6 +568,7 @@ impl<'a> Conn<'a> {
             activity: Activity::default(),
             balancers: listener.proxy_protocol.clone().map(Arc::new),
             tls: crate::pinhole::SessionTls::default(),
+            control: None,
         };
         Conn {
             gateway,

@@ -288,6 +288,15 @@ impl Sockets {
                 Ok(inherited) => inherited,
                 Err(own) => listen(l, own)?,
             };
+            if config.data.backend == crate::config::BackendKind::Nftables {
+                // The kernel backend's table finds the control connections
+                // by their listener's mark (`socket mark`, table.nft).
+                socket2::SockRef::from(&socket)
+                    .set_mark(config.data.conntrack_mark)
+                    .with_context(|| {
+                        format!("listener {}: SO_MARK (needs CAP_NET_ADMIN)", l.name)
+                    })?;
+            }
             out.push((l.clone(), socket));
         }
         Ok(out)
@@ -485,7 +494,9 @@ impl Launched {
             return Ok(None);
         }
         let name = &config.data.nftables_table;
-        let t = match crate::netfilter::InterceptTable::create(name).await {
+        let t = match crate::netfilter::InterceptTable::create(name, config.data.conntrack_mark)
+            .await
+        {
             Ok(t) => t,
             // Another gateway owns the table: the message says what to do.
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(e.into()),
@@ -528,9 +539,15 @@ impl Launched {
         let kernel = config.data.backend == crate::config::BackendKind::Nftables;
         match table {
             Some(t) if kernel => {
-                let kernel = KernelBackend::new(client_pool, server_pool, settings, t)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("data.backend nftables: {e}"))?;
+                let kernel = KernelBackend::new(
+                    client_pool,
+                    server_pool,
+                    settings,
+                    t,
+                    config.data.conntrack_mark,
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("data.backend nftables: {e}"))?;
                 Ok(Backend::Kernel { kernel, relay })
             }
             _ => Ok(Backend::Relay(relay)),

@@ -64,7 +64,7 @@ type Key = (IpAddr, u16, u16);
 impl Conntrack {
     /// The watcher, with its task running on netlink events; fails if
     /// they cannot be had.
-    pub(super) async fn start() -> io::Result<Arc<Conntrack>> {
+    pub(super) async fn start(mark: u32) -> io::Result<Arc<Conntrack>> {
         let conntrack = Arc::new(Conntrack::default());
         let weak = Arc::downgrade(&conntrack);
         // Entries that exist now belong to no plan of this process; nor
@@ -72,7 +72,7 @@ impl Conntrack {
         // take the TIME_WAIT entry of an earlier connection from the same
         // peer to the same port and endpoint (ports are reused) for its own,
         // end at once, and its lingering claim would drop the real one.
-        let mut netlink = Netlink::open()
+        let mut netlink = Netlink::open(Some(mark))
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("conntrack netlink events: {e}")))?;
         let all = dump(&mut netlink).await?;

@@ -6,27 +6,36 @@
 //! the watcher that follows each plan's connection.
 //!
 //! For a plan whose two legs are one listen and one connect of the same
-//! address family (PASV→PASV, PORT→PORT), the gateway adds five elements to
-//! its table, in one `nft` transaction:
+//! address family (PASV→PASV, PORT→PORT), the kernel admits the one data
+//! connection through a **conntrack expectation** whose master is one of
+//! the session's control connections, as the kernel's FTP helper does: the
+//! connection is RELATED, so an operator's `ct state established,related
+//! accept` admits it and nothing broader is needed. Per plan, on the fast
+//! path, two netlink messages:
 //!
-//! - `once`: admits one new connection from the expected peer to the
-//!   announced port. The prerouting rule deletes it at the first SYN.
-//! - `claim`: the announced address and port. A new connection to it that
-//!   `once` did not admit (another host, a second connection, one after the
-//!   timeout) is dropped: no SYN-ACK, no RST, nothing reaches the endpoint.
-//! - `dnat`: (peer, announced address, port) → the real endpoint.
-//! - `ksnat`: the real endpoint sees the address the invariant asks for (the
-//!   gateway's server-facing address, or the address the client believes is
-//!   the server).
-//! - `fwd`: the forward chain accepts exactly that flow.
+//! - one `nft` transaction: the `claim` on the announced address and port
+//!   (a new connection to it is dropped: no SYN-ACK, no RST), the `once`
+//!   element whose timeout (`pinhole_timeout`) bounds the expectation's
+//!   life, and only where the kernel cannot NAT the connection by itself,
+//!   `dnat` and `ksnat` map elements;
+//! - one IPCTNL_MSG_EXP_NEW: the expected peer (source port any) to the
+//!   announced address and port, NATed by `nat-follow-master` (see
+//!   [`Shape::expectation`]).
 //!
-//! Each element has a timeout (the pinhole timeout; twice that for the
-//! claim), so the kernel removes it even if the gateway dies.
+//! The kernel deletes the expectation when the connection comes, so a
+//! second one is new, and dropped by the claim; a foreign peer never
+//! matches it. The expectation's own timeout is its master's helper's (300
+//! s): a RELATED connection after `once` expired is dropped by the table's
+//! gate, and the gateway deletes an unused expectation when its plan ends.
+//! Control connections get their helper ("sane", which never matches FTP
+//! text) and the ct mark `data.conntrack_mark` from the table's anchor
+//! rules; the data connection inherits the mark, and the watcher reads only
+//! the events of marked entries.
 //!
 //! The claim outlives the plan: it is refreshed while the connection runs,
-//! and when the plan ends it lingers for `pinhole_timeout` more, until the
-//! session ends, or until the port's next plan (kernel or relay, which
-//! listens on the port) removes it first, whichever comes first. The gateway follows the connection in the kernel's
+//! and when the plan ends it lingers until its timeout in the kernel (at
+//! least `pinhole_timeout` more), or until the port's next plan (kernel or
+//! relay, which listens on the port) removes it first. The gateway follows the connection in the kernel's
 //! connection tracking table, through its netlink events, with
 //! `nf_conntrack_acct` on for byte counts: an entry for the flow means
 //! [`DataEvent::Connected`], the entry reaching a FIN state (or going
@@ -59,8 +68,10 @@ use super::{
     Activity, DataEvent, DataFailure, DataOutcome, DataPlan, DataSettings, OpenError, Opened,
     Pinhole, PlanId, PortPool, SessionInfo,
 };
+use crate::netfilter::conntrack::Expectations;
 use crate::netfilter::{Element, InterceptTable};
-use claims::{Claims, Held, Shared};
+use claims::{Claim, Claims, Held, Shared};
+pub(crate) use claims::{Messages, NETLINK_MESSAGES, PLANS};
 use conntrack::{Conntrack, Flow, Watch};
 use std::io;
 use std::net::SocketAddr;
@@ -84,6 +95,9 @@ pub struct KernelBackend {
     claims: Arc<Claims>,
     conntrack: Arc<Conntrack>,
     shared: Arc<Shared>,
+    expectations: Arc<tokio::sync::Mutex<Expectations>>,
+    /// Netlink messages sent for plans, and plans opened.
+    messages: Arc<Messages>,
     /// Plans whose [`Held`] still exists.
     live: Arc<AtomicUsize>,
 }
@@ -92,12 +106,15 @@ impl KernelBackend {
     /// Checks that the kernel can do the job (conntrack events over
     /// netlink, byte accounting on) and builds the backend. Fails with a
     /// plain message otherwise, so that the gateway does not start
-    /// half-working.
+    /// half-working. `mark` is `data.conntrack_mark`: the table's anchor
+    /// rules set it on the control connections, and only entries with it
+    /// are followed.
     pub async fn new(
         client_pool: PortPool,
         server_pool: PortPool,
         settings: DataSettings,
         table: Arc<InterceptTable>,
+        mark: u32,
     ) -> io::Result<Self> {
         // Accounting applies to connections created after it is on.
         tokio::fs::write(ACCT, b"1").await.map_err(|e| {
@@ -106,8 +123,12 @@ impl KernelBackend {
                 format!("cannot enable {ACCT} (needs CAP_NET_ADMIN and nf_conntrack): {e}"),
             )
         })?;
-        let conntrack = Conntrack::start().await?;
+        let conntrack = Conntrack::start(mark).await?;
+        let expectations = Expectations::open()
+            .map_err(|e| io::Error::new(e.kind(), format!("conntrack expectations: {e}")))?;
         Ok(KernelBackend {
+            expectations: Arc::new(tokio::sync::Mutex::new(expectations)),
+            messages: Arc::default(),
             client_pool,
             server_pool,
             settings,
@@ -122,6 +143,11 @@ impl KernelBackend {
     /// Plans not yet fully released (elements, claim, lease).
     pub fn plans(&self) -> usize {
         self.live.load(Ordering::Relaxed)
+    }
+
+    /// Netlink messages sent for plans, and plans opened, so far.
+    pub fn messages(&self) -> &Messages {
+        &self.messages
     }
 
     /// Removes the lingering claim on `port`, if any: another backend
@@ -144,28 +170,53 @@ impl KernelBackend {
         } else {
             &self.server_pool
         };
+        let control = session
+            .control
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no control connections to make an expectation on"))?;
         let lease = pool.lease(session.client.ip())?;
         let port = lease.port();
-        self.claims.release(&self.table, port).await;
-        let (claim, elements) = shape.elements(port);
+        let (exp, natted) = shape.expectation(port, control).ok_or_else(|| {
+            io::Error::other("the control connection's address family is not the plan's")
+        })?;
+        let (claim, once, elements) = shape.elements(port, natted);
         let timeout = self.settings.pinhole_timeout;
-        self.install(claim, &elements, timeout).await?;
+        self.messages.opened();
+        let claim = self.install(claim, once, &elements, timeout).await?;
+        let held = Arc::new(Held {
+            table: self.table.clone(),
+            shared: self.shared.clone(),
+            claims: self.claims.clone(),
+            expectations: self.expectations.clone(),
+            messages: self.messages.clone(),
+            elements: Mutex::new(elements),
+            expectation: Mutex::new(None),
+            end: Mutex::new(Some((claim, lease))),
+            port,
+            _live: claims::Live::enter(&self.live),
+        });
+        // After the elements: the claim and the gate are in place before
+        // the kernel admits anything.
+        self.messages.sent(1);
+        let created = self.expectations.lock().await.create(&exp).await;
+        if let Err(e) = created {
+            held.end().await;
+            return Err(e.into());
+        }
+        *held.expectation.lock().unwrap_or_else(|p| p.into_inner()) = Some(exp);
+        tracing::debug!(
+            session = session.id,
+            plan = plan.id,
+            port,
+            natted,
+            "kernel pinhole: expectation on the {} control connection",
+            if shape.passive { "server" } else { "client" }
+        );
         let announced = SocketAddr::new(shape.dst, port);
         let opened = Opened {
             client_listen: shape.passive.then_some(announced),
             server_listen: (!shape.passive).then_some(announced),
         };
-        let held = Arc::new(Held {
-            table: self.table.clone(),
-            shared: self.shared.clone(),
-            claims: self.claims.clone(),
-            elements: Mutex::new(elements),
-            end: Mutex::new(Some((claim, lease))),
-            port,
-            linger: timeout,
-            session: events.clone(),
-            _live: claims::Live::enter(&self.live),
-        });
         let watch = self.conntrack.watch(shape, port);
         let activity = session.activity.clone();
         let task = tokio::spawn(follow(
@@ -188,38 +239,46 @@ impl KernelBackend {
         Ok((opened, pinhole))
     }
 
-    /// Adds a plan's elements and its claim in one transaction. Elements
-    /// that another live plan holds ([`Shared`]) get this plan's timeout.
+    /// Adds a plan's claim, its `once` gate and its elements in one
+    /// transaction, which also removes (or renews) the port's lingering
+    /// claim. Every element gets its timeout from now, whether it was there
+    /// or not ([`Shared`] elements that another live plan holds included).
     async fn install(
         &self,
         claim: Element,
+        once: Element,
         elements: &[Element],
         timeout: Duration,
-    ) -> io::Result<()> {
-        // Held across the nft changes, so that a plan's adds and another's
+    ) -> io::Result<Claim> {
+        // Held across the nft change, so that a plan's adds and another's
         // removal of a shared key keep their order.
         let mut shared = self.shared.lock().await;
-        let mut timed = Vec::new();
-        let mut renew = Vec::new();
-        for e in elements {
-            if claims::keyed_by_endpoint(e) && shared.get(e).is_some_and(|&n| n > 0) {
-                // Another live plan holds it: give it this plan's timeout.
-                renew.push(*e);
-            } else {
-                timed.push((*e, timeout));
-            }
-        }
-        // Longer than the rest, so that it is still there when the plan
-        // hands it over to linger at the timeout.
-        timed.push((claim, 2 * timeout));
-        self.table.add(&timed).await?;
-        for e in renew {
-            self.table.refresh(e, timeout).await?;
-        }
+        let port = match claim {
+            Element::Claim { port, .. } => port,
+            _ => 0,
+        };
+        let lingering: Vec<_> = self
+            .claims
+            .take(port)
+            .await
+            .into_iter()
+            .filter(|c| *c != claim)
+            .collect();
+        let mut fresh: Vec<_> = elements.iter().map(|e| (*e, timeout)).collect();
+        fresh.push((once, timeout));
+        // Longer than the rest, so that it is still there for at least
+        // `timeout` after the plan ends (it expires at the timeout, or is
+        // refreshed while its connection runs).
+        fresh.push((claim, 2 * timeout));
+        self.messages.sent(1);
+        self.table.renew(&lingering, &fresh).await?;
         for e in elements.iter().filter(|e| claims::keyed_by_endpoint(e)) {
             *shared.entry(*e).or_insert(0) += 1;
         }
-        Ok(())
+        Ok(Claim {
+            element: claim,
+            expires: Instant::now() + 2 * timeout,
+        })
     }
 }
 
@@ -319,13 +378,13 @@ async fn follow(
     });
 }
 
-/// The one connection is in; the rest of the plan's elements have done
-/// their job (conntrack keeps the NAT), and go. In a task of its own, so
-/// that an abort cannot stop it half-way (shared keys counted down, not
-/// removed).
+/// The one connection is in: the kernel took the expectation; the NAT
+/// maps' elements, if any, have done their job (conntrack keeps the NAT),
+/// and go. In a task of its own, so that an abort cannot stop it half-way
+/// (shared keys counted down, not removed).
 async fn connected(held: &Arc<Held>) {
     let h = held.clone();
-    let _ = tokio::spawn(async move { h.remove().await }).await;
+    let _ = tokio::spawn(async move { h.connected().await }).await;
 }
 
 /// (to the client, to the server) from a flow's counters: the originating
@@ -337,3 +396,6 @@ fn directions(shape: &Shape, flow: &Flow) -> (u64, u64) {
         (flow.orig_bytes, flow.reply_bytes)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -835,6 +835,7 @@ mod tests {
             activity: Activity::default(),
             balancers: None,
             tls: SessionTls::default(),
+            control: None,
         }
     }
 

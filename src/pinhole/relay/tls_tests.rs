@@ -99,6 +99,7 @@ impl Ends {
                 client: Some(self.gw_server.clone()),
                 server: Some(self.gw_client.clone()),
             },
+            control: None,
         }
     }
 }
