@@ -298,7 +298,10 @@ class FtpgateTarget(Target):
         if self.opts.backend == "nftables":
             # The operator's firewall as ftpgate prints it, and nothing broader:
             # its data connections must pass as RELATED, as the kernel helper's do.
-            self.lab.nft(self.printed_rules(conf))
+            printed = self.printed_rules(conf)
+            self.lab.nft(printed)
+            count = sum(1 for line in printed.splitlines() if line.startswith("add rule "))
+            print(f"lab: {self.name}: the edge has the {count} rules `ftpgate nft --into` printed, nothing else", flush=True)
             return
         cp = f"{self.CLIENT_PORTS[0]}-{self.CLIENT_PORTS[1]}"
         sp = f"{self.SERVER_PORTS[0]}-{self.SERVER_PORTS[1]}"
