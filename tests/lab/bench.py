@@ -449,7 +449,8 @@ def bench_netlink(lab, target, args, rec, rep):
         rec.fail(target.name, f"netlink: {out['error']}")
         return
     sends, receives = count_netlink(trace_dir)
-    shutil.rmtree(trace_dir, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(trace_dir, ignore_errors=True)
     n = out["sessions"]
     if not n:
         rec.fail(target.name, "netlink: no session completed under strace")
