@@ -61,6 +61,15 @@ pub struct AuditRecord<'a> {
     /// text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_server: Option<&'a str>,
+    /// The client leg of this transfer's data connection: its TLS version
+    /// and cipher, or `none` (PROT C); absent when the client control leg
+    /// is clear text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_tls_client: Option<&'a str>,
+    /// The server leg of this transfer's data connection, as
+    /// `data_tls_client`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_tls_server: Option<&'a str>,
 }
 
 /// Where audit lines go.
@@ -202,6 +211,8 @@ mod tests {
             result: "ok",
             tls_client: None,
             tls_server: None,
+            data_tls_client: None,
+            data_tls_server: None,
         }
     }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{bounded, digest, Harness, Upstream};
+use common::{bounded, digest, start_unftp, Binary, Harness, Upstream};
 
 use libunftp::options::{ActivePassiveMode, FtpsRequired};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -426,7 +426,12 @@ async fn an_implicit_listener_speaks_tls_from_the_first_byte() {
 /// suppaftp's explicit FTPS through the gateway: AUTH TLS, PBSZ 0,
 /// PROT P, then the login.
 async fn ftps_client(gw: &common::Gw, pki: &Pki) -> AsyncRustlsFtpStream {
-    let ftp = bounded("connect", AsyncRustlsFtpStream::connect(gw.addr))
+    ftps_client_at(gw.addr, pki).await
+}
+
+/// As `ftps_client`, to a gateway at `addr`.
+async fn ftps_client_at(addr: SocketAddr, pki: &Pki) -> AsyncRustlsFtpStream {
+    let ftp = bounded("connect", AsyncRustlsFtpStream::connect(addr))
         .await
         .unwrap();
     let mut ftp = bounded("AUTH TLS", ftp.into_secure(pki.connector(), "localhost"))
@@ -461,16 +466,14 @@ async fn explicit_ftps_on_both_legs_in_every_data_mode() {
     round_trip!(ftp, root.path(), "port.bin");
     let _ = ftp.quit().await;
     // Three uploads, three listings, three downloads; each audit line
-    // names both control legs' TLS. suppaftp ends an upload's data
-    // connection without close_notify, which the relay reports (the bytes
-    // all arrived: the digests above), so only downloads and listings are
-    // held to `ok`.
+    // names both control legs' TLS. suppaftp ends each upload with
+    // close_notify; libunftp then closes its side of the data connection
+    // with FIN alone, which the relay passes on as it came: nothing of
+    // the upload can have been cut.
     let lines = gw.audit_lines(9).await;
     for l in &lines {
         assert_eq!(l["reply"], 226, "{l}");
-        if l["command"] != "STOR" {
-            assert_eq!(l["result"], "ok", "{l}");
-        }
+        assert_eq!(l["result"], "ok", "{l}");
         assert!(
             l["tls_client"].as_str().unwrap().starts_with("TLSv1."),
             "{l}"
@@ -479,9 +482,22 @@ async fn explicit_ftps_on_both_legs_in_every_data_mode() {
             l["tls_server"].as_str().unwrap().starts_with("TLSv1."),
             "{l}"
         );
+        // And each leg of the transfer's own data connection.
+        for leg in ["data_tls_client", "data_tls_server"] {
+            assert!(l[leg].as_str().unwrap().starts_with("TLSv1."), "{leg}: {l}");
+        }
     }
     let modes: Vec<&str> = lines.iter().map(|l| l["mode"].as_str().unwrap()).collect();
     assert!(modes.contains(&"active/active"), "{modes:?}");
+    let said = "TLS data connection ended without close_notify";
+    let log = gw.logs.wait_for_n(said, 3).await;
+    let session = format!("session={}", lines[0]["session"]);
+    for line in log.lines().filter(|l| l.contains(said)) {
+        assert!(
+            line.contains(" INFO ") && line.contains(&session) && line.contains("from=\"server\""),
+            "{line}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -558,6 +574,337 @@ async fn a_data_connection_that_does_not_resume_is_refused_with_522() {
             got.is_err() || buf.is_empty(),
             "no listing without resumption"
         );
+    }
+    assert_eq!(
+        c.reply().await,
+        "522 SSL connection failed: session reuse required"
+    );
+    let line = gw.logs.wait_for("command=LIST").await;
+    assert!(line.contains("session reuse required"), "{line}");
+}
+
+/// The audit line and the session log name the TLS of each leg of each
+/// data connection: a listing under PROT P has TLS on both, one under
+/// PROT C has none on the client leg while the server leg keeps its own
+/// PROT P.
+#[tokio::test]
+async fn the_audit_line_names_each_data_legs_tls() {
+    let pki = Pki::new();
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("listed.txt"), b"x").unwrap();
+    let server = start_ftps_unftp(root.path(), &pki, false).await;
+    let gw = Harness::new(Upstream::At(server))
+        .listener(&pki.listener_tls(false))
+        .listener(&format!(
+            "    upstream_tls:\n      mode: explicit\n      ca: {}\n",
+            pki.path("ca.pem").display()
+        ))
+        .rule("    tls: terminate\n")
+        .audit()
+        .start()
+        .await;
+
+    // PROT P (suppaftp's explicit FTPS).
+    let mut ftp = ftps_client(&gw, &pki).await;
+    let list = bounded("LIST", ftp.list(None)).await.unwrap();
+    assert!(list.iter().any(|l| l.ends_with("listed.txt")), "{list:?}");
+    let _ = ftp.quit().await;
+    let p = gw.audit_lines(1).await.remove(0);
+
+    // PROT C: the listing comes in clear text on the client leg.
+    let mut c = TlsControl::open(gw.addr, &pki, b"AUTH TLS\r\n").await;
+    for (cmd, code) in [
+        ("USER anonymous", "331"),
+        ("PASS x", "230"),
+        ("PBSZ 0", "200"),
+        ("PROT C", "200"),
+    ] {
+        let r = c.cmd(cmd).await;
+        assert!(r.starts_with(code), "{cmd}: {r}");
+    }
+    let port = common::port_of_227(&c.cmd("PASV").await);
+    let mut data = bounded(
+        "data connect",
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .unwrap();
+    c.send("LIST").await;
+    assert!(c.reply().await.starts_with("150"));
+    let mut listing = Vec::new();
+    bounded("listing", data.read_to_end(&mut listing))
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&listing).contains("listed.txt"),
+        "clear-text listing: {listing:?}"
+    );
+    // The relay's record waits for both directions' ends, as a client's
+    // close gives.
+    drop(data);
+    assert!(c.reply().await.starts_with("226"));
+    let lines = gw.audit_lines(2).await;
+    let clear = &lines[1];
+
+    assert_eq!(p["command"], "LIST", "{p}");
+    assert_eq!(p["result"], "ok", "{p}");
+    for leg in ["data_tls_client", "data_tls_server"] {
+        let v = p[leg].as_str().unwrap_or_else(|| panic!("{leg}: {p}"));
+        assert!(v.starts_with("TLSv1.") && v.contains("_"), "{leg}: {p}");
+    }
+    assert_eq!(clear["result"], "ok", "{clear}");
+    assert_eq!(clear["data_tls_client"], "none", "{clear}");
+    assert!(
+        clear["data_tls_server"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("TLSv1.")),
+        "the server leg keeps PROT P: {clear}"
+    );
+    let log = gw.logs.wait_for_n("command=LIST", 2).await;
+    let transfers: Vec<&str> = log.lines().filter(|l| l.contains("command=LIST")).collect();
+    assert!(
+        transfers[0].contains("data_tls_client=\"TLSv1."),
+        "{}",
+        transfers[0]
+    );
+    assert!(
+        transfers[1].contains("data_tls_client=\"none\""),
+        "{}",
+        transfers[1]
+    );
+}
+
+/// The `ftpgate` binary, as it runs in production, reloads its served
+/// certificate on SIGHUP: a session opened before goes on transferring
+/// under PROT P (its data connections resume its control session), a new
+/// session is served the new certificate, and a broken key is refused
+/// with a log line naming the file while the last good pair stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reloads_its_certificate_on_sighup() {
+    let pki = Pki::new();
+    let root = tempfile::tempdir().unwrap();
+    let data = payload();
+    std::fs::write(root.path().join("f.bin"), &data).unwrap();
+    let upstream = start_unftp(root.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gate.yaml");
+    let yaml = format!(
+        "listeners:\n  - name: t\n    listen: 127.0.0.1:0\n    mode: reverse\n    upstream: {upstream}\n{}\
+         \x20   upstream_tls:\n      allow_downgrade: true\n\
+         data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
+         rules:\n  - name: r\n    clients: [127.0.0.0/8]\n    tls: terminate\n",
+        pki.listener_tls(false)
+    );
+    std::fs::write(&file, yaml).unwrap();
+    let args = ["run", "--grace", "10", "-c"].map(std::ffi::OsStr::new);
+    let args = [&args[..], &[file.as_os_str()]].concat();
+    let bin = Binary::spawn(&args, "info", common::LIMIT);
+    let addr = bin.addr_of("listening").await;
+    let hup = || {
+        let pid = bin.pid().to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -HUP {pid}");
+    };
+
+    let mut open = ftps_client_at(addr, &pki).await;
+    bounded(
+        "TYPE I",
+        open.transfer_type(suppaftp::types::FileType::Binary),
+    )
+    .await
+    .unwrap();
+    let old = TlsControl::open(addr, &pki, b"AUTH TLS\r\n").await.leaf();
+
+    let new = pki.renew_gateway("gw-renewed");
+    assert_ne!(new, old);
+    hup();
+    let log = bin.log.wait_for("TLS certificate reloaded").await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("TLS certificate reloaded"))
+        .unwrap();
+    assert!(line.contains("gw-renewed"), "{line}");
+    // A new session is served the new certificate.
+    let after = TlsControl::open(addr, &pki, b"AUTH TLS\r\n").await;
+    assert_eq!(after.leaf(), new, "new session after SIGHUP");
+    // The session opened before it still transfers, both ways.
+    let mut s = bounded("RETR", open.retr_as_stream("f.bin")).await.unwrap();
+    let mut back = Vec::new();
+    bounded("read", s.read_to_end(&mut back)).await.unwrap();
+    bounded("226", s.finish()).await.unwrap();
+    assert_eq!(digest(&back), digest(&data), "download after the reload");
+    bounded(
+        "STOR",
+        open.put_file("up.bin", &mut std::io::Cursor::new(data.clone())),
+    )
+    .await
+    .unwrap();
+    let on_disk = std::fs::read(root.path().join("up.bin")).unwrap();
+    assert_eq!(digest(&on_disk), digest(&data), "upload after the reload");
+
+    // A broken key: refused, logged with its file, and the renewed pair
+    // is still served.
+    std::fs::write(
+        pki.path("gw.key"),
+        "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    hup();
+    let log = bin.log.wait_for("TLS certificate not reloaded").await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("TLS certificate not reloaded"))
+        .unwrap();
+    let key = pki.path("gw.key").display().to_string();
+    assert!(line.contains(&key) && line.contains("ERROR"), "{line}");
+    let again = TlsControl::open(addr, &pki, b"AUTH TLS\r\n").await;
+    assert_eq!(again.leaf(), new, "the last good pair stays");
+    assert!(open.noop().await.is_ok(), "the first session is still up");
+    let _ = open.quit().await;
+}
+
+/// FTPS with the client on IPv6 and the server on IPv4, TLS on both legs:
+/// the client talks EPSV over [::1] with the gateway, which talks to
+/// libunftp (IPv4 passive only) over 127.0.0.1 (RFC 6384's split). A
+/// 1 MiB upload and download (digests) and a listing, each data
+/// connection TLS on both legs.
+#[tokio::test]
+async fn ftps_from_an_ipv6_client_to_an_ipv4_server() {
+    let probe = match std::net::TcpListener::bind("[::1]:0") {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("skipped: this machine has no IPv6 loopback ([::1]): {e}");
+            return;
+        }
+    };
+    drop(probe);
+    let pki = Pki::new();
+    let root = tempfile::tempdir().unwrap();
+    let server = start_ftps_unftp(root.path(), &pki, true).await;
+    let (logs, _guard) = common::LogBuf::capture();
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit = audit_dir.path().join("audit.jsonl");
+    let yaml = format!(
+        "listeners:\n  - name: v6\n    listen: \"[::1]:0\"\n    mode: reverse\n    upstream: {server}\n{}\
+         \x20   upstream_tls:\n      mode: explicit\n      ca: {}\n\
+         data:\n  client_ports: 20000-29999\n  server_ports: 30000-39999\n\
+         audit:\n  path: {}\n\
+         rules:\n  - name: v6\n    clients: [\"::1/128\"]\n    tls: terminate\n    require_prot_p: true\n",
+        pki.listener_tls(false),
+        pki.path("ca.pem").display(),
+        audit.display()
+    );
+    let run = common::launch(&yaml, "v6.yaml").await;
+    assert!(run.addr.is_ipv6(), "{}", run.addr);
+
+    let mut ftp = ftps_client_at(run.addr, &pki).await;
+    ftp.set_mode(suppaftp::Mode::ExtendedPassive);
+    round_trip!(ftp, root.path(), "v6.bin");
+    let _ = ftp.quit().await;
+
+    let limit = tokio::time::Instant::now() + common::LIMIT;
+    let lines: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        if text.ends_with('\n') && text.lines().count() >= 3 {
+            break text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+        }
+        assert!(tokio::time::Instant::now() < limit, "audit: {text}");
+        // Polls a file that the gateway's task appends to.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    for l in &lines {
+        assert_eq!(l["result"], "ok", "{l}");
+        assert!(l["client"].as_str().unwrap().starts_with("[::1]:"), "{l}");
+        assert!(
+            l["server"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{l}"
+        );
+        for leg in ["data_tls_client", "data_tls_server"] {
+            assert!(l[leg].as_str().unwrap().starts_with("TLSv1."), "{leg}: {l}");
+        }
+    }
+    let start = logs.wait_for("session start").await;
+    assert!(start.contains("tls_client=\"TLSv1."), "{start}");
+}
+
+/// A data connection refused for not resuming gets 522 even when the
+/// server's final reply comes first: the server here answers 226 as soon
+/// as the gateway's data connection reaches it, before the client has
+/// even sent its ClientHello, and the gateway holds that reply until the
+/// handshakes' result.
+#[tokio::test]
+async fn the_refusal_reaches_the_client_even_when_the_server_answers_first() {
+    let pki = Pki::new();
+    let mut gw = Harness::new(Upstream::Scripted)
+        .listener(&pki.listener_tls(false))
+        .listener("    upstream_tls:\n      allow_downgrade: true\n")
+        .rule("    tls: terminate\n")
+        .start()
+        .await;
+    let upstream = gw.take_upstream();
+    let serve = async {
+        let (s, _) = upstream.accept().await.unwrap();
+        // Each reply leaves at once: Nagle would hold the 226 behind the
+        // 150's delayed ACK, and the race would not be run.
+        s.set_nodelay(true).unwrap();
+        let mut s = common::Peer::new(s);
+        s.send(b"220 scripted\r\n").await;
+        s
+    };
+    let (mut c, mut s) = bounded("connect", async {
+        tokio::join!(TlsControl::open(gw.addr, &pki, b"AUTH TLS\r\n"), serve)
+    })
+    .await;
+    c.send("USER anonymous").await;
+    assert_eq!(s.line().await, "USER anonymous");
+    s.send(b"230 in\r\n").await;
+    assert!(c.reply().await.starts_with("230"));
+    assert!(c.cmd("PBSZ 0").await.starts_with("200"));
+    assert!(c.cmd("PROT P").await.starts_with("200"));
+
+    let data_server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = data_server.local_addr().unwrap().port();
+    c.send("PASV").await;
+    assert_eq!(s.line().await, "PASV");
+    s.send(
+        format!(
+            "227 Entering Passive Mode (127,0,0,1,{},{})\r\n",
+            port / 256,
+            port % 256
+        )
+        .as_bytes(),
+    )
+    .await;
+    let pasv = c.reply().await;
+    let data = bounded(
+        "data connect",
+        tokio::net::TcpStream::connect(("127.0.0.1", common::port_of_227(&pasv))),
+    )
+    .await
+    .unwrap();
+    c.send("LIST").await;
+    assert_eq!(s.line().await, "LIST");
+    s.send(b"150 here it comes\r\n").await;
+    assert!(c.reply().await.starts_with("150"));
+    // The gateway's leg reaches the server, which answers at once.
+    let (_server_leg, _) = bounded("server leg", data_server.accept()).await.unwrap();
+    s.send(b"226 Transfer complete\r\n").await;
+
+    // Only now does the client start its handshake, without resumption.
+    let mut config = (*pki.client_config()).clone();
+    config.resumption = rustls::client::Resumption::disabled();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, data);
+    if let Ok(mut d) = bounded("data handshake", tls).await {
+        let mut buf = Vec::new();
+        let got = bounded("data read", d.read_to_end(&mut buf)).await;
+        assert!(got.is_err() || buf.is_empty(), "no data without resumption");
     }
     assert_eq!(
         c.reply().await,

@@ -448,3 +448,65 @@ mod tests {
         )
     }
 }
+
+#[cfg(test)]
+mod filter_tests {
+    use super::*;
+    use crate::netfilter::netns::{within, Netns};
+    use std::net::{TcpListener, TcpStream};
+
+    /// Marks connections to port 2100 only.
+    const MARKS: &str = "table inet xp {
+	chain output {
+		type filter hook output priority filter; policy accept;
+		ct state new tcp dport 2100 ct mark set ct mark | 0x10000000
+	}
+}
+";
+
+    /// The watcher's socket sees the events of marked entries only, and
+    /// its dumps list marked entries only: an unmarked connection made
+    /// first comes neither before the marked one's events nor in a dump.
+    #[test]
+    fn only_marked_entries_are_read() {
+        let Some(ns) = Netns::new() else { return };
+        let (ok, out) = ns.run("ip", &["link", "set", "lo", "up"]);
+        assert!(ok, "{out}");
+        let (ok, out) = ns.nft(&["-f", "-"], Some(MARKS));
+        assert!(ok, "{out}");
+        let (first, dumped) = within(ns.path(), || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut netlink = Netlink::open(Some(0x1000_0000)).await.expect("netlink");
+                let plain = TcpListener::bind("127.0.0.1:2101").unwrap();
+                let marked = TcpListener::bind("127.0.0.1:2100").unwrap();
+                let _a = TcpStream::connect(plain.local_addr().unwrap()).unwrap();
+                let _b = TcpStream::connect(marked.local_addr().unwrap()).unwrap();
+                let first = tokio::time::timeout(Duration::from_secs(5), async {
+                    loop {
+                        for r in netlink.events().recv().await.expect("events") {
+                            if let Record::Conn { conn, .. } = r {
+                                return conn;
+                            }
+                        }
+                    }
+                })
+                .await
+                .expect("an event");
+                let dumped = netlink.dump().await.expect("dump");
+                (first, dumped)
+            })
+        })
+        .join()
+        .expect("the namespace thread");
+        assert_eq!(first.orig.dst.port(), 2100, "{first:?}");
+        assert!(!dumped.is_empty());
+        assert!(
+            dumped.iter().all(|c| c.orig.dst.port() == 2100),
+            "{dumped:?}"
+        );
+    }
+}

@@ -332,6 +332,16 @@ pub enum TlsFailure {
     NoSessionTls,
 }
 
+/// The TLS version and cipher of each leg of one data connection, e.g.
+/// `TLSv1.3 TLS13_AES_256_GCM_SHA384`; `None` on a clear-text leg.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataTls {
+    /// The client leg (the gateway as TLS server).
+    pub client: Option<String>,
+    /// The server leg (the gateway as TLS client).
+    pub server: Option<String>,
+}
+
 /// Reports from a plan's task to its session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataEvent {
@@ -339,6 +349,21 @@ pub enum DataEvent {
     Connected {
         /// The plan.
         id: PlanId,
+    },
+    /// Both legs have their TCP connections and the TLS handshakes are
+    /// under way (a plan with a TLS leg only). `Connected` (success) or
+    /// `Closed` (failure) follows within the handshakes' time limit.
+    Handshaking {
+        /// The plan.
+        id: PlanId,
+    },
+    /// Both legs' TLS handshakes succeeded (a plan with a TLS leg only;
+    /// sent just before `Connected`), for the transfer's log and audit line.
+    Secured {
+        /// The plan.
+        id: PlanId,
+        /// What each leg negotiated.
+        tls: DataTls,
     },
     /// A connection to a listen leg came from the wrong address; it was closed.
     Rejected {
@@ -393,6 +418,16 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The socket mark the gateway's control connections to servers must
+    /// carry: the kernel backend's `data.conntrack_mark`, as at start (a
+    /// reload does not change it).
+    pub fn conntrack_mark(&self) -> Option<u32> {
+        match self {
+            Backend::Relay(_) => None,
+            Backend::Kernel { kernel, .. } => Some(kernel.mark()),
+        }
+    }
+
     /// Opens `plan` and returns at once (after binding / installing
     /// elements); progress comes on `events`.
     pub async fn open(

@@ -432,10 +432,7 @@ async fn connect(
             ProxyVersion::V2 => proxy_protocol::encode_v2(&h),
         }
     });
-    let mark = {
-        let c = gateway.config();
-        (c.data.backend == crate::config::BackendKind::Nftables).then_some(c.data.conntrack_mark)
-    };
+    let mark = gateway.backend.conntrack_mark();
     let dial = async {
         let mut upstream = dial_marked(server, mark)
             .await
@@ -1336,6 +1333,8 @@ impl Conn<'_> {
             reply = t.reply,
             result = %Escaped(&t.result),
             duration_ms = took.as_millis() as u64,
+            data_tls_client = data_tls_label(self.tls_client.is_some(), &t.data_tls.client),
+            data_tls_server = data_tls_label(self.tls_server.is_some(), &t.data_tls.server),
             "transfer"
         );
         if let Some(audit) = &self.gateway.audit {
@@ -1366,11 +1365,20 @@ impl Conn<'_> {
             result: &t.result,
             tls_client: self.tls_client.as_deref(),
             tls_server: self.tls_server.as_deref(),
+            data_tls_client: data_tls_label(self.tls_client.is_some(), &t.data_tls.client),
+            data_tls_server: data_tls_label(self.tls_server.is_some(), &t.data_tls.server),
         };
         if let Err(e) = audit.write(&record) {
             warn!("audit log: {e}");
         }
     }
+}
+
+/// A data leg's TLS for the transfer line: its version and cipher,
+/// `none` for a clear-text data leg under a TLS control leg (PROT C),
+/// absent when the control leg is clear text too.
+fn data_tls_label(control_tls: bool, data: &Option<String>) -> Option<&str> {
+    control_tls.then(|| data.as_deref().unwrap_or("none"))
 }
 
 #[cfg(test)]

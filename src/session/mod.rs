@@ -23,7 +23,7 @@ use crate::ftp::{
     CommandError, EpsvParam, Framer, Line, LineFault, ReplyPos, ReplyTracker,
 };
 use crate::pinhole::{
-    DataEvent, DataFailure, DataOutcome, DataPlan, Leg, OpenError, Opened, PlanId,
+    DataEvent, DataFailure, DataOutcome, DataPlan, DataTls, Leg, OpenError, Opened, PlanId,
 };
 use crate::rules::Policy;
 use plans::Plans;
@@ -333,6 +333,8 @@ pub struct TransferRecord {
     pub reply: u16,
     /// `ok`, or what went wrong.
     pub result: String,
+    /// What each leg of its data connection negotiated, if TLS.
+    pub data_tls: DataTls,
 }
 
 /// Why a session ended.
@@ -477,8 +479,9 @@ pub struct Session {
     /// Continuation lines, re-serialised, of a transfer's final reply that
     /// is held with it (see `defer_final`).
     held_transfer: Vec<Vec<u8>>,
-    /// A transfer's final reply held until its active-mode plan has ended
-    /// (see `defer_final`); no input is processed meanwhile.
+    /// A transfer's final reply held until its active-mode plan has ended,
+    /// or until its plan's TLS handshakes have a result (see
+    /// `defer_final`); no input is processed meanwhile.
     deferred: Option<Deferred>,
     /// The data plans, from their open to their end.
     plans: Plans,
@@ -768,8 +771,15 @@ impl Session {
     /// A report from a data plan's task.
     pub fn data_event(&mut self, event: DataEvent) {
         match event {
+            DataEvent::Handshaking { id } => {
+                self.plans.handshaking(id);
+            }
             DataEvent::Connected { id } => {
                 self.plans.connected(id);
+                self.release_secured(id);
+            }
+            DataEvent::Secured { id, tls } => {
+                self.plans.secured(id, tls);
             }
             DataEvent::Rejected { from, expected, .. } => {
                 self.log(LogEvent::Refusal {
@@ -784,11 +794,13 @@ impl Session {
                 to_server,
                 outcome,
             } => {
+                let tls = self.plans.tls(id);
                 let was_connected = self.plans.remove(id).unwrap_or(false);
                 self.totals.data_to_client += to_client;
                 self.totals.data_to_server += to_server;
                 if let Some(t) = self.transfers.iter_mut().find(|t| t.plan == Some(id)) {
                     t.data = Some((to_client, to_server, outcome));
+                    t.data_tls = tls;
                     self.flush_transfers();
                 } else if !was_connected && outcome == DataOutcome::Expired {
                     self.log(LogEvent::PinholeExpired(id));

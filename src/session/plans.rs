@@ -10,17 +10,21 @@ enum Stage {
     Opening,
     /// Open: its listen legs wait for their peers.
     Listening,
+    /// Its legs are connected and their TLS handshakes under way.
+    Handshaking,
     /// Every leg connected; bytes flow.
     Connected,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Plan {
     mode: TransferMode,
     client_dials: bool,
     stage: Stage,
     /// Where its listen legs listen, once open.
     opened: Option<Opened>,
+    /// What its TLS legs negotiated, once secured.
+    tls: DataTls,
 }
 
 /// The session's data plans, from the open asked of the shell to their
@@ -70,6 +74,7 @@ impl Plans {
             client_dials,
             stage: Stage::Opening,
             opened: None,
+            tls: DataTls::default(),
         };
         self.live.insert(id, plan);
         self.armed = Some(id);
@@ -110,6 +115,35 @@ impl Plans {
         if let Some(p) = self.live.get_mut(&id) {
             p.stage = Stage::Connected;
         }
+    }
+
+    /// The legs of `id` are connected; their TLS handshakes have begun.
+    pub(super) fn handshaking(&mut self, id: PlanId) {
+        if let Some(p) = self.live.get_mut(&id) {
+            p.stage = Stage::Handshaking;
+        }
+    }
+
+    /// True while the TLS handshakes of `id` are under way.
+    pub(super) fn is_handshaking(&self, id: PlanId) -> bool {
+        self.live
+            .get(&id)
+            .is_some_and(|p| p.stage == Stage::Handshaking)
+    }
+
+    /// The TLS legs of `id` are up, with these versions and ciphers.
+    pub(super) fn secured(&mut self, id: PlanId, tls: DataTls) {
+        if let Some(p) = self.live.get_mut(&id) {
+            p.tls = tls;
+        }
+    }
+
+    /// What the TLS legs of `id` negotiated (none known: clear text).
+    pub(super) fn tls(&self, id: PlanId) -> DataTls {
+        self.live
+            .get(&id)
+            .map(|p| p.tls.clone())
+            .unwrap_or_default()
     }
 
     /// The plan is done: closed by the session, or ended by its task. True

@@ -8,6 +8,9 @@ use super::*;
 #[derive(Debug)]
 pub(super) struct Deferred {
     pub(super) plan: PlanId,
+    /// Held until the plan's end; otherwise only until its TLS handshakes
+    /// succeed (`Connected`) or fail (`Closed`).
+    pub(super) until_end: bool,
     pub(super) code: u16,
     /// Its last line, re-serialised.
     pub(super) raw: Vec<u8>,
@@ -102,8 +105,14 @@ impl Session {
         let Some(raw) = self.defer_final(code, raw, held.as_slice()) else {
             return;
         };
+        // Lines of a reply that the gateway's own refusal replaces are
+        // dropped with it.
+        let replaced =
+            self.queue.front() == Some(&Pending::Transfer) && self.tls_failure_reply().is_some();
         for cont in std::mem::take(&mut self.held_transfer) {
-            self.push(Action::ToClient(cont));
+            if !replaced {
+                self.push(Action::ToClient(cont));
+            }
         }
         let Some(head) = self.queue.pop_front() else {
             if code == 227 || code == 229 {
@@ -258,6 +267,14 @@ impl Session {
     /// connection closed before the client reads the completion reply, the
     /// order a server talking to the client directly keeps.
     ///
+    /// Under TLS, a data connection can also be refused after its TCP
+    /// connection was made (a client that does not resume its session
+    /// gets 522): the server, which saw its leg reset, may answer first,
+    /// and its reply would reach the client in place of the refusal. So
+    /// any final reply to a transfer whose plan is mid-handshake waits for
+    /// the handshakes' result, which the relay reports within their time
+    /// limit (`tls::HANDSHAKE_TIMEOUT`).
+    ///
     /// Gives the reply back when it is not held.
     pub(super) fn defer_final(
         &mut self,
@@ -265,11 +282,12 @@ impl Session {
         raw: Vec<u8>,
         held: &[Vec<u8>],
     ) -> Option<Vec<u8>> {
-        let Some(plan) = self.holds_final(code) else {
+        let Some((plan, until_end)) = self.holds_final(code) else {
             return Some(raw);
         };
         self.deferred = Some(Deferred {
             plan,
+            until_end,
             code,
             raw,
             held: held.to_vec(),
@@ -277,10 +295,12 @@ impl Session {
         None
     }
 
-    /// The plan a transfer's final reply with `code` waits for: a 2xx to
-    /// the transfer at the head, whose plan dials the client and is live.
-    pub(super) fn holds_final(&self, code: u16) -> Option<PlanId> {
-        if !(200..300).contains(&code) || self.queue.front() != Some(&Pending::Transfer) {
+    /// The plan a transfer's final reply with `code` waits for, and whether
+    /// until its end: a 2xx to the transfer at the head, whose plan dials
+    /// the client and is live (until its end); any final reply to the
+    /// transfer at the head whose plan is mid-handshake (until the result).
+    pub(super) fn holds_final(&self, code: u16) -> Option<(PlanId, bool)> {
+        if self.queue.front() != Some(&Pending::Transfer) {
             return None;
         }
         let plan = self
@@ -288,7 +308,22 @@ impl Session {
             .iter()
             .find(|t| t.reply.is_none())
             .and_then(|t| t.plan)?;
-        self.plans.dials_client(plan).then_some(plan)
+        if (200..300).contains(&code) && self.plans.dials_client(plan) {
+            return Some((plan, true));
+        }
+        self.plans.is_handshaking(plan).then_some((plan, false))
+    }
+
+    /// Lets a final reply held for the handshakes of `id` go once they
+    /// succeeded; one held until the plan's end stays.
+    pub(super) fn release_secured(&mut self, id: PlanId) {
+        if self
+            .deferred
+            .as_ref()
+            .is_some_and(|d| d.plan == id && !d.until_end)
+        {
+            self.release_deferred(id);
+        }
     }
 
     /// Lets a held final reply go once its plan is over.

@@ -488,4 +488,80 @@ mod tests {
             }
         );
     }
+
+    /// A session past AUTH TLS, PBSZ 0 and PROT P on both legs, with the
+    /// plan of a PASV opened and `cmd` (a transfer) sent: the plan's id.
+    fn transfer_under_prot_p(s: &mut Session, cmd: &[u8]) -> PlanId {
+        use crate::pinhole::Opened;
+        s.server_bytes(b"220 hi\r\n");
+        drain(s);
+        s.server_bytes(b"200 ok\r\n200 ok\r\n");
+        s.client_bytes(b"AUTH TLS\r\n");
+        drain(s);
+        s.tls_started(Side::Client);
+        s.client_bytes(b"PBSZ 0\r\nPROT P\r\nPASV\r\n");
+        drain(s);
+        s.server_bytes(b"227 Entering Passive Mode (10,0,0,3,200,10)\r\n");
+        let plan = loop {
+            match s.poll_action() {
+                Some(Action::Open(p)) => break p,
+                Some(_) => {}
+                None => panic!("no plan"),
+            }
+        };
+        let opened = Opened {
+            client_listen: Some("192.0.2.1:40000".parse().unwrap()),
+            server_listen: None,
+        };
+        s.opened(plan.id, Ok(opened));
+        s.client_bytes(cmd);
+        drain(s);
+        plan.id
+    }
+
+    #[test]
+    fn a_final_reply_waits_for_the_data_handshakes_result() {
+        use crate::pinhole::{TlsFailure, TlsLeg};
+        // Refused: the server's reply comes first, the client still gets
+        // the refusal, and only it (the server's continuation lines too
+        // are dropped).
+        let mut s = session(legs(UpstreamMode::Implicit, false, true), false, false);
+        let id = transfer_under_prot_p(&mut s, b"LIST\r\n");
+        s.data_event(DataEvent::Handshaking { id });
+        s.server_bytes(b"150 here it comes\r\n426-Connection closed\r\n426 transfer aborted\r\n");
+        assert_eq!(drain(&mut s), ["C< 150 here it comes"]);
+        s.client_bytes(b"NOOP\r\n");
+        assert!(drain(&mut s).is_empty(), "nothing overtakes the held reply");
+        s.data_event(DataEvent::Closed {
+            id,
+            to_client: 0,
+            to_server: 0,
+            outcome: DataOutcome::Failed(DataFailure::Tls {
+                leg: TlsLeg::Client,
+                reason: TlsFailure::NotResumed,
+            }),
+        });
+        let got = drain(&mut s);
+        assert_eq!(
+            got[0], "C< 522 SSL connection failed: session reuse required",
+            "{got:?}"
+        );
+        assert!(!got.iter().any(|l| l.contains("426")), "{got:?}");
+        assert!(got.contains(&"S> NOOP".to_string()), "{got:?}");
+
+        // Secured: the held reply goes on as the server sent it.
+        let mut s = session(legs(UpstreamMode::Implicit, false, true), false, false);
+        let id = transfer_under_prot_p(&mut s, b"RETR f\r\n");
+        s.data_event(DataEvent::Handshaking { id });
+        s.server_bytes(b"150 ok\r\n226 done\r\n");
+        assert_eq!(drain(&mut s), ["C< 150 ok"]);
+        s.data_event(DataEvent::Connected { id });
+        assert_eq!(drain(&mut s), ["C< 226 done"]);
+
+        // No data connection under way (the file is missing): not held.
+        let mut s = session(legs(UpstreamMode::Implicit, false, true), false, false);
+        transfer_under_prot_p(&mut s, b"RETR missing\r\n");
+        s.server_bytes(b"550 no such file\r\n");
+        assert_eq!(drain(&mut s)[0], "C< 550 no such file");
+    }
 }

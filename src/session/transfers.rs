@@ -16,6 +16,8 @@ pub(super) struct Transfer {
     pub(super) reply: Option<u16>,
     /// (to_client, to_server, outcome) once the data connection closed.
     pub(super) data: Option<(u64, u64, DataOutcome)>,
+    /// What its data connection's TLS legs negotiated.
+    pub(super) data_tls: DataTls,
 }
 
 impl Session {
@@ -49,6 +51,7 @@ impl Session {
             mode,
             reply: None,
             data: None,
+            data_tls: DataTls::default(),
         });
         self.forward(line, Pending::Transfer);
     }
@@ -139,6 +142,7 @@ impl Session {
                     to_server: *to_server,
                     reply,
                     result,
+                    data_tls: t.data_tls.clone(),
                 };
                 self.transfers.remove(i);
                 self.totals.transfers += 1;

@@ -98,6 +98,8 @@ pub struct KernelBackend {
     expectations: Arc<tokio::sync::Mutex<Expectations>>,
     /// Netlink messages sent for plans, and plans opened.
     messages: Arc<Messages>,
+    /// The mark the table's anchor rules look for (see [`KernelBackend::new`]).
+    mark: u32,
     /// Plans whose [`Held`] still exists.
     live: Arc<AtomicUsize>,
 }
@@ -129,6 +131,7 @@ impl KernelBackend {
         Ok(KernelBackend {
             expectations: Arc::new(tokio::sync::Mutex::new(expectations)),
             messages: Arc::default(),
+            mark,
             client_pool,
             server_pool,
             settings,
@@ -143,6 +146,11 @@ impl KernelBackend {
     /// Plans not yet fully released (elements, claim, lease).
     pub fn plans(&self) -> usize {
         self.live.load(Ordering::Relaxed)
+    }
+
+    /// `data.conntrack_mark`, as the table was made with it.
+    pub fn mark(&self) -> u32 {
+        self.mark
     }
 
     /// Netlink messages sent for plans, and plans opened, so far.

@@ -137,7 +137,7 @@ impl Shape {
         // prerouting (nat): ct state new ip daddr . tcp dport @claim4 drop
         let claim = Element::Claim { dst, port };
         // add element inet ftpgate once4 { 198.51.100.2 . 40001 timeout 30000ms }
-        // gate: ct state related ip daddr . tcp dport @claim4 ip saddr . tcp dport != @once4 drop
+        // gate: ct state related ct mark & 0x10000000 == 0x10000000 ip saddr . tcp dport != @once4 drop
         let once = Element::Once { peer, port };
         let mut elements = Vec::new();
         if !natted {

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 const MARK: u32 = 0x1000_0000;
 
-/// The operator's firewall of issue "kernel backend II": nothing but
+/// An operator firewall built for the kernel's FTP helper: nothing but
 /// established and related connections is forwarded.
 const FIREWALL: &str = "table inet op {
 	chain forward {
@@ -61,14 +61,19 @@ impl Lab {
             (
                 &lab.client,
                 "c0",
-                &["198.51.100.2/24", "198.51.100.3/24"][..],
+                &["198.51.100.2/24", "198.51.100.3/24", "2001:db8:100::2/64"][..],
             ),
-            (&lab.gateway, "gc", &["198.51.100.1/24"]),
-            (&lab.gateway, "gs", &["10.71.2.1/24"]),
-            (&lab.server, "s0", &["10.71.2.2/24"]),
+            (
+                &lab.gateway,
+                "gc",
+                &["198.51.100.1/24", "2001:db8:100::1/64"],
+            ),
+            (&lab.gateway, "gs", &["10.71.2.1/24", "fd71:2::1/64"]),
+            (&lab.server, "s0", &["10.71.2.2/24", "fd71:2::2/64"]),
         ] {
             for a in addrs {
-                sh(ns, "ip", &["addr", "add", a, "dev", dev]);
+                // No duplicate address detection: usable at once.
+                sh(ns, "ip", &["addr", "add", a, "dev", dev, "nodad"]);
             }
             sh(ns, "ip", &["link", "set", dev, "up"]);
             sh(ns, "ip", &["link", "set", "lo", "up"]);
@@ -83,7 +88,22 @@ impl Lab {
             "ip",
             &["route", "add", "default", "via", "10.71.2.1"],
         );
+        sh(
+            &lab.client,
+            "ip",
+            &["-6", "route", "add", "default", "via", "2001:db8:100::1"],
+        );
+        sh(
+            &lab.server,
+            "ip",
+            &["-6", "route", "add", "default", "via", "fd71:2::1"],
+        );
         sh(&lab.gateway, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        sh(
+            &lab.gateway,
+            "sysctl",
+            &["-qw", "net.ipv6.conf.all.forwarding=1"],
+        );
         let (ok, out) = lab.gateway.nft(&["-f", "-"], Some(FIREWALL));
         assert!(ok, "{out}");
         Some(lab)
@@ -91,9 +111,15 @@ impl Lab {
 }
 
 fn marked_listener(addr: &str) -> TcpListener {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let addr: SocketAddr = addr.parse().unwrap();
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
     s.set_mark(MARK).unwrap();
-    s.bind(&addr.parse::<SocketAddr>().unwrap().into()).unwrap();
+    s.bind(&addr.into()).unwrap();
     s.listen(8).unwrap();
     s.into()
 }
@@ -101,7 +127,11 @@ fn marked_listener(addr: &str) -> TcpListener {
 /// A connection from `from` (port any) to `to`, or the error within 2 s:
 /// `TimedOut` when the SYN got no answer at all.
 fn dial(from: &str, to: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )?;
     if let Some(m) = mark {
         s.set_mark(m)?;
     }
@@ -149,12 +179,13 @@ async fn next_event(rx: &mut mpsc::UnboundedReceiver<DataEvent>) -> DataEvent {
         .expect("the plan's events")
 }
 
-/// Both same-mode plans in reverse mode, through the operator's firewall:
-/// each data connection is RELATED (the firewall's `ct state related`
-/// counter sees its first packet), NATed so that each end sees the
-/// gateway, once; another host and a second connection get no answer; the
-/// transfer's end and bytes come from the filtered conntrack events; two
-/// netlink messages per pinhole.
+/// Same-mode plans (reverse PASV and PORT, transparent PASV, IPv6 PASV)
+/// through the operator's firewall: each data connection is RELATED (the
+/// firewall's `ct state related` counter sees its first packet), NATed so
+/// that each end sees what the invariant says, once; another host and a
+/// second connection get no answer; the transfer's end and bytes come from
+/// the filtered conntrack events; two netlink messages per pinhole. A plan
+/// closed unused, and one whose gateway is gone, admit nothing later.
 #[test]
 fn kernel_pinholes_are_related_one_shot_and_exact() {
     let Some(lab) = Lab::new() else { return };
@@ -167,6 +198,18 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
         .join()
         .unwrap();
     let server_data2 = within(s.clone(), || TcpListener::bind("10.71.2.2:30001").unwrap())
+        .join()
+        .unwrap();
+    let server_ctl6 = within(s.clone(), || TcpListener::bind("[fd71:2::2]:2100").unwrap())
+        .join()
+        .unwrap();
+    let server_data6 = within(s.clone(), || {
+        TcpListener::bind("[fd71:2::2]:30000").unwrap()
+    })
+    .join()
+    .unwrap();
+    // Listens, never accepts: a connection admitted to it would complete.
+    let server_data3 = within(s.clone(), || TcpListener::bind("10.71.2.2:30002").unwrap())
         .join()
         .unwrap();
     // The client's PORT listener.
@@ -318,6 +361,65 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
             results.push((Ok(()), from, bytes, second, closed));
             drop(pinhole);
 
+            // IPv6: a session of its own (a plan's master is a control
+            // connection of its family), PASV→PASV.
+            let listener6 = marked_listener("[2001:db8:100::1]:2121");
+            let to6 = listener6.local_addr().unwrap();
+            let client_ctl6 = within(c.clone(), move || {
+                dial("2001:db8:100::2", to6, None).unwrap()
+            })
+            .join()
+            .unwrap();
+            let (accepted6, client_peer6) = listener6.accept().unwrap();
+            let upstream6 =
+                dial("fd71:2::1", "[fd71:2::2]:2100".parse().unwrap(), Some(MARK)).unwrap();
+            let (_server_side6, _) = server_ctl6.accept().unwrap();
+            let session6 = SessionInfo {
+                id: 2,
+                client: client_peer6,
+                server: "[fd71:2::2]:2100".parse().unwrap(),
+                activity: Default::default(),
+                balancers: None,
+                tls: SessionTls::default(),
+                control: Some(ControlConns {
+                    client_local: accepted6.local_addr().unwrap(),
+                    client_peer: client_peer6,
+                    client_dst: accepted6.local_addr().unwrap(),
+                    server_local: upstream6.local_addr().unwrap(),
+                    server: upstream6.peer_addr().unwrap(),
+                }),
+            };
+            let plan = DataPlan {
+                id: 6,
+                client: Leg::Listen {
+                    bind: ip("2001:db8:100::1"),
+                    peer: ip("2001:db8:100::2"),
+                },
+                server: Leg::Connect {
+                    target: "[fd71:2::2]:30000".parse().unwrap(),
+                    bind: ip("fd71:2::1"),
+                },
+                client_view: None,
+                tls: PlanTls::default(),
+            };
+            let shape = Shape::of(&plan).unwrap();
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let (opened, pinhole) = backend
+                .open(&session6, plan, shape, tx)
+                .await
+                .expect("open");
+            let announced = opened.client_listen.unwrap();
+            let got = receive(server_data6);
+            send_from(c.clone(), "2001:db8:100::2", announced, b"over ipv6")
+                .expect("the data connection");
+            let (from, bytes) = got.join().unwrap();
+            let second = send_from(c.clone(), "2001:db8:100::2", announced, b"again");
+            assert_eq!(next_event(&mut rx).await, DataEvent::Connected { id: 6 });
+            let closed = next_event(&mut rx).await;
+            results.push((Ok(()), from, bytes, second, closed));
+            drop(pinhole);
+            drop(client_ctl6);
+
             // A plan closed unused: its expectation is deleted, and its
             // peer is not admitted.
             let plan = DataPlan {
@@ -349,14 +451,75 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
                 backend.messages().plans.load(Ordering::Relaxed),
                 backend.messages().sent.load(Ordering::Relaxed),
             );
+
+            // The gateway gone right after opening a pinhole (no task, no
+            // timer, the expectation left in the kernel for its helper's
+            // 300 s): after the pinhole's timeout the kernel admits nothing.
+            let shape = Shape::of(&DataPlan {
+                id: 5,
+                client: Leg::Listen {
+                    bind: ip("198.51.100.1"),
+                    peer: ip("198.51.100.2"),
+                },
+                server: Leg::Connect {
+                    target: "10.71.2.2:30002".parse().unwrap(),
+                    bind: ip("10.71.2.1"),
+                },
+                client_view: None,
+                tls: PlanTls::default(),
+            })
+            .unwrap();
+            let port = 40009;
+            let control = session.control.as_ref().unwrap();
+            let (exp, natted) = shape.expectation(port, control).unwrap();
+            let (claim, once, elements) = shape.elements(port, natted);
+            let short = Duration::from_millis(300);
+            backend
+                .install(claim, once, &elements, short)
+                .await
+                .expect("elements");
+            backend
+                .expectations
+                .lock()
+                .await
+                .create(&exp)
+                .await
+                .expect("expectation");
+            // Poll for the kernel's expiry of `once` (the thing under test).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let out = tokio::process::Command::new("nft")
+                    .args(["list", "set", "inet", "ftpgate_k", "once4"])
+                    .output()
+                    .await
+                    .unwrap();
+                if !String::from_utf8_lossy(&out.stdout).contains(". 40009") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "once never expired");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let listed = tokio::process::Command::new("conntrack")
+                .args(["-L", "expect"])
+                .output()
+                .await
+                .unwrap();
+            let waiting = String::from_utf8_lossy(&listed.stdout).contains("dport=40009");
+            let late = send_from(
+                c.clone(),
+                "198.51.100.2",
+                SocketAddr::new(ip("198.51.100.1"), port),
+                b"late",
+            );
             drop(client_ctl);
             table.destroy().await.expect("destroy");
-            (results, messages, unused)
+            drop(server_data3);
+            (results, messages, unused, (waiting, late))
         })
     })
     .join()
     .expect("the gateway thread");
-    let (results, messages, unused) = gateway;
+    let (results, messages, unused, (waiting, late)) = gateway;
     let timed_out = |r: &io::Result<()>| matches!(r, Err(e) if e.kind() == io::ErrorKind::TimedOut);
     let (foreign, from, bytes, second, closed) = &results[0];
     assert!(timed_out(foreign), "another host: {foreign:?}");
@@ -390,14 +553,34 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
         ),
         "{closed:?}"
     );
+    let (_, from, bytes, second, closed) = &results[3];
+    assert_eq!(from.ip().to_string(), "fd71:2::1");
+    assert_eq!(bytes, b"over ipv6");
+    assert!(timed_out(second), "a second connection: {second:?}");
+    assert!(
+        matches!(
+            closed,
+            DataEvent::Closed {
+                id: 6,
+                outcome: DataOutcome::Completed,
+                ..
+            }
+        ),
+        "{closed:?}"
+    );
     assert!(timed_out(&unused), "the unused plan's peer: {unused:?}");
-    // Three data connections, each admitted as RELATED by its first packet.
+    assert!(waiting, "the expectation outlives the pinhole's timeout");
+    // Not admitted: the gate drops its first SYN; the retransmission, no
+    // longer expected, finds the claim expired too and the gateway's closed
+    // port (as when a gateway dies with any backend).
+    assert!(late.is_err(), "a connection after the timeout: {late:?}");
+    // Four data connections, each admitted as RELATED by its first packet.
     let listed = related_packets(&lab.gateway);
     assert!(
-        listed.contains("ct state related counter packets 3 "),
+        listed.contains("ct state related counter packets 4 "),
         "{listed}"
     );
     // One transaction and one expectation per plan whose connection came;
     // one more (the expectation's deletion) for the plan closed unused.
-    assert_eq!(messages, (4, 2 + 2 + 2 + 3));
+    assert_eq!(messages, (5, 2 + 2 + 2 + 2 + 3));
 }

@@ -19,8 +19,8 @@ mod tls_tests;
 pub use copy::{relay, Counts, DataPath};
 
 use super::{
-    DataEvent, DataFailure, DataOutcome, DataPlan, DataSettings, Leg, OpenError, Opened, Pinhole,
-    PlanId, PlanTls, PortLease, PortPool, SessionInfo, TlsFailure, TlsLeg, Usage,
+    DataEvent, DataFailure, DataOutcome, DataPlan, DataSettings, DataTls, Leg, OpenError, Opened,
+    Pinhole, PlanId, PlanTls, PortLease, PortPool, SessionInfo, TlsFailure, TlsLeg, Usage,
 };
 use crate::netfilter::{Element, InterceptTable};
 use crate::proxy::proxy_protocol::{self, Header};
@@ -30,7 +30,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tls_copy::{relay_streams, DataStream};
+use tls_copy::{relay_streams, DataStream, Records};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -387,6 +387,10 @@ async fn relay_tls(
     server: TcpStream,
     events: &mpsc::UnboundedSender<DataEvent>,
 ) -> (u64, u64, DataOutcome) {
+    // The session holds the transfer's final reply until the handshakes'
+    // result, so a refusal (522) reaches the client whatever the server
+    // answers first.
+    let _ = events.send(DataEvent::Handshaking { id });
     // Until both handshakes succeed, a failure drops the connections with
     // RST: a peer must not take it for an orderly (empty) transfer.
     reset(&client);
@@ -410,15 +414,26 @@ async fn relay_tls(
     for s in [&client, &server] {
         let _ = socket2::SockRef::from(s.tcp()).set_linger(None);
     }
+    let secured = DataTls {
+        client: describe(&client),
+        server: describe(&server),
+    };
     tracing::debug!(
         session = session.id,
         plan = id,
-        client = %describe(&client),
-        server = %describe(&server),
+        client = secured.client.as_deref().unwrap_or("plain"),
+        server = secured.server.as_deref().unwrap_or("plain"),
         "data connection secured"
     );
+    let _ = events.send(DataEvent::Secured { id, tls: secured });
     let _ = events.send(DataEvent::Connected { id });
-    let (counts, result) = relay_streams(&mut client, &mut server, Some(&session.activity)).await;
+    let (counts, result) = relay_streams(
+        &mut client,
+        &mut server,
+        Some(&session.activity),
+        session.id,
+    )
+    .await;
     let outcome = match result {
         Ok(()) => DataOutcome::Completed,
         Err(e) => {
@@ -449,7 +464,7 @@ async fn secure_client(
         .client
         .as_ref()
         .ok_or(failed(TlsFailure::NoSessionTls))?;
-    match side.accept_data(tcp).await {
+    match side.accept_data(Records::new(tcp)).await {
         Ok(s) => Ok(DataStream::Tls(Box::new(s.into()))),
         Err(crate::tls::server::DataTlsError::NotResumed) => Err(failed(TlsFailure::NotResumed)),
         Err(crate::tls::server::DataTlsError::Handshake(e)) => {
@@ -477,17 +492,17 @@ async fn secure_server(
         .server
         .as_ref()
         .ok_or(failed(TlsFailure::NoSessionTls))?;
-    match side.connect(tcp).await {
+    match side.connect(Records::new(tcp)).await {
         Ok(s) => Ok(DataStream::Tls(Box::new(s.into()))),
         Err(e) => Err(failed(TlsFailure::Handshake(e.message))),
     }
 }
 
-/// A leg's TLS version and cipher, or "plain".
-fn describe(s: &DataStream) -> String {
+/// A leg's TLS version and cipher; `None` in clear text.
+fn describe(s: &DataStream) -> Option<String> {
     match s {
-        DataStream::Plain(_) => "plain".to_string(),
-        DataStream::Tls(t) => crate::tls::describe(t.get_ref().1),
+        DataStream::Plain(_) => None,
+        DataStream::Tls(t) => Some(crate::tls::describe(t.get_ref().1)),
     }
 }
 

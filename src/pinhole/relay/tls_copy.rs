@@ -11,6 +11,23 @@
 //! buffers on a TLS leg: its outgoing buffer (64 KiB by default, rustls'
 //! `set_buffer_limit`) and at most one incoming record (16 KiB plus its
 //! overhead).
+//!
+//! A TLS peer's TCP FIN without close_notify is a possible truncation,
+//! and fails the transfer, except in two cases where nothing the transfer
+//! carries can have been cut, provided it came right after a whole record:
+//! - it ends the client's direction (an upload's data, or nothing): the
+//!   server gets every byte, then the same end (FIN, no close_notify), and
+//!   judges it as it would the client's own (ProFTPD 1.3.8 answers 226,
+//!   vsftpd 3.0.3 on OpenSSL 3 answers 426);
+//! - it ends the server's direction after the client's direction ended and
+//!   before any byte came that way: the server closing its side of an
+//!   upload (libunftp does so); the client gets the same end.
+//!
+//! The gateway never sends a close_notify its peer did not send, so each
+//! endpoint can still tell such an end from a clean one. Either case is
+//! logged at info with the session id. A server that answers the first
+//! case with an alert or a reset on its (empty) side judges the upload in
+//! its final reply; that answer ends the relay without an error.
 
 use super::meter::Meter;
 use crate::pinhole::Activity;
@@ -33,7 +50,7 @@ pub(crate) enum DataStream {
     /// No TLS on this leg.
     Plain(TcpStream),
     /// TLS on this leg, either role.
-    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::TlsStream<Records>>),
 }
 
 impl DataStream {
@@ -41,8 +58,114 @@ impl DataStream {
     pub(crate) fn tcp(&self) -> &TcpStream {
         match self {
             DataStream::Plain(s) => s,
-            DataStream::Tls(s) => s.get_ref().0,
+            DataStream::Tls(s) => &s.get_ref().0.tcp,
         }
+    }
+
+    /// Whether this TLS leg's peer closed its TCP connection (FIN) right
+    /// after a whole record: nothing of a record was cut off.
+    fn ended_on_record_boundary(&self) -> bool {
+        match self {
+            DataStream::Plain(_) => false,
+            DataStream::Tls(s) => s.get_ref().0.ended_on_boundary(),
+        }
+    }
+
+    /// Sends what is buffered, then a FIN with no close_notify: the end
+    /// the peer on the other leg made, passed on unchanged.
+    fn poll_shutdown_without_close_notify(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(Pin::new(&mut *self).poll_flush(cx))?;
+        socket2::SockRef::from(self.tcp()).shutdown(std::net::Shutdown::Write)?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A TLS leg's TCP connection, reading the record headers of what it
+/// receives (5 bytes: type, version, length — RFC 8446 §5.1, RFC 5246
+/// §6.2.1), to know whether the peer's FIN came between two records.
+pub(crate) struct Records {
+    tcp: TcpStream,
+    /// Header bytes of the record being read, and how many came so far.
+    header: [u8; 5],
+    have: usize,
+    /// Body bytes of the current record still to come.
+    body_left: usize,
+    /// The peer's FIN was read.
+    eof: bool,
+}
+
+impl Records {
+    /// Wraps a leg's connection before its handshake, so that every
+    /// record is counted.
+    pub(crate) fn new(tcp: TcpStream) -> Records {
+        Records {
+            tcp,
+            header: [0; 5],
+            have: 0,
+            body_left: 0,
+            eof: false,
+        }
+    }
+
+    /// The peer's FIN came, and right after a whole record.
+    fn ended_on_boundary(&self) -> bool {
+        self.eof && self.have == 0 && self.body_left == 0
+    }
+
+    /// Follows the record framing over bytes just received.
+    fn advance(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.body_left > 0 {
+                let n = self.body_left.min(bytes.len());
+                self.body_left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == 5 {
+                self.have = 0;
+                self.body_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+            }
+        }
+    }
+}
+
+impl AsyncRead for Records {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.tcp).poll_read(cx, buf))?;
+        let got = &buf.filled()[before..];
+        if got.is_empty() && buf.remaining() > 0 {
+            this.eof = true;
+        }
+        this.advance(got);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Records {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
     }
 }
 
@@ -91,24 +214,41 @@ impl AsyncWrite for DataStream {
 /// close_notify, or a plain peer's FIN) becomes close_notify (on a TLS
 /// leg) then shutdown(write) toward the other. A TLS peer that closes its
 /// TCP connection without close_notify has possibly been truncated: that
-/// is an error, not an end of file. An error in either direction ends both.
-/// Touches `activity` at every write, as the plain relay does.
-pub(crate) async fn relay_streams<C, S>(
-    client: &mut C,
-    server: &mut S,
+/// is an error, not an end of file, except in the two cases of the
+/// module's docs, passed on as they came and logged with `session`. An
+/// error in either direction ends both. Touches `activity` at every
+/// write, as the plain relay does.
+pub(crate) async fn relay_streams(
+    client: &mut DataStream,
+    server: &mut DataStream,
     activity: Option<&Activity>,
-) -> (Counts, io::Result<()>)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+    session: u64,
+) -> (Counts, io::Result<()>) {
     let mut up = Direction::new(activity);
+    up.fin_alone_passes = Some((session, "client"));
     let mut down = Direction::new(activity);
     let result = poll_fn(|cx| {
         // Both are polled each time, so each side is read while the other
         // is being written to.
         let up_done = up.poll(cx, &mut *client, &mut *server)?;
-        let down_done = down.poll(cx, &mut *server, &mut *client)?;
+        if up.done && down.meter.bytes == 0 {
+            down.fin_alone_passes = Some((session, "server"));
+        }
+        let down_done = match down.poll(cx, &mut *server, &mut *client) {
+            // The server's answer to the client's end without
+            // close_notify (OpenSSL sends a fatal alert): its verdict is
+            // its final reply (vsftpd 426, ProFTPD 226); nothing of the
+            // upload is at stake, and the client has stopped sending.
+            Poll::Ready(Err(e)) if up.fin_alone && down.meter.bytes == 0 => {
+                tracing::info!(
+                    session,
+                    "the server answered the upload's end without close_notify with: {e}"
+                );
+                down.done = true;
+                Poll::Ready(())
+            }
+            other => other?,
+        };
         if up_done.is_ready() && down_done.is_ready() {
             Poll::Ready(Ok(()))
         } else {
@@ -134,6 +274,13 @@ struct Direction<'a> {
     /// Written since the last flush: a TLS stream may hold the tail of a
     /// record until flushed.
     unflushed: bool,
+    /// Set where a TLS source's FIN without close_notify, on a record
+    /// boundary, cannot have cut anything (the module's docs): it then
+    /// ends this direction with the same end toward the destination. The
+    /// session id and the source's side are for the log line.
+    fin_alone_passes: Option<(u64, &'static str)>,
+    /// The source ended that way.
+    fin_alone: bool,
     meter: Meter<'a>,
 }
 
@@ -146,17 +293,20 @@ impl<'a> Direction<'a> {
             eof: false,
             done: false,
             unflushed: false,
+            fin_alone_passes: None,
+            fin_alone: false,
             meter: Meter::new(activity),
         }
     }
 
     /// Moves what `src` has to `dst`; ready once `src` ended and `dst` was
     /// shut down.
-    fn poll<R, W>(&mut self, cx: &mut Context<'_>, src: &mut R, dst: &mut W) -> Poll<io::Result<()>>
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut DataStream,
+        dst: &mut DataStream,
+    ) -> Poll<io::Result<()>> {
         if self.done {
             return Poll::Ready(Ok(()));
         }
@@ -172,6 +322,24 @@ impl<'a> Direction<'a> {
                         self.pos = 0;
                         self.len = n;
                         self.eof = n == 0;
+                    }
+                    Poll::Ready(Err(e))
+                        if e.kind() == io::ErrorKind::UnexpectedEof
+                            && src.ended_on_record_boundary() =>
+                    {
+                        let Some((session, from)) = self.fin_alone_passes else {
+                            return Poll::Ready(Err(e));
+                        };
+                        tracing::info!(
+                            session,
+                            from,
+                            bytes = self.meter.bytes,
+                            "TLS data connection ended without close_notify (TCP FIN after a whole record), where nothing can have been cut: passed on the same way"
+                        );
+                        self.fin_alone = true;
+                        self.pos = 0;
+                        self.len = 0;
+                        self.eof = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
@@ -200,7 +368,12 @@ impl<'a> Direction<'a> {
                 // already gone has nothing left to be told (as for the plain
                 // relay's shutdown); had it gone early, the other
                 // direction's read reports it.
-                match ready!(Pin::new(&mut *dst).poll_shutdown(cx)) {
+                let shut = if self.fin_alone {
+                    ready!(dst.poll_shutdown_without_close_notify(cx))
+                } else {
+                    ready!(Pin::new(&mut *dst).poll_shutdown(cx))
+                };
+                match shut {
                     Err(e)
                         if !matches!(
                             e.kind(),

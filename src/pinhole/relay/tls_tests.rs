@@ -621,35 +621,221 @@ async fn upload_after_upload_resumes_the_gateways_own_session() {
     }
 }
 
-#[tokio::test]
-async fn a_tls_upload_cut_without_close_notify_fails() {
-    let pki = pki();
-    let ends = Ends::new(&pki, true).await;
-    let session = ends.session();
+/// A passive plan with `tls` legs, its client connection made; the
+/// server's connection is accepted by the caller.
+async fn plan_with_client(
+    ends: &Ends,
+    server: &TcpListener,
+    id: PlanId,
+    tls: PlanTls,
+) -> (TcpStream, mpsc::UnboundedReceiver<DataEvent>, Pinhole) {
     let backend = backend(Duration::from_secs(10));
-    let server = TcpListener::bind((lo(), 0)).await.unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let (opened, _pinhole) = backend
-        .open(&session, passive(9, &server, CLIENT), tx)
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (opened, pinhole) = backend
+        .open(&ends.session(), passive(id, server, tls), tx)
         .await
         .unwrap();
     let tcp = TcpStream::connect(opened.client_listen.unwrap())
         .await
         .unwrap();
+    (tcp, rx, pinhole)
+}
+
+/// Reads until the end or an error; what came, and how it ended.
+async fn read_all<R: AsyncRead + Unpin>(r: &mut R) -> (Vec<u8>, io::Result<()>) {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match bounded(r.read(&mut buf)).await {
+            Ok(0) => return (got, Ok(())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return (got, Err(e)),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_tls_upload_cut_mid_record_fails() {
+    let pki = pki();
+    let ends = Ends::new(&pki, true).await;
+    let server = TcpListener::bind((lo(), 0)).await.unwrap();
+    let (tcp, mut rx, _pinhole) = plan_with_client(&ends, &server, 9, CLIENT).await;
     let mut tls = ends.client.connect(tcp).await.unwrap();
     tls.write_all(&data(64 * 1024, 8)).await.unwrap();
     tls.flush().await.unwrap();
-    // FIN with no close_notify first: a truncation, as an attacker on the
-    // path could cause; the server must not take it for the file's end.
+    // The header of an application-data record of 16 KiB, 100 bytes of
+    // its body, then FIN: the connection was cut inside a record, as an
+    // attacker on the path or a broken link could cause; the server must
+    // not take it for the file's end.
     let (mut tcp, _) = tls.into_inner();
+    tcp.write_all(&[0x17, 0x03, 0x03, 0x40, 0x00])
+        .await
+        .unwrap();
+    tcp.write_all(&[0x5a; 100]).await.unwrap();
     tcp.shutdown().await.unwrap();
     let (mut up, _) = bounded(server.accept()).await.unwrap();
-    let mut got = Vec::new();
-    let read = bounded(up.read_to_end(&mut got)).await;
+    let (_, end) = read_all(&mut up).await;
     assert!(
-        matches!(&read, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
-        "the server saw an orderly end: {read:?}"
+        matches!(&end, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+        "the server saw an orderly end: {end:?}"
     );
+    let (_, _, outcome) = closed(&mut rx).await;
+    assert!(
+        matches!(&outcome, DataOutcome::Failed(DataFailure::Relay(_))),
+        "{outcome:?}"
+    );
+}
+
+/// suppaftp and Python's ftplib end a TLS upload with FIN alone, after
+/// their last whole record. The relay passes every byte and the same end
+/// to the server: a TLS server there sees no close_notify either, and
+/// decides as it would for the client directly.
+#[tokio::test]
+async fn a_tls_upload_ended_by_fin_alone_on_a_record_boundary_is_passed_on_as_it_came() {
+    let pki = pki();
+    let ends = Ends::new(&pki, true).await;
+    let server = TcpListener::bind((lo(), 0)).await.unwrap();
+    let (tcp, mut rx, _pinhole) = plan_with_client(&ends, &server, 10, BOTH).await;
+    let sent = data(300 * 1024, 9);
+    let mut tls = ends.client.connect(tcp).await.unwrap();
+    tls.write_all(&sent).await.unwrap();
+    tls.flush().await.unwrap();
+    let (mut tcp, _) = tls.into_inner();
+    tcp.shutdown().await.unwrap();
+
+    let (up, _) = bounded(server.accept()).await.unwrap();
+    let mut up = ends.server.accept_data(up).await.unwrap();
+    let (got, end) = read_all(&mut up).await;
+    assert_eq!(sha(&got), sha(&sent), "every byte of the upload arrived");
+    assert!(
+        matches!(&end, Err(e) if e.kind() == io::ErrorKind::UnexpectedEof),
+        "the server sees the client's end (FIN, no close_notify): {end:?}"
+    );
+    // The server ends its side; the client leg gets close_notify and FIN.
+    up.shutdown().await.unwrap();
+    let (back, end) = read_all(&mut tcp).await;
+    assert!(end.is_ok(), "{end:?}");
+    assert!(!back.is_empty(), "close_notify came to the client");
+    let (to_client, to_server, outcome) = closed(&mut rx).await;
+    assert_eq!(outcome, DataOutcome::Completed);
+    assert_eq!((to_client, to_server), (0, sent.len() as u64));
+}
+
+/// A server on OpenSSL answers an upload's end without close_notify with
+/// a fatal alert, or resets: that is its verdict on the end (given in its
+/// final reply), not a failure of the relay; the upload all arrived.
+#[tokio::test]
+async fn a_server_refusing_an_upload_end_without_close_notify_is_its_own_verdict() {
+    let pki = pki();
+    let ends = Ends::new(&pki, true).await;
+    let server = TcpListener::bind((lo(), 0)).await.unwrap();
+    let (tcp, mut rx, _pinhole) = plan_with_client(&ends, &server, 14, BOTH).await;
+    let sent = data(100 * 1024, 12);
+    let mut tls = ends.client.connect(tcp).await.unwrap();
+    tls.write_all(&sent).await.unwrap();
+    tls.flush().await.unwrap();
+    let (mut tcp, _) = tls.into_inner();
+    tcp.shutdown().await.unwrap();
+    let (up, _) = bounded(server.accept()).await.unwrap();
+    let mut up = ends.server.accept_data(up).await.unwrap();
+    let (got, end) = read_all(&mut up).await;
+    assert_eq!(sha(&got), sha(&sent));
+    assert!(end.is_err(), "{end:?}");
+    // The server gives up on the connection: RST.
+    let (up, _) = up.into_inner();
+    socket2::SockRef::from(&up)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(up);
+    let (to_client, to_server, outcome) = closed(&mut rx).await;
+    assert_eq!(outcome, DataOutcome::Completed);
+    assert_eq!((to_client, to_server), (0, sent.len() as u64));
+}
+
+/// After a whole upload with close_notify, the server closes its side of
+/// the data connection with FIN alone (libunftp does): nothing came that
+/// way, so nothing can have been cut. The client gets the same end.
+#[tokio::test]
+async fn a_server_closing_its_side_of_an_upload_with_fin_alone_completes() {
+    let pki = pki();
+    let ends = Ends::new(&pki, true).await;
+    let server = TcpListener::bind((lo(), 0)).await.unwrap();
+    let (tcp, mut rx, _pinhole) = plan_with_client(&ends, &server, 12, BOTH).await;
+    let sent = data(200 * 1024, 11);
+    let mut client = ends.client.connect(tcp).await.unwrap();
+    client.write_all(&sent).await.unwrap();
+    client.shutdown().await.unwrap();
+    let (up, _) = bounded(server.accept()).await.unwrap();
+    let mut up = ends.server.accept_data(up).await.unwrap();
+    let (got, end) = read_all(&mut up).await;
+    assert!(end.is_ok(), "the upload ended with close_notify: {end:?}");
+    assert_eq!(sha(&got), sha(&sent));
+    let (mut tcp, _) = up.into_inner();
+    tcp.shutdown().await.unwrap();
+    let (back, end) = read_all(&mut client).await;
+    assert!(back.is_empty());
+    assert!(
+        matches!(&end, Err(e) if e.kind() == io::ErrorKind::UnexpectedEof),
+        "the client sees the server's end (FIN, no close_notify): {end:?}"
+    );
+    let (to_client, to_server, outcome) = closed(&mut rx).await;
+    assert_eq!(outcome, DataOutcome::Completed);
+    assert_eq!((to_client, to_server), (0, sent.len() as u64));
+}
+
+/// The same end of the server's side while the client's side is still
+/// open is a download cut before its first byte: it fails.
+#[tokio::test]
+async fn a_server_fin_alone_before_the_clients_end_fails() {
+    let pki = pki();
+    let ends = Ends::new(&pki, true).await;
+    let server = TcpListener::bind((lo(), 0)).await.unwrap();
+    let (tcp, mut rx, _pinhole) = plan_with_client(&ends, &server, 13, BOTH).await;
+    let serve = async {
+        let (down, _) = server.accept().await.unwrap();
+        let down = ends.server.accept_data(down).await.unwrap();
+        let (mut tcp, _) = down.into_inner();
+        tcp.shutdown().await.unwrap();
+        tcp
+    };
+    let (mut client, _server_tcp) =
+        bounded(async { tokio::join!(async { ends.client.connect(tcp).await.unwrap() }, serve) })
+            .await;
+    let (_, end) = read_all(&mut client).await;
+    assert!(
+        end.is_err(),
+        "the client saw an orderly (empty) end: {end:?}"
+    );
+    let (_, _, outcome) = closed(&mut rx).await;
+    assert!(
+        matches!(&outcome, DataOutcome::Failed(DataFailure::Relay(_))),
+        "{outcome:?}"
+    );
+}
+
+/// A download is not given that leeway: the server's FIN without
+/// close_notify may be a cut, and the client must not take it for the
+/// file's end.
+#[tokio::test]
+async fn a_tls_download_ended_by_fin_alone_fails() {
+    let pki = pki();
+    let ends = Ends::new(&pki, true).await;
+    let server = TcpListener::bind((lo(), 0)).await.unwrap();
+    let (tcp, mut rx, _pinhole) = plan_with_client(&ends, &server, 11, BOTH).await;
+    let serve = async {
+        let (down, _) = server.accept().await.unwrap();
+        let mut down = ends.server.accept_data(down).await.unwrap();
+        down.write_all(&data(64 * 1024, 10)).await.unwrap();
+        down.flush().await.unwrap();
+        let (mut tcp, _) = down.into_inner();
+        tcp.shutdown().await.unwrap();
+        tcp
+    };
+    let (mut client, _server_tcp) =
+        bounded(async { tokio::join!(async { ends.client.connect(tcp).await.unwrap() }, serve) })
+            .await;
+    let (_, end) = read_all(&mut client).await;
+    assert!(end.is_err(), "the client saw an orderly end: {end:?}");
     let (_, _, outcome) = closed(&mut rx).await;
     assert!(
         matches!(&outcome, DataOutcome::Failed(DataFailure::Relay(_))),
