@@ -76,11 +76,34 @@ enum Cmd {
         #[arg(long, short, required = true)]
         config: Vec<PathBuf>,
     },
-    /// Print the nftables ruleset an operator needs for this configuration.
+    /// Print the nftables ruleset an operator needs for this configuration;
+    /// with --into, only the rules for the operator's own chains, as
+    /// `add rule` commands that `nft -f -` loads.
     Nft {
         /// The rule file.
         #[arg(long, short)]
         config: PathBuf,
+        /// The operator's existing table, as FAMILY/TABLE (e.g. inet/filter):
+        /// print only the rules for its chains given below; a group of
+        /// rules is left out when its chain is not given.
+        #[arg(long, value_name = "FAMILY/TABLE")]
+        into: Option<String>,
+        /// The filter chain for input: the listeners' control ports and the
+        /// data pools.
+        #[arg(long, value_name = "CHAIN", requires = "into")]
+        input: Option<String>,
+        /// The filter chain for forward (it needs no rule: printed as a
+        /// comment that says why).
+        #[arg(long, value_name = "CHAIN", requires = "into")]
+        forward: Option<String>,
+        /// The nat chain at prerouting priority dstnat: the transparent
+        /// listeners' interception.
+        #[arg(long, value_name = "CHAIN", requires = "into")]
+        dstnat: Option<String>,
+        /// The control ports the transparent listeners intercept.
+        #[arg(long, value_name = "PORT,...", value_delimiter = ',', default_value = "21",
+              value_parser = clap::value_parser!(u16).range(1..))]
+        control_ports: Vec<u16>,
     },
     /// Show which rule a session from CLIENT to SERVER meets and what it
     /// allows, or why it is refused. Exits 0 when allowed, 1 when refused.
@@ -168,10 +191,32 @@ fn main() -> ExitCode {
                 Err(errors) => set_errors(&errors),
             }
         }
-        Cmd::Nft { config } => match Config::load(&config) {
+        Cmd::Nft {
+            config,
+            into,
+            input,
+            forward,
+            dstnat,
+            control_ports,
+        } => match Config::load(&config) {
             Ok(c) => {
-                print!("{}", ftpgate::netfilter::ruleset(&c));
-                ExitCode::SUCCESS
+                let Some(into) = into else {
+                    print!("{}", ftpgate::netfilter::ruleset(&c, &control_ports));
+                    return ExitCode::SUCCESS;
+                };
+                match ftpgate::netfilter::OperatorChains::new(&into, input, forward, dstnat) {
+                    Ok(chains) => {
+                        print!(
+                            "{}",
+                            ftpgate::netfilter::operator_rules(&c, &chains, &control_ports)
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(2)
+                    }
+                }
             }
             Err(errors) => {
                 eprintln!("{errors}");

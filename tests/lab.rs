@@ -109,18 +109,16 @@ fn namespaces_with(prefix: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn lab_ftpgate_passes_every_case() {
-    let _turn = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    if !lab_available() {
-        return;
-    }
+/// Runs the ftpgate target's matrix with `args`, checks that every case passed,
+/// and returns lab.py's output.
+fn ftpgate_matrix(args: &[&str]) -> String {
     let out = lab_command()
         .args(["--targets", "ftpgate"])
+        .args(args)
         .output()
         .expect("lab.py runs");
     print_output(&out);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let summary = stdout
         .lines()
         .find(|l| l.starts_with("ftpgate: "))
@@ -128,6 +126,34 @@ fn lab_ftpgate_passes_every_case() {
     assert!(out.status.success(), "lab failed: {summary}");
     assert!(summary.ends_with(" 0 failed"), "{summary}");
     assert!(!summary.starts_with("ftpgate: 0 passed"), "{summary}");
+    stdout
+}
+
+#[test]
+fn lab_ftpgate_passes_every_case() {
+    let _turn = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !lab_available() {
+        return;
+    }
+    ftpgate_matrix(&[]);
+}
+
+/// The kernel backend under the operator's firewall as it is (forward: only
+/// established/related, the DNAT'd control ports and LAN to WAN), with exactly
+/// the rules `ftpgate nft --into` prints: its data connections pass as RELATED.
+#[test]
+fn lab_kernel_backend_passes_every_case_with_only_the_printed_rules() {
+    let _turn = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !lab_available() {
+        return;
+    }
+    let stdout = ftpgate_matrix(&["--backend", "nftables"]);
+    assert!(
+        stdout.contains(
+            "lab: ftpgate: the edge has the 9 rules `ftpgate nft --into` printed, nothing else\n"
+        ),
+        "the edge did not load the printed rules"
+    );
 }
 
 /// The FTPS cases (`lab.py --ftps`): every server in TLS mode behind the edge's

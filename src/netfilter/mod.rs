@@ -18,5 +18,5 @@ mod ruleset;
 pub(crate) mod table;
 
 pub use element::Element;
-pub use ruleset::ruleset;
+pub use ruleset::{operator_rules, ruleset, Family, OperatorChains, DEFAULT_CONTROL_PORTS};
 pub use table::InterceptTable;

@@ -422,12 +422,7 @@ fn check_name(name: &str) -> io::Result<()> {
 pub(crate) const DEFAULT_MARK: u32 = 0x1000_0000;
 
 /// The gateway's table `name`, without elements, as `nft -f` takes it,
-/// with the default `data.conntrack_mark`.
-pub(crate) fn table_script(name: &str) -> String {
-    table_script_for(name, DEFAULT_MARK)
-}
-
-/// The gateway's table `name` for the conntrack mark `mark`.
+/// for the conntrack mark `mark`.
 pub(crate) fn table_script_for(name: &str, mark: u32) -> String {
     let start = TABLE.find("\ntable inet ").map_or(0, |i| i + 1);
     TABLE[start..]

@@ -28,10 +28,13 @@ import argparse
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 sys.dont_write_bytecode = True
@@ -135,6 +138,11 @@ def parse_args(argv):
         help="shell command run during each ftpgate rate test with FTPGATE_PID set "
         "(e.g. 'perf record -g -p $FTPGATE_PID -o f.data'); sent SIGINT when the test ends",
     )
+    p.add_argument(
+        "--netlink-sessions", type=int, default=0, metavar="N",
+        help="after each ftpgate rate test, run N more sessions under strace and count the "
+        "gateway's netlink syscalls per session (not part of the rate)",
+    )
     p.add_argument("--noops", type=int, default=None, help="NOOP round trips per target and repetition (default 2000)")
     p.add_argument("--smoke", action="store_true", help="quick correctness run: --size 8M --reps 1 --rate-sessions 64 --noops 200")
     p.add_argument("--ftpgate-bin", default=os.environ.get("FTPGATE_BIN"))
@@ -171,6 +179,8 @@ def parse_args(argv):
             args.rate_seconds = 10.0
     if args.rate_sessions is not None and args.rate_seconds is not None:
         p.error("give --rate-seconds or --rate-sessions, not both")
+    if args.netlink_sessions < 0:
+        p.error("--netlink-sessions must be 0 or more")
     if args.reps < 1:
         p.error("--reps must be at least 1")
     if args.ftpgate_bin:
@@ -263,7 +273,8 @@ class Recorder:
     """Every measurement and every failure, per target."""
 
     def __init__(self, names):
-        self.data = {n: {"retr": [], "stor": [], "rate": [], "latency": [], "failures": []} for n in names}
+        self.data = {n: {"retr": [], "stor": [], "rate": [], "latency": [], "netlink": [], "failures": []}
+                     for n in names}
 
     def fail(self, target, what):
         self.data[target]["failures"].append(what)
@@ -412,6 +423,83 @@ def stop_hook(proc):
         proc.wait()
 
 
+# std's datagram sockets send with write(2) and receive with recvfrom(2).
+NETLINK_CALLS = "sendmsg,sendto,write,writev,recvmsg,recvfrom,read,readv"
+NETLINK_CALL = re.compile(r"^(\w+)\(\d+<NETLINK:.*\)\s+= (-?\d+)")
+
+
+def count_netlink(trace_dir):
+    """(sends, receives) of netlink messages in strace -ff -yy output files: calls that
+    sent, and calls that read a message (not those that found the socket empty)."""
+    sends = receives = 0
+    for name in os.listdir(trace_dir):
+        with open(os.path.join(trace_dir, name), errors="replace") as f:
+            for line in f:
+                m = NETLINK_CALL.match(line)
+                if not m or int(m.group(2)) < 0:
+                    continue
+                if m.group(1).startswith(("send", "write")):
+                    sends += 1
+                elif int(m.group(2)) > 0:
+                    receives += 1
+    return sends, receives
+
+
+def bench_netlink(lab, target, args, rec, rep):
+    """N sessions with strace attached to the gateway: its netlink messages per session."""
+    pid = gateway_pid(target)
+    if not pid or not args.netlink_sessions:
+        return
+    if not shutil.which("strace"):
+        rec.fail(target.name, "netlink: strace not found")
+        return
+    trace_dir = os.path.join(target.dir, f"strace-{rep}")
+    os.makedirs(trace_dir, exist_ok=True)
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-ff", "-yy", "-e", f"trace={NETLINK_CALLS}",
+         "-o", os.path.join(trace_dir, "t"), "-p", str(pid)],
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    # strace attaches to every thread of the gateway, then says "attached": tracing has begun.
+    attached = threading.Event()
+
+    def watch():
+        for line in tracer.stderr:
+            if "attached" in line:
+                attached.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    if not attached.wait(10):
+        stop_hook(tracer)
+        rec.fail(target.name, "netlink: strace did not attach to the gateway")
+        return
+    _, addr, port = target.endpoint("inbound", args.rate_server, 4)
+    argv = ["rate", addr, str(port), LIST_DIR, str(LIST_ENTRIES), "--workers", "4", "--procs", "1",
+            "--sessions", str(args.netlink_sessions)]
+    try:
+        out = run_client(lab, argv, 120 + args.netlink_sessions // 5)
+    finally:
+        stop_hook(tracer)
+    if "error" in out:
+        rec.fail(target.name, f"netlink: {out['error']}")
+        return
+    sends, receives = count_netlink(trace_dir)
+    if not args.keep:
+        shutil.rmtree(trace_dir, ignore_errors=True)
+    n = out["sessions"]
+    if not n:
+        rec.fail(target.name, "netlink: no session completed under strace")
+        return
+    got = {"sessions": n, "errors": out["errors"], "samples": out.get("samples", [])[:3], "sends": sends,
+           "receives": receives, "sends_per_session": sends / n, "receives_per_session": receives / n}
+    rec.data[target.name]["netlink"].append(got)
+    print(f"  {target.name} netlink: {sends} sent, {receives} received over {n} sessions"
+          f" ({out['errors']} errors) = {sends / n:.2f} sent + {receives / n:.2f} received per session", flush=True)
+    if out["errors"]:
+        # Under strace the gateway is slower; these sessions are not in the rate, but show what failed.
+        print(f"  {target.name} netlink: session errors under strace, e.g. {'; '.join(got['samples'])}", flush=True)
+
+
 def bench_latency(lab, target, args, rec):
     _, addr, port = target.endpoint("inbound", args.server, 4)
     out = run_client(lab, ["latency", addr, str(port), "--count", str(args.noops)], 60 + args.noops // 50)
@@ -447,6 +535,7 @@ def run_rep(lab, workdir, args, rec, rep, running, payload_path, digest):
                 bench_throughput(lab, target, args, running[args.server], payload_path, digest, rec, rep)
             if "rate" in args.tests:
                 bench_rate(lab, target, args, rec)
+                bench_netlink(lab, target, args, rec, rep)
         finally:
             target.teardown()
             lab.flush_target_chains()
@@ -467,6 +556,10 @@ def summary(rec):
             "session_errors": sum(x["errors"] for x in d["rate"]),
             "noop_p50_us": median([x["p50_us"] for x in d["latency"]]),
             "noop_p99_us": median([x["p99_us"] for x in d["latency"]]),
+            "gw_cpu_us": median([x["gateway_cpu_us_per_session"] for x in d["rate"]
+                                 if "gateway_cpu_us_per_session" in x]),
+            "netlink_sent": median([x["sends_per_session"] for x in d["netlink"]]),
+            "netlink_recv": median([x["receives_per_session"] for x in d["netlink"]]),
         }
     return out
 
@@ -478,6 +571,9 @@ COLUMNS = (
     ("sessions_s", "sessions/s", "{:.0f}"),
     ("noop_p50_us", "NOOP p50 us", "{:.0f}"),
     ("noop_p99_us", "NOOP p99 us", "{:.0f}"),
+    ("gw_cpu_us", "gw CPU us/s.", "{:.0f}"),
+    ("netlink_sent", "nl sent/s.", "{:.2f}"),
+    ("netlink_recv", "nl recv/s.", "{:.2f}"),
 )
 
 

@@ -218,8 +218,12 @@ def _values(elem):
 
 
 def kernel_active_endpoint(lab, table, family, client_addr, client_port):
-    """(address, port) the gateway told the server, from its dnat map: the element
-    whose value is the client's PORT/EPRT endpoint."""
+    """(address, port) the gateway told the server: from its dnat map, the element
+    whose value is the client's PORT/EPRT endpoint, where the plan has one there;
+    otherwise from the conntrack expectation the plan made for the server's
+    connection, whose NAT (the client's endpoint) conntrack does not print: the
+    newest expectation (most time left) to a server_ports port, one active plan at
+    a time here."""
     for obj in edge_table(lab, table):
         m = obj.get("map")
         if not m or m["name"] != f"dnat{family}":
@@ -228,7 +232,23 @@ def kernel_active_endpoint(lab, table, family, client_addr, client_port):
             if _values(value) == [client_addr, client_port]:
                 _peer, dst, port = _values(key)
                 return dst, port
-    return None
+    lo, hi = targets.FtpgateTarget.SERVER_PORTS
+    out = lab.run("edge", ["conntrack", "-L", "expect", "-f", "ipv4" if family == 4 else "ipv6"], check=False).stdout
+    best = None
+    for line in out.splitlines():
+        fields = line.split()
+        # "<seconds left> proto=6 src=S dst=D sport=0 dport=P mask-src=... sport=0 dport=65535
+        # master-src=...": the expected tuple is the first of each name.
+        tuple_ = {}
+        for f in fields[1:]:
+            name, _, value = f.partition("=")
+            tuple_.setdefault(name, value)
+        if not fields or not fields[0].isdigit() or "dport" not in tuple_:
+            continue
+        port = int(tuple_["dport"])
+        if lo <= port <= hi and (best is None or int(fields[0]) > best[0]):
+            best = (int(fields[0]), tuple_["dst"], port)
+    return best[1:] if best else None
 
 
 def relay_active_endpoint(lab, family):

@@ -323,6 +323,14 @@ class FtpgateTarget(Target):
         env_argv = ["env", "RUST_LOG=" + os.environ.get("RUST_LOG", "info")]
         self.daemon = Daemon(self.lab, env_argv + [binary, "run", "--config", conf], self.log, "listening", self.listeners)
         self.daemon.wait_ready(15)
+        if self.opts.backend == "nftables":
+            # The operator's firewall as ftpgate prints it, and nothing broader:
+            # its data connections must pass as RELATED, as the kernel helper's do.
+            printed = self.printed_rules(conf)
+            self.lab.nft(printed)
+            count = sum(1 for line in printed.splitlines() if line.startswith("add rule "))
+            print(f"lab: {self.name}: the edge has the {count} rules `ftpgate nft --into` printed, nothing else", flush=True)
+            return
         cp = f"{self.CLIENT_PORTS[0]}-{self.CLIENT_PORTS[1]}"
         sp = f"{self.SERVER_PORTS[0]}-{self.SERVER_PORTS[1]}"
         # Subclasses with their own rule file (hostile.py) keep the plain listeners' range.
@@ -335,10 +343,22 @@ add rule inet {FW_TABLE} tgt_input iifname "wans" tcp dport {sp} accept
 add rule inet {FW_TABLE} tgt_input iifname "wanc" tcp dport {{ {in_ports}, {cp} }} accept
 add rule inet {FW_TABLE} tgt_input iifname "lans" tcp dport {sp} accept
 """
-        if self.opts.backend == "nftables":
-            # With the kernel forwarding the data, the gateway's DNAT'd flows cross forward.
-            rules += f"add rule inet {FW_TABLE} tgt_forward ct status dnat accept\n"
         self.lab.nft(rules)
+
+    def printed_rules(self, conf):
+        """What `ftpgate nft --into` prints for the edge's target chains."""
+        argv = [
+            self.opts.ftpgate_bin, "nft", "--config", conf, "--into", f"inet/{FW_TABLE}",
+            "--input", "tgt_input", "--forward", "tgt_forward", "--dstnat", "tgt_dnat",
+            "--control-ports", ",".join(str(p) for p in CONTROL_PORTS),
+        ]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ftpgate nft --into: exit {proc.returncode}: {proc.stderr.strip()}")
+        self.printed = proc.stdout
+        with open(os.path.join(self.dir, "operator-rules.nft"), "w") as f:
+            f.write(self.printed)
+        return self.printed
 
     def endpoint(self, scenario, server, family):
         client, addr, port = super().endpoint(scenario, server, family)
