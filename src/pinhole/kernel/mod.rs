@@ -184,10 +184,10 @@ impl KernelBackend {
             .ok_or_else(|| io::Error::other("no control connections to make an expectation on"))?;
         let lease = pool.lease(session.client.ip())?;
         let port = lease.port();
-        let (exp, natted) = shape.expectation(port, control).ok_or_else(|| {
+        let exp = shape.expectation(port, control).ok_or_else(|| {
             io::Error::other("the control connection's address family is not the plan's")
         })?;
-        let (claim, once, elements) = shape.elements(port, natted);
+        let (claim, once, elements) = shape.elements(port);
         let timeout = self.settings.pinhole_timeout;
         self.messages.opened();
         let claim = self.install(claim, once, &elements, timeout).await?;
@@ -216,7 +216,6 @@ impl KernelBackend {
             session = session.id,
             plan = plan.id,
             port,
-            natted,
             "kernel pinhole: expectation on the {} control connection",
             if shape.passive { "server" } else { "client" }
         );
