@@ -179,9 +179,9 @@ async fn a_bad_server_certificate_gives_421_and_says_why() {
     let server = start_ftps_unftp(root.path(), &pki, false).await;
     // The gateway trusts another CA than the one that signed the server.
     let gw = Harness::new(Upstream::At(server))
-        .listener(&format!(
-            "    upstream_tls:\n      mode: explicit\n      ca: {}\n      allow_downgrade: true\n",
-            pki.path("other-ca.pem").display()
+        .listener(&explicit_upstream(
+            &pki.path("other-ca.pem"),
+            "      allow_downgrade: true\n",
         ))
         .rule("    tls: terminate\n")
         .start()
@@ -203,9 +203,9 @@ async fn a_plain_client_reaches_an_ftps_server_through_the_gateway() {
     let root = tempfile::tempdir().unwrap();
     let server = start_ftps_unftp(root.path(), &pki, false).await;
     let gw = Harness::new(Upstream::At(server))
-        .listener(&format!(
-            "    upstream_tls:\n      mode: explicit\n      ca: {}\n      allow_downgrade: true\n",
-            pki.path("ca.pem").display()
+        .listener(&explicit_upstream(
+            &pki.path("ca.pem"),
+            "      allow_downgrade: true\n",
         ))
         .rule("    tls: terminate\n")
         .start()
@@ -260,6 +260,36 @@ impl TlsControl {
         TlsControl {
             s: tokio::io::BufReader::new(tls),
         }
+    }
+
+    /// Logs in as anonymous after AUTH TLS and sets PBSZ 0 and `prot`
+    /// (`PROT P` or `PROT C`), each reply checked.
+    async fn login(&mut self, prot: &str) {
+        for (cmd, code) in [
+            ("USER anonymous", "331"),
+            ("PASS x", "230"),
+            ("PBSZ 0", "200"),
+            (prot, "200"),
+        ] {
+            let r = self.cmd(cmd).await;
+            assert!(r.starts_with(code), "{cmd}: {r}");
+        }
+    }
+
+    /// PASV, the data connection made, then LIST and its 150: the data
+    /// connection, for the caller to read (and handshake on under PROT P).
+    async fn list_on_pasv(&mut self) -> tokio::net::TcpStream {
+        let port = common::port_of_227(&self.cmd("PASV").await);
+        let data = bounded(
+            "data connect",
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        .unwrap();
+        self.send("LIST").await;
+        let r = self.reply().await;
+        assert!(r.starts_with("150"), "{r}");
+        data
     }
 
     /// The leaf certificate the gateway served.
@@ -423,6 +453,28 @@ async fn an_implicit_listener_speaks_tls_from_the_first_byte() {
     assert!(start.contains("tls_client=\"TLSv1.3"), "{start}");
 }
 
+/// A listener's `upstream_tls`: explicit FTPS to the server, trusting
+/// `ca`, then `more` (its further lines).
+fn explicit_upstream(ca: &Path, more: &str) -> String {
+    format!(
+        "    upstream_tls:\n      mode: explicit\n      ca: {}\n{more}",
+        ca.display()
+    )
+}
+
+/// An audited gateway in front of `server` with TLS on both control
+/// legs (explicit FTPS from the client, to the server trusting the test
+/// CA) and `rule`'s TLS policy.
+async fn ftps_both_legs(pki: &Pki, server: SocketAddr, rule: &str) -> common::Gw {
+    Harness::new(Upstream::At(server))
+        .listener(&pki.listener_tls(false))
+        .listener(&explicit_upstream(&pki.path("ca.pem"), ""))
+        .rule(rule)
+        .audit()
+        .start()
+        .await
+}
+
 /// suppaftp's explicit FTPS through the gateway: AUTH TLS, PBSZ 0,
 /// PROT P, then the login.
 async fn ftps_client(gw: &common::Gw, pki: &Pki) -> AsyncRustlsFtpStream {
@@ -447,16 +499,12 @@ async fn explicit_ftps_on_both_legs_in_every_data_mode() {
     let root = tempfile::tempdir().unwrap();
     // The server requires TLS on control and data connections alike.
     let server = start_ftps_unftp(root.path(), &pki, true).await;
-    let gw = Harness::new(Upstream::At(server))
-        .listener(&pki.listener_tls(false))
-        .listener(&format!(
-            "    upstream_tls:\n      mode: explicit\n      ca: {}\n",
-            pki.path("ca.pem").display()
-        ))
-        .rule("    tls: terminate\n    require_tls: true\n    require_prot_p: true\n")
-        .audit()
-        .start()
-        .await;
+    let gw = ftps_both_legs(
+        &pki,
+        server,
+        "    tls: terminate\n    require_tls: true\n    require_prot_p: true\n",
+    )
+    .await;
     let mut ftp = ftps_client(&gw, &pki).await;
     ftp.set_mode(suppaftp::Mode::Passive);
     round_trip!(ftp, root.path(), "pasv.bin");
@@ -543,25 +591,8 @@ async fn a_data_connection_that_does_not_resume_is_refused_with_522() {
     let pki = Pki::new();
     let gw = offload(&pki).await;
     let mut c = TlsControl::open(gw.addr, &pki, b"AUTH TLS\r\n").await;
-    for (cmd, code) in [
-        ("USER anonymous", "331"),
-        ("PASS x", "230"),
-        ("PBSZ 0", "200"),
-        ("PROT P", "200"),
-    ] {
-        let r = c.cmd(cmd).await;
-        assert!(r.starts_with(code), "{cmd}: {r}");
-    }
-    let pasv = c.cmd("PASV").await;
-    let port = common::port_of_227(&pasv);
-    let data = bounded(
-        "data connect",
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await
-    .unwrap();
-    c.send("LIST").await;
-    assert!(c.reply().await.starts_with("150"));
+    c.login("PROT P").await;
+    let data = c.list_on_pasv().await;
     // A client that does not offer its control session for resumption.
     let mut config = (*pki.client_config()).clone();
     config.resumption = rustls::client::Resumption::disabled();
@@ -593,16 +624,7 @@ async fn the_audit_line_names_each_data_legs_tls() {
     let root = tempfile::tempdir().unwrap();
     std::fs::write(root.path().join("listed.txt"), b"x").unwrap();
     let server = start_ftps_unftp(root.path(), &pki, false).await;
-    let gw = Harness::new(Upstream::At(server))
-        .listener(&pki.listener_tls(false))
-        .listener(&format!(
-            "    upstream_tls:\n      mode: explicit\n      ca: {}\n",
-            pki.path("ca.pem").display()
-        ))
-        .rule("    tls: terminate\n")
-        .audit()
-        .start()
-        .await;
+    let gw = ftps_both_legs(&pki, server, "    tls: terminate\n").await;
 
     // PROT P (suppaftp's explicit FTPS).
     let mut ftp = ftps_client(&gw, &pki).await;
@@ -613,24 +635,8 @@ async fn the_audit_line_names_each_data_legs_tls() {
 
     // PROT C: the listing comes in clear text on the client leg.
     let mut c = TlsControl::open(gw.addr, &pki, b"AUTH TLS\r\n").await;
-    for (cmd, code) in [
-        ("USER anonymous", "331"),
-        ("PASS x", "230"),
-        ("PBSZ 0", "200"),
-        ("PROT C", "200"),
-    ] {
-        let r = c.cmd(cmd).await;
-        assert!(r.starts_with(code), "{cmd}: {r}");
-    }
-    let port = common::port_of_227(&c.cmd("PASV").await);
-    let mut data = bounded(
-        "data connect",
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await
-    .unwrap();
-    c.send("LIST").await;
-    assert!(c.reply().await.starts_with("150"));
+    c.login("PROT C").await;
+    let mut data = c.list_on_pasv().await;
     let mut listing = Vec::new();
     bounded("listing", data.read_to_end(&mut listing))
         .await

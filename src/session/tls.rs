@@ -418,26 +418,62 @@ mod tests {
         assert!(s.wants_client_input());
     }
 
-    #[test]
-    fn plans_carry_each_legs_prot_and_a_data_tls_failure_gets_a_clear_reply() {
-        use crate::pinhole::{Opened, TlsFailure, TlsLeg};
-        let mut s = session(legs(UpstreamMode::Implicit, false, true), false, false);
-        s.server_bytes(b"220 hi\r\n");
-        assert_eq!(drain(&mut s), ["C< 220 hi", "S> PBSZ 0", "S> PROT P"]);
-        s.server_bytes(b"200 ok\r\n200 ok\r\n");
-        s.client_bytes(b"AUTH TLS\r\n");
-        drain(&mut s);
-        s.tls_started(Side::Client);
-        s.client_bytes(b"PBSZ 0\r\nPROT P\r\nPASV\r\n");
-        drain(&mut s);
-        s.server_bytes(b"227 Entering Passive Mode (10,0,0,3,200,10)\r\n");
-        let plan = loop {
+    /// The next plan the session asks to open.
+    fn next_plan(s: &mut Session) -> DataPlan {
+        loop {
             match s.poll_action() {
-                Some(Action::Open(p)) => break p,
+                Some(Action::Open(p)) => return p,
                 Some(_) => {}
                 None => panic!("no plan"),
             }
+        }
+    }
+
+    /// The plan's end: the client leg's data handshake did not resume.
+    fn not_resumed(id: PlanId) -> DataEvent {
+        use crate::pinhole::{TlsFailure, TlsLeg};
+        DataEvent::Closed {
+            id,
+            to_client: 0,
+            to_server: 0,
+            outcome: DataOutcome::Failed(DataFailure::Tls {
+                leg: TlsLeg::Client,
+                reason: TlsFailure::NotResumed,
+            }),
+        }
+    }
+
+    /// A session (implicit FTPS upstream, data TLS on) past AUTH TLS,
+    /// PBSZ 0 and PROT P on both legs, and the plan of its PASV.
+    fn pasv_under_prot_p(s: &mut Session) -> DataPlan {
+        s.server_bytes(b"220 hi\r\n");
+        assert_eq!(drain(s), ["C< 220 hi", "S> PBSZ 0", "S> PROT P"]);
+        s.server_bytes(b"200 ok\r\n200 ok\r\n");
+        s.client_bytes(b"AUTH TLS\r\n");
+        drain(s);
+        s.tls_started(Side::Client);
+        s.client_bytes(b"PBSZ 0\r\nPROT P\r\nPASV\r\n");
+        drain(s);
+        s.server_bytes(b"227 Entering Passive Mode (10,0,0,3,200,10)\r\n");
+        next_plan(s)
+    }
+
+    /// `plan` opened by the shell, the client leg listening; then `cmd`
+    /// (a transfer) sent.
+    fn open_then(s: &mut Session, plan: PlanId, cmd: &[u8]) {
+        let opened = crate::pinhole::Opened {
+            client_listen: Some("192.0.2.1:40000".parse().unwrap()),
+            server_listen: None,
         };
+        s.opened(plan, Ok(opened));
+        s.client_bytes(cmd);
+        drain(s);
+    }
+
+    #[test]
+    fn plans_carry_each_legs_prot_and_a_data_tls_failure_gets_a_clear_reply() {
+        let mut s = session(legs(UpstreamMode::Implicit, false, true), false, false);
+        let plan = pasv_under_prot_p(&mut s);
         assert_eq!(
             plan.tls,
             crate::pinhole::PlanTls {
@@ -445,22 +481,8 @@ mod tests {
                 server: true
             }
         );
-        let opened = Opened {
-            client_listen: Some("192.0.2.1:40000".parse().unwrap()),
-            server_listen: None,
-        };
-        s.opened(plan.id, Ok(opened));
-        s.client_bytes(b"RETR f\r\n");
-        drain(&mut s);
-        s.data_event(DataEvent::Closed {
-            id: plan.id,
-            to_client: 0,
-            to_server: 0,
-            outcome: DataOutcome::Failed(DataFailure::Tls {
-                leg: TlsLeg::Client,
-                reason: TlsFailure::NotResumed,
-            }),
-        });
+        open_then(&mut s, plan.id, b"RETR f\r\n");
+        s.data_event(not_resumed(plan.id));
         s.server_bytes(b"426 Connection closed\r\n");
         let got = drain(&mut s);
         assert!(
@@ -473,13 +495,7 @@ mod tests {
         s.client_bytes(b"PROT C\r\nEPSV\r\n");
         drain(&mut s);
         s.server_bytes(b"229 Entering Extended Passive Mode (|||50001|)\r\n");
-        let plan = loop {
-            match s.poll_action() {
-                Some(Action::Open(p)) => break p,
-                Some(_) => {}
-                None => panic!("no plan"),
-            }
-        };
+        let plan = next_plan(&mut s);
         assert_eq!(
             plan.tls,
             crate::pinhole::PlanTls {
@@ -492,36 +508,13 @@ mod tests {
     /// A session past AUTH TLS, PBSZ 0 and PROT P on both legs, with the
     /// plan of a PASV opened and `cmd` (a transfer) sent: the plan's id.
     fn transfer_under_prot_p(s: &mut Session, cmd: &[u8]) -> PlanId {
-        use crate::pinhole::Opened;
-        s.server_bytes(b"220 hi\r\n");
-        drain(s);
-        s.server_bytes(b"200 ok\r\n200 ok\r\n");
-        s.client_bytes(b"AUTH TLS\r\n");
-        drain(s);
-        s.tls_started(Side::Client);
-        s.client_bytes(b"PBSZ 0\r\nPROT P\r\nPASV\r\n");
-        drain(s);
-        s.server_bytes(b"227 Entering Passive Mode (10,0,0,3,200,10)\r\n");
-        let plan = loop {
-            match s.poll_action() {
-                Some(Action::Open(p)) => break p,
-                Some(_) => {}
-                None => panic!("no plan"),
-            }
-        };
-        let opened = Opened {
-            client_listen: Some("192.0.2.1:40000".parse().unwrap()),
-            server_listen: None,
-        };
-        s.opened(plan.id, Ok(opened));
-        s.client_bytes(cmd);
-        drain(s);
+        let plan = pasv_under_prot_p(s);
+        open_then(s, plan.id, cmd);
         plan.id
     }
 
     #[test]
     fn a_final_reply_waits_for_the_data_handshakes_result() {
-        use crate::pinhole::{TlsFailure, TlsLeg};
         // Refused: the server's reply comes first, the client still gets
         // the refusal, and only it (the server's continuation lines too
         // are dropped).
@@ -532,15 +525,7 @@ mod tests {
         assert_eq!(drain(&mut s), ["C< 150 here it comes"]);
         s.client_bytes(b"NOOP\r\n");
         assert!(drain(&mut s).is_empty(), "nothing overtakes the held reply");
-        s.data_event(DataEvent::Closed {
-            id,
-            to_client: 0,
-            to_server: 0,
-            outcome: DataOutcome::Failed(DataFailure::Tls {
-                leg: TlsLeg::Client,
-                reason: TlsFailure::NotResumed,
-            }),
-        });
+        s.data_event(not_resumed(id));
         let got = drain(&mut s);
         assert_eq!(
             got[0], "C< 522 SSL connection failed: session reuse required",

@@ -8,7 +8,7 @@ use crate::netfilter::netns::{within, Netns};
 use crate::pinhole::{ControlConns, Leg, PlanTls, SessionTls};
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const MARK: u32 = 0x1000_0000;
 
@@ -179,6 +179,155 @@ async fn next_event(rx: &mut mpsc::UnboundedReceiver<DataEvent>) -> DataEvent {
         .expect("the plan's events")
 }
 
+/// A listener on `addr` in namespace `ns`.
+fn bind_in(ns: &Path, addr: &'static str) -> TcpListener {
+    within(ns.to_path_buf(), move || TcpListener::bind(addr).unwrap())
+        .join()
+        .unwrap()
+}
+
+fn ip(a: &str) -> IpAddr {
+    a.parse().unwrap()
+}
+
+/// A plan with a listen leg (`bind`, for `peer`) and a connect leg (to
+/// `target`, from `bind`), on the client's side when `passive`.
+fn plan(
+    id: PlanId,
+    passive: bool,
+    (listen, peer): (&str, &str),
+    (target, from): (&str, &str),
+    client_view: Option<IpAddr>,
+) -> DataPlan {
+    let listen = Leg::Listen {
+        bind: ip(listen),
+        peer: ip(peer),
+    };
+    let connect = Leg::Connect {
+        target: target.parse().unwrap(),
+        bind: ip(from),
+    };
+    let (client, server) = if passive {
+        (listen, connect)
+    } else {
+        (connect, listen)
+    };
+    DataPlan {
+        id,
+        client,
+        server,
+        client_view,
+        tls: PlanTls::default(),
+    }
+}
+
+/// A session's control connections, open while this lives: the client's
+/// (from `client`, in namespace `c`) to the gateway's marked listener on
+/// `gateway`, and the gateway's (marked, from `upstream`) to `server_ctl`.
+struct Control {
+    session: SessionInfo,
+    client_ctl: TcpStream,
+    _conns: [TcpStream; 3],
+}
+
+fn control(
+    id: u64,
+    c: &Path,
+    client: &'static str,
+    gateway: &str,
+    upstream: &str,
+    server_ctl: &TcpListener,
+) -> Control {
+    let listener = marked_listener(gateway);
+    let to = listener.local_addr().unwrap();
+    let client_ctl = within(c.to_path_buf(), move || dial(client, to, None).unwrap())
+        .join()
+        .unwrap();
+    let (accepted, client_peer) = listener.accept().unwrap();
+    let server = server_ctl.local_addr().unwrap();
+    let up = dial(upstream, server, Some(MARK)).unwrap();
+    let (server_side, _) = server_ctl.accept().unwrap();
+    let session = SessionInfo {
+        id,
+        client: client_peer,
+        server,
+        activity: Default::default(),
+        balancers: None,
+        tls: SessionTls::default(),
+        control: Some(ControlConns {
+            client_local: accepted.local_addr().unwrap(),
+            client_peer,
+            client_dst: accepted.local_addr().unwrap(),
+            server_local: up.local_addr().unwrap(),
+            server: up.peer_addr().unwrap(),
+        }),
+    };
+    Control {
+        session,
+        client_ctl,
+        _conns: [accepted, up, server_side],
+    }
+}
+
+/// `plan` opened on `backend`: where it listens, its pinhole, its events.
+async fn open(
+    backend: &KernelBackend,
+    session: &SessionInfo,
+    plan: DataPlan,
+) -> (Opened, Pinhole, mpsc::UnboundedReceiver<DataEvent>) {
+    let shape = Shape::of(&plan).unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (opened, pinhole) = backend.open(session, plan, shape, tx).await.expect("open");
+    (opened, pinhole, rx)
+}
+
+/// What one data connection through a pinhole did: where it came from at
+/// the far end, the bytes that arrived there, a second connection's fate
+/// and the plan's closing event.
+struct Transfer {
+    from: SocketAddr,
+    bytes: Vec<u8>,
+    second: io::Result<()>,
+    closed: DataEvent,
+}
+
+/// `bytes` sent from `from` in `ns` to `announced`, received on `far`; then
+/// a second connection; the plan (`id`) must report `Connected` first.
+async fn transfer(
+    rx: &mut mpsc::UnboundedReceiver<DataEvent>,
+    id: PlanId,
+    (ns, from): (&Path, &'static str),
+    announced: SocketAddr,
+    far: TcpListener,
+    bytes: &'static [u8],
+) -> Transfer {
+    let got = receive(far);
+    send_from(ns.to_path_buf(), from, announced, bytes).expect("the data connection");
+    let (peer, bytes) = got.join().unwrap();
+    let second = send_from(ns.to_path_buf(), from, announced, b"again");
+    assert_eq!(next_event(rx).await, DataEvent::Connected { id });
+    let closed = next_event(rx).await;
+    Transfer {
+        from: peer,
+        bytes,
+        second,
+        closed,
+    }
+}
+
+fn timed_out(r: &io::Result<()>) -> bool {
+    matches!(r, Err(e) if e.kind() == io::ErrorKind::TimedOut)
+}
+
+/// The transfer came from `from` with `bytes`, and a second connection
+/// got no answer; its closing event is the caller's to check.
+fn check<'a>(t: &'a Transfer, from: &str, bytes: &[u8]) -> &'a DataEvent {
+    assert_eq!(t.from.ip().to_string(), from);
+    assert_eq!(t.bytes, bytes);
+    assert!(timed_out(&t.second), "a second connection: {:?}", t.second);
+    &t.closed
+}
+
 /// Same-mode plans (reverse PASV and PORT, transparent PASV, IPv6 PASV)
 /// through the operator's firewall: each data connection is RELATED (the
 /// firewall's `ct state related` counter sees its first packet), NATed so
@@ -191,33 +340,15 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
     let Some(lab) = Lab::new() else { return };
     let (c, g, s) = (lab.client.path(), lab.gateway.path(), lab.server.path());
     // The server: control port 2100, passive data port 30000.
-    let server_ctl = within(s.clone(), || TcpListener::bind("10.71.2.2:2100").unwrap())
-        .join()
-        .unwrap();
-    let server_data = within(s.clone(), || TcpListener::bind("10.71.2.2:30000").unwrap())
-        .join()
-        .unwrap();
-    let server_data2 = within(s.clone(), || TcpListener::bind("10.71.2.2:30001").unwrap())
-        .join()
-        .unwrap();
-    let server_ctl6 = within(s.clone(), || TcpListener::bind("[fd71:2::2]:2100").unwrap())
-        .join()
-        .unwrap();
-    let server_data6 = within(s.clone(), || {
-        TcpListener::bind("[fd71:2::2]:30000").unwrap()
-    })
-    .join()
-    .unwrap();
+    let server_ctl = bind_in(&s, "10.71.2.2:2100");
+    let server_data = bind_in(&s, "10.71.2.2:30000");
+    let server_data2 = bind_in(&s, "10.71.2.2:30001");
+    let server_ctl6 = bind_in(&s, "[fd71:2::2]:2100");
+    let server_data6 = bind_in(&s, "[fd71:2::2]:30000");
     // Listens, never accepts: a connection admitted to it would complete.
-    let server_data3 = within(s.clone(), || TcpListener::bind("10.71.2.2:30002").unwrap())
-        .join()
-        .unwrap();
+    let server_data3 = bind_in(&s, "10.71.2.2:30002");
     // The client's PORT listener.
-    let client_data = within(c.clone(), || {
-        TcpListener::bind("198.51.100.2:5555").unwrap()
-    })
-    .join()
-    .unwrap();
+    let client_data = bind_in(&c, "198.51.100.2:5555");
     let gateway = within(g, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -245,199 +376,102 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
             .expect("the backend");
             // The control connections: the client's to the gateway's
             // (marked) listener, the gateway's (marked) to the server.
-            let listener = marked_listener("198.51.100.1:2121");
-            let to = listener.local_addr().unwrap();
-            let client_ctl = within(c.clone(), move || dial("198.51.100.2", to, None).unwrap())
-                .join()
-                .unwrap();
-            let (accepted, client_peer) = listener.accept().unwrap();
-            let upstream =
-                dial("10.71.2.1", "10.71.2.2:2100".parse().unwrap(), Some(MARK)).unwrap();
-            let (_server_side, _) = server_ctl.accept().unwrap();
-            let session = SessionInfo {
-                id: 1,
-                client: client_peer,
-                server: "10.71.2.2:2100".parse().unwrap(),
-                activity: Default::default(),
-                balancers: None,
-                tls: SessionTls::default(),
-                control: Some(ControlConns {
-                    client_local: accepted.local_addr().unwrap(),
-                    client_peer,
-                    client_dst: accepted.local_addr().unwrap(),
-                    server_local: upstream.local_addr().unwrap(),
-                    server: upstream.peer_addr().unwrap(),
-                }),
-            };
-            let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+            let ctl = control(
+                1,
+                &c,
+                "198.51.100.2",
+                "198.51.100.1:2121",
+                "10.71.2.1",
+                &server_ctl,
+            );
+            let session = &ctl.session;
             let mut results = Vec::new();
 
             // PASV→PASV: the client connects to the gateway, reaches the
             // server's port 30000 from the gateway's server-side address.
-            let plan = DataPlan {
-                id: 1,
-                client: Leg::Listen {
-                    bind: ip("198.51.100.1"),
-                    peer: ip("198.51.100.2"),
-                },
-                server: Leg::Connect {
-                    target: "10.71.2.2:30000".parse().unwrap(),
-                    bind: ip("10.71.2.1"),
-                },
-                client_view: None,
-                tls: PlanTls::default(),
-            };
-            let shape = Shape::of(&plan).unwrap();
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let (opened, pinhole) = backend.open(&session, plan, shape, tx).await.expect("open");
+            let pasv = plan(
+                1,
+                true,
+                ("198.51.100.1", "198.51.100.2"),
+                ("10.71.2.2:30000", "10.71.2.1"),
+                None,
+            );
+            let (opened, pinhole, mut rx) = open(&backend, session, pasv).await;
             let announced = opened.client_listen.unwrap();
             let foreign = send_from(c.clone(), "198.51.100.3", announced, b"x");
-            let got = receive(server_data);
-            send_from(c.clone(), "198.51.100.2", announced, b"passive data")
-                .expect("the data connection");
-            let (from, bytes) = got.join().unwrap();
-            let second = send_from(c.clone(), "198.51.100.2", announced, b"again");
-            assert_eq!(next_event(&mut rx).await, DataEvent::Connected { id: 1 });
-            let closed = next_event(&mut rx).await;
-            results.push((foreign, from, bytes, second, closed));
+            let from = (c.as_path(), "198.51.100.2");
+            let t = transfer(&mut rx, 1, from, announced, server_data, b"passive data").await;
+            results.push((foreign, t));
             drop(pinhole);
 
             // PORT→PORT: the server connects to the gateway, reaches the
             // client's port 5555 from the address the client connected to.
-            let plan = DataPlan {
-                id: 2,
-                client: Leg::Connect {
-                    target: "198.51.100.2:5555".parse().unwrap(),
-                    bind: ip("198.51.100.1"),
-                },
-                server: Leg::Listen {
-                    bind: ip("10.71.2.1"),
-                    peer: ip("10.71.2.2"),
-                },
-                client_view: None,
-                tls: PlanTls::default(),
-            };
-            let shape = Shape::of(&plan).unwrap();
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let (opened, pinhole) = backend.open(&session, plan, shape, tx).await.expect("open");
+            let port = plan(
+                2,
+                false,
+                ("10.71.2.1", "10.71.2.2"),
+                ("198.51.100.2:5555", "198.51.100.1"),
+                None,
+            );
+            let (opened, pinhole, mut rx) = open(&backend, session, port).await;
             let announced = opened.server_listen.unwrap();
-            let got = receive(client_data);
-            send_from(s.clone(), "10.71.2.2", announced, b"active data")
-                .expect("the data connection");
-            let (from, bytes) = got.join().unwrap();
-            let second = send_from(s.clone(), "10.71.2.2", announced, b"again");
-            assert_eq!(next_event(&mut rx).await, DataEvent::Connected { id: 2 });
-            let closed = next_event(&mut rx).await;
-            results.push((Ok(()), from, bytes, second, closed));
+            let from = (s.as_path(), "10.71.2.2");
+            let t = transfer(&mut rx, 2, from, announced, client_data, b"active data").await;
+            results.push((Ok(()), t));
             drop(pinhole);
 
             // Transparent PASV: the client aims at the server's own address
             // (as curl does), through the gateway, its router.
-            let plan = DataPlan {
-                id: 3,
-                client: Leg::Listen {
-                    bind: ip("198.51.100.1"),
-                    peer: ip("198.51.100.2"),
-                },
-                server: Leg::Connect {
-                    target: "10.71.2.2:30001".parse().unwrap(),
-                    bind: ip("10.71.2.1"),
-                },
-                client_view: Some(ip("10.71.2.2")),
-                tls: PlanTls::default(),
-            };
-            let shape = Shape::of(&plan).unwrap();
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let (opened, pinhole) = backend.open(&session, plan, shape, tx).await.expect("open");
+            let transparent = plan(
+                3,
+                true,
+                ("198.51.100.1", "198.51.100.2"),
+                ("10.71.2.2:30001", "10.71.2.1"),
+                Some(ip("10.71.2.2")),
+            );
+            let (opened, pinhole, mut rx) = open(&backend, session, transparent).await;
             let announced = opened.client_listen.unwrap();
             assert_eq!(announced.ip(), ip("10.71.2.2"));
-            let got = receive(server_data2);
-            send_from(c.clone(), "198.51.100.2", announced, b"transparent")
-                .expect("the data connection");
-            let (from, bytes) = got.join().unwrap();
-            let second = send_from(c.clone(), "198.51.100.2", announced, b"again");
-            assert_eq!(next_event(&mut rx).await, DataEvent::Connected { id: 3 });
-            let closed = next_event(&mut rx).await;
-            results.push((Ok(()), from, bytes, second, closed));
+            let from = (c.as_path(), "198.51.100.2");
+            let t = transfer(&mut rx, 3, from, announced, server_data2, b"transparent").await;
+            results.push((Ok(()), t));
             drop(pinhole);
 
             // IPv6: a session of its own (a plan's master is a control
             // connection of its family), PASV→PASV.
-            let listener6 = marked_listener("[2001:db8:100::1]:2121");
-            let to6 = listener6.local_addr().unwrap();
-            let client_ctl6 = within(c.clone(), move || {
-                dial("2001:db8:100::2", to6, None).unwrap()
-            })
-            .join()
-            .unwrap();
-            let (accepted6, client_peer6) = listener6.accept().unwrap();
-            let upstream6 =
-                dial("fd71:2::1", "[fd71:2::2]:2100".parse().unwrap(), Some(MARK)).unwrap();
-            let (_server_side6, _) = server_ctl6.accept().unwrap();
-            let session6 = SessionInfo {
-                id: 2,
-                client: client_peer6,
-                server: "[fd71:2::2]:2100".parse().unwrap(),
-                activity: Default::default(),
-                balancers: None,
-                tls: SessionTls::default(),
-                control: Some(ControlConns {
-                    client_local: accepted6.local_addr().unwrap(),
-                    client_peer: client_peer6,
-                    client_dst: accepted6.local_addr().unwrap(),
-                    server_local: upstream6.local_addr().unwrap(),
-                    server: upstream6.peer_addr().unwrap(),
-                }),
-            };
-            let plan = DataPlan {
-                id: 6,
-                client: Leg::Listen {
-                    bind: ip("2001:db8:100::1"),
-                    peer: ip("2001:db8:100::2"),
-                },
-                server: Leg::Connect {
-                    target: "[fd71:2::2]:30000".parse().unwrap(),
-                    bind: ip("fd71:2::1"),
-                },
-                client_view: None,
-                tls: PlanTls::default(),
-            };
-            let shape = Shape::of(&plan).unwrap();
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let (opened, pinhole) = backend
-                .open(&session6, plan, shape, tx)
-                .await
-                .expect("open");
+            let ctl6 = control(
+                2,
+                &c,
+                "2001:db8:100::2",
+                "[2001:db8:100::1]:2121",
+                "fd71:2::1",
+                &server_ctl6,
+            );
+            let pasv6 = plan(
+                6,
+                true,
+                ("2001:db8:100::1", "2001:db8:100::2"),
+                ("[fd71:2::2]:30000", "fd71:2::1"),
+                None,
+            );
+            let (opened, pinhole, mut rx) = open(&backend, &ctl6.session, pasv6).await;
             let announced = opened.client_listen.unwrap();
-            let got = receive(server_data6);
-            send_from(c.clone(), "2001:db8:100::2", announced, b"over ipv6")
-                .expect("the data connection");
-            let (from, bytes) = got.join().unwrap();
-            let second = send_from(c.clone(), "2001:db8:100::2", announced, b"again");
-            assert_eq!(next_event(&mut rx).await, DataEvent::Connected { id: 6 });
-            let closed = next_event(&mut rx).await;
-            results.push((Ok(()), from, bytes, second, closed));
+            let from = (c.as_path(), "2001:db8:100::2");
+            let t = transfer(&mut rx, 6, from, announced, server_data6, b"over ipv6").await;
+            results.push((Ok(()), t));
             drop(pinhole);
-            drop(client_ctl6);
+            drop(ctl6.client_ctl);
 
             // A plan closed unused: its expectation is deleted, and its
             // peer is not admitted.
-            let plan = DataPlan {
-                id: 4,
-                client: Leg::Listen {
-                    bind: ip("198.51.100.1"),
-                    peer: ip("198.51.100.2"),
-                },
-                server: Leg::Connect {
-                    target: "10.71.2.2:30000".parse().unwrap(),
-                    bind: ip("10.71.2.1"),
-                },
-                client_view: None,
-                tls: PlanTls::default(),
-            };
-            let shape = Shape::of(&plan).unwrap();
-            let (tx, _rx) = mpsc::unbounded_channel();
-            let (opened, pinhole) = backend.open(&session, plan, shape, tx).await.expect("open");
+            let unused = plan(
+                4,
+                true,
+                ("198.51.100.1", "198.51.100.2"),
+                ("10.71.2.2:30000", "10.71.2.1"),
+                None,
+            );
+            let (opened, pinhole, _rx) = open(&backend, session, unused).await;
             let announced = opened.client_listen.unwrap();
             drop(pinhole);
             // Poll for the plan's end (the thing under test), with a bound.
@@ -455,23 +489,17 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
             // The gateway gone right after opening a pinhole (no task, no
             // timer, the expectation left in the kernel for its helper's
             // 300 s): after the pinhole's timeout the kernel admits nothing.
-            let shape = Shape::of(&DataPlan {
-                id: 5,
-                client: Leg::Listen {
-                    bind: ip("198.51.100.1"),
-                    peer: ip("198.51.100.2"),
-                },
-                server: Leg::Connect {
-                    target: "10.71.2.2:30002".parse().unwrap(),
-                    bind: ip("10.71.2.1"),
-                },
-                client_view: None,
-                tls: PlanTls::default(),
-            })
+            let shape = Shape::of(&plan(
+                5,
+                true,
+                ("198.51.100.1", "198.51.100.2"),
+                ("10.71.2.2:30002", "10.71.2.1"),
+                None,
+            ))
             .unwrap();
             let port = 40009;
-            let control = session.control.as_ref().unwrap();
-            let exp = shape.expectation(port, control).unwrap();
+            let conns = session.control.as_ref().unwrap();
+            let exp = shape.expectation(port, conns).unwrap();
             let (claim, once, elements) = shape.elements(port);
             let short = Duration::from_millis(300);
             backend
@@ -511,7 +539,7 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
                 SocketAddr::new(ip("198.51.100.1"), port),
                 b"late",
             );
-            drop(client_ctl);
+            drop(ctl.client_ctl);
             table.destroy().await.expect("destroy");
             drop(server_data3);
             (results, messages, unused, (waiting, late))
@@ -520,28 +548,19 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
     .join()
     .expect("the gateway thread");
     let (results, messages, unused, (waiting, late)) = gateway;
-    let timed_out = |r: &io::Result<()>| matches!(r, Err(e) if e.kind() == io::ErrorKind::TimedOut);
-    let (foreign, from, bytes, second, closed) = &results[0];
+    let (foreign, t) = &results[0];
     assert!(timed_out(foreign), "another host: {foreign:?}");
-    assert_eq!(from.ip().to_string(), "10.71.2.1");
-    assert_eq!(bytes, b"passive data");
-    assert!(timed_out(second), "a second connection: {second:?}");
+    let closed = check(t, "10.71.2.1", b"passive data");
     assert!(
         matches!(closed, DataEvent::Closed { id: 1, to_server, outcome: DataOutcome::Completed, .. } if *to_server >= 12),
         "{closed:?}"
     );
-    let (_, from, bytes, second, closed) = &results[1];
-    assert_eq!(from.ip().to_string(), "198.51.100.1");
-    assert_eq!(bytes, b"active data");
-    assert!(timed_out(second), "a second connection: {second:?}");
+    let closed = check(&results[1].1, "198.51.100.1", b"active data");
     assert!(
         matches!(closed, DataEvent::Closed { id: 2, to_client, outcome: DataOutcome::Completed, .. } if *to_client >= 11),
         "{closed:?}"
     );
-    let (_, from, bytes, second, closed) = &results[2];
-    assert_eq!(from.ip().to_string(), "10.71.2.1");
-    assert_eq!(bytes, b"transparent");
-    assert!(timed_out(second), "a second connection: {second:?}");
+    let closed = check(&results[2].1, "10.71.2.1", b"transparent");
     assert!(
         matches!(
             closed,
@@ -553,10 +572,7 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
         ),
         "{closed:?}"
     );
-    let (_, from, bytes, second, closed) = &results[3];
-    assert_eq!(from.ip().to_string(), "fd71:2::1");
-    assert_eq!(bytes, b"over ipv6");
-    assert!(timed_out(second), "a second connection: {second:?}");
+    let closed = check(&results[3].1, "fd71:2::1", b"over ipv6");
     assert!(
         matches!(
             closed,

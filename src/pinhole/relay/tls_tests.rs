@@ -243,19 +243,7 @@ async fn transfer(tls: PlanTls, active: bool) {
 
     let (at_client, at_server) = if !active {
         let server = TcpListener::bind((lo(), 0)).await.unwrap();
-        let plan = DataPlan {
-            id: 1,
-            client: Leg::Listen {
-                bind: lo(),
-                peer: lo(),
-            },
-            server: Leg::Connect {
-                target: server.local_addr().unwrap(),
-                bind: lo(),
-            },
-            client_view: None,
-            tls,
-        };
+        let plan = passive(1, &server, tls);
         let (opened, _pinhole) = backend.open(&session, plan, tx).await.unwrap();
         let to = opened.client_listen.unwrap();
         let client = async {
@@ -370,20 +358,8 @@ async fn client_leg_attempt(
 ) {
     let backend = backend(Duration::from_secs(10));
     let server = TcpListener::bind((lo(), 0)).await.unwrap();
-    let plan = DataPlan {
-        id: 2,
-        client: Leg::Listen {
-            bind: lo(),
-            peer: lo(),
-        },
-        server: Leg::Connect {
-            target: server.local_addr().unwrap(),
-            bind: lo(),
-        },
-        client_view: None,
-        tls: CLIENT,
-    };
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let plan = passive(2, &server, CLIENT);
     let (opened, _pinhole) = backend.open(&session, plan, tx).await.unwrap();
     let tcp = TcpStream::connect(opened.client_listen.unwrap())
         .await
@@ -452,19 +428,7 @@ async fn a_stalled_data_handshake_times_out_and_frees_the_ports() {
     );
     let backend = backend(Duration::from_secs(10));
     let server = TcpListener::bind((lo(), 0)).await.unwrap();
-    let plan = DataPlan {
-        id: 3,
-        client: Leg::Listen {
-            bind: lo(),
-            peer: lo(),
-        },
-        server: Leg::Connect {
-            target: server.local_addr().unwrap(),
-            bind: lo(),
-        },
-        client_view: None,
-        tls: CLIENT,
-    };
+    let plan = passive(3, &server, CLIENT);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (opened, _pinhole) = backend.open(&session, plan, tx).await.unwrap();
     // Connects and never says a word.
@@ -520,17 +484,11 @@ async fn a_foreign_peer_on_a_tls_listen_leg_gets_no_handshake() {
     let server = TcpListener::bind((lo(), 0)).await.unwrap();
     let expected: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
     let plan = DataPlan {
-        id: 4,
         client: Leg::Listen {
             bind: lo(),
             peer: expected,
         },
-        server: Leg::Connect {
-            target: server.local_addr().unwrap(),
-            bind: lo(),
-        },
-        client_view: None,
-        tls: CLIENT,
+        ..passive(4, &server, CLIENT)
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (opened, _pinhole) = backend.open(&session, plan, tx).await.unwrap();
@@ -623,22 +581,37 @@ async fn upload_after_upload_resumes_the_gateways_own_session() {
 
 /// A passive plan with `tls` legs, its client connection made; the
 /// server's connection is accepted by the caller.
-async fn plan_with_client(
-    ends: &Ends,
-    server: &TcpListener,
-    id: PlanId,
-    tls: PlanTls,
-) -> (TcpStream, mpsc::UnboundedReceiver<DataEvent>, Pinhole) {
+struct WithClient {
+    ends: Ends,
+    server: TcpListener,
+    tcp: TcpStream,
+    rx: mpsc::UnboundedReceiver<DataEvent>,
+    _pinhole: Pinhole,
+    _pki: Pki,
+}
+
+/// A [`WithClient`] over a fresh session that requires resumption.
+async fn plan_with_client(id: PlanId, tls: PlanTls) -> WithClient {
+    let pki = pki();
+    let ends = Ends::new(&pki, true).await;
+    let server = TcpListener::bind((lo(), 0)).await.unwrap();
     let backend = backend(Duration::from_secs(10));
     let (tx, rx) = mpsc::unbounded_channel();
     let (opened, pinhole) = backend
-        .open(&ends.session(), passive(id, server, tls), tx)
+        .open(&ends.session(), passive(id, &server, tls), tx)
         .await
         .unwrap();
     let tcp = TcpStream::connect(opened.client_listen.unwrap())
         .await
         .unwrap();
-    (tcp, rx, pinhole)
+    WithClient {
+        ends,
+        server,
+        tcp,
+        rx,
+        _pinhole: pinhole,
+        _pki: pki,
+    }
 }
 
 /// Reads until the end or an error; what came, and how it ended.
@@ -654,36 +627,80 @@ async fn read_all<R: AsyncRead + Unpin>(r: &mut R) -> (Vec<u8>, io::Result<()>) 
     }
 }
 
+/// The test client's TLS session over `tcp`, `sent` written and flushed;
+/// the TCP connection under it, for the caller to end as it means to.
+async fn upload_then_raw(ends: &Ends, tcp: TcpStream, sent: &[u8]) -> TcpStream {
+    let mut tls = ends.client.connect(tcp).await.unwrap();
+    tls.write_all(sent).await.unwrap();
+    tls.flush().await.unwrap();
+    tls.into_inner().0
+}
+
+/// The test server's TLS data connection, accepted on `server`.
+async fn accept_tls(
+    ends: &Ends,
+    server: &TcpListener,
+) -> tokio_rustls::server::TlsStream<TcpStream> {
+    let (up, _) = bounded(server.accept()).await.unwrap();
+    ends.server.accept_data(up).await.unwrap()
+}
+
+/// The client's TLS session over `tcp`, while the test server sends
+/// `body` and ends its side with FIN alone (no close_notify).
+async fn download_ended_by_fin(
+    ends: &Ends,
+    server: &TcpListener,
+    tcp: TcpStream,
+    body: &[u8],
+) -> (tokio_rustls::client::TlsStream<TcpStream>, TcpStream) {
+    let serve = async {
+        let mut down = accept_tls(ends, server).await;
+        down.write_all(body).await.unwrap();
+        down.flush().await.unwrap();
+        let (mut tcp, _) = down.into_inner();
+        tcp.shutdown().await.unwrap();
+        tcp
+    };
+    bounded(async { tokio::join!(async { ends.client.connect(tcp).await.unwrap() }, serve) }).await
+}
+
+/// The plan completed, with these byte counts (to the client, to the
+/// server).
+async fn assert_completed(rx: &mut mpsc::UnboundedReceiver<DataEvent>, counts: (u64, u64)) {
+    let (to_client, to_server, outcome) = closed(rx).await;
+    assert_eq!(outcome, DataOutcome::Completed);
+    assert_eq!((to_client, to_server), counts);
+}
+
+/// The plan failed in the relay (a cut, not a verdict).
+async fn assert_relay_failed(rx: &mut mpsc::UnboundedReceiver<DataEvent>) {
+    let (_, _, outcome) = closed(rx).await;
+    assert!(
+        matches!(&outcome, DataOutcome::Failed(DataFailure::Relay(_))),
+        "{outcome:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_tls_upload_cut_mid_record_fails() {
-    let pki = pki();
-    let ends = Ends::new(&pki, true).await;
-    let server = TcpListener::bind((lo(), 0)).await.unwrap();
-    let (tcp, mut rx, _pinhole) = plan_with_client(&ends, &server, 9, CLIENT).await;
-    let mut tls = ends.client.connect(tcp).await.unwrap();
-    tls.write_all(&data(64 * 1024, 8)).await.unwrap();
-    tls.flush().await.unwrap();
+    let mut t = plan_with_client(9, CLIENT).await;
+    let mut tcp = upload_then_raw(&t.ends, t.tcp, &data(64 * 1024, 8)).await;
     // The header of an application-data record of 16 KiB, 100 bytes of
     // its body, then FIN: the connection was cut inside a record, as an
     // attacker on the path or a broken link could cause; the server must
     // not take it for the file's end.
-    let (mut tcp, _) = tls.into_inner();
     tcp.write_all(&[0x17, 0x03, 0x03, 0x40, 0x00])
         .await
         .unwrap();
     tcp.write_all(&[0x5a; 100]).await.unwrap();
     tcp.shutdown().await.unwrap();
-    let (mut up, _) = bounded(server.accept()).await.unwrap();
+    let (mut up, _) = bounded(t.server.accept()).await.unwrap();
     let (_, end) = read_all(&mut up).await;
     assert!(
         matches!(&end, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
         "the server saw an orderly end: {end:?}"
     );
-    let (_, _, outcome) = closed(&mut rx).await;
-    assert!(
-        matches!(&outcome, DataOutcome::Failed(DataFailure::Relay(_))),
-        "{outcome:?}"
-    );
+    assert_relay_failed(&mut t.rx).await;
 }
 
 /// suppaftp and Python's ftplib end a TLS upload with FIN alone, after
@@ -692,19 +709,12 @@ async fn a_tls_upload_cut_mid_record_fails() {
 /// decides as it would for the client directly.
 #[tokio::test]
 async fn a_tls_upload_ended_by_fin_alone_on_a_record_boundary_is_passed_on_as_it_came() {
-    let pki = pki();
-    let ends = Ends::new(&pki, true).await;
-    let server = TcpListener::bind((lo(), 0)).await.unwrap();
-    let (tcp, mut rx, _pinhole) = plan_with_client(&ends, &server, 10, BOTH).await;
+    let mut t = plan_with_client(10, BOTH).await;
     let sent = data(300 * 1024, 9);
-    let mut tls = ends.client.connect(tcp).await.unwrap();
-    tls.write_all(&sent).await.unwrap();
-    tls.flush().await.unwrap();
-    let (mut tcp, _) = tls.into_inner();
+    let mut tcp = upload_then_raw(&t.ends, t.tcp, &sent).await;
     tcp.shutdown().await.unwrap();
 
-    let (up, _) = bounded(server.accept()).await.unwrap();
-    let mut up = ends.server.accept_data(up).await.unwrap();
+    let mut up = accept_tls(&t.ends, &t.server).await;
     let (got, end) = read_all(&mut up).await;
     assert_eq!(sha(&got), sha(&sent), "every byte of the upload arrived");
     assert!(
@@ -716,9 +726,7 @@ async fn a_tls_upload_ended_by_fin_alone_on_a_record_boundary_is_passed_on_as_it
     let (back, end) = read_all(&mut tcp).await;
     assert!(end.is_ok(), "{end:?}");
     assert!(!back.is_empty(), "close_notify came to the client");
-    let (to_client, to_server, outcome) = closed(&mut rx).await;
-    assert_eq!(outcome, DataOutcome::Completed);
-    assert_eq!((to_client, to_server), (0, sent.len() as u64));
+    assert_completed(&mut t.rx, (0, sent.len() as u64)).await;
 }
 
 /// A server on OpenSSL answers an upload's end without close_notify with
@@ -726,18 +734,11 @@ async fn a_tls_upload_ended_by_fin_alone_on_a_record_boundary_is_passed_on_as_it
 /// final reply), not a failure of the relay; the upload all arrived.
 #[tokio::test]
 async fn a_server_refusing_an_upload_end_without_close_notify_is_its_own_verdict() {
-    let pki = pki();
-    let ends = Ends::new(&pki, true).await;
-    let server = TcpListener::bind((lo(), 0)).await.unwrap();
-    let (tcp, mut rx, _pinhole) = plan_with_client(&ends, &server, 14, BOTH).await;
+    let mut t = plan_with_client(14, BOTH).await;
     let sent = data(100 * 1024, 12);
-    let mut tls = ends.client.connect(tcp).await.unwrap();
-    tls.write_all(&sent).await.unwrap();
-    tls.flush().await.unwrap();
-    let (mut tcp, _) = tls.into_inner();
+    let mut tcp = upload_then_raw(&t.ends, t.tcp, &sent).await;
     tcp.shutdown().await.unwrap();
-    let (up, _) = bounded(server.accept()).await.unwrap();
-    let mut up = ends.server.accept_data(up).await.unwrap();
+    let mut up = accept_tls(&t.ends, &t.server).await;
     let (got, end) = read_all(&mut up).await;
     assert_eq!(sha(&got), sha(&sent));
     assert!(end.is_err(), "{end:?}");
@@ -747,9 +748,7 @@ async fn a_server_refusing_an_upload_end_without_close_notify_is_its_own_verdict
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(up);
-    let (to_client, to_server, outcome) = closed(&mut rx).await;
-    assert_eq!(outcome, DataOutcome::Completed);
-    assert_eq!((to_client, to_server), (0, sent.len() as u64));
+    assert_completed(&mut t.rx, (0, sent.len() as u64)).await;
 }
 
 /// After a whole upload with close_notify, the server closes its side of
@@ -757,16 +756,12 @@ async fn a_server_refusing_an_upload_end_without_close_notify_is_its_own_verdict
 /// way, so nothing can have been cut. The client gets the same end.
 #[tokio::test]
 async fn a_server_closing_its_side_of_an_upload_with_fin_alone_completes() {
-    let pki = pki();
-    let ends = Ends::new(&pki, true).await;
-    let server = TcpListener::bind((lo(), 0)).await.unwrap();
-    let (tcp, mut rx, _pinhole) = plan_with_client(&ends, &server, 12, BOTH).await;
+    let mut t = plan_with_client(12, BOTH).await;
     let sent = data(200 * 1024, 11);
-    let mut client = ends.client.connect(tcp).await.unwrap();
+    let mut client = t.ends.client.connect(t.tcp).await.unwrap();
     client.write_all(&sent).await.unwrap();
     client.shutdown().await.unwrap();
-    let (up, _) = bounded(server.accept()).await.unwrap();
-    let mut up = ends.server.accept_data(up).await.unwrap();
+    let mut up = accept_tls(&t.ends, &t.server).await;
     let (got, end) = read_all(&mut up).await;
     assert!(end.is_ok(), "the upload ended with close_notify: {end:?}");
     assert_eq!(sha(&got), sha(&sent));
@@ -778,39 +773,21 @@ async fn a_server_closing_its_side_of_an_upload_with_fin_alone_completes() {
         matches!(&end, Err(e) if e.kind() == io::ErrorKind::UnexpectedEof),
         "the client sees the server's end (FIN, no close_notify): {end:?}"
     );
-    let (to_client, to_server, outcome) = closed(&mut rx).await;
-    assert_eq!(outcome, DataOutcome::Completed);
-    assert_eq!((to_client, to_server), (0, sent.len() as u64));
+    assert_completed(&mut t.rx, (0, sent.len() as u64)).await;
 }
 
 /// The same end of the server's side while the client's side is still
 /// open is a download cut before its first byte: it fails.
 #[tokio::test]
 async fn a_server_fin_alone_before_the_clients_end_fails() {
-    let pki = pki();
-    let ends = Ends::new(&pki, true).await;
-    let server = TcpListener::bind((lo(), 0)).await.unwrap();
-    let (tcp, mut rx, _pinhole) = plan_with_client(&ends, &server, 13, BOTH).await;
-    let serve = async {
-        let (down, _) = server.accept().await.unwrap();
-        let down = ends.server.accept_data(down).await.unwrap();
-        let (mut tcp, _) = down.into_inner();
-        tcp.shutdown().await.unwrap();
-        tcp
-    };
-    let (mut client, _server_tcp) =
-        bounded(async { tokio::join!(async { ends.client.connect(tcp).await.unwrap() }, serve) })
-            .await;
+    let mut t = plan_with_client(13, BOTH).await;
+    let (mut client, _server_tcp) = download_ended_by_fin(&t.ends, &t.server, t.tcp, &[]).await;
     let (_, end) = read_all(&mut client).await;
     assert!(
         end.is_err(),
         "the client saw an orderly (empty) end: {end:?}"
     );
-    let (_, _, outcome) = closed(&mut rx).await;
-    assert!(
-        matches!(&outcome, DataOutcome::Failed(DataFailure::Relay(_))),
-        "{outcome:?}"
-    );
+    assert_relay_failed(&mut t.rx).await;
 }
 
 /// A download is not given that leeway: the server's FIN without
@@ -818,29 +795,12 @@ async fn a_server_fin_alone_before_the_clients_end_fails() {
 /// file's end.
 #[tokio::test]
 async fn a_tls_download_ended_by_fin_alone_fails() {
-    let pki = pki();
-    let ends = Ends::new(&pki, true).await;
-    let server = TcpListener::bind((lo(), 0)).await.unwrap();
-    let (tcp, mut rx, _pinhole) = plan_with_client(&ends, &server, 11, BOTH).await;
-    let serve = async {
-        let (down, _) = server.accept().await.unwrap();
-        let mut down = ends.server.accept_data(down).await.unwrap();
-        down.write_all(&data(64 * 1024, 10)).await.unwrap();
-        down.flush().await.unwrap();
-        let (mut tcp, _) = down.into_inner();
-        tcp.shutdown().await.unwrap();
-        tcp
-    };
-    let (mut client, _server_tcp) =
-        bounded(async { tokio::join!(async { ends.client.connect(tcp).await.unwrap() }, serve) })
-            .await;
+    let mut t = plan_with_client(11, BOTH).await;
+    let body = data(64 * 1024, 10);
+    let (mut client, _server_tcp) = download_ended_by_fin(&t.ends, &t.server, t.tcp, &body).await;
     let (_, end) = read_all(&mut client).await;
     assert!(end.is_err(), "the client saw an orderly end: {end:?}");
-    let (_, _, outcome) = closed(&mut rx).await;
-    assert!(
-        matches!(&outcome, DataOutcome::Failed(DataFailure::Relay(_))),
-        "{outcome:?}"
-    );
+    assert_relay_failed(&mut t.rx).await;
 }
 
 /// This thread's CPU time (user + system), from /proc, in clock ticks of
