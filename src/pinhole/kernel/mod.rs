@@ -11,7 +11,10 @@
 //! the session's control connections, as the kernel's FTP helper does: the
 //! connection is RELATED, so an operator's `ct state established,related
 //! accept` admits it and nothing broader is needed. Per plan, on the fast
-//! path, two netlink messages:
+//! path, two netlink messages to open it, and one at its end (an
+//! IPCTNL_MSG_CT_GET for the connection's byte counters, which update
+//! events do not carry; for a plan closed unused, the expectation's
+//! deletion), all counted in `ftpgate_kernel_netlink_messages_total`:
 //!
 //! - one `nft` transaction: the `claim` on the announced address and port
 //!   (a new connection to it is dropped: no SYN-ACK, no RST), the `once`
@@ -125,12 +128,13 @@ impl KernelBackend {
                 format!("cannot enable {ACCT} (needs CAP_NET_ADMIN and nf_conntrack): {e}"),
             )
         })?;
-        let conntrack = Conntrack::start(mark).await?;
+        let messages: Arc<Messages> = Arc::default();
+        let conntrack = Conntrack::start(mark, messages.clone()).await?;
         let expectations = Expectations::open()
             .map_err(|e| io::Error::new(e.kind(), format!("conntrack expectations: {e}")))?;
         Ok(KernelBackend {
             expectations: Arc::new(tokio::sync::Mutex::new(expectations)),
-            messages: Arc::default(),
+            messages,
             mark,
             client_pool,
             server_pool,
