@@ -366,11 +366,17 @@ async fn run(
         .await
         .context("starting")?;
     let table = launched.table.clone();
+    let gateway = launched.gateway.clone();
+    gateway
+        .backend
+        .check_expect_max(gateway.config().limits.max_sessions);
     let reloader = tokio::spawn(reload_on_hangup(launched.gateway.clone(), path, hangup));
     // Every listener is bound: connections queue from now on.
     ftpgate::systemd::notify_ready();
     serve(launched.gateway, launched.listeners, shutdown, grace).await;
     reloader.abort();
+    // Before the table goes: waiting expectations would outlive it.
+    gateway.backend.close().await;
     Launched::cleanup(table).await;
     Ok(())
 }

@@ -227,6 +227,12 @@ impl Expectations {
         .await?;
         match errno {
             0 => Ok(()),
+            // The table is full: the caller tells it by the errno.
+            e if e == rustix::io::Errno::MFILE.raw_os_error()
+                || e == rustix::io::Errno::NOSPC.raw_os_error() =>
+            {
+                Err(io::Error::from_raw_os_error(e))
+            }
             e => {
                 let err = io::Error::from_raw_os_error(e);
                 Err(io::Error::new(

@@ -441,7 +441,19 @@ impl Backend {
             Backend::Kernel { kernel, relay } => (kernel, relay),
         };
         match kernel_shape(session, &plan) {
-            Ok(shape) => return kernel.open(session, plan, shape, events).await,
+            // The kernel's expectations are a shared, bounded table: past
+            // the backend's share of it, the relay carries the plan.
+            Ok(shape) => match kernel
+                .open(session, plan.clone(), shape, events.clone())
+                .await
+            {
+                Err(OpenError::Io(e)) if kernel::is_full(&e) => tracing::info!(
+                    session = session.id,
+                    plan = plan.id,
+                    "data plan goes to the relay: {e}"
+                ),
+                opened => return opened,
+            },
             Err(why) => tracing::debug!(
                 session = session.id,
                 plan = plan.id,
@@ -458,6 +470,23 @@ impl Backend {
             kernel.release_claim(addr.port()).await;
         }
         Ok((opened, pinhole))
+    }
+
+    /// Warns when the kernel's expectation table is small for
+    /// `max_sessions` sessions (see the kernel backend's share of it).
+    pub fn check_expect_max(&self, max_sessions: usize) {
+        if let Backend::Kernel { kernel, .. } = self {
+            kernel.check_expect_max(max_sessions);
+        }
+    }
+
+    /// Deletes what outlives the gateway's table: the kernel backend's
+    /// expectations still waiting for their connection. Call it at exit,
+    /// before the table is destroyed.
+    pub async fn close(&self) {
+        if let Backend::Kernel { kernel, .. } = self {
+            kernel.close().await;
+        }
     }
 
     /// What is open now: the data plans not yet fully released and the

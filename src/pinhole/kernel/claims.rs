@@ -34,8 +34,9 @@ impl Drop for Live {
 
 /// Kernel plans opened, for /metrics (`ftpgate_kernel_plans_total`).
 pub(crate) static PLANS: LazyLock<Counter> = LazyLock::new(Counter::default);
-/// Netlink messages sent for kernel plans (nf_tables transactions and
-/// expectation requests), for /metrics
+/// Netlink messages sent for kernel plans (nf_tables transactions,
+/// expectation requests, reads of a finished connection's counters), for
+/// /metrics
 /// (`ftpgate_kernel_netlink_messages_total`): divided by
 /// [`PLANS`], the messages per pinhole.
 pub(crate) static NETLINK_MESSAGES: LazyLock<Counter> = LazyLock::new(Counter::default);
@@ -46,7 +47,8 @@ pub(crate) static NETLINK_MESSAGES: LazyLock<Counter> = LazyLock::new(Counter::d
 pub struct Messages {
     /// Plans opened.
     pub plans: AtomicU64,
-    /// nf_tables batches and ctnetlink expectation requests sent for them.
+    /// nf_tables batches, ctnetlink expectation requests and counter reads
+    /// sent for them.
     pub sent: AtomicU64,
 }
 
@@ -79,8 +81,11 @@ pub(super) struct Held {
     /// `dnat`, `ksnat` (only where nat-follow-master cannot NAT): gone
     /// once the connection is in. `once` is left to its timeout.
     pub(super) elements: Mutex<Vec<Element>>,
-    /// The expectation, until a connection takes it or the plan ends.
-    pub(super) expectation: Mutex<Option<Expectation>>,
+    /// The expectation (and its number in `pending`), until a connection
+    /// takes it or the plan ends.
+    pub(super) expectation: Mutex<Option<(u64, Expectation)>>,
+    /// The backend's waiting expectations, this plan's among them.
+    pub(super) pending: super::Pending,
     /// The claim and the port's lease, until the plan ends and hands them
     /// to [`Claims::linger`].
     pub(super) end: Mutex<Option<(Claim, PortLease)>>,
@@ -100,7 +105,9 @@ impl Held {
     /// The connection is in: the kernel took the expectation, and the
     /// NAT maps' elements have done their job.
     pub(super) async fn connected(&self) {
-        take(&self.expectation);
+        if let Some((id, _)) = take(&self.expectation) {
+            super::unwait(&self.pending, id);
+        }
         self.remove().await;
     }
 
@@ -138,7 +145,8 @@ impl Held {
     /// removes its elements and lets the claim linger. Whoever comes first
     /// (the plan's task or its guard) does it.
     pub(super) async fn end(&self) {
-        if let Some(exp) = take(&self.expectation) {
+        if let Some((id, exp)) = take(&self.expectation) {
+            super::unwait(&self.pending, id);
             self.messages.sent(1);
             let deleted = self.expectations.lock().await.delete(&exp).await;
             if let Err(e) = deleted {
@@ -197,11 +205,30 @@ pub(super) struct Claims {
 }
 
 impl Claims {
-    /// The lingering claim on `port`, if any, which the port's new plan
-    /// removes (or renews) in its own transaction.
+    /// The lingering claim on `port`, if any, forgotten here: the caller
+    /// removes it from the kernel.
     pub(super) async fn take(&self, port: u16) -> Option<Element> {
         let mut lingering = self.lingering.lock().await;
         lingering.remove(&port).map(|(_, c)| c.element)
+    }
+
+    /// The lingering claim on `port`, if any, with its generation, left in
+    /// place: the port's new plan removes it from here with
+    /// [`Claims::forget`] only once its transaction removed (or renewed) it
+    /// in the kernel. Were it forgotten first and the transaction failed,
+    /// the claim would stay in the kernel with nothing to release it.
+    pub(super) async fn peek(&self, port: u16) -> Option<(u64, Element)> {
+        let lingering = self.lingering.lock().await;
+        lingering.get(&port).map(|(g, c)| (*g, c.element))
+    }
+
+    /// Forgets the lingering claim on `port` of `generation`, which the
+    /// port's new plan has taken over in the kernel.
+    pub(super) async fn forget(&self, port: u16, generation: u64) {
+        let mut lingering = self.lingering.lock().await;
+        if lingering.get(&port).map(|(g, _)| *g) == Some(generation) {
+            lingering.remove(&port);
+        }
     }
 
     /// Removes the lingering claim on `port`, if any: the relay listens on

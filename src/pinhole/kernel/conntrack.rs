@@ -26,6 +26,9 @@ pub(super) struct Conntrack {
     plans: Mutex<HashMap<u64, Watched>>,
     next: AtomicU64,
     wake: tokio::sync::Notify,
+    /// The backend's message count: a finished entry's counters cost one
+    /// IPCTNL_MSG_CT_GET.
+    messages: Arc<super::Messages>,
 }
 
 /// A registered plan, as the watcher sees it.
@@ -64,8 +67,14 @@ type Key = (IpAddr, u16, u16);
 impl Conntrack {
     /// The watcher, with its task running on netlink events; fails if
     /// they cannot be had.
-    pub(super) async fn start(mark: u32) -> io::Result<Arc<Conntrack>> {
-        let conntrack = Arc::new(Conntrack::default());
+    pub(super) async fn start(
+        mark: u32,
+        messages: Arc<super::Messages>,
+    ) -> io::Result<Arc<Conntrack>> {
+        let conntrack = Arc::new(Conntrack {
+            messages,
+            ..Conntrack::default()
+        });
         let weak = Arc::downgrade(&conntrack);
         // Entries that exist now belong to no plan of this process; nor
         // does an entry, once one plan took it. Without this, a plan would
@@ -360,6 +369,7 @@ async fn look(ct: &Conntrack, mirror: &mut Mirror, gone: &[Entry], netlink: &mut
         }
     }
     for (key, mut e) in uncounted {
+        ct.messages.sent(1);
         match counters(netlink, &e).await {
             Ok(Some(bytes)) => {
                 mirror.count(&e, bytes);

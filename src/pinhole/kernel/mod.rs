@@ -11,7 +11,10 @@
 //! the session's control connections, as the kernel's FTP helper does: the
 //! connection is RELATED, so an operator's `ct state established,related
 //! accept` admits it and nothing broader is needed. Per plan, on the fast
-//! path, two netlink messages:
+//! path, two netlink messages to open it, and one at its end (an
+//! IPCTNL_MSG_CT_GET for the connection's byte counters, which update
+//! events do not carry; for a plan closed unused, the expectation's
+//! deletion), all counted in `ftpgate_kernel_netlink_messages_total`:
 //!
 //! - one `nft` transaction: the `claim` on the announced address and port
 //!   (a new connection to it is dropped: no SYN-ACK, no RST), the `once`
@@ -26,11 +29,26 @@
 //! second one is new, and dropped by the claim; a foreign peer never
 //! matches it. The expectation's own timeout is its master's helper's (300
 //! s): a RELATED connection after `once` expired is dropped by the table's
-//! gate, and the gateway deletes an unused expectation when its plan ends.
-//! Control connections get their helper ("sane", which never matches FTP
-//! text) and the ct mark `data.conntrack_mark` from the table's anchor
-//! rules; the data connection inherits the mark, and the watcher reads only
-//! the events of marked entries.
+//! gate, and the gateway deletes an unused expectation when its plan ends,
+//! and every waiting one at exit ([`KernelBackend::close`], before the
+//! table goes: an expectation does not depend on the table, and would
+//! admit its peer, NATed and ungated, after it).
+//! Control connections get their helper and the ct mark
+//! `data.conntrack_mark` from the table's anchor rules; the data connection
+//! inherits the mark, and the watcher reads only the events of marked
+//! entries. The helper ("sane") rewrites nothing, but it is no barrier: the
+//! peers choose the bytes it reads (a client's own, TLS ciphertext whose
+//! keys it holds, a passthrough server's) and can make it expect a
+//! connection from the client to any port of the master's responder. The
+//! table's `gate` drops every marked RELATED connection that is not a live
+//! pinhole's (not in `once`): it, not the helper, is the barrier, for as
+//! long as the table exists (an operator's `flush ruleset` removes it).
+//!
+//! The kernel's expectation table (`nf_conntrack_expect_max`) is shared by
+//! every helper of the box: the backend keeps at most half of it waiting
+//! ([`expect_cap`]). A plan over that share, or one whose expectation the
+//! kernel refuses for want of room, goes to the relay (the router,
+//! `Backend::open`, logs it at info).
 //!
 //! The claim outlives the plan: it is refreshed while the connection runs,
 //! and when the plan ends it lingers until its timeout in the kernel (at
@@ -69,10 +87,12 @@ use super::{
     Pinhole, PlanId, PortPool, SessionInfo,
 };
 use crate::netfilter::conntrack::Expectations;
+use crate::netfilter::ctnetlink::Expectation;
 use crate::netfilter::{Element, InterceptTable};
 use claims::{Claim, Claims, Held, Shared};
 pub(crate) use claims::{Messages, NETLINK_MESSAGES, PLANS};
 use conntrack::{Conntrack, Flow, Watch};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -84,6 +104,56 @@ use tokio::time::Instant;
 
 /// Turns on per-connection byte counters.
 const ACCT: &str = "/proc/sys/net/netfilter/nf_conntrack_acct";
+/// The kernel's limit on expectations, for every helper of the box.
+const EXPECT_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_expect_max";
+/// The kernel's default `nf_conntrack_expect_max` on small machines, for
+/// when the sysctl cannot be read.
+const EXPECT_MAX_DEFAULT: usize = 256;
+/// The kernel's answers when the expectation table is full.
+const EMFILE: i32 = rustix::io::Errno::MFILE.raw_os_error();
+const ENOSPC: i32 = rustix::io::Errno::NOSPC.raw_os_error();
+
+/// The share of `nf_conntrack_expect_max` the backend's waiting
+/// expectations may hold: half, so that peers cannot take the whole table
+/// from the box's other helpers. Plans over it go to the relay.
+fn expect_cap(expect_max: usize) -> usize {
+    (expect_max / 2).max(1)
+}
+
+/// The kernel refused an expectation for want of room, or the backend's
+/// share of the table is used up: the relay carries the plan instead.
+#[derive(Debug, thiserror::Error)]
+#[error("conntrack expectations full ({0})")]
+pub(crate) struct Full(String);
+
+/// Whether `e` is [`Full`]: the router then gives the plan to the relay.
+pub(crate) fn is_full(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Full>())
+}
+
+/// Expectations created (or being created) and not yet taken by a
+/// connection nor deleted, by a number of their own: the gateway deletes
+/// each at exit ([`KernelBackend::close`]), since they do not depend on its
+/// table. Their count is held to [`KernelBackend::cap`].
+#[derive(Debug, Default)]
+pub(super) struct Waiting {
+    exps: HashMap<u64, Expectation>,
+    next: u64,
+    /// Set by [`KernelBackend::close`]: no new expectation after it.
+    closed: bool,
+}
+
+/// Shared by the backend and its plans.
+pub(super) type Pending = Arc<Mutex<Waiting>>;
+
+/// Forgets waiting expectation `id`; whether it was still there.
+pub(super) fn unwait(pending: &Pending, id: u64) -> Option<Expectation> {
+    pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .exps
+        .remove(&id)
+}
 
 /// Carries out the plans whose [`Shape`] the kernel can NAT.
 #[derive(Debug)]
@@ -102,6 +172,13 @@ pub struct KernelBackend {
     mark: u32,
     /// Plans whose [`Held`] still exists.
     live: Arc<AtomicUsize>,
+    /// Expectations waiting for their connection.
+    pending: Pending,
+    /// The most expectations that may wait at once: half of
+    /// `nf_conntrack_expect_max` ([`expect_cap`]).
+    pub(super) cap: usize,
+    /// `nf_conntrack_expect_max` as read at start.
+    expect_max: usize,
 }
 
 impl KernelBackend {
@@ -125,12 +202,20 @@ impl KernelBackend {
                 format!("cannot enable {ACCT} (needs CAP_NET_ADMIN and nf_conntrack): {e}"),
             )
         })?;
-        let conntrack = Conntrack::start(mark).await?;
+        let messages: Arc<Messages> = Arc::default();
+        let conntrack = Conntrack::start(mark, messages.clone()).await?;
+        let expect_max = match tokio::fs::read_to_string(EXPECT_MAX).await {
+            Ok(s) => s.trim().parse().unwrap_or(EXPECT_MAX_DEFAULT),
+            Err(e) => {
+                tracing::warn!("cannot read {EXPECT_MAX} ({e}): taking {EXPECT_MAX_DEFAULT}");
+                EXPECT_MAX_DEFAULT
+            }
+        };
         let expectations = Expectations::open()
             .map_err(|e| io::Error::new(e.kind(), format!("conntrack expectations: {e}")))?;
         Ok(KernelBackend {
             expectations: Arc::new(tokio::sync::Mutex::new(expectations)),
-            messages: Arc::default(),
+            messages,
             mark,
             client_pool,
             server_pool,
@@ -140,7 +225,57 @@ impl KernelBackend {
             conntrack,
             shared: Arc::default(),
             live: Arc::default(),
+            pending: Arc::default(),
+            cap: expect_cap(expect_max),
+            expect_max,
         })
+    }
+
+    /// Warns when `nf_conntrack_expect_max` is below two expectations per
+    /// session (`limits.max_sessions`): the backend's share of it then
+    /// runs out first, and plans over it go to the relay.
+    pub fn check_expect_max(&self, max_sessions: usize) {
+        if self.expect_max < 2 * max_sessions {
+            tracing::warn!(
+                expect_max = self.expect_max,
+                max_sessions,
+                cap = self.cap,
+                "net.netfilter.nf_conntrack_expect_max is below 2 x limits.max_sessions: \
+                 past {} waiting pinholes, plans go to the relay",
+                self.cap
+            );
+        }
+    }
+
+    /// Deletes every expectation still waiting for its connection (one
+    /// message each), and lets no plan make another: they outlive the
+    /// gateway's table, and would admit their peers, NATed, with nothing
+    /// gating them. Call it before the table is destroyed.
+    pub async fn close(&self) {
+        let waiting: Vec<_> = {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            p.closed = true;
+            p.exps.drain().map(|(_, e)| e).collect()
+        };
+        let mut expectations = self.expectations.lock().await;
+        for exp in waiting {
+            self.messages.sent(1);
+            if let Err(e) = expectations.delete(&exp).await {
+                tracing::warn!(
+                    port = exp.dst.port(),
+                    "conntrack: expectation not deleted at exit: {e}"
+                );
+            }
+        }
+    }
+
+    /// Expectations waiting for their connection now.
+    pub fn waiting(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .exps
+            .len()
     }
 
     /// Plans not yet fully released (elements, claim, lease).
@@ -173,6 +308,13 @@ impl KernelBackend {
         shape: Shape,
         events: mpsc::UnboundedSender<DataEvent>,
     ) -> Result<(Opened, Pinhole), OpenError> {
+        if self.waiting() >= self.cap {
+            let full = Full(format!(
+                "{} expectations waiting, the backend's share",
+                self.cap
+            ));
+            return Err(io::Error::other(full).into());
+        }
         let pool = if shape.passive {
             &self.client_pool
         } else {
@@ -199,19 +341,49 @@ impl KernelBackend {
             messages: self.messages.clone(),
             elements: Mutex::new(elements),
             expectation: Mutex::new(None),
+            pending: self.pending.clone(),
             end: Mutex::new(Some((claim, lease))),
             port,
             _live: claims::Live::enter(&self.live),
         });
         // After the elements: the claim and the gate are in place before
         // the kernel admits anything.
+        let id = {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            (!p.closed).then(|| {
+                p.next += 1;
+                let id = p.next;
+                p.exps.insert(id, exp);
+                id
+            })
+        };
+        let Some(id) = id else {
+            held.end().await;
+            return Err(io::Error::other("the gateway is stopping").into());
+        };
         self.messages.sent(1);
         let created = self.expectations.lock().await.create(&exp).await;
         if let Err(e) = created {
+            unwait(&self.pending, id);
             held.end().await;
+            if matches!(e.raw_os_error(), Some(n) if n == EMFILE || n == ENOSPC) {
+                return Err(io::Error::other(Full(e.to_string())).into());
+            }
             return Err(e.into());
         }
-        *held.expectation.lock().unwrap_or_else(|p| p.into_inner()) = Some(exp);
+        *held.expectation.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, exp));
+        let drained = !self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .exps
+            .contains_key(&id);
+        if drained {
+            // Closed meanwhile, maybe before the kernel had it: nothing
+            // deletes it but this plan.
+            held.end().await;
+            return Err(io::Error::other("the gateway is stopping").into());
+        }
         tracing::debug!(
             session = session.id,
             plan = plan.id,
@@ -264,11 +436,10 @@ impl KernelBackend {
             Element::Claim { port, .. } => port,
             _ => 0,
         };
-        let lingering: Vec<_> = self
-            .claims
-            .take(port)
-            .await
+        let taken = self.claims.peek(port).await;
+        let lingering: Vec<_> = taken
             .into_iter()
+            .map(|(_, c)| c)
             .filter(|c| *c != claim)
             .collect();
         let mut fresh: Vec<_> = elements.iter().map(|e| (*e, timeout)).collect();
@@ -279,6 +450,9 @@ impl KernelBackend {
         fresh.push((claim, 2 * timeout));
         self.messages.sent(1);
         self.table.renew(&lingering, &fresh).await?;
+        if let Some((generation, _)) = taken {
+            self.claims.forget(port, generation).await;
+        }
         for e in elements.iter().filter(|e| claims::keyed_by_endpoint(e)) {
             *shared.entry(*e).or_insert(0) += 1;
         }
@@ -406,3 +580,5 @@ fn directions(shape: &Shape, flow: &Flow) -> (u64, u64) {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_cleanup;
