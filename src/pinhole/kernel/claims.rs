@@ -78,7 +78,7 @@ pub(super) struct Held {
     pub(super) claims: Arc<Claims>,
     pub(super) expectations: Arc<tokio::sync::Mutex<Expectations>>,
     pub(super) messages: Arc<Messages>,
-    /// `dnat`, `ksnat` (only where nat-follow-master cannot NAT): gone
+    /// `dnat`, `ksnat`: gone
     /// once the connection is in. `once` is left to its timeout.
     pub(super) elements: Mutex<Vec<Element>>,
     /// The expectation (and its number in `pending`), until a connection

@@ -11,19 +11,22 @@
 //! the session's control connections, as the kernel's FTP helper does: the
 //! connection is RELATED, so an operator's `ct state established,related
 //! accept` admits it and nothing broader is needed. Per plan, on the fast
-//! path, two netlink messages to open it, and one at its end (an
-//! IPCTNL_MSG_CT_GET for the connection's byte counters, which update
-//! events do not carry; for a plan closed unused, the expectation's
-//! deletion), all counted in `ftpgate_kernel_netlink_messages_total`:
+//! path, two netlink messages to open it; one when its connection comes
+//! (the NAT maps' removal: conntrack keeps the translation), and one at its
+//! end (an IPCTNL_MSG_CT_GET for the connection's byte counters, which
+//! update events do not carry; for a plan closed unused, the maps' removal
+//! and the expectation's deletion), all counted in
+//! `ftpgate_kernel_netlink_messages_total`:
 //!
 //! - one `nft` transaction: the `claim` on the announced address and port
 //!   (a new connection to it is dropped: no SYN-ACK, no RST), the `once`
 //!   element whose timeout (`pinhole_timeout`) bounds the expectation's
-//!   life, and only where the kernel cannot NAT the connection by itself,
-//!   `dnat` and `ksnat` map elements;
+//!   life, and the `dnat` and `ksnat` map elements that translate the
+//!   connection's first packet (not `nat-follow-master`: see
+//!   [`Shape::expectation`]);
 //! - one IPCTNL_MSG_EXP_NEW: the expected peer (source port any) to the
-//!   announced address and port, NATed by `nat-follow-master` (see
-//!   [`Shape::expectation`]).
+//!   announced address and port, on the master the kernel's FTP helper
+//!   would use.
 //!
 //! The kernel deletes the expectation when the connection comes, so a
 //! second one is new, and dropped by the claim; a foreign peer never
