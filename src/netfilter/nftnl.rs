@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! NFNL_MSG_BATCH_BEGIN (res_id NFNL_SUBSYS_NFTABLES)
-//! NFT_MSG_NEWSETELEM / NFT_MSG_DELSETELEM (family inet, NLM_F_ACK), one per element:
+//! NFT_MSG_NEWSETELEM / NFT_MSG_DELSETELEM (family inet), one per element:
 //!   NFTA_SET_ELEM_LIST_TABLE "ftpgate"
 //!   NFTA_SET_ELEM_LIST_SET   "pasv4"
 //!   NFTA_SET_ELEM_LIST_ELEMENTS { NFTA_LIST_ELEM {
@@ -20,8 +20,11 @@
 //! That is `add element inet ftpgate pasv4 { 10.0.0.5 . 198.51.100.7 .
 //! 40001 timeout 30000ms }`. In a concatenated key each field takes a
 //! multiple of 4 bytes: an address its 4 or 16 bytes, a port 2 bytes in
-//! network order and 2 zero bytes. The kernel answers every element message
-//! with an ack or an error, all of them once the batch has been run.
+//! network order and 2 zero bytes. Only the last element message asks for
+//! an ack (NLM_F_ACK): once the batch has been run, the kernel sends an
+//! error for each message that failed, in order, then that ack, so one
+//! `recv` ends a batch that succeeded (an ack per message cost one `recv`
+//! each).
 
 use super::ctnetlink::{Builder, Record, Socket};
 use super::element::Element;
@@ -48,8 +51,8 @@ const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_DATA_VALUE: u16 = 1;
 
-/// Receive buffer: every element message of a batch is answered before the
-/// gateway reads any answer, one datagram each.
+/// Receive buffer: every refused element message of a batch is answered
+/// before the gateway reads any answer, one datagram each.
 const RCVBUF: usize = 4 << 20;
 
 /// One element change inside a transaction.
@@ -153,10 +156,13 @@ pub(crate) fn batch(table: &str, ops: &[Op], seq: u32) -> io::Result<Vec<u8>> {
             Op::Delete(e) => (e, None),
         };
         let (set, key, data) = encode(&e)?;
-        let (kind, flags) = match timeout {
-            Some(_) => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE),
-            None => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
+        let (kind, mut flags) = match timeout {
+            Some(_) => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE),
+            None => (NFT_MSG_DELSETELEM, NLM_F_REQUEST),
         };
+        if i + 1 == ops.len() {
+            flags |= NLM_F_ACK;
+        }
         let at = seq.wrapping_add(1).wrapping_add(i as u32);
         let mut b = Builder::with_type(kind, flags, at, NFPROTO_INET, 0);
         b.put(NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
@@ -181,11 +187,14 @@ pub(crate) fn batch(table: &str, ops: &[Op], seq: u32) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// The kernel's answers to one batch, as they arrive.
+/// The kernel's answers to one batch, as they arrive: an error for each
+/// refused op, in order, then the last op's answer (its ack, or its error).
 #[derive(Debug)]
 pub(crate) struct Answers {
     seq: u32,
-    answered: Vec<bool>,
+    n: usize,
+    /// The last op has been answered: every answer has arrived.
+    last: bool,
     /// The first error: the op's index (`None` for the batch itself) and
     /// the errno.
     error: Option<(Option<usize>, i32)>,
@@ -196,7 +205,8 @@ impl Answers {
     pub(crate) fn new(seq: u32, n: usize) -> Answers {
         Answers {
             seq,
-            answered: vec![false; n],
+            n,
+            last: false,
             error: None,
         }
     }
@@ -209,12 +219,12 @@ impl Answers {
         };
         let at = seq.wrapping_sub(self.seq) as usize;
         let op = match at.checked_sub(1) {
-            Some(i) if i < self.answered.len() => {
-                self.answered[i] = true;
+            Some(i) if i < self.n => {
+                self.last |= i + 1 == self.n;
                 Some(i)
             }
             // The batch begin or end: only errors come back for these.
-            _ if at == 0 || at == self.answered.len() + 1 => None,
+            _ if at == 0 || at == self.n + 1 => None,
             _ => return,
         };
         if errno != 0 && self.error.is_none() {
@@ -222,9 +232,9 @@ impl Answers {
         }
     }
 
-    /// Every op answered, or the batch refused as a whole.
+    /// The last op answered, or the batch refused as a whole.
     pub(crate) fn complete(&self) -> bool {
-        self.answered.iter().all(|a| *a) || self.error.is_some_and(|(op, _)| op.is_none())
+        self.last || self.error.is_some_and(|(op, _)| op.is_none())
     }
 
     /// The first error, if any.
@@ -409,7 +419,7 @@ mod tests {
         let (kind, flags, seq, nfg, attrs) = &msgs[1];
         assert_eq!(
             (*kind, *flags, *seq, *nfg),
-            (0x0a0c, 0x405, 8, [1, 0, 0, 0])
+            (0x0a0c, 0x401, 8, [1, 0, 0, 0])
         );
         let want: Vec<u8> = [
             &[7, 0, 1, 0][..],
@@ -430,6 +440,7 @@ mod tests {
         .concat();
         assert_eq!(attrs, &want);
         // delete element inet gw claim6 { 2001:db8::1 . 40001 }: key only.
+        // The last op, the only one that asks for an ack.
         let (kind, flags, seq, _, attrs) = &msgs[2];
         assert_eq!((*kind, *flags, *seq), (0x0a0e, 0x5, 9));
         let mut key = "2001:db8::1"
@@ -459,19 +470,25 @@ mod tests {
         let ack = |seq, errno| Record::Error { seq, errno };
         // Ops at 11 and 12.
         let mut a = Answers::new(10, 2);
-        a.take(&ack(11, 0));
         a.take(&ack(3, 2)); // an earlier batch's: ignored
         a.take(&Record::Other { seq: 12 });
         assert!(!a.complete());
         a.take(&ack(12, 0));
         assert!(a.complete());
         assert_eq!(a.error(), None);
-        // An op refused: the first error is kept.
+        // The first op refused: its error comes before the last op's ack.
         let mut a = Answers::new(10, 2);
-        a.take(&ack(12, 2));
         a.take(&ack(11, 17));
+        assert!(!a.complete());
+        a.take(&ack(12, 0));
         assert!(a.complete());
-        assert_eq!(a.error(), Some((Some(1), 2)));
+        assert_eq!(a.error(), Some((Some(0), 17)));
+        // The last op refused too: the first error is kept.
+        let mut a = Answers::new(10, 2);
+        a.take(&ack(11, 17));
+        a.take(&ack(12, 2));
+        assert!(a.complete());
+        assert_eq!(a.error(), Some((Some(0), 17)));
         // The batch itself refused (at its begin or end): complete at once.
         for seq in [10, 13] {
             let mut a = Answers::new(10, 2);
@@ -482,6 +499,7 @@ mod tests {
         // Sequence numbers that wrap.
         let mut a = Answers::new(u32::MAX, 2);
         a.take(&ack(0, 0));
+        assert!(!a.complete());
         a.take(&ack(1, 0));
         assert!(a.complete() && a.error().is_none());
     }
