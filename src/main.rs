@@ -40,10 +40,12 @@ enum Cmd {
         /// How long running sessions may go on after SIGTERM/SIGINT.
         #[arg(long, default_value = "10", value_name = "SECONDS")]
         grace: u64,
-        /// Threads that run sessions and relays: 0 (the default) means one
-        /// per CPU; 1 runs everything on one thread (no hand-offs between
-        /// threads, the least CPU per session, but one core's worth of
-        /// relaying).
+        /// Threads that run sessions and relays: 1 runs everything on one
+        /// thread (no hand-offs between threads, the least CPU per session,
+        /// but one core's worth of relaying); N > 1, N threads. 0 (the
+        /// default): 1 when the kernel carries every data connection
+        /// (`backend: nftables`, rules with `server_mode: same` and
+        /// `tls: refuse`, no listener TLS), else one per CPU.
         #[arg(long, default_value = "0", value_name = "N")]
         threads: usize,
         /// Bind listeners and the metrics endpoint with SO_REUSEPORT, so that
@@ -289,6 +291,18 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let threads = match threads {
+                0 => config.default_threads(),
+                n => n,
+            };
+            tracing::info!(
+                threads = if threads == 0 {
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                } else {
+                    threads
+                },
+                "runtime"
+            );
             let rt = match runtime(threads) {
                 Ok(rt) => rt,
                 Err(e) => {

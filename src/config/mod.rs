@@ -184,6 +184,34 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Whether the kernel carries every data connection this configuration
+    /// allows, leaving the gateway only the control connections:
+    /// `backend: nftables`, every allowing rule with `server_mode: same` and
+    /// `tls: refuse`, and no listener with TLS on either leg. The other
+    /// plans (a mode conversion, a TLS data connection) are relayed.
+    pub fn kernel_data_only(&self) -> bool {
+        self.data.backend == BackendKind::Nftables
+            && self
+                .rules
+                .iter()
+                .filter(|r| r.action == Action::Allow)
+                .all(|r| r.server_mode == ServerMode::Same && r.tls == TlsPolicy::Refuse)
+            && self
+                .listeners
+                .iter()
+                .all(|l| l.tls.is_none() && l.upstream_tls.is_none())
+    }
+
+    /// The worker threads `ftpgate run --threads 0` starts: one when the
+    /// kernel carries the data ([`Config::kernel_data_only`]), where one
+    /// thread serves thousands of sessions a second and hands nothing
+    /// between threads; otherwise 0, one per CPU, for relaying.
+    pub fn default_threads(&self) -> usize {
+        usize::from(self.kernel_data_only())
+    }
+}
+
 /// A message with its 1-based line and column (0 when unknown).
 type Located = (usize, usize, String);
 

@@ -1378,3 +1378,25 @@ fn instance_name_is_optional_printed_and_checked() {
         "a list is not a name"
     );
 }
+
+#[test]
+fn one_thread_by_default_only_when_the_kernel_carries_every_data_connection() {
+    let threads = |data: &str, rules: &str| {
+        ok(&format!("{HEAD}rules:\n{rules}data:\n{data}")).default_threads()
+    };
+    let same = "  - name: all\n";
+    let nft = "  backend: nftables\n";
+    assert_eq!(threads(nft, same), 1);
+    // A denying rule converts nothing.
+    let deny = "  - name: no\n    action: deny\n    server_mode: active\n  - name: all\n";
+    assert_eq!(threads(nft, deny), 1);
+    // Relayed plans: one thread per CPU (0).
+    assert_eq!(threads("  backend: relay\n", same), 0);
+    for rule in [
+        "  - name: all\n    server_mode: passive\n",
+        "  - name: all\n    server_mode: active\n",
+        "  - name: all\n    tls: passthrough\n",
+    ] {
+        assert_eq!(threads(nft, rule), 0, "{rule}");
+    }
+}
