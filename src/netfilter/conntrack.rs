@@ -215,17 +215,10 @@ impl Expectations {
     /// Creates `exp`: one message, answered with an ack or an error.
     pub(crate) async fn create(&mut self, exp: &Expectation) -> io::Result<()> {
         let seq = self.next_seq();
-        let msg = ctnetlink::expect_new_request(seq, exp);
-        let mut errno = 0;
-        request(&mut self.sock, &msg, seq, |r| match r {
-            Record::Error { errno: e, .. } => {
-                errno = e;
-                Ok(true)
-            }
-            _ => Ok(false),
-        })
-        .await?;
-        match errno {
+        match self
+            .ack(&ctnetlink::expect_new_request(seq, exp), seq)
+            .await?
+        {
             0 => Ok(()),
             // The table is full: the caller tells it by the errno.
             e if e == rustix::io::Errno::MFILE.raw_os_error()
@@ -247,9 +240,21 @@ impl Expectations {
     /// message. Whether it was there.
     pub(crate) async fn delete(&mut self, exp: &Expectation) -> io::Result<bool> {
         let seq = self.next_seq();
-        let msg = ctnetlink::expect_delete_request(seq, exp);
+        match self
+            .ack(&ctnetlink::expect_delete_request(seq, exp), seq)
+            .await?
+        {
+            0 => Ok(true),
+            e if e == rustix::io::Errno::NOENT.raw_os_error() => Ok(false),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+
+    /// Sends `msg` (one request at `seq`) and waits for its answer: 0 for
+    /// an ack, else the errno.
+    async fn ack(&mut self, msg: &[u8], seq: u32) -> io::Result<i32> {
         let mut errno = 0;
-        request(&mut self.sock, &msg, seq, |r| match r {
+        request(&mut self.sock, msg, seq, |r| match r {
             Record::Error { errno: e, .. } => {
                 errno = e;
                 Ok(true)
@@ -257,11 +262,7 @@ impl Expectations {
             _ => Ok(false),
         })
         .await?;
-        match errno {
-            0 => Ok(true),
-            e if e == rustix::io::Errno::NOENT.raw_os_error() => Ok(false),
-            e => Err(io::Error::from_raw_os_error(e)),
-        }
+        Ok(errno)
     }
 
     fn next_seq(&mut self) -> u32 {
