@@ -589,7 +589,12 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
     // Not admitted: the gate drops its first SYN; the retransmission, no
     // longer expected, finds the claim expired too and the gateway's closed
     // port (as when a gateway dies with any backend).
-    assert!(late.is_err(), "a connection after the timeout: {late:?}");
+    // Refused by the closed port, or unanswered while the claim lasts: not
+    // any other error (a set-up failure would pass for a refusal).
+    assert!(
+        matches!(&late, Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut)),
+        "a connection after the timeout: {late:?}"
+    );
     // Four data connections, each admitted as RELATED by its first packet.
     let listed = related_packets(&lab.gateway);
     assert!(
