@@ -250,6 +250,33 @@ impl Expectations {
         }
     }
 
+    /// The name of the conntrack helper of the entry with tuple `t` (either
+    /// direction), `None` if it has none or there is no such entry: one
+    /// IPCTNL_MSG_CT_GET.
+    pub(crate) async fn helper_of(&mut self, t: Tuple) -> io::Result<Option<String>> {
+        let seq = self.next_seq();
+        let mut helper = None;
+        request(
+            &mut self.sock,
+            &ctnetlink::get_request(seq, t),
+            seq,
+            |r| match r {
+                Record::Conn { conn, .. } => {
+                    helper = conn.helper;
+                    Ok(true)
+                }
+                Record::Error { errno: 0, .. } => Ok(true),
+                Record::Error { errno, .. } if errno == rustix::io::Errno::NOENT.raw_os_error() => {
+                    Ok(true)
+                }
+                Record::Error { errno, .. } => Err(io::Error::from_raw_os_error(errno)),
+                Record::Done { .. } | Record::Other { .. } => Ok(false),
+            },
+        )
+        .await?;
+        Ok(helper)
+    }
+
     /// Sends `msg` (one request at `seq`) and waits for its answer: 0 for
     /// an ack, else the errno.
     async fn ack(&mut self, msg: &[u8], seq: u32) -> io::Result<i32> {
@@ -285,11 +312,18 @@ mod tests {
     /// ("sane": an 8-byte binary request, then a binary reply), set on the
     /// control connections' first packet, so that they can be masters; and
     /// nat chains, so that the kernel's NAT hooks run.
+    /// Port 2102 gets the kernel's FTP helper first, from a rule that runs
+    /// before the anchor's (as an operator's rule may).
     const ANCHOR: &str = "table inet xp {
 	ct helper anchor4 { type \"sane\" protocol tcp; l3proto ip; }
+	ct helper ftp4 { type \"ftp\" protocol tcp; l3proto ip; }
+	chain first {
+		type filter hook output priority filter - 10; policy accept;
+		ct state new tcp dport 2102 ct helper set \"ftp4\"
+	}
 	chain output {
 		type filter hook output priority filter; policy accept;
-		ct state new tcp dport 2100 ct mark set ct mark or 0x40000000 ct helper set \"anchor4\"
+		ct state new tcp dport { 2100, 2102 } ct mark set ct mark or 0x40000000 ct helper set \"anchor4\"
 		ct state related counter
 	}
 	chain natout { type nat hook output priority -101; policy accept; }
@@ -362,7 +396,13 @@ mod tests {
         })
         .join()
         .expect("the test thread");
-        let (answers, got, peer_seen, others) = result;
+        let (answers, got, peer_seen, others, helpers) = result;
+        // The anchor's helper on the master, none on the other connection,
+        // and the FTP helper where a rule set it first.
+        assert_eq!(
+            helpers,
+            [Some("sane".to_owned()), None, Some("ftp".to_owned())]
+        );
         let errno = |e: rustix::io::Errno| e.raw_os_error();
         // Created; the same again refused (NLM_F_EXCL); a master without
         // the helper refused; once taken, there is nothing to delete.
@@ -399,6 +439,7 @@ mod tests {
         Vec<u8>,
         SocketAddr,
         (std::io::Result<TcpStream>, std::io::Result<TcpStream>),
+        [Option<String>; 3],
     );
 
     /// Inside the namespace: control connections, expectations, data.
@@ -407,6 +448,7 @@ mod tests {
         // The server's control port (anchored) and another port (not).
         let ctl = TcpListener::bind("10.9.0.2:2100").unwrap();
         let plain = TcpListener::bind("10.9.0.2:2101").unwrap();
+        let ftp = TcpListener::bind("10.9.0.2:2102").unwrap();
         let data = TcpListener::bind("10.9.0.2:30000").unwrap();
         let master = bound("10.9.0.1:0", ctl.local_addr().unwrap()).unwrap();
         let unanchored = bound("10.9.0.1:0", plain.local_addr().unwrap()).unwrap();
@@ -447,11 +489,18 @@ mod tests {
         // Taken: deleting it finds nothing.
         sock.send(&expect_delete_request(4, &exp)).await.unwrap();
         let deleted = ack(&mut sock, 4).await;
+        let helped = bound("10.9.0.1:0", ftp.local_addr().unwrap()).unwrap();
+        let mut exps = Expectations::open().expect("request socket");
+        let mut helpers = Vec::new();
+        for s in [&master, &unanchored, &helped] {
+            helpers.push(exps.helper_of(tuple(s)).await.expect("CT_GET"));
+        }
         (
             [created, again, refused, deleted],
             got,
             from,
             (foreign, second),
+            helpers.try_into().unwrap(),
         )
     }
 }

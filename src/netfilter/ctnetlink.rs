@@ -16,6 +16,7 @@
 //! CTA_TUPLE_REPLY { ... the same ... }
 //! CTA_PROTOINFO   { CTA_PROTOINFO_TCP { CTA_PROTOINFO_TCP_STATE } }
 //! CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY { CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES }
+//! CTA_HELP        { CTA_HELP_NAME "sane\0" }
 //! CTA_ID
 //! ```
 //!
@@ -64,6 +65,8 @@ const CTA_PROTO_DST_PORT: u16 = 3;
 const CTA_PROTOINFO_TCP: u16 = 1;
 const CTA_PROTOINFO_TCP_STATE: u16 = 1;
 const CTA_COUNTERS_BYTES: u16 = 2;
+const CTA_HELP: u16 = 5;
+const CTA_HELP_NAME: u16 = 1;
 const IPPROTO_TCP: u8 = 6;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -103,6 +106,9 @@ pub struct Conn {
     /// carries them (dumps, GET answers and destroy events, with
     /// `nf_conntrack_acct` on).
     pub bytes: Option<(u64, u64)>,
+    /// The name of the entry's conntrack helper (`CTA_HELP_NAME`), when it
+    /// has one and the message carries it.
+    pub helper: Option<String>,
 }
 
 impl Conn {
@@ -245,6 +251,12 @@ fn conn(body: &[u8], gone: bool) -> Option<Conn> {
     let counter = |kind| attr(attributes, kind).and_then(|c| be64(attr(c, CTA_COUNTERS_BYTES)?));
     let bytes = counter(CTA_COUNTERS_ORIG).zip(counter(CTA_COUNTERS_REPLY));
     let id = attr(attributes, CTA_ID).and_then(be32);
+    let helper = attr(attributes, CTA_HELP)
+        .and_then(|h| attr(h, CTA_HELP_NAME))
+        .map(|n| {
+            let n = n.split(|b| *b == 0).next().unwrap_or_default();
+            String::from_utf8_lossy(n).into_owned()
+        });
     Some(Conn {
         gone,
         created: false,
@@ -253,6 +265,7 @@ fn conn(body: &[u8], gone: bool) -> Option<Conn> {
         reply,
         tcp_state,
         bytes,
+        helper,
     })
 }
 
@@ -650,6 +663,23 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_helper_name() {
+        let orig = t("10.71.2.1:50000", "10.71.2.2:21");
+        let reply = t("10.71.2.2:21", "10.71.2.1:50000");
+        let plain = event(false, 0, None, orig, reply, Some(3), None);
+        // The same entry with CTA_HELP { CTA_HELP_NAME "sane\0" } appended.
+        let mut b = Builder(plain.clone());
+        b.nest(CTA_HELP, |b| b.put(CTA_HELP_NAME, b"sane\0"));
+        let helped = b.finish();
+        let helper = |buf: &[u8]| match parse(buf).as_slice() {
+            [Record::Conn { conn, .. }] => conn.helper.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(helper(&plain), None);
+        assert_eq!(helper(&helped).as_deref(), Some("sane"));
+    }
+
+    #[test]
     fn tells_a_new_entry_from_an_update_and_reads_its_id() {
         let orig = t("10.71.2.2:20", "10.71.2.1:41000");
         let reply = t("198.51.100.2:50000", "192.0.2.1:20");
@@ -729,7 +759,8 @@ mod tests {
                         orig,
                         reply,
                         tcp_state: Some(3),
-                        bytes: None
+                        bytes: None,
+                        helper: None,
                     }
                 },
                 Record::Conn {
@@ -741,7 +772,8 @@ mod tests {
                         orig,
                         reply,
                         tcp_state: Some(7),
-                        bytes: Some((180, 9000))
+                        bytes: Some((180, 9000)),
+                        helper: None,
                     }
                 },
             ]
@@ -853,6 +885,7 @@ mod tests {
                 reply,
                 tcp_state,
                 bytes,
+                helper: None,
             },
         };
         assert_eq!(
@@ -879,6 +912,7 @@ mod tests {
                 reply,
                 tcp_state,
                 bytes,
+                helper: None,
             },
         };
         assert_eq!(

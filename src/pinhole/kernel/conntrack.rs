@@ -530,6 +530,7 @@ mod tests {
             reply: tuple("[fd71:2::2]:30000", &format!("[fd71:2::1]:{sport}")),
             tcp_state: Some(state),
             bytes,
+            helper: None,
         }
     }
 

@@ -90,7 +90,7 @@ use super::{
     Pinhole, PlanId, PortPool, SessionInfo,
 };
 use crate::netfilter::conntrack::Expectations;
-use crate::netfilter::ctnetlink::Expectation;
+use crate::netfilter::ctnetlink::{Expectation, Tuple};
 use crate::netfilter::{Element, InterceptTable};
 use claims::{Claim, Claims, Held, Shared};
 pub(crate) use claims::{Messages, NETLINK_MESSAGES, PLANS};
@@ -98,7 +98,7 @@ use conntrack::{Conntrack, Flow, Watch};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -158,6 +158,10 @@ pub(super) fn unwait(pending: &Pending, id: u64) -> Option<Expectation> {
         .remove(&id)
 }
 
+/// The type of the table's `ct helper` anchors (`anchor4`, `anchor6`), as
+/// conntrack names the helper of the connections they are set on.
+const ANCHOR_HELPER: &str = "sane";
+
 /// Carries out the plans whose [`Shape`] the kernel can NAT.
 #[derive(Debug)]
 pub struct KernelBackend {
@@ -182,6 +186,9 @@ pub struct KernelBackend {
     pub(super) cap: usize,
     /// `nf_conntrack_expect_max` as read at start.
     expect_max: usize,
+    /// Whether the helper of a server (0) and of a client (1) control
+    /// connection has been looked at ([`KernelBackend::check_anchor`]).
+    anchors_checked: [AtomicBool; 2],
 }
 
 impl KernelBackend {
@@ -231,7 +238,42 @@ impl KernelBackend {
             pending: Arc::default(),
             cap: expect_cap(expect_max),
             expect_max,
+            anchors_checked: Default::default(),
         })
+    }
+
+    /// Once per process for each side (the first passive and the first
+    /// active plan, one IPCTNL_MSG_CT_GET each): warns when the control
+    /// connection the expectation hangs on has a helper other than the
+    /// table's anchor. A rule of the operator's that was there first (`ct
+    /// helper set "ftp"`, iptables `-j CT --helper ftp`) wins over the
+    /// anchor, and the kernel's FTP helper then parses the gateway's control
+    /// text, making expectations and, with NAT, rewriting it.
+    async fn check_anchor(&self, session: u64, passive: bool, master: Tuple) {
+        let side = usize::from(!passive);
+        if self.anchors_checked[side].swap(true, Ordering::Relaxed) {
+            return;
+        }
+        self.messages.sent(1);
+        let which = if passive { "server" } else { "client" };
+        match self.expectations.lock().await.helper_of(master).await {
+            Ok(Some(name)) if name == ANCHOR_HELPER => {}
+            Ok(helper) => tracing::warn!(
+                session,
+                helper = helper.as_deref().unwrap_or("none"),
+                "the gateway's {which} control connection {} -> {} does not have the table's \
+                 anchor helper \"{ANCHOR_HELPER}\": a rule outside the gateway's table set \
+                 another one first; remove that rule's helper assignment (e.g. ct helper set \
+                 \"ftp\") for the gateway's control connections, or the kernel's helper \
+                 parses the gateway's control text",
+                master.src,
+                master.dst
+            ),
+            Err(e) => tracing::debug!(
+                session,
+                "conntrack: the {which} control connection's helper: {e}"
+            ),
+        }
     }
 
     /// Warns when `nf_conntrack_expect_max` is below two expectations per
@@ -374,6 +416,8 @@ impl KernelBackend {
             }
             return Err(e.into());
         }
+        self.check_anchor(session.id, shape.passive, exp.master)
+            .await;
         *held.expectation.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, exp));
         let drained = !self
             .pending
