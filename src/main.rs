@@ -45,7 +45,8 @@ enum Cmd {
         /// but one core's worth of relaying); N > 1, N threads. 0 (the
         /// default): 1 when the kernel carries every data connection
         /// (`backend: nftables`, rules with `server_mode: same` and
-        /// `tls: refuse`, no listener TLS), else one per CPU.
+        /// `tls: refuse`, no listener TLS or PROXY headers, upstreams in
+        /// their listener's address family), else one per CPU.
         #[arg(long, default_value = "0", value_name = "N")]
         threads: usize,
         /// Bind listeners and the metrics endpoint with SO_REUSEPORT, so that

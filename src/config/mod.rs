@@ -188,8 +188,11 @@ impl Config {
     /// Whether the kernel carries every data connection this configuration
     /// allows, leaving the gateway only the control connections:
     /// `backend: nftables`, every allowing rule with `server_mode: same` and
-    /// `tls: refuse`, and no listener with TLS on either leg. The other
-    /// plans (a mode conversion, a TLS data connection) are relayed.
+    /// `tls: refuse`, no listener with TLS on either leg or with
+    /// `proxy_protocol` (a balancer's data connection starts with a header
+    /// only the relay reads), and every reverse listener's upstream in its
+    /// own address family. The other plans (a mode conversion, a TLS data
+    /// connection, mixed families) are relayed.
     pub fn kernel_data_only(&self) -> bool {
         self.data.backend == BackendKind::Nftables
             && self
@@ -197,10 +200,18 @@ impl Config {
                 .iter()
                 .filter(|r| r.action == Action::Allow)
                 .all(|r| r.server_mode == ServerMode::Same && r.tls == TlsPolicy::Refuse)
-            && self
-                .listeners
-                .iter()
-                .all(|l| l.tls.is_none() && l.upstream_tls.is_none())
+            && self.listeners.iter().all(|l| {
+                let same_family = match &l.mode {
+                    ListenerMode::Reverse { upstream, .. } => {
+                        upstream.is_ipv4() == l.listen.is_ipv4()
+                    }
+                    ListenerMode::Transparent => true,
+                };
+                l.tls.is_none()
+                    && l.upstream_tls.is_none()
+                    && l.proxy_protocol.is_none()
+                    && same_family
+            })
     }
 
     /// The worker threads `ftpgate run --threads 0` starts: one when the

@@ -1399,4 +1399,26 @@ fn one_thread_by_default_only_when_the_kernel_carries_every_data_connection() {
     ] {
         assert_eq!(threads(nft, rule), 0, "{rule}");
     }
+    // Listeners whose data connections the relay carries: a balancer's
+    // (PROXY headers), and an upstream of the other address family.
+    let listener = |extra: &str| {
+        ok(&format!(
+            "listeners:\n  - name: lo\n    listen: {extra}\nrules:\n{same}data:\n{nft}"
+        ))
+        .default_threads()
+    };
+    assert_eq!(
+        listener("127.0.0.1:2121\n    mode: reverse\n    upstream: 127.0.0.1:21"),
+        1
+    );
+    assert_eq!(
+        listener(
+            "127.0.0.1:2121\n    mode: reverse\n    upstream: 127.0.0.1:21\n    proxy_protocol: { from: [10.0.0.9] }"
+        ),
+        0
+    );
+    assert_eq!(
+        listener("\"[::1]:2121\"\n    mode: reverse\n    upstream: 127.0.0.1:21"),
+        0
+    );
 }

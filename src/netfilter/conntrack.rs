@@ -250,10 +250,10 @@ impl Expectations {
         }
     }
 
-    /// The name of the conntrack helper of the entry with tuple `t` (either
-    /// direction), `None` if it has none or there is no such entry: one
-    /// IPCTNL_MSG_CT_GET.
-    pub(crate) async fn helper_of(&mut self, t: Tuple) -> io::Result<Option<String>> {
+    /// The conntrack helper of the entry with tuple `t` (either direction):
+    /// `None` if there is no such entry, `Some(None)` if it has no helper,
+    /// else `Some(Some(name))`. One IPCTNL_MSG_CT_GET.
+    pub(crate) async fn helper_of(&mut self, t: Tuple) -> io::Result<Option<Option<String>>> {
         let seq = self.next_seq();
         let mut helper = None;
         request(
@@ -262,7 +262,7 @@ impl Expectations {
             seq,
             |r| match r {
                 Record::Conn { conn, .. } => {
-                    helper = conn.helper;
+                    helper = Some(conn.helper);
                     Ok(true)
                 }
                 Record::Error { errno: 0, .. } => Ok(true),
@@ -401,7 +401,11 @@ mod tests {
         // and the FTP helper where a rule set it first.
         assert_eq!(
             helpers,
-            [Some("sane".to_owned()), None, Some("ftp".to_owned())]
+            [
+                Some(Some("sane".to_owned())),
+                Some(None),
+                Some(Some("ftp".to_owned()))
+            ]
         );
         let errno = |e: rustix::io::Errno| e.raw_os_error();
         // Created; the same again refused (NLM_F_EXCL); a master without
@@ -439,7 +443,7 @@ mod tests {
         Vec<u8>,
         SocketAddr,
         (std::io::Result<TcpStream>, std::io::Result<TcpStream>),
-        [Option<String>; 3],
+        [Option<Option<String>>; 3],
     );
 
     /// Inside the namespace: control connections, expectations, data.
@@ -563,6 +567,71 @@ mod filter_tests {
         assert!(
             dumped.iter().all(|c| c.orig.dst.port() == 2100),
             "{dumped:?}"
+        );
+    }
+
+    /// Under the gateway's own table, a control connection (socket mark)
+    /// gets the ct mark but sends no events: the first event read is that of
+    /// a connection marked after it by another rule (port 2100), and the
+    /// control connection (port 2102) is in the marked dump.
+    #[test]
+    fn the_gateways_control_connections_send_no_events() {
+        use crate::netfilter::table::{InterceptTable, DEFAULT_MARK};
+        let Some(ns) = Netns::new() else { return };
+        let (ok, out) = ns.run("ip", &["link", "set", "lo", "up"]);
+        assert!(ok, "{out}");
+        let (ok, out) = ns.nft(&["-f", "-"], Some(MARKS));
+        assert!(ok, "{out}");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let table = rt
+            .block_on(InterceptTable::create_with_prefix("ftpgate_e", ns.prefix()))
+            .expect("the gateway's table");
+        let (first, dumped) = within(ns.path(), || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut netlink = Netlink::open(Some(DEFAULT_MARK)).await.expect("netlink");
+                let control = TcpListener::bind("127.0.0.1:2102").unwrap();
+                let sentinel = TcpListener::bind("127.0.0.1:2100").unwrap();
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                s.set_mark(DEFAULT_MARK).unwrap();
+                s.connect(&control.local_addr().unwrap().into()).unwrap();
+                let (mut accepted, _) = control.accept().unwrap();
+                let mut ctl: TcpStream = s.into();
+                std::io::Write::write_all(&mut ctl, b"USER x\r\n").unwrap();
+                let mut got = [0u8; 8];
+                std::io::Read::read_exact(&mut accepted, &mut got).unwrap();
+                drop(ctl);
+                drop(accepted);
+                let _b = TcpStream::connect(sentinel.local_addr().unwrap()).unwrap();
+                let first = tokio::time::timeout(Duration::from_secs(5), async {
+                    loop {
+                        for r in netlink.events().recv().await.expect("events") {
+                            if let Record::Conn { conn, .. } = r {
+                                return conn;
+                            }
+                        }
+                    }
+                })
+                .await
+                .expect("an event");
+                let dumped = netlink.dump().await.expect("dump");
+                (first, dumped)
+            })
+        })
+        .join()
+        .expect("the namespace thread");
+        rt.block_on(table.destroy()).expect("destroy");
+        assert_eq!(first.orig.dst.port(), 2100, "{first:?}");
+        assert!(
+            dumped.iter().any(|c| c.orig.dst.port() == 2102),
+            "the control connection is marked: {dumped:?}"
         );
     }
 }

@@ -243,7 +243,8 @@ impl KernelBackend {
     }
 
     /// Once per process for each side (the first passive and the first
-    /// active plan, one IPCTNL_MSG_CT_GET each): warns when the control
+    /// active plan whose control connection is still there, one
+    /// IPCTNL_MSG_CT_GET each): warns when the control
     /// connection the expectation hangs on has a helper other than the
     /// table's anchor. A rule of the operator's that was there first (`ct
     /// helper set "ftp"`, iptables `-j CT --helper ftp`) wins over the
@@ -257,8 +258,8 @@ impl KernelBackend {
         self.messages.sent(1);
         let which = if passive { "server" } else { "client" };
         match self.expectations.lock().await.helper_of(master).await {
-            Ok(Some(name)) if name == ANCHOR_HELPER => {}
-            Ok(helper) => tracing::warn!(
+            Ok(Some(Some(name))) if name == ANCHOR_HELPER => {}
+            Ok(Some(helper)) => tracing::warn!(
                 session,
                 helper = helper.as_deref().unwrap_or("none"),
                 "the gateway's {which} control connection {} -> {} does not have the table's \
@@ -269,10 +270,16 @@ impl KernelBackend {
                 master.src,
                 master.dst
             ),
-            Err(e) => tracing::debug!(
-                session,
-                "conntrack: the {which} control connection's helper: {e}"
-            ),
+            // Gone meanwhile (its session ended), or no answer: the side's
+            // next plan looks again.
+            Ok(None) => self.anchors_checked[side].store(false, Ordering::Relaxed),
+            Err(e) => {
+                tracing::debug!(
+                    session,
+                    "conntrack: the {which} control connection's helper: {e}"
+                );
+                self.anchors_checked[side].store(false, Ordering::Relaxed);
+            }
         }
     }
 
