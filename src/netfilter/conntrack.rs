@@ -86,21 +86,7 @@ impl Netlink {
     /// `None` if there is none.
     pub(crate) async fn get(&mut self, orig: Tuple) -> io::Result<Option<Conn>> {
         let seq = self.next_seq();
-        let mut got = None;
-        self.request(&ctnetlink::get_request(seq, orig), seq, |r| match r {
-            Record::Conn { conn, .. } => {
-                got = Some(conn);
-                Ok(true)
-            }
-            Record::Error { errno: 0, .. } => Ok(true),
-            Record::Error { errno, .. } if errno == rustix::io::Errno::NOENT.raw_os_error() => {
-                Ok(true)
-            }
-            Record::Error { errno, .. } => Err(io::Error::from_raw_os_error(errno)),
-            Record::Done { .. } | Record::Other { .. } => Ok(false),
-        })
-        .await?;
-        Ok(got)
+        get(&mut self.requests, orig, seq).await
     }
 
     /// Sends `msg` (built for sequence number `seq`) and hands each answer
@@ -142,6 +128,24 @@ async fn request(
     tokio::time::timeout(REQUEST_WAIT, answered)
         .await
         .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer")))
+}
+
+/// The entry with tuple `t` (either direction) now, as one
+/// IPCTNL_MSG_CT_GET at `seq` on `sock` answers, or `None` if there is none.
+async fn get(sock: &mut Socket, t: Tuple, seq: u32) -> io::Result<Option<Conn>> {
+    let mut got = None;
+    request(sock, &ctnetlink::get_request(seq, t), seq, |r| match r {
+        Record::Conn { conn, .. } => {
+            got = Some(conn);
+            Ok(true)
+        }
+        Record::Error { errno: 0, .. } => Ok(true),
+        Record::Error { errno, .. } if errno == rustix::io::Errno::NOENT.raw_os_error() => Ok(true),
+        Record::Error { errno, .. } => Err(io::Error::from_raw_os_error(errno)),
+        Record::Done { .. } | Record::Other { .. } => Ok(false),
+    })
+    .await?;
+    Ok(got)
 }
 
 /// A classic BPF socket filter that passes a conntrack event only if its
@@ -255,26 +259,7 @@ impl Expectations {
     /// else `Some(Some(name))`. One IPCTNL_MSG_CT_GET.
     pub(crate) async fn helper_of(&mut self, t: Tuple) -> io::Result<Option<Option<String>>> {
         let seq = self.next_seq();
-        let mut helper = None;
-        request(
-            &mut self.sock,
-            &ctnetlink::get_request(seq, t),
-            seq,
-            |r| match r {
-                Record::Conn { conn, .. } => {
-                    helper = Some(conn.helper);
-                    Ok(true)
-                }
-                Record::Error { errno: 0, .. } => Ok(true),
-                Record::Error { errno, .. } if errno == rustix::io::Errno::NOENT.raw_os_error() => {
-                    Ok(true)
-                }
-                Record::Error { errno, .. } => Err(io::Error::from_raw_os_error(errno)),
-                Record::Done { .. } | Record::Other { .. } => Ok(false),
-            },
-        )
-        .await?;
-        Ok(helper)
+        Ok(get(&mut self.sock, t, seq).await?.map(|c| c.helper))
     }
 
     /// Sends `msg` (one request at `seq`) and waits for its answer: 0 for
@@ -524,6 +509,30 @@ mod filter_tests {
 }
 ";
 
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// The first entry event `netlink` reads (within 5 s), then a dump.
+    async fn first_and_dump(netlink: &mut Netlink) -> (Conn, Vec<Conn>) {
+        let first = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                for r in netlink.events().recv().await.expect("events") {
+                    if let Record::Conn { conn, .. } = r {
+                        return conn;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("an event");
+        let dumped = netlink.dump().await.expect("dump");
+        (first, dumped)
+    }
+
     /// The watcher's socket sees the events of marked entries only, and
     /// its dumps list marked entries only: an unmarked connection made
     /// first comes neither before the marked one's events nor in a dump.
@@ -535,29 +544,13 @@ mod filter_tests {
         let (ok, out) = ns.nft(&["-f", "-"], Some(MARKS));
         assert!(ok, "{out}");
         let (first, dumped) = within(ns.path(), || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
+            runtime().block_on(async {
                 let mut netlink = Netlink::open(Some(0x1000_0000)).await.expect("netlink");
                 let plain = TcpListener::bind("127.0.0.1:2101").unwrap();
                 let marked = TcpListener::bind("127.0.0.1:2100").unwrap();
                 let _a = TcpStream::connect(plain.local_addr().unwrap()).unwrap();
                 let _b = TcpStream::connect(marked.local_addr().unwrap()).unwrap();
-                let first = tokio::time::timeout(Duration::from_secs(5), async {
-                    loop {
-                        for r in netlink.events().recv().await.expect("events") {
-                            if let Record::Conn { conn, .. } = r {
-                                return conn;
-                            }
-                        }
-                    }
-                })
-                .await
-                .expect("an event");
-                let dumped = netlink.dump().await.expect("dump");
-                (first, dumped)
+                first_and_dump(&mut netlink).await
             })
         })
         .join()
@@ -582,19 +575,12 @@ mod filter_tests {
         assert!(ok, "{out}");
         let (ok, out) = ns.nft(&["-f", "-"], Some(MARKS));
         assert!(ok, "{out}");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let table = rt
             .block_on(InterceptTable::create_with_prefix("ftpgate_e", ns.prefix()))
             .expect("the gateway's table");
         let (first, dumped) = within(ns.path(), || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
+            runtime().block_on(async {
                 let mut netlink = Netlink::open(Some(DEFAULT_MARK)).await.expect("netlink");
                 let control = TcpListener::bind("127.0.0.1:2102").unwrap();
                 let sentinel = TcpListener::bind("127.0.0.1:2100").unwrap();
@@ -610,19 +596,7 @@ mod filter_tests {
                 drop(ctl);
                 drop(accepted);
                 let _b = TcpStream::connect(sentinel.local_addr().unwrap()).unwrap();
-                let first = tokio::time::timeout(Duration::from_secs(5), async {
-                    loop {
-                        for r in netlink.events().recv().await.expect("events") {
-                            if let Record::Conn { conn, .. } = r {
-                                return conn;
-                            }
-                        }
-                    }
-                })
-                .await
-                .expect("an event");
-                let dumped = netlink.dump().await.expect("dump");
-                (first, dumped)
+                first_and_dump(&mut netlink).await
             })
         })
         .join()
