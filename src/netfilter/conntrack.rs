@@ -224,9 +224,11 @@ impl Expectations {
             .await?
         {
             0 => Ok(()),
-            // The table is full: the caller tells it by the errno.
+            // The table is full, or the master has no helper: the caller
+            // tells it by the errno.
             e if e == rustix::io::Errno::MFILE.raw_os_error()
-                || e == rustix::io::Errno::NOSPC.raw_os_error() =>
+                || e == rustix::io::Errno::NOSPC.raw_os_error()
+                || e == rustix::io::Errno::OPNOTSUPP.raw_os_error() =>
             {
                 Err(io::Error::from_raw_os_error(e))
             }

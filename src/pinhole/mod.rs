@@ -447,7 +447,7 @@ impl Backend {
                 .open(session, plan.clone(), shape, events.clone())
                 .await
             {
-                Err(OpenError::Io(e)) if kernel::is_full(&e) => tracing::info!(
+                Err(OpenError::Io(e)) if kernel::to_relay(&e) => tracing::info!(
                     session = session.id,
                     plan = plan.id,
                     "data plan goes to the relay: {e}"

@@ -26,7 +26,13 @@
 //!   [`Shape::expectation`]);
 //! - one IPCTNL_MSG_EXP_NEW: the expected peer (source port any) to the
 //!   announced address and port, on the master the kernel's FTP helper
-//!   would use.
+//!   would use. An active plan's master is the client's connection, which
+//!   gets its helper from its first packet's socket: when that packet
+//!   reopened a tuple the gateway held in TIME_WAIT, the socket found is
+//!   the TIME_WAIT one, which has no mark, and the connection has no
+//!   helper. The kernel refuses the expectation (EOPNOTSUPP), and a second
+//!   one goes on the gateway's connection to the server. A plan with no
+//!   master at all goes to the relay.
 //!
 //! The kernel deletes the expectation when the connection comes, so a
 //! second one is new, and dropped by the claim; a foreign peer never
@@ -115,6 +121,8 @@ const EXPECT_MAX_DEFAULT: usize = 256;
 /// The kernel's answers when the expectation table is full.
 const EMFILE: i32 = rustix::io::Errno::MFILE.raw_os_error();
 const ENOSPC: i32 = rustix::io::Errno::NOSPC.raw_os_error();
+/// The kernel's answer when the master has no helper.
+const EOPNOTSUPP: i32 = rustix::io::Errno::OPNOTSUPP.raw_os_error();
 
 /// The share of `nf_conntrack_expect_max` the backend's waiting
 /// expectations may hold: half, so that peers cannot take the whole table
@@ -129,9 +137,17 @@ fn expect_cap(expect_max: usize) -> usize {
 #[error("conntrack expectations full ({0})")]
 pub(crate) struct Full(String);
 
-/// Whether `e` is [`Full`]: the router then gives the plan to the relay.
-pub(crate) fn is_full(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<Full>())
+/// No control connection of the session can be the plan's master: the
+/// kernel found none with a helper. The relay carries the plan instead.
+#[derive(Debug, thiserror::Error)]
+#[error("no control connection with the table's helper ({0})")]
+pub(crate) struct NoAnchor(String);
+
+/// Whether `e` is [`Full`] or [`NoAnchor`]: the router then gives the plan
+/// to the relay.
+pub(crate) fn to_relay(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<Full>() || inner.is::<NoAnchor>())
 }
 
 /// Expectations created (or being created) and not yet taken by a
@@ -242,21 +258,21 @@ impl KernelBackend {
         })
     }
 
-    /// Once per process for each side (the first passive and the first
-    /// active plan whose control connection is still there, one
+    /// Once per process for each side (the first plan on a server's and
+    /// the first on a client's control connection that is still there, one
     /// IPCTNL_MSG_CT_GET each): warns when the control
     /// connection the expectation hangs on has a helper other than the
     /// table's anchor. A rule of the operator's that was there first (`ct
     /// helper set "ftp"`, iptables `-j CT --helper ftp`) wins over the
     /// anchor, and the kernel's FTP helper then parses the gateway's control
     /// text, making expectations and, with NAT, rewriting it.
-    async fn check_anchor(&self, session: u64, passive: bool, master: Tuple) {
-        let side = usize::from(!passive);
+    async fn check_anchor(&self, session: u64, on_server: bool, master: Tuple) {
+        let side = usize::from(!on_server);
         if self.anchors_checked[side].swap(true, Ordering::Relaxed) {
             return;
         }
         self.messages.sent(1);
-        let which = if passive { "server" } else { "client" };
+        let which = if on_server { "server" } else { "client" };
         match self.expectations.lock().await.helper_of(master).await {
             Ok(Some(Some(name))) if name == ANCHOR_HELPER => {}
             Ok(Some(helper)) => tracing::warn!(
@@ -414,17 +430,56 @@ impl KernelBackend {
             return Err(io::Error::other("the gateway is stopping").into());
         };
         self.messages.sent(1);
-        let created = self.expectations.lock().await.create(&exp).await;
+        let mut exp = exp;
+        let mut created = self.expectations.lock().await.create(&exp).await;
+        if let (Err(e), false) = (&created, shape.passive) {
+            // The client's connection got no helper: its first packet met
+            // no socket with the mark, only the gateway's TIME_WAIT socket
+            // of an earlier connection from the same client port (a client
+            // may reopen such a tuple). The server's connection has one.
+            if let Some(on_server) = (e.raw_os_error() == Some(EOPNOTSUPP))
+                .then(|| shape.expectation_on_server(port, control))
+                .flatten()
+            {
+                tracing::info!(
+                    session = session.id,
+                    plan = plan.id,
+                    port,
+                    "the client control connection {} -> {} has no helper (it reopened a \
+                     tuple the gateway held in TIME_WAIT): the pinhole's expectation is on the \
+                     server control connection",
+                    exp.master.dst,
+                    exp.master.src
+                );
+                exp = on_server;
+                if let Some(waiting) = self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .exps
+                    .get_mut(&id)
+                {
+                    *waiting = exp;
+                }
+                self.messages.sent(1);
+                created = self.expectations.lock().await.create(&exp).await;
+            }
+        }
         if let Err(e) = created {
             unwait(&self.pending, id);
             held.end().await;
-            if matches!(e.raw_os_error(), Some(n) if n == EMFILE || n == ENOSPC) {
-                return Err(io::Error::other(Full(e.to_string())).into());
+            return Err(match e.raw_os_error() {
+                Some(n) if n == EMFILE || n == ENOSPC => io::Error::other(Full(e.to_string())),
+                Some(EOPNOTSUPP) => io::Error::other(NoAnchor(format!(
+                    "the master {} -> {}: {e}",
+                    exp.master.src, exp.master.dst
+                ))),
+                _ => e,
             }
-            return Err(e.into());
+            .into());
         }
-        self.check_anchor(session.id, shape.passive, exp.master)
-            .await;
+        let on_server = shape.passive || exp.master.src == control.server_local;
+        self.check_anchor(session.id, on_server, exp.master).await;
         *held.expectation.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, exp));
         let drained = !self
             .pending
@@ -443,7 +498,7 @@ impl KernelBackend {
             plan = plan.id,
             port,
             "kernel pinhole: expectation on the {} control connection",
-            if shape.passive { "server" } else { "client" }
+            if on_server { "server" } else { "client" }
         );
         let announced = SocketAddr::new(shape.dst, port);
         let opened = Opened {

@@ -74,10 +74,7 @@ impl Shape {
     /// after DNAT, in postrouting, and picks another source port instead.
     pub(crate) fn expectation(&self, port: u16, control: &ControlConns) -> Option<Expectation> {
         let master = if self.passive {
-            Tuple {
-                src: control.server_local,
-                dst: control.server,
-            }
+            server_leg(control)
         } else {
             // Looked up by the gateway's own view: the reply tuple, which
             // DNAT on the way in does not change.
@@ -86,6 +83,24 @@ impl Shape {
                 dst: control.client_peer,
             }
         };
+        self.expectation_on(master, port)
+    }
+
+    /// The plan's expectation for its connection to `port` on the gateway's
+    /// connection to the server, whatever the plan's direction: for an
+    /// active plan whose client connection has no helper (see
+    /// `KernelBackend::open`). The gateway's connection to the server gets
+    /// its helper on the way out, by the socket's own mark, which no state
+    /// of another socket can hide.
+    pub(crate) fn expectation_on_server(
+        &self,
+        port: u16,
+        control: &ControlConns,
+    ) -> Option<Expectation> {
+        self.expectation_on(server_leg(control), port)
+    }
+
+    fn expectation_on(&self, master: Tuple, port: u16) -> Option<Expectation> {
         let family = self.peer.is_ipv4();
         if master.src.is_ipv4() != family || master.dst.is_ipv4() != family {
             return None;
@@ -131,6 +146,14 @@ impl Shape {
             Element::Snat { peer, to, source },
         ];
         (claim, once, elements)
+    }
+}
+
+/// The gateway's connection to the server, as a master's tuple.
+fn server_leg(control: &ControlConns) -> Tuple {
+    Tuple {
+        src: control.server_local,
+        dst: control.server,
     }
 }
 
@@ -236,6 +259,13 @@ mod tests {
             (reverse.client_local, reverse.client_peer)
         );
         assert_eq!(exp.nat, None);
+        // When the client's connection has no helper: the server's.
+        let on_server = port.expectation_on_server(41001, &reverse).unwrap();
+        assert_eq!(
+            (on_server.master.src, on_server.master.dst),
+            (reverse.server_local, reverse.server)
+        );
+        assert_eq!((on_server.peer, on_server.dst), (exp.peer, exp.dst));
         // Behind a balancer the client's control peer is the balancer: the
         // master is still the connection the gateway holds.
         let balanced = ControlConns {

@@ -127,6 +127,11 @@ fn marked_listener(addr: &str) -> TcpListener {
 /// A connection from `from` (port any) to `to`, or the error within 2 s:
 /// `TimedOut` when the SYN got no answer at all.
 fn dial(from: &str, to: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    dial_at(SocketAddr::new(from.parse().unwrap(), 0), to, mark)
+}
+
+/// Like [`dial`], from the port of `from` too.
+fn dial_at(from: SocketAddr, to: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(to),
         socket2::Type::STREAM,
@@ -135,7 +140,8 @@ fn dial(from: &str, to: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> 
     if let Some(m) = mark {
         s.set_mark(m)?;
     }
-    s.bind(&SocketAddr::new(from.parse().unwrap(), 0).into())?;
+    s.set_reuse_address(true)?;
+    s.bind(&from.into())?;
     s.connect_timeout(&to.into(), Duration::from_secs(2))?;
     Ok(s.into())
 }
@@ -608,4 +614,151 @@ fn kernel_pinholes_are_related_one_shot_and_exact() {
     // plan closed unused. Once per process and side, the first passive and
     // the first active plan read their control connection's helper.
     assert_eq!(messages, (5, 4 + 4 + 4 + 4 + 4 + 2));
+}
+
+/// A client may reopen a tuple whose gateway side is in TIME_WAIT (the
+/// gateway closed first). The first packet's socket is then the TIME_WAIT
+/// one, not the marked listener, and the table's anchor gives the client's
+/// control connection no helper: an active plan's expectation cannot hang
+/// on it. The plan still opens (on the server's connection), its data
+/// connection is RELATED, and it reaches the client.
+#[test]
+fn an_active_plan_opens_when_the_client_reopened_a_time_wait_tuple() {
+    let Some(lab) = Lab::new() else { return };
+    let (c, g, s) = (lab.client.path(), lab.gateway.path(), lab.server.path());
+    let server_ctl = bind_in(&s, "10.71.2.2:2100");
+    let client_data = bind_in(&c, "198.51.100.2:5555");
+    let client_port: SocketAddr = "198.51.100.2:47000".parse().unwrap();
+    let gateway = within(g, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let table = Arc::new(
+                InterceptTable::create("ftpgate_k", MARK)
+                    .await
+                    .expect("the table"),
+            );
+            let pool = |name, lo| PortPool::new(name, PortRange { lo, hi: lo + 9 });
+            let settings = DataSettings {
+                pinhole_timeout: Duration::from_secs(5),
+                connect_timeout: Duration::from_secs(5),
+            };
+            let backend = KernelBackend::new(
+                pool("client", 40000),
+                pool("server", 41000),
+                settings,
+                table.clone(),
+                MARK,
+            )
+            .await
+            .expect("the backend");
+            let listener = marked_listener("198.51.100.1:2121");
+            let to = listener.local_addr().unwrap();
+            // An earlier session from the same client port, which the
+            // gateway closes first.
+            let first = within(c.clone(), move || dial_at(client_port, to, None).unwrap())
+                .join()
+                .unwrap();
+            let (accepted, _) = listener.accept().unwrap();
+            drop(accepted);
+            let mut first = first;
+            assert_eq!(first.read(&mut [0; 1]).unwrap(), 0, "the gateway's FIN");
+            drop(first);
+            // Poll for the gateway's TIME_WAIT socket (the state under
+            // test), with a bound.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let listed = tokio::process::Command::new("ss")
+                    .args(["-tanH", "state", "time-wait"])
+                    .output()
+                    .await
+                    .unwrap();
+                let out = String::from_utf8_lossy(&listed.stdout);
+                if out.contains("198.51.100.2:47000") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no TIME_WAIT socket: {out}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let client_ctl = within(c.clone(), move || dial_at(client_port, to, None))
+                .join()
+                .unwrap()
+                .expect("the client reopens its tuple");
+            let (accepted, client_peer) = listener.accept().unwrap();
+            assert_eq!(client_peer, client_port);
+            let server = server_ctl.local_addr().unwrap();
+            let up = dial("10.71.2.1", server, Some(MARK)).unwrap();
+            let (_server_side, _) = server_ctl.accept().unwrap();
+            let session = SessionInfo {
+                id: 1,
+                client: client_peer,
+                server,
+                activity: Default::default(),
+                balancers: None,
+                tls: SessionTls::default(),
+                control: Some(ControlConns {
+                    client_local: accepted.local_addr().unwrap(),
+                    client_peer,
+                    client_dst: accepted.local_addr().unwrap(),
+                    server_local: up.local_addr().unwrap(),
+                    server: up.peer_addr().unwrap(),
+                }),
+            };
+            // The client's connection has neither the mark nor a helper.
+            let listed = tokio::process::Command::new("conntrack")
+                .args(["-L", "-p", "tcp", "--sport", "47000", "--dport", "2121"])
+                .output()
+                .await
+                .unwrap();
+            let entry = String::from_utf8_lossy(&listed.stdout).into_owned();
+            let port = plan(
+                2,
+                false,
+                ("10.71.2.1", "10.71.2.2"),
+                ("198.51.100.2:5555", "198.51.100.1"),
+                None,
+            );
+            let (opened, pinhole, mut rx) = open(&backend, &session, port).await;
+            let announced = opened.server_listen.unwrap();
+            let from = (s.as_path(), "10.71.2.2");
+            let t = transfer(&mut rx, 2, from, announced, client_data, b"active data").await;
+            drop(pinhole);
+            let messages = backend.messages().sent.load(Ordering::Relaxed);
+            drop((client_ctl, accepted, up));
+            table.destroy().await.expect("destroy");
+            (entry, t, messages)
+        })
+    })
+    .join()
+    .expect("the gateway thread");
+    let (entry, t, messages) = gateway;
+    assert!(
+        entry.contains("ESTABLISHED")
+            && !entry.contains("mark=268435456")
+            && !entry.contains("helper="),
+        "the reopened client connection: {entry}"
+    );
+    let closed = check(&t, "198.51.100.1", b"active data");
+    assert!(
+        matches!(
+            closed,
+            DataEvent::Closed {
+                id: 2,
+                outcome: DataOutcome::Completed,
+                ..
+            }
+        ),
+        "{closed:?}"
+    );
+    let listed = related_packets(&lab.gateway);
+    assert!(
+        listed.contains("ct state related counter packets 1 "),
+        "{listed}"
+    );
+    // The refused expectation on the client's connection and the one on
+    // the server's; the transaction to open, the maps' removal, the
+    // counters' read; the server side's helper check.
+    assert_eq!(messages, 2 + 3 + 1);
 }
