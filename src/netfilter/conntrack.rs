@@ -364,6 +364,15 @@ mod tests {
         for a in ["10.9.0.1/24", "10.9.0.2/24", "10.9.0.3/24", "10.9.0.4/24"] {
             assert!(ns.run("ip", &["addr", "add", a, "dev", "d0"]).0);
         }
+        // The kernel's FTP helper is a module a host may lack.
+        let probe = "table inet probe { ct helper h { type \"ftp\" protocol tcp; l3proto ip; }; }";
+        if let (false, out) = ns.nft(&["-f", "-"], Some(probe)) {
+            crate::netfilter::netns::skip(&format!(
+                "the kernel's FTP helper (nf_conntrack_ftp) is not available: {}",
+                out.trim()
+            ));
+            return;
+        }
         let (ok, out) = ns.nft(&["-f", "-"], Some(ANCHOR));
         assert!(ok, "{out}");
         let path = ns.path();
