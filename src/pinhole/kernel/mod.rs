@@ -265,36 +265,45 @@ impl KernelBackend {
     /// table's anchor. A rule of the operator's that was there first (`ct
     /// helper set "ftp"`, iptables `-j CT --helper ftp`) wins over the
     /// anchor, and the kernel's FTP helper then parses the gateway's control
-    /// text, making expectations and, with NAT, rewriting it.
-    async fn check_anchor(&self, session: u64, on_server: bool, master: Tuple) {
+    /// text, making expectations and, with NAT, rewriting it. The helper
+    /// it warned about, if it did.
+    async fn check_anchor(&self, session: u64, on_server: bool, master: Tuple) -> Option<String> {
         let side = usize::from(!on_server);
         if self.anchors_checked[side].swap(true, Ordering::Relaxed) {
-            return;
+            return None;
         }
         self.messages.sent(1);
         let which = if on_server { "server" } else { "client" };
         match self.expectations.lock().await.helper_of(master).await {
-            Ok(Some(Some(name))) if name == ANCHOR_HELPER => {}
-            Ok(Some(helper)) => tracing::warn!(
-                session,
-                helper = helper.as_deref().unwrap_or("none"),
-                "the gateway's {which} control connection {} -> {} does not have the table's \
-                 anchor helper \"{ANCHOR_HELPER}\": a rule outside the gateway's table set \
-                 another one first; remove that rule's helper assignment (e.g. ct helper set \
-                 \"ftp\") for the gateway's control connections, or the kernel's helper \
-                 parses the gateway's control text",
-                master.src,
-                master.dst
-            ),
+            Ok(Some(Some(name))) if name == ANCHOR_HELPER => None,
+            Ok(Some(helper)) => {
+                let helper = helper.unwrap_or_else(|| "none".to_owned());
+                tracing::warn!(
+                    session,
+                    helper,
+                    "the gateway's {which} control connection {} -> {} does not have the \
+                     table's anchor helper \"{ANCHOR_HELPER}\": a rule outside the gateway's \
+                     table set another one first; remove that rule's helper assignment (e.g. \
+                     ct helper set \"ftp\") for the gateway's control connections, or the \
+                     kernel's helper parses the gateway's control text",
+                    master.src,
+                    master.dst
+                );
+                Some(helper)
+            }
             // Gone meanwhile (its session ended), or no answer: the side's
             // next plan looks again.
-            Ok(None) => self.anchors_checked[side].store(false, Ordering::Relaxed),
+            Ok(None) => {
+                self.anchors_checked[side].store(false, Ordering::Relaxed);
+                None
+            }
             Err(e) => {
                 tracing::debug!(
                     session,
                     "conntrack: the {which} control connection's helper: {e}"
                 );
                 self.anchors_checked[side].store(false, Ordering::Relaxed);
+                None
             }
         }
     }

@@ -762,3 +762,83 @@ fn an_active_plan_opens_when_the_client_reopened_a_time_wait_tuple() {
     // counters' read; the server side's helper check.
     assert_eq!(messages, 2 + 3 + 1);
 }
+
+/// An operator's rule that gives the gateway's connection to the server
+/// the kernel's FTP helper before the table's anchor does: the backend's
+/// check of that side names it (once per process), and finds the anchor on
+/// the client's side.
+#[test]
+fn the_anchor_check_names_a_helper_an_operator_rule_set_first() {
+    let Some(lab) = Lab::new() else { return };
+    let (c, g, s) = (lab.client.path(), lab.gateway.path(), lab.server.path());
+    let ftp_first = "table inet opftp {
+	ct helper ftp4 { type \"ftp\" protocol tcp; l3proto ip; }
+	chain out {
+		type filter hook output priority filter - 10; policy accept;
+		ct state new tcp dport 2100 ct helper set \"ftp4\"
+	}
+}
+";
+    if let (false, out) = lab.gateway.nft(&["-f", "-"], Some(ftp_first)) {
+        crate::netfilter::netns::skip(&format!(
+            "the kernel's FTP helper (nf_conntrack_ftp) is not available: {}",
+            out.trim()
+        ));
+        return;
+    }
+    let server_ctl = bind_in(&s, "10.71.2.2:2100");
+    let checks = within(g, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let table = Arc::new(
+                InterceptTable::create("ftpgate_k", MARK)
+                    .await
+                    .expect("the table"),
+            );
+            let pool = |name, lo| PortPool::new(name, PortRange { lo, hi: lo + 9 });
+            let settings = DataSettings {
+                pinhole_timeout: Duration::from_secs(5),
+                connect_timeout: Duration::from_secs(5),
+            };
+            let backend = KernelBackend::new(
+                pool("client", 40000),
+                pool("server", 41000),
+                settings,
+                table.clone(),
+                MARK,
+            )
+            .await
+            .expect("the backend");
+            let ctl = control(
+                1,
+                &c,
+                "198.51.100.2",
+                "198.51.100.1:2121",
+                "10.71.2.1",
+                &server_ctl,
+            );
+            let conns = ctl.session.control.unwrap();
+            let server_leg = Tuple {
+                src: conns.server_local,
+                dst: conns.server,
+            };
+            let client_leg = Tuple {
+                src: conns.client_local,
+                dst: conns.client_peer,
+            };
+            let checks = [
+                backend.check_anchor(1, true, server_leg).await,
+                backend.check_anchor(1, true, server_leg).await,
+                backend.check_anchor(1, false, client_leg).await,
+            ];
+            table.destroy().await.expect("destroy");
+            checks
+        })
+    })
+    .join()
+    .expect("the gateway thread");
+    assert_eq!(checks, [Some("ftp".to_owned()), None, None]);
+}
