@@ -256,12 +256,11 @@ impl Expectations {
         }
     }
 
-    /// The conntrack helper of the entry with tuple `t` (either direction):
-    /// `None` if there is no such entry, `Some(None)` if it has no helper,
-    /// else `Some(Some(name))`. One IPCTNL_MSG_CT_GET.
-    pub(crate) async fn helper_of(&mut self, t: Tuple) -> io::Result<Option<Option<String>>> {
+    /// The entry with tuple `t` (either direction), with its helper and
+    /// mark, or `None` if there is no such entry. One IPCTNL_MSG_CT_GET.
+    pub(crate) async fn entry(&mut self, t: Tuple) -> io::Result<Option<Conn>> {
         let seq = self.next_seq();
-        Ok(get(&mut self.sock, t, seq).await?.map(|c| c.helper))
+        get(&mut self.sock, t, seq).await
     }
 
     /// Sends `msg` (one request at `seq`) and waits for its answer: 0 for
@@ -493,7 +492,12 @@ mod tests {
         let mut exps = Expectations::open().expect("request socket");
         let mut helpers = Vec::new();
         for s in [&master, &unanchored, &helped] {
-            helpers.push(exps.helper_of(tuple(s)).await.expect("CT_GET"));
+            helpers.push(
+                exps.entry(tuple(s))
+                    .await
+                    .expect("CT_GET")
+                    .map(|c| c.helper),
+            );
         }
         (
             [created, again, refused, deleted],

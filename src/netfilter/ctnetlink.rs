@@ -109,6 +109,8 @@ pub struct Conn {
     /// The name of the entry's conntrack helper (`CTA_HELP_NAME`), when it
     /// has one and the message carries it.
     pub helper: Option<String>,
+    /// The entry's ct mark (`CTA_MARK`), when the message carries it.
+    pub mark: Option<u32>,
 }
 
 impl Conn {
@@ -257,6 +259,7 @@ fn conn(body: &[u8], gone: bool) -> Option<Conn> {
             let n = n.split(|b| *b == 0).next().unwrap_or_default();
             String::from_utf8_lossy(n).into_owned()
         });
+    let mark = attr(attributes, CTA_MARK).and_then(be32);
     Some(Conn {
         gone,
         created: false,
@@ -266,6 +269,7 @@ fn conn(body: &[u8], gone: bool) -> Option<Conn> {
         tcp_state,
         bytes,
         helper,
+        mark,
     })
 }
 
@@ -761,6 +765,7 @@ mod tests {
                         tcp_state: Some(3),
                         bytes: None,
                         helper: None,
+                        mark: None,
                     }
                 },
                 Record::Conn {
@@ -774,6 +779,7 @@ mod tests {
                         tcp_state: Some(7),
                         bytes: Some((180, 9000)),
                         helper: None,
+                        mark: None,
                     }
                 },
             ]
@@ -886,6 +892,7 @@ mod tests {
                 tcp_state,
                 bytes,
                 helper: None,
+                mark: None,
             },
         };
         assert_eq!(
@@ -913,6 +920,7 @@ mod tests {
                 tcp_state,
                 bytes,
                 helper: None,
+                mark: None,
             },
         };
         assert_eq!(

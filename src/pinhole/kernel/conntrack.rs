@@ -531,6 +531,7 @@ mod tests {
             tcp_state: Some(state),
             bytes,
             helper: None,
+            mark: None,
         }
     }
 

@@ -262,11 +262,15 @@ impl KernelBackend {
     /// the first on a client's control connection that is still there, one
     /// IPCTNL_MSG_CT_GET each): warns when the control
     /// connection the expectation hangs on has a helper other than the
-    /// table's anchor. A rule of the operator's that was there first (`ct
-    /// helper set "ftp"`, iptables `-j CT --helper ftp`) wins over the
-    /// anchor, and the kernel's FTP helper then parses the gateway's control
-    /// text, making expectations and, with NAT, rewriting it. The helper
-    /// it warned about, if it did.
+    /// table's anchor, or a ct mark without the gateway's bits. A rule of
+    /// the operator's that was there first (`ct helper set "ftp"`, iptables
+    /// `-j CT --helper ftp`) wins over the anchor, and the kernel's FTP
+    /// helper then parses the gateway's control text, making expectations
+    /// and, with NAT, rewriting it. A rule that sets the whole ct mark
+    /// after the anchor takes the gateway's bits from the control
+    /// connection and from the data connections that inherit it: the
+    /// watcher and the gate then pass them by. What it warned about, if
+    /// anything.
     async fn check_anchor(&self, session: u64, on_server: bool, master: Tuple) -> Option<String> {
         let side = usize::from(!on_server);
         if self.anchors_checked[side].swap(true, Ordering::Relaxed) {
@@ -274,22 +278,40 @@ impl KernelBackend {
         }
         self.messages.sent(1);
         let which = if on_server { "server" } else { "client" };
-        match self.expectations.lock().await.helper_of(master).await {
-            Ok(Some(Some(name))) if name == ANCHOR_HELPER => None,
-            Ok(Some(helper)) => {
-                let helper = helper.unwrap_or_else(|| "none".to_owned());
-                tracing::warn!(
-                    session,
-                    helper,
-                    "the gateway's {which} control connection {} -> {} does not have the \
-                     table's anchor helper \"{ANCHOR_HELPER}\": a rule outside the gateway's \
-                     table set another one first; remove that rule's helper assignment (e.g. \
-                     ct helper set \"ftp\") for the gateway's control connections, or the \
-                     kernel's helper parses the gateway's control text",
-                    master.src,
-                    master.dst
-                );
-                Some(helper)
+        match self.expectations.lock().await.entry(master).await {
+            Ok(Some(conn)) => {
+                let mut wrong = Vec::new();
+                let helper = conn.helper.as_deref().unwrap_or("none");
+                if helper != ANCHOR_HELPER {
+                    tracing::warn!(
+                        session,
+                        helper,
+                        "the gateway's {which} control connection {} -> {} does not have the \
+                         table's anchor helper \"{ANCHOR_HELPER}\": a rule outside the gateway's \
+                         table set another one first; remove that rule's helper assignment (e.g. \
+                         ct helper set \"ftp\") for the gateway's control connections, or the \
+                         kernel's helper parses the gateway's control text",
+                        master.src,
+                        master.dst
+                    );
+                    wrong.push(format!("helper {helper}"));
+                }
+                let mark = conn.mark.unwrap_or(0);
+                if mark & self.mark != self.mark {
+                    tracing::warn!(
+                        session,
+                        "the gateway's {which} control connection {} -> {} has the ct mark \
+                         {mark:#010x}, without data.conntrack_mark {:#010x}: a rule outside the \
+                         gateway's table overwrote it; its data connections inherit the mark, and \
+                         without it the gateway neither follows them nor gates them; make that \
+                         rule add its bits (ct mark set ct mark | ...) instead",
+                        master.src,
+                        master.dst,
+                        self.mark
+                    );
+                    wrong.push(format!("mark {mark:#010x}"));
+                }
+                (!wrong.is_empty()).then(|| wrong.join(", "))
             }
             // Gone meanwhile (its session ended), or no answer: the side's
             // next plan looks again.

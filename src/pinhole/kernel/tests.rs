@@ -763,12 +763,12 @@ fn an_active_plan_opens_when_the_client_reopened_a_time_wait_tuple() {
     assert_eq!(messages, 2 + 3 + 1);
 }
 
-/// An operator's rule that gives the gateway's connection to the server
-/// the kernel's FTP helper before the table's anchor does: the backend's
-/// check of that side names it (once per process), and finds the anchor on
-/// the client's side.
+/// Operator rules that give the gateway's connection to the server the
+/// kernel's FTP helper before the table's anchor does, and set the whole ct
+/// mark of the client's connection after it: the backend's check of each
+/// side (once per process) names what is wrong.
 #[test]
-fn the_anchor_check_names_a_helper_an_operator_rule_set_first() {
+fn the_anchor_check_names_what_operator_rules_changed() {
     let Some(lab) = Lab::new() else { return };
     let (c, g, s) = (lab.client.path(), lab.gateway.path(), lab.server.path());
     let ftp_first = "table inet opftp {
@@ -776,6 +776,10 @@ fn the_anchor_check_names_a_helper_an_operator_rule_set_first() {
 	chain out {
 		type filter hook output priority filter - 10; policy accept;
 		ct state new tcp dport 2100 ct helper set \"ftp4\"
+	}
+	chain in {
+		type filter hook input priority filter; policy accept;
+		ct state new tcp dport 2121 ct mark set 0x1
 	}
 }
 ";
@@ -840,5 +844,12 @@ fn the_anchor_check_names_a_helper_an_operator_rule_set_first() {
     })
     .join()
     .expect("the gateway thread");
-    assert_eq!(checks, [Some("ftp".to_owned()), None, None]);
+    assert_eq!(
+        checks,
+        [
+            Some("helper ftp".to_owned()),
+            None,
+            Some("mark 0x00000001".to_owned())
+        ]
+    );
 }
