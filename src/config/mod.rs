@@ -182,9 +182,7 @@ impl Config {
         let errors = located(text, check.errors);
         Err(ConfigErrors(errors.into_iter().map(error).collect()))
     }
-}
 
-impl Config {
     /// Whether the kernel carries every data connection this configuration
     /// allows, leaving the gateway only the control connections:
     /// `backend: nftables`, every allowing rule with `server_mode: same` and
