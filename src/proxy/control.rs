@@ -324,7 +324,7 @@ async fn acquire_slot(
                 super::limits::LimitHit::PerClient(n) => {
                     format!(
                         "too many sessions from {} (max_sessions_per_client {n})",
-                        super::limits::ClientKey::of(who.addr.ip())
+                        who.addr.ip()
                     )
                 }
             };

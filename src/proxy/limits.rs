@@ -1,42 +1,11 @@
-//! `max_sessions` and `max_sessions_per_client`, and the key per-client
-//! limits count under.
+//! `max_sessions` and `max_sessions_per_client`.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// What a client's sessions and port-pool shares are counted under: its
-/// IPv4 address (an IPv4-mapped IPv6 address counts as that IPv4 address),
-/// or its IPv6 /64. A host or site is given a whole /64 at least, and could
-/// otherwise escape every per-client limit by changing the interface
-/// identifier of its source address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ClientKey(IpAddr);
-
-impl ClientKey {
-    /// The key `ip` counts under.
-    pub fn of(ip: IpAddr) -> ClientKey {
-        ClientKey(match ip {
-            IpAddr::V4(_) => ip,
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u64::MAX as u128))),
-            },
-        })
-    }
-}
-
-impl std::fmt::Display for ClientKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            IpAddr::V4(a) => write!(f, "{a}"),
-            IpAddr::V6(a) => write!(f, "{a}/64"),
-        }
-    }
-}
-
-/// Counts open sessions, in total and per client ([`ClientKey`]).
+/// Counts open sessions, in total and per client address.
 #[derive(Debug, Clone)]
 pub struct SessionLimits {
     inner: Arc<Mutex<Counts>>,
@@ -48,14 +17,14 @@ pub struct SessionLimits {
 #[derive(Debug, Default)]
 struct Counts {
     total: usize,
-    by_client: HashMap<ClientKey, usize>,
+    by_client: HashMap<IpAddr, usize>,
 }
 
 /// A session's place under the limits; given back when dropped.
 #[derive(Debug)]
 pub struct SessionSlot {
     limits: SessionLimits,
-    client: ClientKey,
+    client: IpAddr,
 }
 
 /// Which limit refused a session.
@@ -84,10 +53,8 @@ impl SessionLimits {
         self.per_client.store(per_client, Ordering::Relaxed);
     }
 
-    /// Takes a slot for `client` (counted under its [`ClientKey`]), or says
-    /// which limit is reached.
+    /// Takes a slot for `client`, or says which limit is reached.
     pub(crate) fn acquire(&self, client: IpAddr) -> Result<SessionSlot, LimitHit> {
-        let client = ClientKey::of(client);
         let max = self.max.load(Ordering::Relaxed);
         let per_client = self.per_client.load(Ordering::Relaxed);
         let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -156,34 +123,5 @@ mod tests {
         assert_eq!(l.acquire(a).unwrap_err(), LimitHit::PerClient(1));
         l.set(10, 3);
         assert!(l.acquire(a).is_ok());
-    }
-
-    /// Addresses of one IPv6 /64 are one client; another /64 is another;
-    /// an IPv4-mapped address is its IPv4 client.
-    #[test]
-    fn an_ipv6_64_is_one_client() {
-        let l = SessionLimits::new(10, 2);
-        let ip = |a: &str| a.parse::<IpAddr>().unwrap();
-        let _s1 = l.acquire(ip("2001:db8:1:2::1")).unwrap();
-        let _s2 = l.acquire(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")).unwrap();
-        assert_eq!(
-            l.acquire(ip("2001:db8:1:2:abcd::7")).unwrap_err(),
-            LimitHit::PerClient(2)
-        );
-        let _s3 = l.acquire(ip("2001:db8:1:3::1")).unwrap();
-        let _s4 = l.acquire(ip("192.0.2.1")).unwrap();
-        let _s5 = l.acquire(ip("::ffff:192.0.2.1")).unwrap();
-        assert_eq!(
-            l.acquire(ip("192.0.2.1")).unwrap_err(),
-            LimitHit::PerClient(2)
-        );
-        assert_eq!(
-            ClientKey::of(ip("2001:db8:1:2:abcd::7")).to_string(),
-            "2001:db8:1:2::/64"
-        );
-        assert_eq!(
-            ClientKey::of(ip("::ffff:192.0.2.1")).to_string(),
-            "192.0.2.1"
-        );
     }
 }

@@ -9,7 +9,7 @@ mod origdst;
 pub mod proxy_protocol;
 pub mod tls_ctx;
 
-pub use limits::{ClientKey, SessionLimits, SessionSlot};
+pub use limits::{SessionLimits, SessionSlot};
 
 use crate::config::{Config, Listener, ListenerMode};
 use crate::pinhole::Backend;

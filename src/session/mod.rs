@@ -209,8 +209,8 @@ pub enum OpenFailure {
     ClientShare {
         /// "client" or "server".
         pool: &'static str,
-        /// The client the ports are counted against.
-        client: crate::proxy::ClientKey,
+        /// The client address the ports are counted against.
+        client: IpAddr,
         /// The most ports that address may hold.
         share: usize,
     },
